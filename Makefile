@@ -1,0 +1,46 @@
+# mtfm_rec: every target installs what it needs first (idempotent, see docs/INSTALL.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA_DIR ?= data
+ML1M_GENRE := $(DATA_DIR)/ml1m_genre
+ML1M_SWR := $(DATA_DIR)/ml1m_swr
+PYTEST_ARGS ?=
+
+.PHONY: install data train test bench clean help
+
+help:
+	@echo "make train   install if needed, build ml1m_genre, train configs/ml1m_genre.yaml, print AUC/GAUC"
+	@echo "make test    install if needed, run the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)"
+	@echo "make data    install if needed, build the MovieLens-1M recipes ml1m_swr and ml1m_genre"
+	@echo "make bench   install if needed, run the benchmarks, write/*.json and docs/BENCHMARKS.md"
+
+# Re-installs only when a lock file or setup.py changes; a second run is a no-op.
+$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m mtfm_rec.install_check
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+data: install
+	$(PY) -m mtfm_rec.data.public.movielens --recipe ml1m_genre --out $(ML1M_GENRE)
+	$(PY) -m mtfm_rec.data.public.movielens --recipe ml1m_swr --out $(ML1M_SWR)
+
+train: install
+	$(PY) -m mtfm_rec.data.public.movielens --recipe ml1m_genre --out $(ML1M_GENRE)
+	$(PY) -m mtfm_rec.train --config configs/ml1m_genre.yaml data.raw=$(ML1M_GENRE)
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: install
+	$(PY) -m mtfm_rec.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Data: raw contract -> user-level aggregation -> Parquet shards -> loader -> Batch."""

@@ -1,0 +1,36 @@
+"""Data-side configuration: where the raw data is, how to aggregate it, how to load it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class AggregationConfig:
+    """User-level aggregation (paper 3.1, 3.3.1); durations in seconds."""
+
+    window_seconds: int = 86400  # exposures of one user in one window form one sample
+    realtime_lookback_seconds: int = 86400  # R actions from [window_start - lookback, window_end)
+    num_partitions: int = 8  # users are hash-partitioned into this many shards
+    num_workers: int = 2  # parallel processes over partitions
+    skip_bad_rows: bool = False  # count and report contract-breaking rows instead of failing
+
+
+@dataclass
+class LoaderConfig:
+    batch_size: int = 64  # samples (user x window) per batch, per rank
+    shuffle_buffer: int = 1024  # 0 disables shuffling
+    num_workers: int = 0  # DataLoader worker processes
+    prefetch_factor: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    raw: str = ""  # root of a raw-contract dataset (path or fsspec URL)
+    cache_dir: str = "data/cache"  # aggregated shards of data.raw are cached here
+    eval_after: Optional[int] = None  # exposures with ts >= eval_after are the test set
+    valid_after: Optional[int] = None  # exposures in [valid_after, eval_after) are validation
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)

@@ -1,0 +1,1 @@
+"""Model: heterogeneous tokenizer -> Hybrid Target Attention -> MMoE heads -> loss."""

@@ -1,0 +1,1 @@
+"""Training: Trainer, sharding, pipeline, metrics, checkpoints."""
