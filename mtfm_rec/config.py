@@ -3,7 +3,7 @@
     cfg = load_config("configs/ml1m_genre.yaml", ["train.lr=1e-3", "model.num_blocks=2"])
 
 Every section is a dataclass owned by the package that uses it (``data``, ``model``,
-``train``). Unknown keys and values of the wrong type are errors that name the file (or the
+``training``; the YAML section is ``train``). Unknown keys and values of the wrong type are errors that name the file (or the
 override) and the dotted key, so a typo never silently falls back to a default.
 """
 
@@ -19,7 +19,7 @@ import yaml
 
 from mtfm_rec.data.config import DataConfig
 from mtfm_rec.model.config import ModelConfig
-from mtfm_rec.train.config import TrainConfig
+from mtfm_rec.training.config import TrainConfig
 
 T = TypeVar("T")
 
