@@ -1,0 +1,35 @@
+"""Typed configs: YAML + dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtfm_rec.config import ConfigError, load_config
+
+
+def test_overrides_reach_nested_typed_fields(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\ndata:\n  aggregation:\n    window_seconds: 60\n")
+    cfg = load_config(str(path), ["train.lr=1e-3", "data.aggregation.num_partitions=3"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.data.aggregation.window_seconds == 60
+    assert cfg.data.aggregation.num_partitions == 3
+
+
+def test_unknown_key_names_file_and_key(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lrr: 0.01\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml\.train: unknown key\(s\) \['lrr'\]"):
+        load_config(str(path))
+
+
+def test_wrong_type_names_the_dotted_key() -> None:
+    with pytest.raises(ConfigError, match=r"config\.train\.lr: expected a number, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"data\.aggregation\.window_seconds: expected an int"):
+        load_config(None, ["data.aggregation.window_seconds=1.5"])
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["train.lr"])
