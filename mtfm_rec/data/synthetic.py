@@ -1,0 +1,492 @@
+"""A synthetic multi-scenario dataset with planted structure, written in the raw contract.
+
+    python -m mtfm_rec.data.synthetic --out data/synthetic --users 2000 --days 7
+
+The generator plants exactly the signals MTFM is built to use (paper 3.1, 3.2.1), so that a model
+that reads the behaviour sequences clearly beats one that reads only the exposure features:
+
+* **Long-term taste** (``taste``): every user has a latent vector shared by all scenarios; every
+  item a vector near its category's vector. Click/order logits grow with ``taste . item``. Taste is
+  visible ONLY through the behaviour sequences (orders and clicks are drawn from it); user features
+  are weak demographics that shift taste by a small amount, and there is no user-id feature.
+* **Short-term intent** (``intent``): some sessions start with a burst of real-time actions on one
+  category; exposures of that category whose ``ts`` is strictly after the burst's first action get
+  a click boost. Exposures of that category *before* the burst get none, so only real-time actions
+  with an earlier ``ts`` help: a model that peeks at later actions learns a wrong rule.
+* **Leak trap**: every click is echoed into the real-time sequence 1-20 s after its exposure, and
+  every order into the order history 1-10 min after it. A model that sees actions with a ts not
+  strictly below its exposure's reads its own label.
+* **Scenario-specific schemas and effects**: ``feed`` (large; click + order; position, price),
+  ``search`` (intent-driven; distance, rating, brand with a few nulls; its category ids are a
+  permutation of the global ones), ``coupon`` (sparse: few exposures; click + order; discount).
+
+Times are seconds from ``start_ts`` (midnight UTC), exposures on ``num_days`` days, orders also
+on ``history_days`` days before. ``dataset.yaml`` carries ``recommended_valid_after`` (start of the
+second-to-last day) and ``recommended_eval_after`` (start of the last day) as extra keys.
+Everything is drawn from one ``numpy`` generator seeded by ``seed``: same arguments, same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
+from mtfm_rec.data.writer import write_raw_dataset
+
+DAY = 86400
+LATENT_DIM = 8
+NUM_AGE_BUCKETS, NUM_GENDERS, NUM_CITIES, NUM_VIP_LEVELS = 7, 3, 32, 5
+NUM_BRANDS = 50
+FEED_SLATE, SEARCH_SLATE = 4, 3  # exposures per request: position is the index in the slate
+# Share of each scenario's item catalogue (global item ids are split into three ranges).
+CATALOGUE_SHARE = {"feed": 0.5, "search": 0.35, "coupon": 0.15}
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes and planted-effect strengths of the generator (defaults: ~2 s, ~170k exposures)."""
+
+    num_users: int = 2000
+    num_days: int = 7  # days with exposures (>= 3); the last two are the recommended valid/test days
+    exposures_per_user_day: float = 12.0  # mean over all scenarios; feed ~60 %, search ~35 %
+    coupon_share: float = 0.02  # the sparse scenario's share of exposures
+    history_days: int = 14  # days of order history before the first exposure day
+    num_items: int = 3000
+    num_categories: int = 16
+    orders_per_day: float = 3.0  # background orders drawn from taste
+    browses_per_day: float = 2.0  # background real-time clicks drawn from taste
+    sessions_per_day: float = 1.6  # mean; >= 1 per user-day
+    intent_prob: float = 0.6  # share of sessions that start with an intent burst
+    intent_show_prob: float = 0.4  # share of an intent session's exposures in the intent category
+    taste_temperature: float = 1.5  # how peaked behaviours are on the user's favourite categories
+    demographic_weight: float = 0.3  # how much age bucket shifts taste (weak on purpose)
+    start_ts: int = 1704067200  # 2024-01-01 00:00:00 UTC
+    files_per_folder: int = 2
+    seed: int = 0
+    # Per-scenario logit weights of taste . item and of an intent hit.
+    taste_weight: Dict[str, float] = field(
+        default_factory=lambda: {"feed": 1.2, "search": 0.7, "coupon": 1.5}
+    )
+    intent_weight: Dict[str, float] = field(
+        default_factory=lambda: {"feed": 1.5, "search": 2.0, "coupon": 0.6}
+    )
+
+    def validate(self) -> None:
+        if self.num_users < 1 or self.num_days < 3:
+            raise ValueError("need num_users >= 1 and num_days >= 3 (train, valid and test days)")
+        smallest = int(self.num_items * min(CATALOGUE_SHARE.values()))
+        if smallest < self.num_categories:
+            raise ValueError(
+                f"num_items={self.num_items} too small: every scenario's catalogue needs each of "
+                f"the {self.num_categories} categories (need num_items >= "
+                f"{int(np.ceil(self.num_categories / min(CATALOGUE_SHARE.values())))})"
+            )
+        if self.files_per_folder < 1:
+            raise ValueError("files_per_folder must be >= 1")
+
+
+def build_schema(cfg: SyntheticConfig) -> DatasetSchema:
+    """The ``dataset.yaml`` of a generated dataset (sizes follow ``cfg``)."""
+    n_items, n_cat = cfg.num_items, cfg.num_categories
+    catalogue = _catalogue_ranges(n_items)
+    size = {s: hi - lo for s, (lo, hi) in catalogue.items()}
+    start = cfg.start_ts
+    return DatasetSchema(
+        name="synthetic",
+        time_unit="s",
+        sequences=[
+            SequenceSpec("orders", "history", 64, {"item_id": n_items, "category": n_cat}),
+            SequenceSpec("clicks_rt", "realtime", 64, {"item_id": n_items, "category": n_cat}),
+        ],
+        scenarios=[
+            ScenarioSpec(
+                name="feed",
+                user_features={"age_bucket": NUM_AGE_BUCKETS, "gender": NUM_GENDERS},
+                item_features={"item_id": size["feed"], "category": n_cat},
+                cross_features={"position": FEED_SLATE},
+                dense_features=["price"],
+                tasks=["click", "order"],
+            ),
+            ScenarioSpec(
+                name="search",
+                user_features={"city": NUM_CITIES},
+                item_features={"poi_id": size["search"], "poi_cat": n_cat, "brand": NUM_BRANDS},
+                cross_features={"distance_bucket": 8, "hour": 24},
+                dense_features=["distance_km", "rating"],
+                tasks=["click"],
+            ),
+            ScenarioSpec(
+                name="coupon",
+                user_features={"vip_level": NUM_VIP_LEVELS, "age_bucket": NUM_AGE_BUCKETS},
+                item_features={"coupon_id": size["coupon"], "category": n_cat},
+                cross_features={},
+                dense_features=["discount"],
+                tasks=["click", "order"],
+            ),
+        ],
+        extra={
+            "recommended_valid_after": start + (cfg.num_days - 2) * DAY,
+            "recommended_eval_after": start + (cfg.num_days - 1) * DAY,
+            "generator": {
+                "module": "mtfm_rec.data.synthetic",
+                **{k: v for k, v in asdict(cfg).items() if not isinstance(v, dict)},
+            },
+        },
+    )
+
+
+def _catalogue_ranges(num_items: int) -> Dict[str, tuple]:
+    """Global item id range [lo, hi) of each scenario's catalogue."""
+    out, lo = {}, 0
+    names = list(CATALOGUE_SHARE)
+    for i, name in enumerate(names):
+        hi = num_items if i == len(names) - 1 else lo + int(round(num_items * CATALOGUE_SHARE[name]))
+        out[name] = (lo, hi)
+        lo = hi
+    return out
+
+
+@dataclass
+class SyntheticData:
+    """Generated tables plus the planted ground truth (never written to disk).
+
+    ``truth[scenario]`` holds per-exposure arrays in row order: ``affinity`` (taste . item),
+    ``intent_hit`` (an intent action on the item's category strictly before the exposure) and
+    ``click_logit``.
+    """
+
+    schema: DatasetSchema
+    exposures: Dict[str, pa.Table]
+    behaviors: Dict[str, pa.Table]
+    truth: Dict[str, Dict[str, np.ndarray]]
+
+
+class _World:
+    """Users, items and the samplers that draw behaviour from taste."""
+
+    def __init__(self, cfg: SyntheticConfig, rng: np.random.Generator) -> None:
+        self.cfg, self.rng = cfg, rng
+        k, n_cat, n_users = LATENT_DIM, cfg.num_categories, cfg.num_users
+        self.cat_vec = rng.normal(0.0, 1.0 / np.sqrt(k), (n_cat, k))
+        # Users: weak demographics; taste = small age-bucket shift + individual part.
+        self.age_bucket = rng.integers(0, NUM_AGE_BUCKETS, n_users)
+        self.gender = rng.integers(0, NUM_GENDERS, n_users)
+        self.city = rng.integers(0, NUM_CITIES, n_users)
+        self.vip = np.minimum(rng.geometric(0.5, n_users) - 1, NUM_VIP_LEVELS - 1)
+        w = cfg.demographic_weight
+        age_dir = rng.normal(0.0, 1.0, (NUM_AGE_BUCKETS, k))
+        self.taste = (w * age_dir[self.age_bucket] + rng.normal(0.0, 1.0, (n_users, k))) / np.sqrt(
+            1.0 + w * w
+        )
+        # Items: each catalogue covers every category (balanced, shuffled).
+        self.ranges = _catalogue_ranges(cfg.num_items)
+        self.item_cat = np.empty(cfg.num_items, np.int64)
+        for lo, hi in self.ranges.values():
+            self.item_cat[lo:hi] = rng.permutation(np.arange(hi - lo) % n_cat)
+        noise = rng.normal(0.0, 0.3 / np.sqrt(k), (cfg.num_items, k))
+        self.item_vec = self.cat_vec[self.item_cat] + noise
+        self.item_bias = rng.normal(0.0, 0.5, cfg.num_items)
+        # Per-category item lists, globally and per catalogue, for O(1) sampling.
+        self._by_cat = {name: self._index(lo, hi) for name, (lo, hi) in self.ranges.items()}
+        self._by_cat["all"] = self._index(0, cfg.num_items)
+
+    def _index(self, lo: int, hi: int) -> tuple:
+        order = lo + np.argsort(self.item_cat[lo:hi], kind="stable")
+        counts = np.bincount(self.item_cat[lo:hi], minlength=self.cfg.num_categories)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        return order, starts, counts
+
+    def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.einsum("nk,nk->n", self.taste[users], self.item_vec[items])
+
+    def item_in_category(self, cats: np.ndarray, catalogue: str) -> np.ndarray:
+        order, starts, counts = self._by_cat[catalogue]
+        pick = np.floor(self.rng.random(len(cats)) * counts[cats]).astype(np.int64)
+        return order[starts[cats] + pick]
+
+    def taste_categories(self, users: np.ndarray) -> np.ndarray:
+        """One category per user in ``users``, drawn from softmax(temperature * taste . category)."""
+        logits = self.cfg.taste_temperature * (self.taste[users] @ self.cat_vec.T)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+        u = self.rng.random((len(users), 1))
+        return np.minimum((cdf < u).sum(axis=1), self.cfg.num_categories - 1)
+
+    def background(self, rate_per_day: float, first_day: int, last_day: int) -> tuple:
+        """Taste-driven actions at uniform times over [first_day, last_day) (days from start)."""
+        n = self.rng.poisson(rate_per_day * (last_day - first_day), self.cfg.num_users)
+        users = np.repeat(np.arange(self.cfg.num_users), n)
+        ts = self.cfg.start_ts + self.rng.integers(first_day * DAY, last_day * DAY, len(users))
+        items = self.item_in_category(self.taste_categories(users), "all")
+        return users, ts, items
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def simulate(cfg: SyntheticConfig) -> SyntheticData:
+    """Draws the whole dataset in memory (tables in contract columns) with its ground truth."""
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    world = _World(cfg, rng)
+    n_users, n_days = cfg.num_users, cfg.num_days
+
+    # Sessions: >= 1 per user-day, at a uniform time leaving an hour before midnight.
+    per_day = 1 + rng.poisson(max(cfg.sessions_per_day - 1.0, 0.0), (n_users, n_days))
+    sess_user = np.repeat(np.repeat(np.arange(n_users), n_days), per_day.ravel())
+    sess_day = np.repeat(np.tile(np.arange(n_days), n_users), per_day.ravel())
+    day_start = cfg.start_ts + sess_day * DAY
+    sess_ts = day_start + rng.integers(0, DAY - 3600, len(sess_user))
+    first_sess = np.concatenate([[0], np.cumsum(per_day.ravel())[:-1]])  # per user-day
+    # Intent bursts: 2+ real-time actions on one uniform category within 4 minutes.
+    has_intent = rng.random(len(sess_user)) < cfg.intent_prob
+    sess_intent = np.where(has_intent, rng.integers(0, cfg.num_categories, len(sess_user)), -1)
+    burst_n = np.where(has_intent, 2 + rng.poisson(1.5, len(sess_user)), 0)
+    burst_sess = np.repeat(np.arange(len(sess_user)), burst_n)
+    burst_ts = sess_ts[burst_sess] + rng.integers(0, 240, len(burst_sess))
+    burst_first = np.full(len(sess_user), np.iinfo(np.int64).max)
+    np.minimum.at(burst_first, burst_sess, burst_ts)
+    burst_items = world.item_in_category(sess_intent[burst_sess], "all")
+
+    exposures: Dict[str, pa.Table] = {}
+    truth: Dict[str, Dict[str, np.ndarray]] = {}
+    click_echo: List[tuple] = []
+    order_echo: List[tuple] = []
+    request_base = 0
+    slates = {"feed": FEED_SLATE, "search": SEARCH_SLATE, "coupon": 1}
+    share = {
+        "feed": 0.6 * (1 - cfg.coupon_share),
+        "search": 0.4 * (1 - cfg.coupon_share),
+        "coupon": cfg.coupon_share,
+    }
+    search_cat_perm = rng.permutation(cfg.num_categories)
+    schema = build_schema(cfg)
+    for name in ("feed", "search", "coupon"):
+        slate = slates[name]
+        n_req = rng.poisson(cfg.exposures_per_user_day * share[name] / slate, n_users * n_days)
+        req_userday = np.repeat(np.arange(n_users * n_days), n_req)
+        req_sess = first_sess[req_userday] + np.floor(
+            rng.random(len(req_userday)) * per_day.ravel()[req_userday]
+        ).astype(np.int64)
+        # Requests from 10 min before to 30 min after the session starts (clipped to its day).
+        req_ts = sess_ts[req_sess] + rng.integers(-600, 1800, len(req_sess))
+        req_ts = np.clip(req_ts, day_start[req_sess], day_start[req_sess] + DAY - 1)
+        rows = np.repeat(np.arange(len(req_sess)), slate)
+        position = np.tile(np.arange(slate), len(req_sess))
+        sess = req_sess[rows]
+        users, ts = sess_user[sess], req_ts[rows]
+        n = len(rows)
+        # Items: from the intent category with intent_show_prob in intent sessions, else uniform.
+        lo, hi = world.ranges[name]
+        items = rng.integers(lo, hi, n)
+        show_intent = (sess_intent[sess] >= 0) & (rng.random(n) < cfg.intent_show_prob)
+        items[show_intent] = world.item_in_category(sess_intent[sess][show_intent], name)
+        cat = world.item_cat[items]
+        affinity = world.affinity(users, items)
+        intent_hit = (sess_intent[sess] == cat) & (burst_first[sess] < ts)
+        base = world.item_bias[items] + cfg.taste_weight[name] * affinity
+        base = base + cfg.intent_weight[name] * intent_hit
+        cols: Dict[str, np.ndarray] = {
+            "user_id": users.astype(np.int64),
+            "ts": ts.astype(np.int64),
+            "request_id": (request_base + rows).astype(np.int64),
+        }
+        request_base += len(req_sess)
+        order_logit: Optional[np.ndarray] = None
+        if name == "feed":
+            age_effect = rng.normal(0.0, 0.15, NUM_AGE_BUCKETS)
+            log_price = rng.normal(0.0, 0.5, cfg.num_items)[items]
+            click_logit = -1.3 + base - 0.15 * position - 0.5 * log_price
+            click_logit = click_logit + age_effect[world.age_bucket[users]]
+            order_logit = -0.8 + 0.8 * affinity - 1.2 * log_price
+            cols.update(
+                age_bucket=world.age_bucket[users],
+                gender=world.gender[users],
+                item_id=items - lo,
+                category=cat,
+                position=position,
+                price=np.round(np.exp(log_price), 2),
+            )
+        elif name == "search":
+            city_effect = rng.normal(0.0, 0.1, NUM_CITIES)
+            item_rating = rng.uniform(3.0, 5.0, cfg.num_items)[items]
+            item_brand = rng.integers(0, NUM_BRANDS, cfg.num_items)[items]
+            brand_effect = rng.normal(0.0, 0.3, NUM_BRANDS)
+            distance = rng.exponential(3.0, n)
+            click_logit = -1.0 + base - 0.2 * np.minimum(distance, 10.0)
+            click_logit = click_logit + 0.6 * (item_rating - 4.0) + brand_effect[item_brand]
+            click_logit = click_logit + city_effect[world.city[users]]
+            brand_null = rng.random(n) < 0.03  # missing brand: the contract's null
+            cols.update(
+                city=world.city[users],
+                poi_id=items - lo,
+                poi_cat=search_cat_perm[cat],
+                brand=pa.array(item_brand, mask=brand_null),
+                distance_bucket=np.minimum(distance.astype(np.int64), 7),
+                hour=(ts - cfg.start_ts) % DAY // 3600,
+                distance_km=np.round(distance, 3),
+                rating=np.round(item_rating, 1),
+            )
+        else:
+            discount = rng.uniform(0.0, 0.5, n)
+            click_logit = -1.0 + base + 3.0 * (discount - 0.25) + 0.15 * world.vip[users]
+            order_logit = -0.3 + 1.0 * affinity + 2.0 * discount
+            cols.update(
+                vip_level=world.vip[users],
+                age_bucket=world.age_bucket[users],
+                coupon_id=items - lo,
+                category=cat,
+                discount=np.round(discount, 3),
+            )
+        click = rng.random(n) < _sigmoid(click_logit)
+        cols["click"] = click
+        if order_logit is not None:
+            order = click & (rng.random(n) < _sigmoid(order_logit))  # funnel: order => click
+            cols["order"] = order
+            order_echo.append((users[order], ts[order] + rng.integers(60, 600, order.sum()), items[order]))
+        click_echo.append((users[click], ts[click] + rng.integers(1, 21, click.sum()), items[click]))
+        # Rows in time order (a request's slate in position order); truth follows the rows.
+        by_time = np.lexsort((position, rows, ts))
+        exposures[name] = _exposure_table(cols, schema.scenario(name)).take(by_time)
+        truth[name] = {
+            "affinity": affinity[by_time],
+            "intent_hit": intent_hit[by_time],
+            "click_logit": click_logit[by_time],
+        }
+
+    # Behaviours. Orders: background over history days + exposure days, plus echoed orders.
+    bg = world.background(cfg.orders_per_day, -cfg.history_days, n_days)
+    orders = _concat([bg] + order_echo)
+    # Real-time clicks: background (from the day before the first exposure day), bursts, echoes.
+    bg_rt = world.background(cfg.browses_per_day, -1, n_days)
+    bursts = (sess_user[burst_sess], burst_ts, burst_items)
+    clicks = _concat([bg_rt, bursts] + click_echo)
+    behaviors = {
+        "orders": _behavior_table(*orders, world.item_cat),
+        "clicks_rt": _behavior_table(*clicks, world.item_cat),
+    }
+    return SyntheticData(schema, exposures, behaviors, truth)
+
+
+def _concat(parts: List[tuple]) -> tuple:
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _exposure_table(cols: Mapping[str, object], spec: ScenarioSpec) -> pa.Table:
+    """Contract column order and types: ids int64, dense float32, labels int8."""
+    arrays: Dict[str, pa.Array] = {}
+    for c in ("user_id", "ts", "request_id"):
+        arrays[c] = pa.array(cols[c], pa.int64())
+    for _, c, _ in spec.categorical():
+        value = cols[c]
+        arrays[c] = value.cast(pa.int64()) if isinstance(value, pa.Array) else pa.array(value, pa.int64())
+    for c in spec.dense_features:
+        arrays[c] = pa.array(np.asarray(cols[c], np.float32))
+    for t in spec.tasks:
+        arrays[t] = pa.array(np.asarray(cols[t], np.int8))
+    return pa.table(arrays)
+
+
+def _behavior_table(users: np.ndarray, ts: np.ndarray, items: np.ndarray, item_cat: np.ndarray) -> pa.Table:
+    order = np.lexsort((items, ts, users))
+    return pa.table(
+        {
+            "user_id": pa.array(users[order], pa.int64()),
+            "ts": pa.array(ts[order], pa.int64()),
+            "item_id": pa.array(items[order], pa.int64()),
+            "category": pa.array(item_cat[items[order]], pa.int64()),
+        }
+    )
+
+
+def generate(
+    out: str,
+    num_users: int = 2000,
+    num_days: int = 7,
+    exposures_per_user_day: float = 12.0,
+    num_items: int = 3000,
+    num_categories: int = 16,
+    history_days: int = 14,
+    files_per_folder: int = 2,
+    seed: int = 0,
+    **overrides: object,
+) -> DatasetSchema:
+    """Generates a synthetic dataset into ``out`` and returns its schema.
+
+    Args:
+        out: dataset root, a local path or an fsspec URL (``memory://...``, ``s3://...``).
+        num_users: users; all of them have exposures, orders and real-time clicks.
+        num_days: days with exposures (>= 3); the last two are the recommended valid and test days.
+        exposures_per_user_day: mean exposures per user and day over all scenarios.
+        num_items: global items (behaviour vocabulary), split into the scenario catalogues.
+        num_categories: categories shared by all scenarios (search permutes their ids).
+        history_days: days of order history before the first exposure day.
+        files_per_folder: Parquet files per exposure/behaviour folder.
+        seed: the only source of randomness.
+        **overrides: any other :class:`SyntheticConfig` field.
+
+    Returns:
+        The schema also written to ``out/dataset.yaml``.
+    """
+    cfg = SyntheticConfig(
+        num_users=num_users,
+        num_days=num_days,
+        exposures_per_user_day=exposures_per_user_day,
+        num_items=num_items,
+        num_categories=num_categories,
+        history_days=history_days,
+        files_per_folder=files_per_folder,
+        seed=seed,
+        **overrides,  # type: ignore[arg-type]
+    )
+    data = simulate(cfg)
+    write_raw_dataset(out, data.schema, data.exposures, data.behaviors, cfg.files_per_folder)
+    return data.schema
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="dataset root (path or fsspec URL)")
+    parser.add_argument("--users", type=int, default=2000)
+    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--exposures-per-day", type=float, default=12.0, help="per user, all scenarios")
+    parser.add_argument("--items", type=int, default=3000)
+    parser.add_argument("--categories", type=int, default=16)
+    parser.add_argument("--history-days", type=int, default=14)
+    parser.add_argument("--files-per-folder", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    cfg = SyntheticConfig(
+        num_users=args.users,
+        num_days=args.days,
+        exposures_per_user_day=args.exposures_per_day,
+        num_items=args.items,
+        num_categories=args.categories,
+        history_days=args.history_days,
+        files_per_folder=args.files_per_folder,
+        seed=args.seed,
+    )
+    data = simulate(cfg)
+    write_raw_dataset(args.out, data.schema, data.exposures, data.behaviors, cfg.files_per_folder)
+    for kind, tables in (("exposures", data.exposures), ("behaviors", data.behaviors)):
+        for name, table in tables.items():
+            print(f"{kind}/{name}: {table.num_rows:,} rows")
+    print(
+        f"wrote {args.out} in {time.time() - t0:.1f}s; recommended "
+        f"valid_after={data.schema.extra['recommended_valid_after']} "
+        f"eval_after={data.schema.extra['recommended_eval_after']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
