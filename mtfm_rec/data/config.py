@@ -15,15 +15,23 @@ class AggregationConfig:
     num_partitions: int = 8  # users are hash-partitioned into this many shards
     num_workers: int = 2  # parallel processes over partitions
     skip_bad_rows: bool = False  # count and report contract-breaking rows instead of failing
+    read_batch_rows: int = 65536  # rows per record batch when streaming raw Parquet files
+    output_row_group_size: int = 1024  # samples per row group of an output shard
+    progress: bool = True  # tqdm progress bar over partitions
+    start_method: str = ""  # worker processes: fork | spawn | forkserver; "" = fork on Linux
 
 
 @dataclass
 class LoaderConfig:
+    """Sharded, shuffling, resumable loading of aggregated shards (see docs/LOADER.md)."""
+
     batch_size: int = 64  # samples (user x window) per batch, per rank
     shuffle_buffer: int = 1024  # 0 disables shuffling
     num_workers: int = 0  # DataLoader worker processes
     prefetch_factor: int = 2
     seed: int = 0
+    pin_memory: bool = True  # only takes effect when CUDA is available
+    index_cache_dir: Optional[str] = None  # caches the per-split pre-scan (path or fsspec URL)
 
 
 @dataclass
