@@ -17,7 +17,7 @@ class AggregationConfig:
     skip_bad_rows: bool = False  # count and report contract-breaking rows instead of failing
     read_batch_rows: int = 65536  # rows per record batch when streaming raw Parquet files
     output_row_group_size: int = 1024  # samples per row group of an output shard
-    progress: bool = True  # tqdm progress bar over partitions
+    progress: bool = True  # tqdm progress bars (read rows, built partitions) on stderr
     start_method: str = ""  # worker processes: fork | spawn | forkserver; "" = fork on Linux
 
 

@@ -1,0 +1,559 @@
+"""Multi-scenario user-level aggregation (paper 3.1, 3.3.1): raw contract -> aggregated shards.
+
+One sample = one user x time window (``window = floor(ts / window_ticks)``). Per scenario the
+window's exposures are aggregated per user, the scenario parts of the same user+window are joined
+column-wise, and the result is merged with the shared behaviour sequences at user level:
+
+* H: per history sequence, the last ``max_len`` actions with ``ts < window_start``;
+* R: per real-time sequence, the most recent ``max_len`` actions with
+  ``window_start - lookback <= ts < window_end`` (with their ts: the model masks the later ones);
+* T: every exposure of the window, every scenario, with features, labels, ts.
+
+Two streaming passes keep memory bounded by one partition:
+
+1. every input file is read by record batches (:mod:`mtfm_rec.data.reader` validates and folds)
+   and its rows are routed by a splitmix64 hash of ``user_id`` into per-partition Arrow IPC spill
+   files, in file then row order;
+2. ``num_workers`` processes each load one partition, sort it, window it and build its samples
+   with vectorised numpy (merge-sorted searches over per-user sorted actions, no per-row Python),
+   and write ``part-NNNNN.parquet``.
+
+The output directory also gets ``dataset.yaml``, ``_stats.json`` and, last, ``_SUCCESS`` holding
+a fingerprint of the inputs and of the config; :func:`ensure_aggregated` reuses a cached output
+whose fingerprint matches. CLI::
+
+    python -m mtfm_rec.data.aggregate --raw ROOT --out DIR [window_seconds=3600 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import posixpath
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mtfm_rec.data import sample_format as fmt
+from mtfm_rec.data.config import AggregationConfig
+from mtfm_rec.data.reader import (
+    TS,
+    USER_ID,
+    BadRows,
+    DataContractError,
+    RawDataset,
+    exposure_columns,
+    sequence_columns,
+)
+from mtfm_rec.data.schema import DatasetSchema
+
+FORMAT_VERSION = 1
+# Config fields that change the output (num_workers / progress / read size do not).
+_FINGERPRINT_FIELDS = (
+    "window_seconds",
+    "realtime_lookback_seconds",
+    "num_partitions",
+    "skip_bad_rows",
+    "output_row_group_size",
+)
+_PERCENTILES = (50, 90, 99)
+
+
+# -------------------------------------------------------------------- hashing and helpers
+def user_partition(user_id: np.ndarray, num_partitions: int) -> np.ndarray:
+    """Deterministic partition of each user: splitmix64(user_id) mod ``num_partitions``."""
+    with np.errstate(over="ignore"):
+        z = user_id.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(num_partitions)).astype(np.int64)
+
+
+def _count_before(
+    a_user: np.ndarray, a_ts: np.ndarray, q_user: np.ndarray, q_ts: np.ndarray
+) -> np.ndarray:
+    """For actions sorted by (user, ts), how many are lexicographically < each (q_user, q_ts).
+
+    A merge sort of actions and queries (queries before equal actions) followed by a running
+    count of actions: a vectorised searchsorted over per-user sorted runs, with no packing of
+    (user, ts) into one integer that could overflow.
+    """
+    n, m = len(a_user), len(q_user)
+    if m == 0:
+        return np.zeros(0, np.int64)
+    if n == 0:
+        return np.zeros(m, np.int64)
+    is_action = np.concatenate([np.ones(n, np.int8), np.zeros(m, np.int8)])
+    order = np.lexsort(
+        (is_action, np.concatenate([a_ts, q_ts]), np.concatenate([a_user, q_user]))
+    )
+    sorted_action = is_action[order].astype(np.int64)
+    before = np.cumsum(sorted_action) - sorted_action
+    out = np.empty(n + m, np.int64)
+    out[order] = before
+    return out[n:]
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(s, s + l)`` for every (s, l)."""
+    total = int(lengths.sum())
+    offsets = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) - np.repeat(offsets, lengths) + np.repeat(starts, lengths)
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type)
+    )
+
+
+# -------------------------------------------------------------------- stats
+def _percentiles(hist: np.ndarray) -> Dict[str, float]:
+    """p50/p90/p99/max/mean (nearest rank) of a histogram ``hist[value] = count``."""
+    n = int(hist.sum())
+    if n == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0, "mean": 0.0}
+    cum = np.cumsum(hist)
+    out: Dict[str, float] = {}
+    for q in _PERCENTILES:
+        out[f"p{q}"] = int(np.searchsorted(cum, int(np.ceil(q / 100 * n))))
+    out["max"] = int(np.nonzero(hist)[0][-1])
+    out["mean"] = float((hist * np.arange(len(hist))).sum() / n)
+    return out
+
+
+def _add_hist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if len(a) < len(b):
+        a, b = b, a
+    out = a.copy()
+    out[: len(b)] += b
+    return out
+
+
+@dataclass
+class AggregationStats:
+    """What an aggregation read and wrote (also ``_stats.json``)."""
+
+    exposures_in: int = 0
+    samples_out: int = 0
+    exposures_per_scenario: Dict[str, int] = field(default_factory=dict)
+    actions_per_sequence: Dict[str, int] = field(default_factory=dict)
+    tokens_h: Dict[str, float] = field(default_factory=dict)
+    tokens_r: Dict[str, float] = field(default_factory=dict)
+    tokens_t: Dict[str, float] = field(default_factory=dict)
+    bad_rows: int = 0
+    bad_rows_detail: List[Dict[str, Any]] = field(default_factory=list)
+    num_shards: int = 0
+    seconds: float = 0.0  # wall time of the whole aggregation
+    read_seconds: float = 0.0  # pass 1: read, validate, route
+    build_seconds: float = 0.0  # pass 2: build and write the shards
+    fingerprint: str = ""
+
+    @property
+    def compression_ratio(self) -> float:
+        """Exposures per sample."""
+        return self.exposures_in / self.samples_out if self.samples_out else 0.0
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["compression_ratio"] = self.compression_ratio
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any]) -> "AggregationStats":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def report(self) -> str:
+        def pct(d: Dict[str, float]) -> str:
+            return " ".join(f"{k}={d.get(k, 0)}" for k in ("p50", "p90", "p99", "max"))
+
+        lines = [
+            f"exposures in:       {self.exposures_in}",
+            f"samples out:        {self.samples_out}",
+            f"compression ratio:  {self.compression_ratio:.2f} exposures/sample",
+            f"tokens/sample H:    {pct(self.tokens_h)}",
+            f"tokens/sample R:    {pct(self.tokens_r)}",
+            f"tokens/sample T:    {pct(self.tokens_t)}",
+        ]
+        lines += [f"exposures[{k}]: {v}" for k, v in self.exposures_per_scenario.items()]
+        lines += [f"actions[{k}]: {v}" for k, v in self.actions_per_sequence.items()]
+        lines.append(f"bad rows:           {self.bad_rows}")
+        lines += [
+            f"  {d['file']}: column {d['column']!r}: {d['rule']}: {d['rows']}"
+            for d in self.bad_rows_detail
+        ]
+        lines.append(
+            f"shards: {self.num_shards}, {self.seconds:.1f} s "
+            f"(read {self.read_seconds:.1f} s, build {self.build_seconds:.1f} s)"
+        )
+        return "\n".join(lines)
+
+
+# -------------------------------------------------------------------- fingerprint
+def fingerprint(dataset: RawDataset, config: AggregationConfig) -> Dict[str, Any]:
+    """The inputs (names, sizes, mtimes) + output-relevant config, and their sha256."""
+    body = {
+        "format_version": FORMAT_VERSION,
+        "inputs": [list(e) for e in dataset.fingerprint_entries()],
+        "config": {k: getattr(config, k) for k in _FINGERPRINT_FIELDS},
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return {"fingerprint": digest, **body}
+
+
+def read_success(out: str) -> Optional[Dict[str, Any]]:
+    """The ``_SUCCESS`` record of an aggregated dataset dir, or None if absent/unreadable."""
+    fs, path = fsspec.core.url_to_fs(out)
+    marker = posixpath.join(path.rstrip("/"), fmt.SUCCESS_FILE)
+    if not fs.exists(marker):
+        return None
+    try:
+        with fs.open(marker, "r") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+# -------------------------------------------------------------------- pass 1: route
+def _spill_path(spill_dir: str, source: str, partition: int) -> str:
+    return os.path.join(spill_dir, source, f"{partition:05d}.arrow")
+
+
+class _Router:
+    """Appends rows to per-partition Arrow IPC spill files, preserving arrival order."""
+
+    def __init__(self, spill_dir: str, source: str, num_partitions: int) -> None:
+        os.makedirs(os.path.join(spill_dir, source), exist_ok=True)
+        self.spill_dir, self.source, self.p = spill_dir, source, num_partitions
+        self.writers: Dict[int, Tuple[Any, Any]] = {}  # partition -> (file, IPC writer)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        part = user_partition(batch.column(USER_ID).to_numpy(), self.p)
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(self.p + 1))
+        routed = batch.take(pa.array(order))
+        for k in range(self.p):
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            if hi > lo:
+                self._writer(k, batch.schema).write_batch(routed.slice(lo, hi - lo))
+
+    def _writer(self, k: int, schema: pa.Schema) -> Any:
+        if k not in self.writers:
+            sink = pa.OSFile(_spill_path(self.spill_dir, self.source, k), "wb")
+            self.writers[k] = (sink, pa.ipc.new_stream(sink, schema))
+        return self.writers[k][1]
+
+    def close(self) -> None:
+        for sink, writer in self.writers.values():
+            writer.close()
+            sink.close()
+
+
+def _load_spill(spill_dir: str, source: str, partition: int, columns: List[str]) -> Dict[str, np.ndarray]:
+    path = _spill_path(spill_dir, source, partition)
+    if not os.path.exists(path):
+        return {c: np.zeros(0, np.int64) for c in columns}
+    with pa.OSFile(path, "rb") as fh:
+        table = pa.ipc.open_stream(fh).read_all()
+    return {c: table.column(c).to_numpy() for c in columns}
+
+
+# -------------------------------------------------------------------- pass 2: build samples
+@dataclass
+class _Task:
+    spill_dir: str
+    partition: int
+    schema: Dict[str, Any]
+    window_ticks: int
+    lookback_ticks: int
+    row_group_size: int
+    out_path: str
+
+
+def _value_type(arrow: pa.Schema, name: str) -> pa.DataType:
+    return arrow.field(name).type.value_type
+
+
+def build_partition(task: _Task) -> Dict[str, Any]:
+    """Builds and writes one shard; returns its token-count histograms and sizes."""
+    schema = DatasetSchema.from_dict(task.schema)
+    arrow = fmt.arrow_schema(schema)
+    w = task.window_ticks
+    scen = [
+        _load_spill(task.spill_dir, f"exp/{s.name}", task.partition, exposure_columns(s))
+        for s in schema.scenarios
+    ]
+    users = np.concatenate([c[USER_ID] for c in scen]).astype(np.int64)
+    windows = np.floor_divide(np.concatenate([c[TS] for c in scen]).astype(np.int64), w)
+    # Samples = distinct (user, window) over all scenarios, sorted; sid maps rows to samples.
+    order = np.lexsort((windows, users))
+    su, sw = users[order], windows[order]
+    new = np.ones(len(su), dtype=bool)
+    new[1:] = (su[1:] != su[:-1]) | (sw[1:] != sw[:-1])
+    sid = np.empty(len(su), np.int64)
+    sid[order] = np.cumsum(new) - 1
+    s_user, s_start = su[new], sw[new] * w
+    s_end = s_start + w
+    n_samples = len(s_user)
+    columns: Dict[str, pa.Array] = {
+        fmt.USER_ID: pa.array(s_user, pa.int64()),
+        fmt.WINDOW_START: pa.array(s_start, pa.int64()),
+        fmt.WINDOW_END: pa.array(s_end, pa.int64()),
+    }
+
+    # ---- T: each scenario's part, joined column-wise on the sample index
+    n_t = np.zeros(n_samples, np.int64)
+    exposures: Dict[str, int] = {}
+    base = 0
+    for s, cols in zip(schema.scenarios, scen):
+        n = len(cols[USER_ID])
+        s_sid = sid[base : base + n]
+        base += n
+        perm = np.lexsort((cols[TS], s_sid))  # stable: ts ties keep file then row order
+        counts = np.bincount(s_sid, minlength=n_samples)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        n_t += counts
+        exposures[s.name] = n
+        names = {
+            TS: fmt.exp_ts(s.name),
+            "request_id": fmt.exp_request_id(s.name),
+            "split": fmt.exp_split(s.name),
+        }
+        names.update({f"{g}/{c}": fmt.exp_feature(s.name, g, c) for g, c, _ in s.categorical()})
+        names.update({f"dense/{c}": fmt.exp_dense(s.name, c) for c in s.dense_features})
+        names.update({f"label/{t}": fmt.exp_label(s.name, t) for t in s.tasks})
+        for src, dst in names.items():
+            columns[dst] = _list_array(offsets, cols[src][perm], _value_type(arrow, dst))
+
+    # ---- H and R: each shared sequence, merged at user level
+    n_h = np.zeros(n_samples, np.int64)
+    n_r = np.zeros(n_samples, np.int64)
+    actions: Dict[str, int] = {}
+    for q in schema.sequences:
+        cols = _load_spill(task.spill_dir, f"seq/{q.name}", task.partition, sequence_columns(q))
+        a_user, a_ts = cols[USER_ID].astype(np.int64), cols[TS].astype(np.int64)
+        actions[q.name] = len(a_user)
+        perm = np.lexsort((a_ts, a_user))  # stable: ts ties keep file then row order
+        a_user, a_ts = a_user[perm], a_ts[perm]
+        if q.is_history:
+            end = _count_before(a_user, a_ts, s_user, s_start)
+            lo = np.searchsorted(a_user, s_user, side="left")
+        else:
+            both = _count_before(
+                a_user, a_ts, np.concatenate([s_user, s_user]),
+                np.concatenate([s_start - task.lookback_ticks, s_end]),
+            )
+            lo, end = both[:n_samples], both[n_samples:]
+        start = np.maximum(lo, end - q.max_len)
+        lengths = np.maximum(end - start, 0)
+        (n_h if q.is_history else n_r)[:] += lengths
+        take = perm[_ranges(start, lengths)]
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        columns[fmt.seq_ts(q.name)] = _list_array(offsets, cols[TS][take], pa.int64())
+        for f in q.features:
+            columns[fmt.seq_feature(q.name, f)] = _list_array(offsets, cols[f][take], pa.int64())
+
+    table = pa.Table.from_arrays([columns[name] for name in arrow.names], schema=arrow)
+    pq.write_table(table, task.out_path, row_group_size=max(1, task.row_group_size))
+    return {
+        "partition": task.partition,
+        "samples": n_samples,
+        "exposures": exposures,
+        "actions": actions,
+        "hist_h": np.bincount(n_h),
+        "hist_r": np.bincount(n_r),
+        "hist_t": np.bincount(n_t),
+    }
+
+
+# -------------------------------------------------------------------- driver
+def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="part", file=sys.stderr, leave=False)
+
+
+def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats:
+    """Aggregates the raw dataset at ``raw`` into shards under ``out`` (path or fsspec URL).
+
+    Args:
+        raw: raw-contract dataset root.
+        out: output dataset directory; previous shards and markers there are replaced.
+        config: the aggregation config.
+
+    Returns:
+        The statistics (also written to ``out/_stats.json``).
+
+    Raises:
+        DataContractError: the raw data breaks the contract (see mtfm_rec.data.reader).
+    """
+    t0 = time.perf_counter()
+    if config.window_seconds < 1 or config.num_partitions < 1:
+        raise ValueError("aggregation: window_seconds and num_partitions must be >= 1")
+    ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows, batch_rows=config.read_batch_rows)
+    schema = ds.schema
+    fp = fingerprint(ds, config)
+    out_fs, out_path = fsspec.core.url_to_fs(out)
+    out_path = out_path.rstrip("/")
+    out_fs.makedirs(out_path, exist_ok=True)
+    for stale in [fmt.SUCCESS_FILE] + [
+        posixpath.basename(p) for p in out_fs.glob(posixpath.join(out_path, fmt.SHARD_GLOB))
+    ]:
+        if out_fs.exists(posixpath.join(out_path, stale)):
+            out_fs.rm(posixpath.join(out_path, stale))
+    tps = schema.ticks_per_second
+    p = config.num_partitions
+
+    with tempfile.TemporaryDirectory(prefix="mtfm_agg_") as tmp:
+        spill_dir = os.path.join(tmp, "spill")
+        # ---- pass 1: stream, validate, route rows by user hash
+        sources = [(f"exp/{s.name}", ds.iter_scenario(s)) for s in schema.scenarios]
+        sources += [(f"seq/{q.name}", ds.iter_sequence(q)) for q in schema.sequences]
+        bar = None
+        if config.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="aggregate: read", unit="row", unit_scale=True, file=sys.stderr, leave=False)
+        for source, batches in sources:
+            router = _Router(spill_dir, source, p)
+            try:
+                for _, batch in batches:
+                    router.add(batch)
+                    if bar is not None:
+                        bar.update(batch.num_rows)
+            finally:
+                router.close()
+        if bar is not None:
+            bar.close()
+
+        t_read = time.perf_counter() - t0
+        # ---- pass 2: one shard per partition, in parallel
+        shard_dir = os.path.join(tmp, "shards")
+        os.makedirs(shard_dir)
+        tasks = [
+            _Task(
+                spill_dir=spill_dir,
+                partition=k,
+                schema=schema.to_dict(),
+                window_ticks=config.window_seconds * tps,
+                lookback_ticks=config.realtime_lookback_seconds * tps,
+                row_group_size=config.output_row_group_size,
+                out_path=os.path.join(shard_dir, fmt.shard_name(k)),
+            )
+            for k in range(p)
+        ]
+        results: List[Dict[str, Any]] = []
+        if config.num_workers <= 1 or p == 1:
+            for task in _progress(tasks, p, "aggregate: build", config.progress):
+                results.append(build_partition(task))
+        else:
+            # fork by default on Linux: no re-import of __main__ (scripts need no main guard)
+            # and fast start; the workers use neither CUDA nor the parent's threads.
+            method = config.start_method or ("fork" if sys.platform == "linux" else "spawn")
+            ctx = mp.get_context(method)
+            workers = min(config.num_workers, p)
+            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [pool.submit(build_partition, t) for t in tasks]
+                for fut in _progress(cf.as_completed(futures), p, "aggregate: build", config.progress):
+                    results.append(fut.result())
+        for task in tasks:
+            out_fs.put_file(task.out_path, posixpath.join(out_path, fmt.shard_name(task.partition)))
+
+    stats = _merge_stats(results, schema, ds.bad_rows, fp["fingerprint"], p)
+    stats.seconds = time.perf_counter() - t0
+    stats.read_seconds = t_read
+    stats.build_seconds = stats.seconds - t_read
+    with out_fs.open(posixpath.join(out_path, fmt.SCHEMA_FILE), "w") as fh:
+        fh.write(schema.to_yaml())
+    with out_fs.open(posixpath.join(out_path, fmt.STATS_FILE), "w") as fh:
+        json.dump(stats.to_dict(), fh, indent=2)
+    with out_fs.open(posixpath.join(out_path, fmt.SUCCESS_FILE), "w") as fh:
+        json.dump(fp, fh, indent=2)
+    return stats
+
+
+def _merge_stats(
+    results: List[Dict[str, Any]], schema: DatasetSchema, bad: BadRows, fp: str, shards: int
+) -> AggregationStats:
+    hists = {k: np.zeros(1, np.int64) for k in ("hist_h", "hist_r", "hist_t")}
+    stats = AggregationStats(
+        exposures_per_scenario={s.name: 0 for s in schema.scenarios},
+        actions_per_sequence={q.name: 0 for q in schema.sequences},
+        num_shards=shards,
+        fingerprint=fp,
+    )
+    for r in results:
+        stats.samples_out += int(r["samples"])
+        for k, v in r["exposures"].items():
+            stats.exposures_per_scenario[k] += int(v)
+        for k, v in r["actions"].items():
+            stats.actions_per_sequence[k] += int(v)
+        for k in hists:
+            hists[k] = _add_hist(hists[k], r[k])
+    stats.exposures_in = sum(stats.exposures_per_scenario.values())
+    stats.tokens_h = _percentiles(hists["hist_h"])
+    stats.tokens_r = _percentiles(hists["hist_r"])
+    stats.tokens_t = _percentiles(hists["hist_t"])
+    stats.bad_rows = bad.total
+    stats.bad_rows_detail = bad.to_list()
+    return stats
+
+
+def ensure_aggregated(raw: str, cache_dir: str, config: AggregationConfig) -> str:
+    """Returns an aggregated dataset dir for ``raw``, aggregating only if inputs/config changed.
+
+    The dir is ``<cache_dir>/<dataset name>-<fingerprint[:16]>``; a dir whose ``_SUCCESS``
+    carries the same fingerprint is reused as is.
+    """
+    ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows)
+    fp = fingerprint(ds, config)["fingerprint"]
+    out = f"{cache_dir.rstrip('/')}/{ds.schema.name}-{fp[:16]}"
+    done = read_success(out)
+    if done is None or done.get("fingerprint") != fp:
+        aggregate(raw, out, config)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> AggregationStats:
+    from mtfm_rec.config import apply_overrides, from_dict
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mtfm_rec.data.aggregate",
+        description="Multi-scenario user-level aggregation of a raw-contract dataset.",
+    )
+    parser.add_argument("--raw", required=True, help="raw dataset root (path or fsspec URL)")
+    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument(
+        "overrides", nargs="*", help="AggregationConfig fields, e.g. window_seconds=3600"
+    )
+    args = parser.parse_args(argv)
+    config = from_dict(AggregationConfig, apply_overrides({}, args.overrides), "aggregation")
+    stats = aggregate(args.raw, args.out, config)
+    print(stats.report())
+    return stats
+
+
+if __name__ == "__main__":
+    from mtfm_rec.config import ConfigError
+    from mtfm_rec.data.schema import SchemaError
+
+    try:
+        main()
+    except (DataContractError, SchemaError, ConfigError) as exc:
+        sys.exit(f"error: {exc}")  # the message names file, column and rule: no traceback

@@ -1,0 +1,342 @@
+"""Reading the raw data contract with validation (``../shared/spec/raw-data.md``, docs/DATA.md).
+
+A raw dataset is ``dataset.yaml`` + ``exposures/<scenario>/*.parquet`` +
+``behaviors/<sequence>/*.parquet`` under a local path or any fsspec URL. :class:`RawDataset`
+checks the layout against the schema, then streams each folder's files record batch by record
+batch (never a whole file in memory), validating every batch and normalising it into a
+:class:`pyarrow.RecordBatch` whose columns are what aggregation needs:
+
+* exposures: ``user_id``, ``ts``, ``request_id`` (-1 if absent), ``split`` (int8, -1 if absent),
+  ``<group>/<feature>`` (folded int64), ``dense/<column>`` (float32, null -> 0.0),
+  ``label/<task>`` (int8, null -> -1);
+* behaviours: ``user_id``, ``ts``, ``<feature>`` (folded int64).
+
+Structural problems (layout, missing column, wrong type, unreadable file) always raise
+:class:`DataContractError`. Row-level problems (null ``user_id``/``ts``, label outside {0, 1},
+``split`` outside {0, 1, 2}) raise too, unless ``skip_bad_rows`` is set: then the rows are dropped
+and counted per (file, column, rule) in a :class:`BadRows`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec, fold_ids
+
+EXPOSURES = "exposures"
+BEHAVIORS = "behaviors"
+USER_ID = "user_id"
+TS = "ts"
+REQUEST_ID = "request_id"
+SPLIT = "split"
+SPLIT_VALUES = (0, 1, 2)
+
+# Rule texts, shared by the errors and the bad-row report (tests match on them).
+RULE_MISSING_COLUMN = "missing column"
+RULE_NOT_INTEGER = "wrong type: expected an integer column"
+RULE_NOT_NUMERIC = "wrong type: expected a numeric column"
+RULE_NULL = "null not allowed"
+RULE_LABEL = "label outside {0, 1}"
+RULE_SPLIT = "split outside {0, 1, 2}"
+RULE_CORRUPT = "not a readable Parquet file"
+RULE_UNDECLARED = "folder not declared in dataset.yaml"
+RULE_MISSING_FOLDER = "declared in dataset.yaml but folder is missing"
+RULE_EMPTY_FOLDER = "folder holds no .parquet file"
+
+
+class DataContractError(ValueError):
+    """Raw data that breaks the contract; the message names the file, the column and the rule."""
+
+    def __init__(self, path: str, column: Optional[str], rule: str, detail: str = "") -> None:
+        self.path, self.column, self.rule = path, column, rule
+        self.detail = detail
+        where = f"{path}: column {column!r}" if column is not None else path
+        super().__init__(f"{where}: {rule}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self) -> Tuple[Any, ...]:  # picklable across worker processes
+        return (type(self), (self.path, self.column, self.rule, self.detail))
+
+
+@dataclass
+class BadRows:
+    """Rows skipped under ``skip_bad_rows``, counted per (file, column, rule)."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, path: str, column: str, rule: str, n: int) -> None:
+        if n:
+            self.counts[(path, column, rule)] += int(n)
+
+    def merge(self, other: "BadRows") -> None:
+        self.counts.update(other.counts)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts.values()))
+
+    def to_list(self) -> List[Dict[str, object]]:
+        return [
+            {"file": p, "column": c, "rule": r, "rows": n}
+            for (p, c, r), n in sorted(self.counts.items())
+        ]
+
+    def report(self) -> str:
+        if not self.counts:
+            return "bad rows: 0"
+        lines = [f"bad rows: {self.total} skipped"]
+        lines += [f"  {p}: column {c!r}: {r}: {n}" for (p, c, r), n in sorted(self.counts.items())]
+        return "\n".join(lines)
+
+
+def _hidden(name: str) -> bool:
+    """Names starting with "." or "_" (``_SUCCESS``, ``.crc``, ``_temporary``) are not data."""
+    return name.startswith((".", "_"))
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _int64(col: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """(int64 values with nulls as 0, null mask) of an integer column."""
+    if pa.types.is_null(col.type):  # an all-null column written without a type
+        col = col.cast(pa.int64())
+    if not col.null_count:
+        values = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return values, np.zeros(len(col), dtype=bool)
+    nulls = col.is_null().to_numpy(zero_copy_only=False)
+    values = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    return values, nulls
+
+
+class RawDataset:
+    """A raw-contract dataset at ``root`` (a local path or fsspec URL), checked against its schema.
+
+    Args:
+        root: dataset root holding ``dataset.yaml``.
+        skip_bad_rows: drop and count row-level problems instead of raising.
+        batch_rows: rows per record batch when streaming files.
+    """
+
+    def __init__(self, root: str, skip_bad_rows: bool = False, batch_rows: int = 65536) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self._base = fsspec.core.url_to_fs(self.root)
+        self._base = self._base.rstrip("/")
+        self.schema = DatasetSchema.load(self.root)
+        self.skip_bad_rows = skip_bad_rows
+        self.batch_rows = batch_rows
+        self.bad_rows = BadRows()
+        self._files: Dict[Tuple[str, str], List[str]] = {}
+        self._check_layout()
+
+    # ---------------------------------------------------------------- layout
+    def _display(self, path: str) -> str:
+        """A path as the user knows it (with the URL protocol), for messages."""
+        rel = posixpath.relpath(path, self._base) if path.startswith(self._base) else path
+        return f"{self.root}/{rel}"
+
+    def _subdirs(self, kind: str) -> List[str]:
+        top = f"{self._base}/{kind}"
+        if not self.fs.isdir(top):
+            return []
+        entries = self.fs.ls(top, detail=True)
+        names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+        return sorted(n for n in names if not _hidden(n))
+
+    def _check_layout(self) -> None:
+        for kind, declared in (
+            (EXPOSURES, [s.name for s in self.schema.scenarios]),
+            (BEHAVIORS, [q.name for q in self.schema.sequences]),
+        ):
+            present = self._subdirs(kind)
+            for name in present:
+                if name not in declared:
+                    raise DataContractError(f"{self.root}/{kind}/{name}", None, RULE_UNDECLARED)
+            for name in declared:
+                folder = f"{self._base}/{kind}/{name}"
+                if name not in present:
+                    raise DataContractError(self._display(folder), None, RULE_MISSING_FOLDER)
+                files = sorted(
+                    e["name"]
+                    for e in self.fs.ls(folder, detail=True)
+                    if e["type"] == "file"
+                    and e["name"].endswith(".parquet")
+                    and not _hidden(posixpath.basename(e["name"]))
+                )
+                if not files:
+                    raise DataContractError(self._display(folder), None, RULE_EMPTY_FOLDER)
+                self._files[(kind, name)] = files
+
+    def files(self, kind: str, name: str) -> List[str]:
+        """Sorted Parquet files (filesystem paths) of ``exposures/<name>`` or ``behaviors/<name>``."""
+        return list(self._files[(kind, name)])
+
+    def all_files(self) -> List[str]:
+        return [f for key in sorted(self._files) for f in self._files[key]]
+
+    def fingerprint_entries(self) -> List[Tuple[str, int, str]]:
+        """(relative path, size, modification stamp) of dataset.yaml and every input file."""
+        out = []
+        for path in [f"{self._base}/dataset.yaml"] + self.all_files():
+            info = self.fs.info(path)
+            stamp = info.get("mtime", info.get("created", info.get("LastModified", "")))
+            out.append((posixpath.relpath(path, self._base), int(info.get("size", 0)), str(stamp)))
+        return out
+
+    # ---------------------------------------------------------------- reading
+    def _open(self, path: str) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(self.fs.open(path, "rb"))
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise DataContractError(self._display(path), None, RULE_CORRUPT, str(exc)) from exc
+
+    def _check_columns(
+        self, path: str, arrow_schema: pa.Schema, required: Dict[str, str], optional: Dict[str, str]
+    ) -> List[str]:
+        """Checks presence and types; returns the columns to read."""
+        names = set(arrow_schema.names)
+        read = []
+        for column, want in list(required.items()) + list(optional.items()):
+            if column not in names:
+                if column in required:
+                    raise DataContractError(self._display(path), column, RULE_MISSING_COLUMN)
+                continue
+            t = arrow_schema.field(column).type
+            ok = _is_int(t) or pa.types.is_null(t) if want == "int" else _is_numeric(t) or pa.types.is_null(t)
+            if not ok:
+                rule = RULE_NOT_INTEGER if want == "int" else RULE_NOT_NUMERIC
+                raise DataContractError(self._display(path), column, rule, f"got {t}")
+            read.append(column)
+        return read
+
+    def _batches(self, pf: pq.ParquetFile, path: str, columns: List[str]) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from pf.iter_batches(batch_size=self.batch_rows, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise DataContractError(self._display(path), None, RULE_CORRUPT, str(exc)) from exc
+
+    def _row_problem(self, path: str, column: str, rule: str, bad: np.ndarray, row0: int) -> None:
+        """Raises on the first bad row, or counts them under skip_bad_rows."""
+        n = int(bad.sum())
+        if not n:
+            return
+        if not self.skip_bad_rows:
+            first = row0 + int(np.argmax(bad))
+            raise DataContractError(
+                self._display(path), column, rule, f"row {first}; {n} such row(s) in this batch"
+            )
+        self.bad_rows.add(self._display(path), column, rule, n)
+
+    def iter_scenario(self, scenario: ScenarioSpec) -> Iterator[Tuple[str, pa.RecordBatch]]:
+        """Yields (file, normalised batch) of one scenario's exposures, in file then row order."""
+        required = {USER_ID: "int", TS: "int"}
+        required.update({c: "int" for _, c, _ in scenario.categorical()})
+        required.update({c: "num" for c in scenario.dense_features})
+        required.update({t: "int" for t in scenario.tasks})
+        optional = {REQUEST_ID: "int", SPLIT: "int"}
+        for path in self.files(EXPOSURES, scenario.name):
+            pf = self._open(path)
+            columns = self._check_columns(path, pf.schema_arrow, required, optional)
+            row0 = 0
+            for batch in self._batches(pf, path, columns):
+                out = self._normalise_exposures(path, scenario, batch, row0)
+                row0 += batch.num_rows
+                if out.num_rows:
+                    yield self._display(path), out
+
+    def iter_sequence(self, sequence: SequenceSpec) -> Iterator[Tuple[str, pa.RecordBatch]]:
+        """Yields (file, normalised batch) of one behaviour sequence, in file then row order."""
+        required = {USER_ID: "int", TS: "int"}
+        required.update({f: "int" for f in sequence.features})
+        for path in self.files(BEHAVIORS, sequence.name):
+            pf = self._open(path)
+            columns = self._check_columns(path, pf.schema_arrow, required, {})
+            row0 = 0
+            for batch in self._batches(pf, path, columns):
+                keep, cols = self._keys(path, batch, row0)
+                for f, size in sequence.features.items():
+                    values, nulls = _int64(batch.column(f))
+                    cols[f] = fold_ids(values, size, nulls)
+                row0 += batch.num_rows
+                out = _record_batch(cols, keep)
+                if out.num_rows:
+                    yield self._display(path), out
+
+    def _keys(
+        self, path: str, batch: pa.RecordBatch, row0: int
+    ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        keep = np.ones(batch.num_rows, dtype=bool)
+        cols: Dict[str, np.ndarray] = {}
+        for column in (USER_ID, TS):
+            values, nulls = _int64(batch.column(column))
+            self._row_problem(path, column, RULE_NULL, nulls & keep, row0)
+            keep &= ~nulls
+            cols[column] = values
+        return keep, cols
+
+    def _normalise_exposures(
+        self, path: str, scenario: ScenarioSpec, batch: pa.RecordBatch, row0: int
+    ) -> pa.RecordBatch:
+        keep, cols = self._keys(path, batch, row0)
+        names = batch.schema.names
+        n = batch.num_rows
+        if REQUEST_ID in names:
+            values, nulls = _int64(batch.column(REQUEST_ID))
+            cols[REQUEST_ID] = np.where(nulls, -1, values)
+        else:
+            cols[REQUEST_ID] = np.full(n, -1, np.int64)
+        if SPLIT in names:
+            values, nulls = _int64(batch.column(SPLIT))
+            bad = ~nulls & ((values < 0) | (values > 2))
+            self._row_problem(path, SPLIT, RULE_SPLIT, bad & keep, row0)
+            keep &= ~bad
+            cols[SPLIT] = np.where(nulls, -1, values).astype(np.int8)
+        else:
+            cols[SPLIT] = np.full(n, -1, np.int8)
+        for group, column, size in scenario.categorical():
+            values, nulls = _int64(batch.column(column))
+            cols[f"{group}/{column}"] = fold_ids(values, size, nulls)
+        for column in scenario.dense_features:
+            col = batch.column(column).cast(pa.float32())
+            col = pc.fill_null(col, 0.0) if col.null_count else col
+            cols[f"dense/{column}"] = col.to_numpy(zero_copy_only=False)
+        for task in scenario.tasks:
+            values, nulls = _int64(batch.column(task))
+            bad = ~nulls & ((values < 0) | (values > 1))
+            self._row_problem(path, task, RULE_LABEL, bad & keep, row0)
+            keep &= ~bad
+            cols[f"label/{task}"] = np.where(nulls, -1, values).astype(np.int8)
+        return _record_batch(cols, keep)
+
+
+def _record_batch(cols: Dict[str, np.ndarray], keep: np.ndarray) -> pa.RecordBatch:
+    if not keep.all():
+        cols = {k: v[keep] for k, v in cols.items()}
+    return pa.RecordBatch.from_pydict({k: pa.array(v) for k, v in cols.items()})
+
+
+def exposure_columns(scenario: ScenarioSpec) -> List[str]:
+    """Column names of a normalised exposure batch (see module docstring), in order."""
+    cols = [USER_ID, TS, REQUEST_ID, SPLIT]
+    cols += [f"{g}/{c}" for g, c, _ in scenario.categorical()]
+    cols += [f"dense/{c}" for c in scenario.dense_features]
+    cols += [f"label/{t}" for t in scenario.tasks]
+    return cols
+
+
+def sequence_columns(sequence: SequenceSpec) -> List[str]:
+    """Column names of a normalised behaviour batch, in order."""
+    return [USER_ID, TS] + list(sequence.features)

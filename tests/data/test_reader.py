@@ -1,0 +1,239 @@
+"""Reading the raw contract: layout and column validation, bad-row skipping, folding, fsspec URLs."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any, Callable, Dict, List
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mtfm_rec.data import reader as rd
+from mtfm_rec.data.reader import DataContractError, RawDataset
+
+SCHEMA: Dict[str, Any] = {
+    "name": "tiny",
+    "time_unit": "s",
+    "sequences": [{"name": "orders", "kind": "history", "max_len": 4, "features": {"item": 10}}],
+    "scenarios": [
+        {
+            "name": "hp",
+            "user_features": {"city": 4},
+            "item_features": {"shop": 5},
+            "dense_features": ["price"],
+            "tasks": ["click", "order"],
+        }
+    ],
+}
+
+
+def exposures(**overrides: List[Any]) -> Dict[str, List[Any]]:
+    cols: Dict[str, List[Any]] = {
+        "user_id": [1, 2, 1],
+        "ts": [30, 10, 20],
+        "city": [0, 7, None],
+        "shop": [-1, 4, 5],
+        "price": [1.5, None, 2.0],
+        "click": [1, 0, None],
+        "order": [1, 0, 0],
+    }
+    cols.update(overrides)
+    return cols
+
+
+ORDERS = {"user_id": [1, 1], "ts": [5, 6], "item": [3, 12]}
+
+
+def write(raw_writer: Callable[..., str], root: str, hp: Any = None, **kw: Any) -> str:
+    schema = kw.pop("schema", SCHEMA)
+    exp = kw.pop("exposures", {"hp": [hp if hp is not None else exposures()]})
+    beh = kw.pop("behaviors", {"orders": [ORDERS]})
+    return raw_writer(root, schema, exp, beh)
+
+
+def read_all(ds: RawDataset) -> pa.Table:
+    batches = [b for _, b in ds.iter_scenario(ds.schema.scenarios[0])]
+    return pa.Table.from_batches(batches)
+
+
+def assert_contract_error(exc: DataContractError, file_part: str, column: Any, rule: str) -> None:
+    msg = str(exc)
+    assert file_part in msg, msg
+    if column is not None:
+        assert f"column {column!r}" in msg, msg
+    assert rule in msg, msg
+    assert isinstance(exc, ValueError)
+    assert str(pickle.loads(pickle.dumps(exc))) == msg  # survives a worker process boundary
+
+
+def test_normalised_exposures_fold_ids_and_mark_missing(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    ds = RawDataset(write(raw_writer, str(tmp_path / "raw")))
+    table = read_all(ds)
+    assert table.column_names == rd.exposure_columns(ds.schema.scenarios[0])
+    assert table.column("user/city").to_pylist() == [0, 7 % 4, 4]  # null -> missing row (size)
+    assert table.column("item/shop").to_pylist() == [(-1) % 5, 4, 0]  # floor modulo
+    assert table.column("dense/price").to_pylist() == [1.5, 0.0, 2.0]
+    assert table.column("label/click").to_pylist() == [1, 0, -1]  # null label -> missing
+    assert table.column("request_id").to_pylist() == [-1, -1, -1]  # optional column absent
+    assert table.column("split").to_pylist() == [-1, -1, -1]
+    seq = pa.Table.from_batches([b for _, b in ds.iter_sequence(ds.schema.sequences[0])])
+    assert seq.column("item").to_pylist() == [3, 2]
+
+
+def test_optional_request_id_and_split_are_read(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    hp = exposures(request_id=[7, None, 9], split=[0, 2, None])
+    table = read_all(RawDataset(write(raw_writer, str(tmp_path / "raw"), hp)))
+    assert table.column("request_id").to_pylist() == [7, -1, 9]
+    assert table.column("split").to_pylist() == [0, 2, -1]
+
+
+def test_files_are_read_in_sorted_name_order(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    files = [exposures(user_id=[i, i, i]) for i in range(12)]  # part-0 .. part-11
+    ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), exposures={"hp": files}))
+    order = [path.rsplit("/", 1)[1] for path, _ in ds.iter_scenario(ds.schema.scenarios[0])]
+    assert order == sorted(order) and len(order) == 12
+
+
+@pytest.mark.parametrize(
+    "column, value, rule",
+    [
+        ("user_id", [1, None, 1], rd.RULE_NULL),
+        ("ts", [None, 10, 20], rd.RULE_NULL),
+        ("click", [1, 2, 0], rd.RULE_LABEL),
+        ("order", [-1, 0, 0], rd.RULE_LABEL),
+        ("split", [0, 3, 1], rd.RULE_SPLIT),
+    ],
+)
+def test_bad_rows_raise_naming_file_column_rule(
+    raw_writer: Callable[..., str], tmp_path: Any, column: str, value: List[Any], rule: str
+) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures(**{column: value}))
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", column, rule)
+
+
+def test_skip_bad_rows_drops_and_counts_per_file_column_rule(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
+    bad = exposures(user_id=[None, 2, 1], click=[1, 5, 0])  # row 0 null user, row 1 bad label
+    good = exposures()
+    root = write(raw_writer, str(tmp_path / "raw"), exposures={"hp": [bad, good]})
+    ds = RawDataset(root, skip_bad_rows=True)
+    table = read_all(ds)
+    assert table.num_rows == 1 + 3
+    counts = {(p.rsplit("/", 1)[1], c, r): n for (p, c, r), n in ds.bad_rows.counts.items()}
+    assert counts == {
+        ("part-0.parquet", "user_id", rd.RULE_NULL): 1,
+        ("part-0.parquet", "click", rd.RULE_LABEL): 1,
+    }
+    assert ds.bad_rows.total == 2
+    assert "part-0.parquet: column 'click': label outside {0, 1}: 1" in ds.bad_rows.report()
+
+
+def test_a_row_bad_twice_is_counted_once(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures(ts=[None, 1, 2], click=[7, 0, 0]))
+    ds = RawDataset(root, skip_bad_rows=True)
+    assert read_all(ds).num_rows == 2 and ds.bad_rows.total == 1
+
+
+@pytest.mark.parametrize(
+    "hp, column, rule",
+    [
+        ({k: v for k, v in exposures().items() if k != "shop"}, "shop", rd.RULE_MISSING_COLUMN),
+        ({k: v for k, v in exposures().items() if k != "order"}, "order", rd.RULE_MISSING_COLUMN),
+        (exposures(user_id=["a", "b", "c"]), "user_id", rd.RULE_NOT_INTEGER),
+        (exposures(click=[1.0, 0.0, 1.0]), "click", rd.RULE_NOT_INTEGER),
+        (exposures(price=["x", "y", "z"]), "price", rd.RULE_NOT_NUMERIC),
+    ],
+)
+def test_structural_errors_fail_even_when_skipping(
+    raw_writer: Callable[..., str], tmp_path: Any, hp: Dict[str, Any], column: str, rule: str
+) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), hp)
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root, skip_bad_rows=True))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", column, rule)
+
+
+def test_missing_sequence_column_is_named(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), behaviors={"orders": [{"user_id": [1], "ts": [1]}]})
+    ds = RawDataset(root)
+    with pytest.raises(DataContractError) as err:
+        list(ds.iter_sequence(ds.schema.sequences[0]))
+    assert_contract_error(err.value, "behaviors/orders/part-0.parquet", "item", rd.RULE_MISSING_COLUMN)
+
+
+def test_undeclared_scenario_folder(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures={"hp": [exposures()], "extra": [exposures()]})
+    with pytest.raises(DataContractError) as err:
+        RawDataset(root)
+    assert_contract_error(err.value, "exposures/extra", None, rd.RULE_UNDECLARED)
+
+
+def test_undeclared_sequence_folder(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), behaviors={"orders": [ORDERS], "views": [ORDERS]})
+    with pytest.raises(DataContractError) as err:
+        RawDataset(root)
+    assert_contract_error(err.value, "behaviors/views", None, rd.RULE_UNDECLARED)
+
+
+def test_declared_but_missing_folders(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "a"), behaviors={})
+    with pytest.raises(DataContractError) as err:
+        RawDataset(root)
+    assert_contract_error(err.value, "behaviors/orders", None, rd.RULE_MISSING_FOLDER)
+    schema = copy.deepcopy(SCHEMA)
+    schema["scenarios"].append(dict(SCHEMA["scenarios"][0], name="food"))
+    root = write(raw_writer, str(tmp_path / "b"), schema=schema)
+    with pytest.raises(DataContractError) as err:
+        RawDataset(root)
+    assert_contract_error(err.value, "exposures/food", None, rd.RULE_MISSING_FOLDER)
+
+
+def test_empty_folder(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), behaviors={"orders": []})
+    with pytest.raises(DataContractError) as err:
+        RawDataset(root)
+    assert_contract_error(err.value, "behaviors/orders", None, rd.RULE_EMPTY_FOLDER)
+
+
+def test_corrupt_parquet_file(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures={"hp": [exposures(), exposures()]})
+    (tmp_path / "raw/exposures/hp/part-1.parquet").write_bytes(b"PAR1 this is not parquet")
+    ds = RawDataset(root)
+    with pytest.raises(DataContractError) as err:
+        read_all(ds)
+    assert_contract_error(err.value, "exposures/hp/part-1.parquet", None, rd.RULE_CORRUPT)
+
+
+def test_memory_url_reads_and_names_files_with_protocol(
+    raw_writer: Callable[..., str], memory_root: str
+) -> None:
+    root = write(raw_writer, memory_root, exposures(click=[1, 0, 9]))
+    ds = RawDataset(root, skip_bad_rows=True)
+    assert read_all(ds).num_rows == 2
+    (path, _, _), = ds.bad_rows.counts
+    assert path == f"{memory_root}/exposures/hp/part-0.parquet"
+    assert fsspec.filesystem("memory").exists(path[len("memory://"):])
+
+
+def test_all_null_feature_column_folds_to_missing(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    hp = pa.table({k: pa.array(v) for k, v in exposures().items()})
+    hp = hp.set_column(hp.schema.get_field_index("city"), "city", pa.nulls(3))
+    table = read_all(RawDataset(write(raw_writer, str(tmp_path / "raw"), hp)))
+    assert table.column("user/city").to_pylist() == [4, 4, 4]
+    np.testing.assert_array_equal(table.column("ts").to_numpy(), [30, 10, 20])  # file order kept
+
+
+def test_hidden_files_and_folders_are_not_data(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"))
+    (tmp_path / "raw/exposures/_temporary").mkdir()
+    (tmp_path / "raw/exposures/hp/_SUCCESS").write_text("")
+    (tmp_path / "raw/exposures/hp/.part-9.parquet").write_bytes(b"junk")
+    ds = RawDataset(root)
+    assert [f.rsplit("/", 1)[1] for f in ds.files(rd.EXPOSURES, "hp")] == ["part-0.parquet"]
+    assert read_all(ds).num_rows == 3
