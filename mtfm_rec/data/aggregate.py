@@ -72,6 +72,13 @@ _PERCENTILES = (50, 90, 99)
 
 
 # -------------------------------------------------------------------- hashing and helpers
+def realtime_lookback_seconds(config: AggregationConfig, schema: DatasetSchema) -> int:
+    """The R lookback: the config's, else the dataset's recommendation, else one window."""
+    if config.realtime_lookback_seconds is not None:
+        return config.realtime_lookback_seconds
+    return int(schema.extra.get("recommended_realtime_lookback_seconds", config.window_seconds))
+
+
 def user_partition(user_id: np.ndarray, num_partitions: int) -> np.ndarray:
     """Deterministic partition of each user: splitmix64(user_id) mod ``num_partitions``."""
     with np.errstate(over="ignore"):
@@ -452,7 +459,7 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
                 partition=k,
                 schema=schema.to_dict(),
                 window_ticks=config.window_seconds * tps,
-                lookback_ticks=config.realtime_lookback_seconds * tps,
+                lookback_ticks=realtime_lookback_seconds(config, schema) * tps,
                 row_group_size=config.output_row_group_size,
                 out_path=os.path.join(shard_dir, fmt.shard_name(k)),
             )

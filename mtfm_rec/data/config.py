@@ -11,7 +11,10 @@ class AggregationConfig:
     """User-level aggregation (paper 3.1, 3.3.1); durations in seconds."""
 
     window_seconds: int = 86400  # exposures of one user in one window form one sample
-    realtime_lookback_seconds: int = 86400  # R actions from [window_start - lookback, window_end)
+    # R actions come from [window_start - lookback, window_end). None: the dataset.yaml extra
+    # `recommended_realtime_lookback_seconds` if present (e.g. 0 when the R sequence repeats the
+    # H sequence), else one window.
+    realtime_lookback_seconds: Optional[int] = None
     num_partitions: int = 8  # users are hash-partitioned into this many shards
     num_workers: int = 2  # parallel processes over partitions
     skip_bad_rows: bool = False  # count and report contract-breaking rows instead of failing

@@ -400,3 +400,16 @@ def test_cli_parses_overrides_and_prints_stats(
     assert agg.read_success(out)["config"]["window_seconds"] == 3600
     with pytest.raises(ConfigError, match="unknown key"):
         agg.main(["--raw", root, "--out", out, "window_second=3600"])
+
+
+def test_realtime_lookback_defaults_to_the_dataset_recommendation() -> None:
+    from mtfm_rec.data.aggregate import realtime_lookback_seconds
+    from mtfm_rec.data.config import AggregationConfig
+    from mtfm_rec.data.schema import DatasetSchema
+
+    raw = {"scenarios": [{"name": "s", "item_features": {"i": 3}, "tasks": ["click"]}]}
+    plain = DatasetSchema.from_dict(raw)
+    recommended = DatasetSchema.from_dict(dict(raw, recommended_realtime_lookback_seconds=0))
+    assert realtime_lookback_seconds(AggregationConfig(window_seconds=3600), plain) == 3600
+    assert realtime_lookback_seconds(AggregationConfig(), recommended) == 0
+    assert realtime_lookback_seconds(AggregationConfig(realtime_lookback_seconds=60), recommended) == 60
