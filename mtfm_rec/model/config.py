@@ -1,23 +1,64 @@
-"""Model configuration: tokenizer sizes, the (K:P) x B attention stack, heads."""
+"""Model configuration: tokenizer sizes, the (K:P) x B attention stack, heads.
+
+See docs/MODEL.md for what each key changes in the architecture.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, List
+
+# Attention implementations: the kernel dispatcher's backends plus the model's own CPU path.
+PREFIX_BACKEND = "prefix"  # mtfm_rec.model.attention.prefix_hstu_attention (padded, prefix mask)
 
 
 @dataclass
 class ModelConfig:
-    embedding_dim: int = 16
+    embedding_dim: int = 16  # every EmbeddingCollection table (TorchRec needs one dim per EC)
     d_model: int = 64
+    tokenizer_hidden: List[int] = field(default_factory=list)  # hidden sizes of the eq. 3/4 MLPs
     num_blocks: int = 2  # B
     target_layers_per_block: int = 3  # K
     full_layers_per_block: int = 1  # P
     num_heads: int = 4  # H query heads
     num_kv_heads: int = 1  # G key-value heads (GQA); H % G == 0
-    attention_backend: str = "auto"  # auto | reference | triton | flex
+    head_dim: int = 0  # per-head dim of Q/K/V/U; 0 -> d_model // num_heads
+    attention_backend: str = "auto"  # auto | reference | triton | prefix (model's CPU path)
+    attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64
     tower_dim: int = 32
     dropout: float = 0.0
     task_weights: Dict[str, float] = field(default_factory=dict)  # "<scenario>/<task>" -> weight
+    use_sequences: bool = True  # False: feature-only baseline (T tokens alone, no H/R)
+    conditional_towers: bool = True  # funnel: tower k predicts p(task k | task k-1), see heads.py
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1 or self.num_kv_heads < 1:
+            raise ValueError(
+                f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads} "
+                "(GQA: each key-value head serves num_heads // num_kv_heads query heads)"
+            )
+        if self.num_blocks < 1 or self.target_layers_per_block < 0 or self.full_layers_per_block < 0:
+            raise ValueError("num_blocks must be >= 1 and layers per block >= 0")
+        if self.target_layers_per_block + self.full_layers_per_block < 1:
+            raise ValueError("a block needs at least one layer (K + P >= 1)")
+        if self.head_dim == 0 and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim"
+            )
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def layer_kinds(self) -> List[str]:
+        """``"full"`` / ``"target"`` per layer, bottom-up: each block is P full then K target."""
+        block = ["full"] * self.full_layers_per_block + ["target"] * self.target_layers_per_block
+        return block * self.num_blocks

@@ -1,0 +1,196 @@
+"""Full and target HSTU attention layers with GQA (paper eq. 6-18).
+
+Both layers share one parameterisation, so a target layer is literally a full layer evaluated
+for the T-token queries only::
+
+    f1: d_model -> [ U (H*D) | Q (H*D) | K (G*D) | V (G*D) ]     (eq. 7; eq. 13 = rows U,Q; eq. 14 = rows K,V)
+    f2: H*D -> d_model                                          (eq. 10 / 17)
+    GLN_in, GLN_out: per token group affine params              (eq. 6, and GLN(A) in eq. 10 / 17)
+
+Full layer (all N tokens are queries and keys)::
+
+    X~ = GLN_in(X);  U, Q, K, V = split(silu(f1(X~)))
+    A  = hstu_attention(Q, K, V, mask M)            # silu(alpha q.k) / n_visible, no softmax
+    X' = X + f2(GLN_out(A) * U)
+
+Target layer (queries = T tokens only; keys/values = all N tokens; H and R pass through)::
+
+    X~ = GLN_in(X)                                   # all N rows: the keys need them
+    K, V   = split(silu(f1[K,V](X~)))                # all N rows: O(N d G D)
+    U_T, Q_T = split(silu(f1[U,Q](X~[T])))           # T rows only
+    A_T = hstu_attention(Q_T, K, V, mask M_T)        # O(L_T N H D)
+    X'  = X with rows T replaced by X[T] + f2(GLN_out(A_T) * U_T)
+
+Eq. 14 of the paper writes ``f_kv(X~_T)``; we read it as keys/values from all N tokens
+(``M_T`` has N columns and the stated cost is O(K N L_T)), see docs/MODEL.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtfm_rec.kernels.group_norm import BACKENDS as GROUP_NORM_BACKENDS
+from mtfm_rec.kernels.group_norm import group_layer_norm
+from mtfm_rec.kernels.hstu_attention import hstu_attention
+from mtfm_rec.model.config import PREFIX_BACKEND, ModelConfig
+from mtfm_rec.model.mask import AttentionLayout
+
+
+def prefix_hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pad_index: torch.Tensor,
+    kv_pad_index: torch.Tensor,
+    q_prefix: torch.Tensor,
+    q_self_local: torch.Tensor,
+    batch_size: int,
+    max_q_len: int,
+    max_kv_len: int,
+    alpha: float,
+) -> torch.Tensor:
+    """HSTU pointwise attention with the prefix-encoded dynamic mask (the model's CPU path).
+
+    Same semantics as ``mtfm_rec.kernels.hstu_attention`` (tested equal to the reference),
+    but the mask comes from two ints per query (see ``mask.py``) and no kinds/timestamps are
+    gathered per layer. Padded batched matmuls, so it runs under bf16 autocast.
+
+    Args:
+        q: ``[total_q, H, D]``; k: ``[total_kv, G, D]``; v: ``[total_kv, G, Dv]``.
+        q_pad_index / kv_pad_index: jagged row -> flat index of the padded ``[B * max_len]`` layout.
+        q_prefix: ``[total_q]`` keys ``[0, prefix)`` of the sample are visible.
+        q_self_local: ``[total_q]`` the query's own sample-local key index, -1 if none.
+    Returns:
+        ``[total_q, H, Dv]``.
+    """
+    total_q, num_heads, dim = q.shape
+    num_kv_heads, dim_v = k.shape[1], v.shape[-1]
+    r = num_heads // num_kv_heads
+    b, lq, lk = batch_size, max_q_len, max_kv_len
+    qp = q.new_zeros(b * lq, num_heads, dim).index_copy(0, q_pad_index, q)
+    qp = qp.view(b, lq, num_kv_heads, r, dim).permute(0, 2, 3, 1, 4)  # [B, G, r, Lq, D]
+    kp = k.new_zeros(b * lk, num_kv_heads, dim).index_copy(0, kv_pad_index, k)
+    kp = kp.view(b, lk, num_kv_heads, dim).permute(0, 2, 3, 1).unsqueeze(2)  # [B, G, 1, D, Lk]
+    vp = v.new_zeros(b * lk, num_kv_heads, dim_v).index_copy(0, kv_pad_index, v)
+    vp = vp.view(b, lk, num_kv_heads, dim_v).permute(0, 2, 1, 3).unsqueeze(2)  # [B, G, 1, Lk, Dv]
+    scores = torch.matmul(qp, kp)  # [B, G, r, Lq, Lk]
+    # visible / n_visible per (query, key): folds the mask and the 1/n normalisation into one.
+    j = torch.arange(lk, device=q.device)
+    visible = (j[None, :] < q_prefix[:, None]) | (j[None, :] == q_self_local[:, None])
+    n_visible = (q_prefix + (q_self_local >= 0).to(q_prefix.dtype)).clamp(min=1)
+    weight_rows = visible.to(scores.dtype) / n_visible[:, None].to(scores.dtype)
+    weight = scores.new_zeros(b * lq, lk).index_copy(0, q_pad_index, weight_rows).view(b, 1, 1, lq, lk)
+    out = torch.matmul(F.silu(alpha * scores) * weight, vp)  # [B, G, r, Lq, Dv]
+    out = out.permute(0, 3, 1, 2, 4).reshape(b * lq, num_heads, dim_v)
+    return out[q_pad_index]
+
+
+class _HSTULayer(nn.Module):
+    """Parameters shared by :class:`FullAttentionLayer` and :class:`TargetAttentionLayer`."""
+
+    def __init__(self, config: ModelConfig, num_groups: int) -> None:
+        super().__init__()
+        d, h, g, hd = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+        if h % g:
+            raise ValueError(f"num_heads={h} must be divisible by num_kv_heads={g}")
+        self.num_heads, self.num_kv_heads, self.head_dim = h, g, hd
+        self.uq_dim = 2 * h * hd  # rows of f1 computed on the queries
+        self.f1 = nn.Linear(d, 2 * h * hd + 2 * g * hd)
+        self.f2 = nn.Linear(h * hd, d)
+        self.in_norm_weight = nn.Parameter(torch.ones(num_groups, d))
+        self.in_norm_bias = nn.Parameter(torch.zeros(num_groups, d))
+        self.out_norm_weight = nn.Parameter(torch.ones(num_groups, h * hd))
+        self.out_norm_bias = nn.Parameter(torch.zeros(num_groups, h * hd))
+        self.dropout = nn.Dropout(config.dropout)
+        self.backend = config.attention_backend
+        self.alpha = config.attention_alpha or hd**-0.5
+        self.eps = config.norm_eps
+
+    def _uq(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        uq = F.silu(F.linear(x_norm, self.f1.weight[: self.uq_dim], self.f1.bias[: self.uq_dim]))
+        u, q = uq.split(self.uq_dim // 2, dim=-1)
+        return u, q.reshape(-1, self.num_heads, self.head_dim)
+
+    def _kv(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = F.silu(F.linear(x_norm, self.f1.weight[self.uq_dim :], self.f1.bias[self.uq_dim :]))
+        k, v = kv.split(self.num_kv_heads * self.head_dim, dim=-1)
+        shape = (-1, self.num_kv_heads, self.head_dim)
+        return k.reshape(shape), v.reshape(shape)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, target: bool
+    ) -> torch.Tensor:
+        if target:
+            q_offsets, q_ts, q_self, max_q = (
+                layout.target_offsets, layout.target_ts, layout.target_rows, layout.max_targets,
+            )
+            q_pad, q_prefix, q_self_local = (
+                layout.target_pad_index, layout.target_prefix, layout.target_self_local,
+            )
+        else:
+            q_offsets, q_ts, q_self, max_q = (
+                layout.token_offsets, layout.token_ts, layout.full_self, layout.max_tokens,
+            )
+            q_pad, q_prefix, q_self_local = (
+                layout.token_pad_index, layout.full_prefix, layout.full_self_local,
+            )
+        if self.backend == PREFIX_BACKEND:
+            out = prefix_hstu_attention(
+                q, k, v, q_pad, layout.token_pad_index, q_prefix, q_self_local,
+                layout.batch_size, max_q, layout.max_tokens, self.alpha,
+            )
+        else:
+            out = hstu_attention(
+                q, k, v, q_offsets, layout.token_offsets, q_ts, q_self, layout.token_kind,
+                layout.token_ts, max_q, layout.max_tokens, self.alpha, self.backend,
+            )
+        return out.reshape(out.shape[0], -1)
+
+    def _output(self, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        a = group_layer_norm(a, group, self.out_norm_weight, self.out_norm_bias, self.eps, self.backend_norm)
+        return x + self.dropout(self.f2(a * u))
+
+    @property
+    def backend_norm(self) -> str:
+        # Backends the group-norm dispatcher lacks (e.g. the model's "prefix") use its own choice.
+        return self.backend if self.backend in GROUP_NORM_BACKENDS else "auto"
+
+    def _norm_in(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        return group_layer_norm(x, group, self.in_norm_weight, self.in_norm_bias, self.eps, self.backend_norm)
+
+
+class FullAttentionLayer(_HSTULayer):
+    """Every token attends to every visible token and is updated (eq. 6-10)."""
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        """``x``: ``[N, d_model]`` tokens of ``layout``; returns the updated ``[N, d_model]``."""
+        x_norm = self._norm_in(x, layout.token_group)
+        u, q = self._uq(x_norm)
+        k, v = self._kv(x_norm)
+        a = self._attend(q, k, v, layout, target=False)
+        return self._output(x, a, u, layout.token_group)
+
+
+class TargetAttentionLayer(_HSTULayer):
+    """Only T tokens are queries and are updated; keys/values come from all N tokens (eq. 11-18)."""
+
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        """``x``: ``[N, d_model]``; returns ``x`` with only the rows ``layout.target_rows`` changed."""
+        x_norm = self._norm_in(x, layout.token_group)
+        k, v = self._kv(x_norm)
+        rows = layout.target_rows
+        u, q = self._uq(x_norm[rows])
+        a = self._attend(q, k, v, layout, target=True)
+        x_t = self._output(x[rows], a, u, layout.token_group[rows])
+        return x.index_copy(0, rows, x_t)
+
+
+def make_layer(kind: str, config: ModelConfig, num_groups: int) -> _HSTULayer:
+    """``"full"`` -> :class:`FullAttentionLayer`, ``"target"`` -> :class:`TargetAttentionLayer`."""
+    if kind == "full":
+        return FullAttentionLayer(config, num_groups)
+    if kind == "target":
+        return TargetAttentionLayer(config, num_groups)
+    raise ValueError(f"unknown attention layer kind {kind!r}; expected 'full' or 'target'")

@@ -1,0 +1,173 @@
+"""Small random schemas and batches for the model's tests and benchmark.
+
+Not a data generator with planted structure (that is ``mtfm_rec.data``'s job): these batches
+only exercise shapes, layouts and the mask, through the real ``collate``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from mtfm_rec.data import sample_format as fmt
+from mtfm_rec.data.batch import Batch, collate
+from mtfm_rec.data.schema import DatasetSchema
+
+
+def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:
+    """Two history sequences, one real-time sequence, and scenarios with different schemas."""
+    scenarios = []
+    for i in range(num_scenarios):
+        scenarios.append(
+            {
+                "name": f"sc{i}",
+                "user_features": {"city": 7 + i, **({"age": 5} if i % 2 == 0 else {})},
+                "item_features": {"item": vocab + i, **({"cat": 9} if i != 1 else {})},
+                "cross_features": {"dist": 4} if i != 2 else {},
+                "dense_features": [f"price{j}" for j in range(i % 3)],
+                "tasks": ["click", "order", "pay"][: 1 + (i % 3)],
+            }
+        )
+    return DatasetSchema.from_dict(
+        {
+            "name": "demo",
+            "time_unit": "s",
+            "sequences": [
+                {"name": "orders", "kind": "history", "max_len": 64, "features": {"item": vocab, "cat": 9}},
+                {"name": "views", "kind": "history", "max_len": 64, "features": {"item": vocab}},
+                {"name": "clicks_rt", "kind": "realtime", "max_len": 64, "features": {"item": vocab, "cat": 9}},
+            ],
+            "scenarios": scenarios,
+        }
+    )
+
+
+def random_table(
+    schema: DatasetSchema,
+    batch_size: int,
+    seq_len: Tuple[int, int] = (0, 12),
+    exposures: Tuple[int, int] = (0, 5),
+    seed: int = 0,
+    only_scenario: Optional[Dict[int, str]] = None,
+    ts_pool: int = 0,
+) -> pa.Table:
+    """``batch_size`` aggregated samples in ``sample_format`` with random lengths and values.
+
+    Args:
+        seq_len / exposures: inclusive ranges of actions per sequence / exposures per scenario.
+        only_scenario: sample index -> the only scenario that sample has exposures in.
+        ts_pool: if > 0, real-time and exposure timestamps are drawn from that many values
+            (forces ties between R and T timestamps).
+    """
+    rng = np.random.default_rng(seed)
+    window = 1000
+    cols: Dict[str, List] = {fmt.USER_ID: [], fmt.WINDOW_START: [], fmt.WINDOW_END: []}
+    for b in range(batch_size):
+        cols[fmt.USER_ID].append(b + 1)
+        cols[fmt.WINDOW_START].append(window)
+        cols[fmt.WINDOW_END].append(2 * window)
+
+    def times(n: int, low: int, high: int) -> List[int]:
+        if ts_pool and low >= window // 2:
+            pool = np.linspace(low, high - 1, ts_pool).astype(np.int64)
+            return sorted(rng.choice(pool, size=n).tolist())
+        return sorted(rng.integers(low, high, size=n).tolist())
+
+    for q in schema.sequences:
+        ts_col, feat_cols = [], {f: [] for f in q.features}
+        for _ in range(batch_size):
+            n = int(rng.integers(seq_len[0], seq_len[1] + 1))
+            lo, hi = (0, window) if q.is_history else (window // 2, 2 * window)
+            ts_col.append(times(n, lo, hi))
+            for f, size in q.features.items():
+                feat_cols[f].append(rng.integers(0, size + 1, size=n).tolist())
+        cols[fmt.seq_ts(q.name)] = ts_col
+        for f in q.features:
+            cols[fmt.seq_feature(q.name, f)] = feat_cols[f]
+    for s in schema.scenarios:
+        per: Dict[str, List] = {}
+        for b in range(batch_size):
+            n = int(rng.integers(exposures[0], exposures[1] + 1))
+            if only_scenario is not None and b in only_scenario and only_scenario[b] != s.name:
+                n = 0
+            per.setdefault(fmt.exp_ts(s.name), []).append(times(n, window, 2 * window))
+            per.setdefault(fmt.exp_request_id(s.name), []).append([-1] * n)
+            per.setdefault(fmt.exp_split(s.name), []).append([-1] * n)
+            for g, c, size in s.categorical():
+                per.setdefault(fmt.exp_feature(s.name, g, c), []).append(rng.integers(0, size + 1, size=n).tolist())
+            for c in s.dense_features:
+                per.setdefault(fmt.exp_dense(s.name, c), []).append(rng.exponential(10.0, size=n).tolist())
+            funnel = np.cumprod(rng.random((n, len(s.tasks))) < 0.5, axis=1).astype(np.int64)
+            missing = rng.random((n, len(s.tasks))) < 0.1
+            funnel[missing] = fmt.MISSING_LABEL
+            for i, t in enumerate(s.tasks):
+                per.setdefault(fmt.exp_label(s.name, t), []).append(funnel[:, i].tolist())
+        cols.update(per)
+    arrow = fmt.arrow_schema(schema)
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in arrow}, schema=arrow)
+
+
+def random_batch(schema: DatasetSchema, batch_size: int = 4, **kwargs: object) -> Batch:
+    """:func:`random_table` collated into a :class:`Batch`."""
+    return collate(random_table(schema, batch_size, **kwargs), schema)  # type: ignore[arg-type]
+
+
+def long_history_schema(num_scenarios: int = 2, vocab: int = 1000) -> DatasetSchema:
+    """The benchmark's schema: one long history, one real-time sequence, a few scenarios."""
+    return DatasetSchema.from_dict(
+        {
+            "name": "bench",
+            "sequences": [
+                {"name": "hist", "kind": "history", "max_len": 512, "features": {"item": vocab, "cat": 30}},
+                {"name": "rt", "kind": "realtime", "max_len": 128, "features": {"item": vocab, "cat": 30}},
+            ],
+            "scenarios": [
+                {
+                    "name": f"s{i}",
+                    "user_features": {"city": 40},
+                    "item_features": {"item": vocab, "shop": 100},
+                    "cross_features": {"dist": 10},
+                    "dense_features": ["price"],
+                    "tasks": ["click", "order"],
+                }
+                for i in range(num_scenarios)
+            ],
+        }
+    )
+
+
+def fixed_size_batch(
+    schema: DatasetSchema, batch_size: int, history: int, realtime: int, targets: int, seed: int = 0
+) -> Batch:
+    """Every sample with exactly ``history`` H, ``realtime`` R and ``targets`` T tokens (split
+    evenly over scenarios); sizes for benchmarks."""
+    table = random_table(schema, batch_size, seq_len=(0, 0), exposures=(0, 0), seed=seed)
+    rng = np.random.default_rng(seed)
+    n_sc = len(schema.scenarios)
+    per = [targets // n_sc + (1 if i < targets % n_sc else 0) for i in range(n_sc)]
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    for q in schema.sequences:
+        n = history // max(1, len(schema.history_sequences)) if q.is_history else realtime // max(
+            1, len(schema.realtime_sequences)
+        )
+        lo, hi = (0, 1000) if q.is_history else (500, 2000)
+        cols[fmt.seq_ts(q.name)] = [sorted(rng.integers(lo, hi, n).tolist()) for _ in range(batch_size)]
+        for f, size in q.features.items():
+            cols[fmt.seq_feature(q.name, f)] = [rng.integers(0, size, n).tolist() for _ in range(batch_size)]
+    for s, n in zip(schema.scenarios, per):
+        cols[fmt.exp_ts(s.name)] = [sorted(rng.integers(1000, 2000, n).tolist()) for _ in range(batch_size)]
+        cols[fmt.exp_request_id(s.name)] = [[-1] * n] * batch_size
+        cols[fmt.exp_split(s.name)] = [[-1] * n] * batch_size
+        for g, c, size in s.categorical():
+            cols[fmt.exp_feature(s.name, g, c)] = [rng.integers(0, size, n).tolist() for _ in range(batch_size)]
+        for c in s.dense_features:
+            cols[fmt.exp_dense(s.name, c)] = [rng.random(n).tolist() for _ in range(batch_size)]
+        for t in s.tasks:
+            cols[fmt.exp_label(s.name, t)] = [rng.integers(0, 2, n).tolist() for _ in range(batch_size)]
+    arrow = fmt.arrow_schema(schema)
+    return collate(pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in arrow}, schema=arrow), schema)
+
+
+__all__: Sequence[str] = ["demo_schema", "random_table", "random_batch", "long_history_schema", "fixed_size_batch"]

@@ -1,0 +1,129 @@
+"""Heterogeneous tokenization (paper 3.2.1, eq. 3-5): embeddings -> one flat token tensor.
+
+The categorical lookups happen outside, in the top-level model's TorchRec
+``EmbeddingCollection`` (see :func:`make_embedding_collection`), so that TorchRec can shard them;
+this module gets its output (``Dict[key, JaggedTensor]``) and does the dense part::
+
+    seq/<q>/<f> embeddings  --concat over f-->  MLP_q   --> [n_q, d] --scatter to sequence_positions[q]--+
+    exp/<s>/<g>/<f> embeddings + dense(s) -->   MLP_s   --> [n_s, d] --scatter to target_positions[s]----+
+                                                                                                          v
+                                       X(0) = (H; R; T) per sample, flat [N, d_model] (eq. 5)
+
+The Batch already laid the rows out (H merged by ts, then R merged by ts, then T by scenario),
+so all groups are written by a single ``index_copy`` of the concatenated MLP outputs. One MLP per
+sequence and one per scenario, built from the schema: a new scenario is a dataset.yaml entry.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from mtfm_rec.data.batch import Batch
+from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.model.config import ModelConfig
+
+
+def table_name(key: str) -> str:
+    """Embedding table of a KJT key (``/`` would leak into parameter FQNs)."""
+    return "t__" + key.replace("/", "__")
+
+
+def make_embedding_collection(
+    schema: DatasetSchema, config: ModelConfig, device: torch.device | None = None
+) -> EmbeddingCollection:
+    """One table per key of ``schema.sparse_feature_keys()``, sized by ``sparse_feature_sizes()``."""
+    sizes = schema.sparse_feature_sizes()
+    tables = [
+        EmbeddingConfig(
+            name=table_name(key),
+            embedding_dim=config.embedding_dim,
+            num_embeddings=sizes[key],
+            feature_names=[key],
+        )
+        for key in schema.sparse_feature_keys()
+    ]
+    return EmbeddingCollection(tables=tables, device=device)
+
+
+def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
+    """Linear -> SiLU -> ... -> Linear (no activation on the output)."""
+    layers: List[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.SiLU()]
+        in_dim = width
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def compress_dense(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x) * log1p(|x|)``: raw dense features come at any scale (counts, prices, ...)."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+class HeterogeneousTokenizer(nn.Module):
+    """Per-sequence (eq. 3) and per-scenario (eq. 4) MLP tokenizers writing one ``[N, d]`` tensor.
+
+    Args:
+        schema: the dataset schema (sequences, scenarios and their features).
+        config: ``embedding_dim``, ``d_model``, ``tokenizer_hidden``, ``use_sequences``.
+    """
+
+    def __init__(self, schema: DatasetSchema, config: ModelConfig) -> None:
+        super().__init__()
+        e, d, hidden = config.embedding_dim, config.d_model, config.tokenizer_hidden
+        self.use_sequences = config.use_sequences
+        self.sequence_names = [q.name for q in schema.ordered_sequences] if config.use_sequences else []
+        self.sequence_keys = [
+            [f"seq/{q.name}/{f}" for f in q.features]
+            for q in schema.ordered_sequences
+            if config.use_sequences
+        ]
+        self.sequence_mlps = nn.ModuleList(mlp(len(k) * e, hidden, d) for k in self.sequence_keys)
+        self.scenario_names = [s.name for s in schema.scenarios]
+        self.scenario_keys = [
+            [f"exp/{s.name}/{g}/{c}" for g, c, _ in s.categorical()] for s in schema.scenarios
+        ]
+        self.scenario_mlps = nn.ModuleList(
+            mlp(len(keys) * e + len(s.dense_features), hidden, d)
+            for keys, s in zip(self.scenario_keys, schema.scenarios)
+        )
+        self.d_model = d
+
+    def forward(
+        self,
+        embeddings: Dict[str, JaggedTensor],
+        batch: Batch,
+        num_tokens: int,
+        target_positions: Dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Builds ``X(0)``.
+
+        Args:
+            embeddings: the EmbeddingCollection output on ``batch.sparse_features``.
+            batch: gives dense features and the token rows of sequence actions.
+            num_tokens: rows of the output (``batch.num_tokens``, or the T count for the
+                feature-only baseline).
+            target_positions: per scenario, the output row of each exposure (KJT order).
+        Returns:
+            ``[num_tokens, d_model]`` tokens; H and R rows are left zero when sequences are off.
+        """
+        rows: List[torch.Tensor] = []
+        positions: List[torch.Tensor] = []
+        for name, keys, net in zip(self.sequence_names, self.sequence_keys, self.sequence_mlps):
+            feats = torch.cat([embeddings[k].values() for k in keys], dim=-1)
+            rows.append(net(feats))
+            positions.append(batch.sequence_positions[name])
+        for name, keys, net in zip(self.scenario_names, self.scenario_keys, self.scenario_mlps):
+            # Dense columns last (possibly zero of them: keeps the shape for feature-less scenarios).
+            parts = [embeddings[k].values() for k in keys] + [compress_dense(batch.dense_features[name])]
+            rows.append(net(torch.cat(parts, dim=-1)))
+            positions.append(target_positions[name])
+        values = torch.cat(rows, dim=0)
+        out = values.new_zeros(num_tokens, self.d_model)
+        return out.index_copy(0, torch.cat(positions), values)

@@ -1,0 +1,68 @@
+"""Shared helpers for the model tests (imported as ``model_helpers``; pytest puts this folder on
+sys.path): small models, batches, and perturbing tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterable, List
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mtfm_rec.data.batch import Batch
+from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.model import MTFM, ModelConfig
+from mtfm_rec.model.examples import demo_schema
+
+
+def small_config(**overrides: object) -> ModelConfig:
+    base = dict(
+        embedding_dim=8, d_model=32, tokenizer_hidden=[32], num_blocks=1, target_layers_per_block=1,
+        full_layers_per_block=1, num_heads=4, num_kv_heads=2, num_experts=3, expert_dim=16, tower_dim=8,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def make_model(schema: DatasetSchema, seed: int = 0, **overrides: object) -> MTFM:
+    torch.manual_seed(seed)
+    return MTFM(schema, small_config(**overrides)).eval()
+
+
+def perturb_tokens(batch: Batch, schema: DatasetSchema, rows: Iterable[int], seed: int = 1) -> Batch:
+    """A copy of ``batch`` whose tokens at flat ``rows`` get new random feature ids (and dense
+    features for T tokens); layout, timestamps and labels are unchanged."""
+    rows_t = torch.tensor(sorted(set(rows)), dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = schema.sparse_feature_sizes()
+    kjt = batch.sparse_features
+    values = kjt.values().clone()
+    lengths = kjt.length_per_key()
+    start = 0
+    for key, n in zip(kjt.keys(), lengths):
+        parts = key.split("/")
+        pos = batch.sequence_positions[parts[1]] if parts[0] == "seq" else batch.target_positions[parts[1]]
+        hit = torch.isin(pos, rows_t)
+        fresh = torch.randint(0, sizes[key], (n,), generator=gen)
+        values[start : start + n] = torch.where(hit, fresh, values[start : start + n])
+        start += n
+    dense: Dict[str, torch.Tensor] = {}
+    for name, x in batch.dense_features.items():
+        hit = torch.isin(batch.target_positions[name], rows_t)[:, None]
+        dense[name] = torch.where(hit, torch.rand(x.shape, generator=gen) * 50, x)
+    new_kjt = KeyedJaggedTensor(keys=kjt.keys(), values=values, lengths=kjt.lengths())
+    return dataclasses.replace(batch, sparse_features=new_kjt, dense_features=dense)
+
+
+def exposure_scores(out: Dict[str, torch.Tensor], batch: Batch) -> Dict[int, torch.Tensor]:
+    """Flat token row -> that exposure's probabilities (all tasks)."""
+    scores: Dict[int, torch.Tensor] = {}
+    for name, pos in batch.target_positions.items():
+        for i, row in enumerate(pos.tolist()):
+            scores[row] = out[name][i]
+    return scores
+
+
+def sample_rows(batch: Batch, b: int) -> List[int]:
+    return list(range(int(batch.token_offsets[b]), int(batch.token_offsets[b + 1])))
