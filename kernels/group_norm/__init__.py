@@ -1,4 +1,9 @@
-"""Group LayerNorm dispatcher (see ``reference.py`` for the semantics)."""
+"""Group LayerNorm dispatcher (see ``reference.py`` for the semantics).
+
+``backend``: ``"auto"`` (Triton for CUDA tensors, the reference otherwise), ``"reference"``,
+``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). A forced backend that
+cannot run raises; nothing falls back silently.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import torch
 
 from mtfm_rec.kernels.group_norm.reference import group_layer_norm_reference
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 def group_layer_norm(
@@ -17,8 +22,17 @@ def group_layer_norm(
     eps: float = 1e-5,
     backend: str = "auto",
 ) -> torch.Tensor:
+    """LayerNorm over the last dim of ``x`` [N, D] with affine ``weight[group]``, ``bias[group]``."""
     if backend not in BACKENDS:
         raise ValueError(f"group norm backend {backend!r} unknown; choose one of {BACKENDS}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "reference"
+    if backend == "triton":
+        try:
+            from mtfm_rec.kernels.group_norm.triton import group_layer_norm_triton
+        except ImportError as exc:
+            raise RuntimeError(f"group norm backend 'triton' unavailable: {exc}") from exc
+        return group_layer_norm_triton(x, group, weight, bias, eps)
     return group_layer_norm_reference(x, group, weight, bias, eps)
 
 
