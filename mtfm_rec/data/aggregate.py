@@ -64,6 +64,7 @@ FORMAT_VERSION = 1
 _FINGERPRINT_FIELDS = (
     "window_seconds",
     "realtime_lookback_seconds",
+    "max_exposures_per_sample",
     "num_partitions",
     "skip_bad_rows",
     "output_row_group_size",
@@ -287,6 +288,7 @@ class _Task:
     schema: Dict[str, Any]
     window_ticks: int
     lookback_ticks: int
+    max_exposures_per_sample: Optional[int]
     row_group_size: int
     out_path: str
 
@@ -305,12 +307,18 @@ def build_partition(task: _Task) -> Dict[str, Any]:
         for s in schema.scenarios
     ]
     users = np.concatenate([c[USER_ID] for c in scen]).astype(np.int64)
-    windows = np.floor_divide(np.concatenate([c[TS] for c in scen]).astype(np.int64), w)
+    ts_all = np.concatenate([c[TS] for c in scen]).astype(np.int64)
+    windows = np.floor_divide(ts_all, w)
     # Samples = distinct (user, window) over all scenarios, sorted; sid maps rows to samples.
-    order = np.lexsort((windows, users))
+    # Inside a window rows are in ts order (ties: scenario, then file and row order), so a
+    # window with more than max_exposures_per_sample exposures splits into consecutive chunks.
+    order = np.lexsort((ts_all, windows, users))
     su, sw = users[order], windows[order]
     new = np.ones(len(su), dtype=bool)
     new[1:] = (su[1:] != su[:-1]) | (sw[1:] != sw[:-1])
+    if task.max_exposures_per_sample:
+        rank = np.arange(len(su)) - np.maximum.accumulate(np.where(new, np.arange(len(su)), 0))
+        new |= rank % task.max_exposures_per_sample == 0
     sid = np.empty(len(su), np.int64)
     sid[order] = np.cumsum(new) - 1
     s_user, s_start = su[new], sw[new] * w
@@ -413,6 +421,8 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
     t0 = time.perf_counter()
     if config.window_seconds < 1 or config.num_partitions < 1:
         raise ValueError("aggregation: window_seconds and num_partitions must be >= 1")
+    if config.max_exposures_per_sample is not None and config.max_exposures_per_sample < 1:
+        raise ValueError("aggregation: max_exposures_per_sample must be >= 1 (or unset)")
     ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows, batch_rows=config.read_batch_rows)
     schema = ds.schema
     fp = fingerprint(ds, config)
@@ -460,6 +470,7 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
                 schema=schema.to_dict(),
                 window_ticks=config.window_seconds * tps,
                 lookback_ticks=realtime_lookback_seconds(config, schema) * tps,
+                max_exposures_per_sample=config.max_exposures_per_sample,
                 row_group_size=config.output_row_group_size,
                 out_path=os.path.join(shard_dir, fmt.shard_name(k)),
             )

@@ -15,6 +15,9 @@ class AggregationConfig:
     # `recommended_realtime_lookback_seconds` if present (e.g. 0 when the R sequence repeats the
     # H sequence), else one window.
     realtime_lookback_seconds: Optional[int] = None
+    # A user-window with more exposures is split into consecutive (by ts) samples of at most this
+    # many, each with the window's H and R; None keeps whole windows. Bounds T tokens per sample.
+    max_exposures_per_sample: Optional[int] = None
     num_partitions: int = 8  # users are hash-partitioned into this many shards
     num_workers: int = 2  # parallel processes over partitions
     skip_bad_rows: bool = False  # count and report contract-breaking rows instead of failing

@@ -413,3 +413,36 @@ def test_realtime_lookback_defaults_to_the_dataset_recommendation() -> None:
     assert realtime_lookback_seconds(AggregationConfig(window_seconds=3600), plain) == 3600
     assert realtime_lookback_seconds(AggregationConfig(), recommended) == 0
     assert realtime_lookback_seconds(AggregationConfig(realtime_lookback_seconds=60), recommended) == 60
+
+
+def test_busy_windows_split_into_time_ordered_chunks(
+    demo: Tuple[str, str, AggregationConfig], tmp_path: Any
+) -> None:
+    root, whole_out, _ = demo
+    schema = DatasetSchema.load(root)
+    chunked_out = str(tmp_path / "chunked")
+    agg.aggregate(root, chunked_out, config(max_exposures_per_sample=2))
+    whole, chunked = read_out(whole_out).to_pylist(), read_out(chunked_out).to_pylist()
+
+    def exposures(sample: Dict[str, Any]) -> List[Tuple[int, str, int]]:
+        return sorted(
+            (ts, s.name, rid)
+            for s in schema.scenarios
+            for ts, rid in zip(sample[fmt.exp_ts(s.name)], sample[fmt.exp_request_id(s.name)])
+        )
+
+    by_window: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+    for sample in chunked:
+        assert 1 <= len(exposures(sample)) <= 2
+        by_window.setdefault((sample["user_id"], sample["window_start"]), []).append(sample)
+    assert len(chunked) > len(whole)  # the demo data has busier windows than 2 exposures
+    for sample in whole:
+        chunks = by_window.pop((sample["user_id"], sample["window_start"]))
+        # the chunks partition the window's exposures, earliest first, and share its H and R
+        assert sorted(sum((exposures(c) for c in chunks), [])) == exposures(sample)
+        for earlier, later in zip(chunks, chunks[1:]):
+            assert max(e[0] for e in exposures(earlier)) <= min(e[0] for e in exposures(later))
+        for c in chunks:
+            for q in schema.sequences:
+                assert c[fmt.seq_ts(q.name)] == sample[fmt.seq_ts(q.name)]
+    assert not by_window
