@@ -2,12 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+DENSE_PARALLEL = ("ddp", "fsdp")
+EMBEDDING_OPTIMIZERS = ("auto", "adam", "adagrad", "rowwise_adagrad", "sgd")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
+class ShardingConfig:
+    """How the TorchRec planner may shard the embedding tables.
+
+    Table names are the batch's sparse feature keys (``seq/<q>/<f>``, ``exp/<s>/<g>/<c>``; see
+    ``DatasetSchema.sparse_feature_keys``), or whatever names the model gives its tables.
+    """
+
+    # Sharding types the planner may choose from for every table (TorchRec names:
+    # data_parallel, table_wise, row_wise, column_wise, table_row_wise, ...); empty = any.
+    sharding_types: List[str] = field(default_factory=list)
+    # Per table (exact name, or a prefix ending in "*"), the allowed types; overrides the above.
+    table_sharding_types: Dict[str, List[str]] = field(default_factory=dict)
+    # Compute kernels the planner may use (fused, dense, ...); empty = planner's choice.
+    compute_kernels: List[str] = field(default_factory=list)
+    print_plan: bool = True  # print the sharding plan on rank 0 at start
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
-    lr: float = 3e-4  # Adam, as in the paper
-    max_steps: int = 1000
+    # ---- optimisation (paper 4.1.3: Adam, lr 3e-4)
+    lr: float = 3e-4  # dense Adam
+    weight_decay: float = 0.0
+    # fused into backward: auto (adam on GPU, adagrad on CPU: FBGEMM has no fused CPU Adam) |
+    # adam | adagrad | rowwise_adagrad | sgd
+    embedding_optimizer: str = "auto"
+    embedding_lr: Optional[float] = None  # None: lr for adam/sgd, 0.01 for the adagrads
+    max_steps: int = 1000  # optimizer steps (global batches)
+    max_minutes: float = 0.0  # wall-clock budget for fit() (0 = none); stops at a step boundary
     seed: int = 0
+    deterministic: bool = False  # torch.use_deterministic_algorithms + fixed threads
+    # ---- parallelism
+    dense_parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) for the non-embedding params
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = False  # bf16 autocast of the forward (CPU: AMX; GPU: tensor cores)
+    pipeline: bool = True  # TrainPipelineSparseDist; false = a plain step loop (debugging)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    # ---- evaluation, early stopping, best model (validation split only)
+    eval_every: int = 0  # steps between validation passes (0 = only at the end)
+    early_stopping_patience: int = 0  # validation passes without improvement (0 = off)
+    early_stopping_metric: str = "auc"  # auc | gauc | logloss (mean over scenario x task)
+    eval_splits: List[str] = field(default_factory=lambda: ["valid", "test"])  # after fit()
+    save_predictions: bool = False  # <run_dir>/predictions.parquet of the test split
+    # ---- checkpoints
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint in run_dir) | never | <path>
+    # ---- logging
+    log_every: int = 50  # steps between loss read-backs (the only host-device syncs)
+    progress_bar: bool = True  # tqdm on rank 0
+    tensorboard: bool = True
+    plots: bool = True  # loss / AUC curves as PNG at the end
+
+    def __post_init__(self) -> None:
+        if self.dense_parallel not in DENSE_PARALLEL:
+            raise ValueError(f"dense_parallel must be one of {DENSE_PARALLEL}, got {self.dense_parallel!r}")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {self.embedding_optimizer!r}"
+            )
+        if self.early_stopping_metric not in ("auc", "gauc", "logloss"):
+            raise ValueError(f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}")
+        if self.log_every < 1:
+            raise ValueError("log_every must be >= 1")

@@ -1,0 +1,97 @@
+"""A training job for the distributed tests, run as ``python worker.py OUT_JSON [overrides]``
+under torchrun (any world size) or alone.
+
+It trains the stand-in model on the stand-in dataset (see standins.py) with the global batch
+fixed at 16 samples whatever the world size, then writes ``OUT_JSON``: the per-step losses
+from log.csv, step and samples seen, the test metrics and (world size 1) every parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from mtfm_rec.config import load_config  # noqa: E402
+from mtfm_rec.training.logger import read_log  # noqa: E402
+from mtfm_rec.training.sharding import describe_plan  # noqa: E402
+from mtfm_rec.training.trainer import Trainer  # noqa: E402
+from standins import SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
+
+GLOBAL_BATCH = 16
+
+
+def full_parameters(trainer: Trainer) -> Dict[str, list]:
+    """Every tensor of a one-rank model's state as a list (ShardedTensors assembled)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out = {}
+    for key, value in trainer.model.state_dict().items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(value.size())
+            for shard in value.local_shards():
+                md = shard.metadata
+                idx = tuple(slice(o, o + s) for o, s in zip(md.shard_offsets, md.shard_sizes))
+                full[idx] = shard.tensor.detach().float().cpu()
+            value = full
+        out[key.replace("_dmp_wrapped_module.", "").replace("module.", "")] = value.detach().float().cpu().tolist()
+    return out
+
+
+def main() -> None:
+    """``WORKER_EVAL_AT_RESUME=1``: also evaluate the test split right after resuming."""
+    out_path, overrides = sys.argv[1], sys.argv[2:]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cfg = load_config(
+        None,
+        [
+            f"data.loader.batch_size={GLOBAL_BATCH // world}",
+            "train.progress_bar=false",
+            "train.tensorboard=false",
+            "train.plots=false",
+            "train.log_every=1",
+            "train.deterministic=true",
+            "train.sharding.print_plan=false",
+            *overrides,
+        ],
+    )
+    torch.set_num_threads(1)
+    table = make_table(256)
+    trainer = Trainer(
+        cfg,
+        model_fn=lambda schema: StandinModel(schema),
+        loader_fn=lambda split: StandinLoader(table, split, GLOBAL_BATCH, rank, world),
+        schema=SCHEMA,
+    )
+    try:
+        result = {}
+        if os.environ.get("WORKER_EVAL_AT_RESUME"):
+            trainer.maybe_resume()
+            result["resumed_step"] = trainer.step
+            result["test_at_resume"] = trainer.evaluate("test")
+        summary = trainer.fit()
+        result.update({
+            "step": summary["step"],
+            "samples_seen": summary["samples_seen"],
+            "best": summary["best"],
+            "plan": describe_plan(trainer.plan),
+            "test": trainer.evaluate("test"),
+        })
+        if trainer.info.is_main:
+            result["losses"] = read_log(trainer.run_dir).get("train/loss", [])
+            if world == 1:
+                result["params"] = full_parameters(trainer)
+            with open(out_path, "w") as fh:
+                json.dump(result, fh)
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()
