@@ -77,6 +77,9 @@ class DatasetSchema:
     scenarios: List[ScenarioSpec]
     source: str = "<memory>"
     extra: Dict[str, Any] = field(default_factory=dict)
+    # Extension: table name -> KJT keys that look up one shared embedding table (e.g. a category
+    # id used by a sequence and by a scenario's items). Keys not listed get a table of their own.
+    shared_embeddings: Dict[str, List[str]] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- derived views
     @property
@@ -135,11 +138,27 @@ class DatasetSchema:
                 sizes[f"exp/{s.name}/{g}/{c}"] = n + 1
         return sizes
 
+    def embedding_tables(self) -> Dict[str, Tuple[int, List[str]]]:
+        """Embedding table name -> (rows, the KJT keys it serves), in KJT key order.
+
+        A key listed under ``shared_embeddings`` uses that table; any other key has a table of
+        its own, named after the key.
+        """
+        sizes = self.sparse_feature_sizes()
+        table_of = {key: name for name, keys in self.shared_embeddings.items() for key in keys}
+        tables: Dict[str, Tuple[int, List[str]]] = {}
+        for key in self.sparse_feature_keys():
+            name = table_of.get(key, key)
+            tables.setdefault(name, (sizes[key], []))[1].append(key)
+        return tables
+
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"name": self.name, "time_unit": self.time_unit}
         out["sequences"] = [dataclasses.asdict(s) for s in self.sequences]
         out["scenarios"] = [dataclasses.asdict(s) for s in self.scenarios]
+        if self.shared_embeddings:
+            out["shared_embeddings"] = {k: list(v) for k, v in self.shared_embeddings.items()}
         out.update(self.extra)
         return out
 
@@ -239,9 +258,9 @@ def _parse(raw: Any, source: str) -> DatasetSchema:
         bad = [n for n in names if not n or "/" in n]
         if bad:
             raise fail(f"{kind}s", f"names must be non-empty and contain no '/': {bad}")
-    known = {"name", "time_unit", "sequences", "scenarios"}
+    known = {"name", "time_unit", "sequences", "scenarios", "shared_embeddings"}
     extra = {k: v for k, v in raw.items() if k not in known}
-    return DatasetSchema(
+    schema = DatasetSchema(
         name=str(raw.get("name", "dataset")),
         time_unit=time_unit,
         sequences=sequences,
@@ -249,6 +268,24 @@ def _parse(raw: Any, source: str) -> DatasetSchema:
         source=source,
         extra=extra,
     )
+    shared = raw.get("shared_embeddings") or {}
+    if not isinstance(shared, Mapping):
+        raise fail("shared_embeddings", "must map table name -> list of feature keys")
+    sizes = schema.sparse_feature_sizes()
+    seen: Dict[str, str] = {}
+    for table, keys in shared.items():
+        where = f"shared_embeddings.{table}"
+        if not isinstance(keys, list) or len(keys) < 2:
+            raise fail(where, "must list at least two feature keys (seq/<q>/<f> or exp/<s>/<group>/<f>)")
+        for key in keys:
+            if key not in sizes:
+                raise fail(where, f"{key!r} is not a declared feature key; known: {sorted(sizes)}")
+            if key in seen:
+                raise fail(where, f"{key!r} is already shared in table {seen[key]!r}")
+            seen[key] = str(table)
+        if len({sizes[k] for k in keys}) > 1:
+            raise fail(where, f"keys of one table need one vocabulary size, got {[sizes[k] - 1 for k in keys]}")
+    return dataclasses.replace(schema, shared_embeddings={str(t): [str(k) for k in v] for t, v in shared.items()})
 
 
 def fold_ids(values: np.ndarray, size: int, null_mask: np.ndarray | None = None) -> np.ndarray:

@@ -131,6 +131,17 @@ def build_schema(cfg: SyntheticConfig) -> DatasetSchema:
                 tasks=["click", "order"],
             ),
         ],
+        # Global item and category ids are one id space in both sequences and in feed/coupon
+        # items; search's poi_cat is a permutation on purpose, and scenario item ids are local.
+        shared_embeddings={
+            "item_id": ["seq/orders/item_id", "seq/clicks_rt/item_id"],
+            "category": [
+                "seq/orders/category",
+                "seq/clicks_rt/category",
+                "exp/feed/item/category",
+                "exp/coupon/item/category",
+            ],
+        },
         extra={
             "recommended_valid_after": start + (cfg.num_days - 2) * DAY,
             "recommended_eval_after": start + (cfg.num_days - 1) * DAY,

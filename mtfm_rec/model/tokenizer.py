@@ -29,24 +29,25 @@ from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model.config import ModelConfig
 
 
-def table_name(key: str) -> str:
-    """Embedding table of a KJT key (``/`` would leak into parameter FQNs)."""
-    return "t__" + key.replace("/", "__")
+def table_name(name: str) -> str:
+    """Parameter-safe name of an embedding table (a KJT key or a ``shared_embeddings`` name;
+    ``/`` would leak into parameter FQNs)."""
+    return "t__" + name.replace("/", "__")
 
 
 def make_embedding_collection(
     schema: DatasetSchema, config: ModelConfig, device: torch.device | None = None
 ) -> EmbeddingCollection:
-    """One table per key of ``schema.sparse_feature_keys()``, sized by ``sparse_feature_sizes()``."""
-    sizes = schema.sparse_feature_sizes()
+    """The tables of ``schema.embedding_tables()``: one per KJT key unless dataset.yaml shares
+    a table between keys (``shared_embeddings``), sized by the declared vocabulary + 1."""
     tables = [
         EmbeddingConfig(
-            name=table_name(key),
+            name=table_name(name),
             embedding_dim=config.embedding_dim,
-            num_embeddings=sizes[key],
-            feature_names=[key],
+            num_embeddings=rows,
+            feature_names=keys,
         )
-        for key in schema.sparse_feature_keys()
+        for name, (rows, keys) in schema.embedding_tables().items()
     ]
     return EmbeddingCollection(tables=tables, device=device)
 

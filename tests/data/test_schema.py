@@ -65,3 +65,27 @@ def test_fold_ids_is_deterministic_modulo_with_missing_row() -> None:
     values = np.array([0, 4, 5, 12, -1, 7], dtype=np.int64)
     nulls = np.array([False, False, False, False, False, True])
     assert fold_ids(values, 5, nulls).tolist() == [0, 4, 0, 2, 4, 5]
+
+
+def test_shared_embeddings_group_keys_into_one_table() -> None:
+    raw = dict(RAW, shared_embeddings={"item": ["seq/orders/item_id", "seq/rt/item_id"]})
+    schema = DatasetSchema.from_dict(raw)
+    tables = schema.embedding_tables()
+    assert tables["item"] == (101, ["seq/orders/item_id", "seq/rt/item_id"])
+    assert tables["exp/hp/item/shop"] == (10, ["exp/hp/item/shop"])
+    assert sum(len(keys) for _, keys in tables.values()) == len(schema.sparse_feature_keys())
+    assert DatasetSchema.from_dict(schema.to_dict()).shared_embeddings == schema.shared_embeddings
+
+
+@pytest.mark.parametrize(
+    "shared, message",
+    [
+        ({"x": ["seq/orders/item_id"]}, "at least two feature keys"),
+        ({"x": ["seq/orders/item_id", "seq/orders/nope"]}, "'seq/orders/nope' is not a declared feature key"),
+        ({"x": ["seq/orders/item_id", "exp/hp/item/shop"]}, r"one vocabulary size, got \[100, 9\]"),
+        ({"x": ["seq/orders/item_id", "seq/rt/item_id"], "y": ["seq/rt/item_id", "seq/orders/item_id"]}, "already shared"),
+    ],
+)
+def test_bad_shared_embeddings_name_the_table(shared: dict, message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        DatasetSchema.from_dict(dict(RAW, shared_embeddings=shared), source="root/dataset.yaml")

@@ -236,3 +236,18 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(schema, backend: str) -> Non
     assert loss.dtype == torch.float32 and out["sc1"].dtype == torch.float32
     torch.testing.assert_close(out["sc1"], ref["sc1"], rtol=0, atol=2e-2)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=2e-2)
+
+
+def test_shared_embeddings_serve_every_listed_key_from_one_table(schema) -> None:
+    keys = ["seq/orders/item", "seq/clicks_rt/item", "exp/sc0/item/item"]
+    shared = dataclasses.replace(schema, shared_embeddings={"item": keys})
+    model = make_model(shared)
+    tables = {c.name: c for c in model.embedding_collection.embedding_configs()}
+    assert tables["t__item"].feature_names == keys
+    assert len(tables) == len(schema.sparse_feature_keys()) - len(keys) + 1
+    batch = random_batch(shared, batch_size=3, seed=5)
+    looked_up = model.embedding_collection(batch.sparse_features)
+    weight = model.embedding_collection.embeddings["t__item"].weight
+    for key in keys:  # each key reads the shared table's rows for its ids
+        jt = looked_up[key]
+        torch.testing.assert_close(jt.values(), weight[batch.sparse_features[key].values()])

