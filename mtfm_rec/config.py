@@ -3,13 +3,16 @@
     cfg = load_config("configs/ml1m_genre.yaml", ["train.lr=1e-3", "model.num_blocks=2"])
 
 Every section is a dataclass owned by the package that uses it (``data``, ``model``,
-``training``; the YAML section is ``train``). Unknown keys and values of the wrong type are errors that name the file (or the
+``training``; the YAML section is ``train``). A file may start from another with a top-level
+``base: <path relative to this file>``: the base is loaded first and this file's keys are merged
+over it, section by section (e.g. a scenario-mix config on top of ``mtfm_small.yaml``). Unknown keys and values of the wrong type are errors that name the file (or the
 override) and the dotted key, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,18 +136,41 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
+def _merge(base: Dict[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    """``over`` merged into ``base`` recursively (mappings merge, anything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str, _seen: Sequence[str] = ()) -> Dict[str, Any]:
+    """Reads a config file, resolving its ``base:`` chain (paths relative to the file)."""
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise ConfigError(f"{path}: base chain loops back to itself")
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}.base: expected a path, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    return _merge(read_yaml(base_path, list(_seen) + [real]), raw)
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Loads ``path`` (YAML; may be None for all defaults) and applies dotted overrides."""
-    raw: Dict[str, Any] = {}
-    where = "config"
-    if path:
-        where = path
-        try:
-            with open(path) as fh:
-                raw = yaml.safe_load(fh) or {}
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: config file not found") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    """Loads ``path`` (YAML, with its ``base:`` chain; None for all defaults), then applies
+    dotted overrides."""
+    raw = read_yaml(path) if path else {}
     apply_overrides(raw, overrides)
-    return from_dict(Config, raw, where)
+    return from_dict(Config, raw, path or "config")

@@ -33,3 +33,18 @@ def test_wrong_type_names_the_dotted_key() -> None:
 def test_malformed_override() -> None:
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(None, ["train.lr"])
+
+
+def test_base_chain_merges_sections_and_detects_loops(tmp_path) -> None:
+    (tmp_path / "model.yaml").write_text("model:\n  d_model: 48\n  num_blocks: 3\ntrain:\n  lr: 0.01\n")
+    (tmp_path / "mix.yaml").write_text("base: model.yaml\nmodel:\n  num_blocks: 1\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(str(tmp_path / "mix.yaml"), ["train.lr=0.5"])
+    assert (cfg.model.d_model, cfg.model.num_blocks) == (48, 1)  # merged key by key
+    assert (cfg.train.lr, cfg.train.max_steps) == (0.5, 7)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="base chain loops back"):
+        load_config(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
+        load_config(str(tmp_path / "c.yaml"))

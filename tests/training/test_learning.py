@@ -1,10 +1,9 @@
 """The trainer learns: reading the behaviour sequence beats the feature-only model.
 
 The fast version uses the stand-in model on the stand-in data, whose click label is planted in
-the user's order history (see standins.py). ``MTFM_SLOW_TESTS=1`` adds the real MTFM against
-``model.use_sequences=false`` on a fresh synthetic dataset at the training benchmark's scale
-(about two minutes on 2 idle CPU cores; at smaller scales, e.g. 300 users and 80 steps, the two
-do not separate reliably). Results are in docs/BENCHMARKS.md.
+the user's order history (see standins.py). The real one trains ``configs/mtfm_small.yaml``
+against ``model.use_sequences=false`` on a fresh synthetic dataset (about two minutes on 2 CPU
+cores); the longer comparison over every scenario x task is in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ from __future__ import annotations
 import os
 import sys
 from typing import Dict
-
-import pytest
 
 from mtfm_rec.config import load_config
 from mtfm_rec.training.trainer import Trainer
@@ -58,18 +55,18 @@ def test_sequence_model_beats_feature_only_on_planted_history(tmp_path) -> None:
     assert with_seq["b/click"] > without["b/click"] + 0.1, (with_seq, without)
 
 
-@pytest.mark.skipif(not os.environ.get("MTFM_SLOW_TESTS"), reason="slow: set MTFM_SLOW_TESTS=1")
-def test_mtfm_beats_feature_only_on_synthetic(tmp_path) -> None:
+def test_mtfm_small_beats_feature_only_on_fresh_synthetic_data(tmp_path) -> None:
     from mtfm_rec.data.synthetic import generate
 
     raw = str(tmp_path / "raw")
-    generate(raw, num_users=1000, num_days=6, seed=11)  # the training benchmark's data
+    generate(raw, num_users=1000, num_days=6, seed=11)
     aucs = {}
     for seq in ("true", "false"):
         cfg = load_config(
-            os.path.join(REPO, "configs", "synthetic.yaml"),
+            os.path.join(REPO, "configs", "mtfm_small.yaml"),
             COMMON + [f"data.raw={raw}", f"data.cache_dir={tmp_path}/cache", f"train.run_dir={tmp_path}/{seq}",
-                      "train.max_steps=200", "train.max_minutes=0", "train.eval_every=0", f"model.use_sequences={seq}"],
+                      "train.max_steps=200", "train.max_minutes=0", "train.eval_every=0", "train.eval_splits=[]",
+                      f"model.use_sequences={seq}"],
         )
         trainer = Trainer(cfg)
         try:
@@ -77,5 +74,7 @@ def test_mtfm_beats_feature_only_on_synthetic(tmp_path) -> None:
             aucs[seq] = trainer.evaluate("test")
         finally:
             trainer.close()
+    # feed is the large scenario (about 7k test exposures); measured: click .604 vs .575,
+    # order .636 vs .606. The sparse coupon scenario is too small at this scale to separate.
     for key in ("feed/click", "feed/order"):
-        assert aucs["true"][key]["auc"] > aucs["false"][key]["auc"], (key, aucs)
+        assert aucs["true"][key]["auc"] > aucs["false"][key]["auc"] + 0.01, (key, aucs)
