@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
+import json
 import itertools
 import math
 import os
@@ -472,6 +474,7 @@ class Trainer:
             "evals_without_improvement": self.evals_without_improvement,
             "stopped_early": self.stopped_early,
             "world_size": self.info.world_size,
+            "model_identity": self._model_identity(),
         }
         path = self.checkpoints.save(
             self.step, self.model, self.optimizer, rank_state=self._loader_state, metadata=meta, metric_value=metric_value
@@ -495,6 +498,7 @@ class Trainer:
         path = self.checkpoints.latest() if mode == "auto" else mode
         if path is None:
             return False
+        self._check_same_model(path)
         state = load_checkpoint(path, self.model, self.optimizer)
         meta = state.metadata
         self.step = state.step
@@ -514,6 +518,35 @@ class Trainer:
             f"{self.samples_seen} samples seen",
         )
         return True
+
+    def _model_identity(self) -> Dict[str, Any]:
+        """What a checkpoint's tensors depend on: the model config and the embedding tables."""
+        return {
+            "model": dataclasses.asdict(self.config.model),
+            "tables": {name: rows for name, (rows, _) in self.schema.embedding_tables().items()},
+        }
+
+    def _check_same_model(self, path: str) -> None:
+        """Refuses, with the differences, a checkpoint of another model or dataset schema."""
+        from mtfm_rec.training.checkpoint import read_checkpoint_info
+
+        saved = read_checkpoint_info(path).get("metadata", {}).get("model_identity")
+        if saved is None:
+            return  # written before identities were recorded: DCP still checks every shape
+        current = json.loads(json.dumps(self._model_identity()))  # as stored: JSON types
+        diffs = [
+            f"{section}.{key}: checkpoint {saved[section].get(key)!r}, now {current[section].get(key)!r}"
+            for section in ("model", "tables")
+            for key in sorted(set(saved[section]) | set(current[section]))
+            if saved[section].get(key) != current[section].get(key)
+        ]
+        if diffs:
+            raise RuntimeError(
+                f"{path} was written by another model or dataset schema, so train.resume="
+                f"{self.config.train.resume!r} cannot continue it ({'; '.join(diffs[:5])}"
+                f"{'; ...' if len(diffs) > 5 else ''}). Use a new train.run_dir, or "
+                "train.resume=never to start over in this one."
+            )
 
     def _reposition_loader(self, state: Mapping[str, Any]) -> None:
         """Moves the train loader to the epoch and epoch fraction of a resharded state."""

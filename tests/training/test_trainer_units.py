@@ -130,3 +130,38 @@ def test_train_script_runs_as_a_file_without_shadowing() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--config" in out.stdout and out.stdout.strip().endswith("CLEAN")
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path) -> None:
+    from mtfm_rec.training.trainer import Trainer
+
+    table = make_table(128, seed=1)
+    common = [
+        "train.progress_bar=false", "train.tensorboard=false", "train.plots=false", "train.sharding.print_plan=false",
+        f"train.run_dir={tmp_path}/run", "train.max_steps=2", "train.eval_splits=[]", "data.loader.batch_size=16",
+    ]
+
+    def trainer(*overrides: str) -> Trainer:
+        return Trainer(
+            load_config(None, common + list(overrides)),
+            model_fn=lambda schema: StandinModel(schema, use_sequences=True),
+            loader_fn=lambda split: StandinLoader(table, split, 16, 0, 1),
+            schema=SCHEMA,
+        )
+
+    first = trainer()
+    try:
+        first.fit()
+    finally:
+        first.close()
+    changed = trainer("model.d_model=48", "train.max_steps=4")
+    try:
+        with pytest.raises(RuntimeError, match=r"model\.d_model: checkpoint 64, now 48.*train\.resume=never"):
+            changed.fit()
+    finally:
+        changed.close()
+    same = trainer("train.max_steps=4")  # the same model resumes
+    try:
+        assert same.maybe_resume() and same.step == 2
+    finally:
+        same.close()
