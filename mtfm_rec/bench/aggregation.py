@@ -31,17 +31,14 @@ SYNTHETIC_QUICK = {"num_users": 600, "num_days": 7, "exposures_per_user_day": 12
 def _child(raw: str, out: str, overrides: List[str]) -> None:
     """Runs one aggregation and prints its stats + rusage as JSON (the child side).
 
-    Overrides are parsed here rather than with ``mtfm_rec.config``, whose import pulls in the
-    model (torch) and would dominate the memory being measured.
+    Overrides go through the CLI's parser (``mtfm_rec.config``, which loads no torch), so they are
+    typed and checked the same way.
     """
-    import yaml
-
+    from mtfm_rec.config import apply_overrides, from_dict
     from mtfm_rec.data.aggregate import aggregate
     from mtfm_rec.data.config import AggregationConfig
 
-    fields = {"progress": False}
-    fields.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in overrides)})
-    config = AggregationConfig(**fields)
+    config = from_dict(AggregationConfig, apply_overrides({"progress": False}, overrides), "aggregation")
     stats = aggregate(raw, out, config)
     self_kb = _peak_rss_kb()
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
