@@ -9,13 +9,15 @@ ML1M_GENRE := $(DATA_DIR)/ml1m_genre
 ML1M_SWR := $(DATA_DIR)/ml1m_swr
 PYTEST_ARGS ?=
 
-.PHONY: install data train test bench clean help
+.PHONY: install data train test bench gpu-check clean help
 
 help:
 	@echo "make train   install if needed, build ml1m_genre, train configs/ml1m_genre.yaml, print AUC/GAUC"
 	@echo "make test    install if needed, run the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)"
 	@echo "make data    install if needed, build the MovieLens-1M recipes ml1m_swr and ml1m_genre"
 	@echo "make bench   install if needed, run the benchmarks, write/*.json and docs/BENCHMARKS.md"
+	@echo "make gpu-check GPU_PY=python   on a CUDA machine (docs/INSTALL.md): GPU parity tests,"
+	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
 # Re-installs only when a lock file or setup.py changes; a second run is a no-op.
 $(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py
@@ -41,6 +43,17 @@ test: install
 
 bench: install
 	$(PY) -m mtfm_rec.bench $(BENCH_ARGS)
+
+# On a CUDA machine set up as docs/INSTALL.md says ("CUDA GPUs"); GPU_PY is that environment's
+# python. Nothing here installs: the pinned lock is the CPU stack.
+GPU_PY ?= python
+gpu-check:
+	@$(GPU_PY) -c "import sys, torch; torch.cuda.is_available() or sys.exit('make gpu-check: $(GPU_PY) sees no CUDA device; install the CUDA stack (docs/INSTALL.md) and pass GPU_PY=<its python>')"
+	TRITON_INTERPRET=0 $(GPU_PY) -m pytest -q -m gpu tests
+	$(GPU_PY) -m mtfm_rec.bench --only kernels
+	$(GPU_PY) -m mtfm_rec.data.synthetic --out $(DATA_DIR)/synthetic --users 2000 --days 7
+	$(GPU_PY) -m mtfm_rec.train --config configs/synthetic.yaml data.raw=$(DATA_DIR)/synthetic \
+		train.run_dir=runs/gpu_check train.resume=never model.attention_backend=triton
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

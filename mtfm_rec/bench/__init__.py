@@ -2,9 +2,12 @@
 
     def run(quick: bool) -> dict          # measures, returns JSON-able results
     def render(result: dict) -> str       # a markdown section for docs/BENCHMARKS.md
+    def plot(result: dict, path: str)     # optional: a PNG drawn from the JSON when the report is
+                                          # rendered; render() finds its path in result["plot"]
 
 ``python -m mtfm_rec.bench [--only NAME ...] [--quick]`` runs them, writes
-``docs/bench/<name>.json`` and regenerates ``docs/BENCHMARKS.md`` from every JSON there.
+``docs/bench/<name>.json`` (``<name>-cuda.json`` on a machine with a GPU, so CPU and GPU results
+sit side by side) and regenerates ``docs/BENCHMARKS.md`` from every JSON there.
 """
 
 # Order of sections in docs/BENCHMARKS.md; a module that does not exist yet is skipped.

@@ -15,6 +15,8 @@ from typing import Any, Dict
 from mtfm_rec.bench import SUITES
 
 BENCH_DIR = Path("docs/bench")
+# Results measured on a GPU machine go to <suite>-cuda.json, so they sit beside the CPU ones.
+GPU_SUFFIX = "-cuda"
 REPORT = Path("docs/BENCHMARKS.md")
 
 
@@ -50,14 +52,17 @@ def render_report() -> str:
         "edit by hand. Each section names the machine it was measured on.",
         "",
     ]
-    for name in SUITES:
-        path = BENCH_DIR / f"{name}.json"
+    for name, path in ((n, BENCH_DIR / f"{n}{suffix}.json") for n in SUITES for suffix in ("", GPU_SUFFIX)):
         if not path.exists():
             continue
         result = json.loads(path.read_text())
         module = importlib.import_module(f"mtfm_rec.bench.{name}")
+        if hasattr(module, "plot"):  # the figure is drawn from the JSON, so the two always agree
+            figure = path.with_suffix(".png")
+            module.plot(result, str(figure))
+            result["plot"] = str(figure.relative_to(REPORT.parent))
         m = result.get("machine", {})
-        lines.append(f"## {name}")
+        lines.append(f"## {name}" + (f" (GPU: {m['gpu']})" if m.get("gpu") else ""))
         lines.append("")
         where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
         lines.append(f"Measured {m.get('date')} on {where}, torch {m.get('torch')}.")
@@ -88,7 +93,8 @@ def main() -> None:
             print(f"[bench] {name} ...", flush=True)
             result = module.run(quick=args.quick)
             result["machine"] = machine()
-            (BENCH_DIR / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            suffix = GPU_SUFFIX if "gpu" in result["machine"] else ""
+            (BENCH_DIR / f"{name}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     REPORT.write_text(render_report())
     print(f"[bench] wrote {REPORT}")
 

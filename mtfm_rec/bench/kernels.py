@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -61,11 +61,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _clock(device: str) -> Callable[[], float]:
+    """Wall time on CUDA. On the CPU (one thread) the process CPU time: other jobs share the
+    cores, and CPU time does not count the time this process waits for them (wall time varied
+    2x between identical runs)."""
+    return time.perf_counter if device == "cuda" else time.process_time
+
+
+def _summary(samples: List[float], device: str) -> float:
+    """Median on CUDA; minimum on the shared CPU, where the noise only ever adds time."""
+    return statistics.median(samples) if device == "cuda" else min(samples)
+
+
 def _time(fn: Callable[[], Any], device: str, reps: int, warmup: int) -> float:
-    """Seconds of ``fn``: median wall time on CUDA. On the CPU (one thread) the minimum of the
-    process CPU time: other jobs share the cores, and CPU time does not count the time this
-    process waits for them (wall time varied 2x between identical runs)."""
-    clock = time.perf_counter if device == "cuda" else time.process_time
+    """Seconds of ``fn`` (see :func:`_clock`, :func:`_summary`)."""
+    clock = _clock(device)
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -75,27 +85,101 @@ def _time(fn: Callable[[], Any], device: str, reps: int, warmup: int) -> float:
         fn()
         _sync(device)
         samples.append(clock() - t0)
-    return statistics.median(samples) if device == "cuda" else min(samples)
+    return _summary(samples, device)
+
+
+def _time_fwd_bwd(forward: Callable[[], torch.Tensor], device: str, reps: int, warmup: int) -> Tuple[float, float]:
+    """Seconds of the training forward and of forward + backward, timed in the same steps (so
+    the forward is always the part of its step it really was)."""
+    clock = _clock(device)
+    fwd, both = [], []
+    for rep in range(warmup + reps):
+        t0 = clock()
+        out = forward()
+        _sync(device)
+        t1 = clock()
+        out.backward(torch.ones_like(out))
+        _sync(device)
+        t2 = clock()
+        del out
+        if rep >= warmup:
+            fwd.append(t1 - t0)
+            both.append(t2 - t0)
+    return _summary(fwd, device), _summary(both, device)
+
+
+class _CpuPeakMemory:
+    """Peak resident memory of this process above a baseline, on Linux.
+
+    glibc serves large blocks from ``mmap`` and unmaps them on free once ``M_MMAP_THRESHOLD`` is
+    fixed (by default the threshold grows with freed sizes, and freed tensors then stay in the
+    heap, resident, where the next run reuses them unseen); ``malloc_trim`` returns what the heap
+    still holds before each measurement. The resident set then tracks the live tensors, and the
+    kernel's high-water mark (``VmHWM``) is reset through ``/proc/self/clear_refs``. Create
+    it after the timings: the fixed threshold makes every large allocation fault in fresh pages.
+    Unavailable (``None``) off Linux / glibc.
+    """
+
+    def __init__(self) -> None:
+        self.ok = False
+        try:
+            import ctypes
+
+            self._libc = ctypes.CDLL("libc.so.6")
+            m_mmap_threshold = -3
+            self.ok = bool(self._libc.mallopt(m_mmap_threshold, 1 << 20)) and self._read("VmHWM") > 0
+        except (OSError, AttributeError):
+            pass
+
+    @staticmethod
+    def _read(field: str) -> float:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB -> MiB
+        return 0.0
+
+    def peak_mib(self, fn: Callable[[], Any]) -> Optional[float]:
+        if not self.ok:
+            return None
+        self._libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current resident set
+        base = self._read("VmRSS")
+        fn()
+        return self._read("VmHWM") - base
+
+
+class _FwdBwdStep:
+    """Forward (+ backward) of an attention callable on its own leaf copies of q, k, v."""
+
+    def __init__(self, fwd: Callable[[Dict[str, Any]], torch.Tensor], args: Dict[str, Any]) -> None:
+        self.fwd = fwd
+        self.leaves = {n: args[n].detach().clone().requires_grad_() for n in "qkv"}
+        self.inputs = {**args, **self.leaves}
+
+    def forward(self) -> torch.Tensor:
+        for t in self.leaves.values():
+            t.grad = None
+        return self.fwd(self.inputs)
+
+    def __call__(self) -> None:
+        out = self.forward()
+        out.backward(torch.ones_like(out))
 
 
 def _measure(
     fwd: Callable[[Dict[str, Any]], torch.Tensor], args: Dict[str, Any], device: str, reps: int, warmup: int
 ) -> Dict[str, Any]:
-    """fwd ms, fwd+bwd ms and (CUDA) peak memory MiB of an attention callable."""
-    leaves = {n: args[n].detach().clone().requires_grad_() for n in "qkv"}
-    full = {**args, **leaves}
-    with torch.no_grad():
-        fwd_s = _time(lambda: fwd(full), device, reps, warmup)
-
-    def step() -> None:
-        for t in leaves.values():
-            t.grad = None
-        out = fwd(full)
-        out.backward(torch.ones_like(out))
-
-    both_s = _time(step, device, reps, warmup)
+    """Training-forward ms, fwd+bwd ms and, on CUDA, the allocator's peak memory (MiB above the
+    inputs, gradients of q, k, v included) of one fwd+bwd step. On the CPU the peak is measured in
+    a separate pass (:class:`_CpuPeakMemory`)."""
+    step = _FwdBwdStep(fwd, args)
+    fwd_s, both_s = _time_fwd_bwd(step.forward, device, reps, warmup)
     peak = None
     if device == "cuda":
+        for t in step.leaves.values():
+            t.grad = None
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
@@ -148,62 +232,82 @@ def _flex(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- suites
+def _attention_sizes(cuda: bool, quick: bool) -> List[int]:
+    if cuda:
+        return [256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]
+    return [256, 512] if quick else [256, 512, 1024, 2048, 4096, 8192]
+
+
+def _attention_impls(args: Dict[str, Any], n: int, cuda: bool, quick: bool) -> Dict[str, Callable]:
+    """Name -> callable on the args dict, for the implementations measured at this size."""
+    score_bytes = (args["q_offsets"].numel() - 1) * args["q"].shape[1] * args["max_q_len"] * n * 4
+    dense_fits = score_bytes <= (4 << 30 if cuda else 1 << 30)  # the padded paths hold several [B,H,Lq,Lk]
+    impls: Dict[str, Callable] = {}
+    if dense_fits:
+        impls["reference"] = lambda a: hstu_attention(**a, backend="reference")
+    if cuda:
+        impls["triton"] = lambda a: hstu_attention(**a, backend="triton")
+    else:
+        impls["blocksparse"] = lambda a: hstu_attention(**a, backend="blocksparse")
+        if not quick and n <= 1024:
+            from mtfm_rec.kernels.hstu_attention.flex import hstu_attention_compiled
+
+            impls["compiled (torch.compile, padded)"] = lambda a: hstu_attention_compiled(**a)
+    if dense_fits:
+        impls[f"SDPA bool mask ({SOFTMAX})"] = _sdpa(args)
+    if cuda:
+        try:
+            impls[f"FlexAttention ({SOFTMAX})"] = _flex(args)
+        except Exception as exc:  # noqa: BLE001 - a reference point only
+            print(f"[bench] flex unavailable: {exc}")
+    return impls
+
+
 def _attention(device: str, quick: bool) -> List[Dict[str, Any]]:
     cuda = device == "cuda"
-    if cuda:
-        sizes = [256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]
-    else:
-        sizes = [256, 512] if quick else [256, 512, 1024, 2048]
     heads, kv_heads, dim = (8, 2, 64) if cuda else (4, 2, 32)
     dtype = torch.bfloat16 if cuda else torch.float32
-    reps, warmup = (10, 3) if cuda else (5, 1)
     rows = []
-    for target in (False, True):
-        for n in sizes:
-            batch = max(1, (16384 if cuda else 2048) // n)
+    shapes = [(target, n, max(1, (16384 if cuda else 2048) // n)) for target in (False, True)
+              for n in _attention_sizes(cuda, quick)]
+    for target, n, batch in shapes:
+        variant = "target" if target else "full"
+        # CPU: one fwd+bwd of the padded reference at N = 8192 takes tens of seconds
+        reps, warmup = (10, 3) if cuda else (5, 1) if n <= 2048 else (2, 0)
+        args = _attention_batch(n, batch, heads, kv_heads, dim, target, device, dtype)
+        for name, fn in _attention_impls(args, n, cuda, quick).items():
+            try:
+                res = _measure(fn, args, device, reps, warmup)
+            except torch.cuda.OutOfMemoryError:
+                res = {"error": "out of memory"}
+            rows.append({"variant": variant, "n": n, "batch": batch, "impl": name, **res})
+            print(f"[bench] attention {rows[-1]}", flush=True)
+        if cuda:
+            stats = torch.zeros(2, dtype=torch.int32, device=device)
+            from mtfm_rec.kernels.hstu_attention.triton import hstu_attention_triton
+
+            hstu_attention_triton(**args, tile_stats=stats)
+            rows.append({"variant": variant, "n": n, "batch": batch, "impl": "triton: tiles computed / visited",
+                         "tiles": stats.tolist()})
+        else:
+            from mtfm_rec.kernels.hstu_attention.blocksparse import hstu_attention_blocksparse
+
+            st: Dict[str, int] = {}
+            hstu_attention_blocksparse(**args, stats=st)
+            label = "blocksparse: chunk pairs kept / total" + (" (ran the dense reference)" if st["dense"] else "")
+            rows.append({"variant": variant, "n": n, "batch": batch, "impl": label,
+                         "tiles": [st["pairs_kept"], st["pairs_total"]]})
+    if not cuda:
+        # A second pass, after every timing: fixing glibc's mmap threshold (what makes the resident
+        # set measurable) also makes every large allocation fault in fresh pages, which would
+        # distort the times.
+        memory = _CpuPeakMemory()
+        for target, n, batch in shapes:
             args = _attention_batch(n, batch, heads, kv_heads, dim, target, device, dtype)
-            lq = args["max_q_len"]
-            score_bytes = batch * heads * lq * n * 4
-            impls: Dict[str, Callable] = {}
-            if score_bytes <= (4 << 30 if cuda else 1 << 30):  # the padded paths hold several [B,H,Lq,Lk]
-                impls["reference"] = lambda a: hstu_attention(**a, backend="reference")
-            if cuda:
-                impls["triton"] = lambda a: hstu_attention(**a, backend="triton")
-            else:
-                impls["blocksparse"] = lambda a: hstu_attention(**a, backend="blocksparse")
-                if not quick and n <= 1024:
-                    from mtfm_rec.kernels.hstu_attention.flex import hstu_attention_compiled
-
-                    impls["compiled (torch.compile, padded)"] = lambda a: hstu_attention_compiled(**a)
-            if score_bytes <= (4 << 30 if cuda else 1 << 30):
-                impls[f"SDPA bool mask ({SOFTMAX})"] = _sdpa(args)
-            if cuda:
-                try:
-                    impls[f"FlexAttention ({SOFTMAX})"] = _flex(args)
-                except Exception as exc:  # noqa: BLE001 - a reference point only
-                    print(f"[bench] flex unavailable: {exc}")
-            for name, fn in impls.items():
-                try:
-                    res = _measure(fn, args, device, reps, warmup)
-                except torch.cuda.OutOfMemoryError:
-                    res = {"error": "out of memory"}
-                rows.append({"variant": "target" if target else "full", "n": n, "batch": batch, "impl": name, **res})
-                print(f"[bench] attention {rows[-1]}", flush=True)
-            if cuda:
-                stats = torch.zeros(2, dtype=torch.int32, device=device)
-                from mtfm_rec.kernels.hstu_attention.triton import hstu_attention_triton
-
-                hstu_attention_triton(**args, tile_stats=stats)
-                rows.append({"variant": rows[-1]["variant"], "n": n, "batch": batch, "impl": "triton: tiles computed / visited",
-                             "tiles": stats.tolist()})
-            else:
-                from mtfm_rec.kernels.hstu_attention.blocksparse import hstu_attention_blocksparse
-
-                st: Dict[str, int] = {}
-                hstu_attention_blocksparse(**args, stats=st)
-                label = "blocksparse: chunk pairs kept / total" + (" (ran the dense reference)" if st["dense"] else "")
-                rows.append({"variant": rows[-1]["variant"], "n": n, "batch": batch, "impl": label,
-                             "tiles": [st["pairs_kept"], st["pairs_total"]]})
+            impls = _attention_impls(args, n, cuda, quick)
+            for row in rows:
+                if (row["variant"], row["n"]) == ("target" if target else "full", n) and row["impl"] in impls:
+                    row["peak_mib"] = memory.peak_mib(_FwdBwdStep(impls[row["impl"]], args))
     return rows
 
 
@@ -221,13 +325,12 @@ def _group_norm(device: str, quick: bool) -> List[Dict[str, Any]]:
     for name in (["reference", "triton"] if cuda else ["reference"]):
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
 
-        def step() -> None:
-            y = group_layer_norm(xs, group, ws, bs, backend=name)
-            y.backward(torch.ones_like(y))
+        def forward() -> torch.Tensor:
+            for t in (xs, ws, bs):
+                t.grad = None
+            return group_layer_norm(xs, group, ws, bs, backend=name)
 
-        with torch.no_grad():
-            f = _time(lambda: group_layer_norm(xs, group, ws, bs, backend=name), device, reps, warmup)
-        both = _time(step, device, reps, warmup)
+        f, both = _time_fwd_bwd(forward, device, reps, warmup)
         rows.append({"impl": name, "n": n, "d": d, "groups": groups, "fwd_ms": f * 1e3, "fwd_bwd_ms": both * 1e3})
     return rows
 
@@ -266,6 +369,39 @@ def run(quick: bool) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
+def plot(result: Dict[str, Any], path: str) -> None:
+    """fwd+bwd time and peak memory against N, per implementation, full and target variants."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["attention"] if "fwd_bwd_ms" in r]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
+    for col, variant in enumerate(("full", "target")):
+        for row_i, (key, label) in enumerate((("fwd_bwd_ms", "fwd+bwd ms"), ("peak_mib", "peak MiB"))):
+            ax = axes[row_i][col]
+            for i, impl in enumerate(dict.fromkeys(r["impl"] for r in rows)):  # one colour per impl
+                points = [(r["n"], r[key]) for r in rows if r["impl"] == impl and r["variant"] == variant
+                          and r.get(key) is not None]
+                if points:
+                    ns, values = zip(*points)
+                    ax.plot(ns, values, marker="o", color=f"C{i}", label=impl.replace(f" ({SOFTMAX})", " (softmax)"))
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("N tokens per sample")
+            ax.set_ylabel(label)
+            ax.set_title(f"{variant} attention: {label}")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    device = result["device"] if result["device"] != "cpu" else f"CPU, {result['threads']} thread"
+    tokens = 16384 if result["device"] != "cpu" else 2048
+    fig.suptitle(f"HSTU attention with the MTFM mask ({device}); batch = max(1, {tokens} // N) samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}" if x < 100 else f"{x:.0f}"
 
@@ -286,19 +422,25 @@ def render(result: Dict[str, Any]) -> str:
         head = (
             f"Device: **CPU** ({result['threads']} thread, fp32). **GPU numbers were not measured: no GPU was "
             "present.** The Triton kernels ran only under `TRITON_INTERPRET=1` for the parity tests, which is "
-            f"not a performance path, so the GPU targets ({targets}) are unverified. CPU memory is not measured. The CPU "
-            "is shared with other jobs: CPU times are process CPU time (single thread), minimum of 5 runs."
+            f"not a performance path, so the GPU targets ({targets}) are unverified. The CPU "
+            "is shared with other jobs: CPU times are process CPU time (single thread), minimum of 5 runs (2 from "
+            "N = 4096). Peak MiB on the CPU: the process's resident high-water mark above the inputs during one "
+            "fwd+bwd, measured in a second pass after the timings with glibc's mmap threshold fixed at 1 MiB so "
+            "freed tensors leave the resident set (docs/KERNELS.md)."
         )
     lines = [
         head,
         "",
         "Batches: MTFM layout (H oldest, R by ts, T among the latest R; H:R:T = 2:1:1), N tokens per sample, "
-        f"batch = {'16384' if gpu else '2048'} // N samples; full = all tokens query, target = T tokens query. "
-        f"`{SOFTMAX}` rows compute softmax attention with the same boolean mask, for scale only.",
+        f"batch = max(1, {'16384' if gpu else '2048'} // N) samples; full = all tokens query, target = T tokens query. "
+        f"`{SOFTMAX}` rows compute softmax attention with the same boolean mask, for scale only. "
+        "fwd = the forward of a training step (autograd on), timed within the same steps as fwd+bwd.",
     ]
     if result.get("quick"):
         lines.append("Quick mode (smaller sizes).")
     lines += ["", "### HSTU attention", ""]
+    if result.get("plot"):
+        lines += [f"![attention time and memory against N]({result['plot']})", ""]
     header = ("variant", "N", "batch", "implementation", "fwd ms", "fwd+bwd ms", "fwd+bwd vs reference", "peak MiB")
     lines.append(_row(*header))
     lines.append(_row(*["---"] * 8))

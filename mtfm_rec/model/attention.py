@@ -87,6 +87,18 @@ def prefix_hstu_attention(
     return out[q_pad_index]
 
 
+def resolve_attention_backend(backend: str, device: torch.device) -> str:
+    """The implementation a layer runs on ``device`` for ``model.attention_backend``.
+
+    ``auto`` is the Triton kernels on CUDA and the model's ``prefix`` path elsewhere (on the CPU
+    the fastest exact path, about 2x the kernel reference; docs/MODEL.md), so one config trains
+    with Triton on a GPU and with the PyTorch path on the CPU. Any other name is taken as is.
+    """
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else PREFIX_BACKEND
+    return backend
+
+
 class _HSTULayer(nn.Module):
     """Parameters shared by :class:`FullAttentionLayer` and :class:`TargetAttentionLayer`."""
 
@@ -136,7 +148,8 @@ class _HSTULayer(nn.Module):
             q_pad, q_prefix, q_self_local = (
                 layout.token_pad_index, layout.full_prefix, layout.full_self_local,
             )
-        if self.backend == PREFIX_BACKEND:
+        backend = resolve_attention_backend(self.backend, q.device)
+        if backend == PREFIX_BACKEND:
             out = prefix_hstu_attention(
                 q, k, v, q_pad, layout.token_pad_index, q_prefix, q_self_local,
                 layout.batch_size, max_q, layout.max_tokens, self.alpha,
@@ -144,7 +157,7 @@ class _HSTULayer(nn.Module):
         else:
             out = hstu_attention(
                 q, k, v, q_offsets, layout.token_offsets, q_ts, q_self, layout.token_kind,
-                layout.token_ts, max_q, layout.max_tokens, self.alpha, self.backend,
+                layout.token_ts, max_q, layout.max_tokens, self.alpha, backend,
             )
         return out.reshape(out.shape[0], -1)
 

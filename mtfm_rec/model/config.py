@@ -10,6 +10,9 @@ from typing import Dict, List
 
 # Attention implementations: the kernel dispatcher's backends plus the model's own CPU path.
 PREFIX_BACKEND = "prefix"  # mtfm_rec.model.attention.prefix_hstu_attention (padded, prefix mask)
+# "auto" is resolved per forward from the device (mtfm_rec.model.attention.resolve_attention_backend):
+# the Triton kernels on CUDA, the prefix path on the CPU, so one config serves both.
+ATTENTION_BACKENDS = ("auto", "reference", "triton", "blocksparse", PREFIX_BACKEND)
 
 
 @dataclass
@@ -23,7 +26,7 @@ class ModelConfig:
     num_heads: int = 4  # H query heads
     num_kv_heads: int = 1  # G key-value heads (GQA); H % G == 0
     head_dim: int = 0  # per-head dim of Q/K/V/U; 0 -> d_model // num_heads
-    attention_backend: str = "auto"  # auto | reference | triton | prefix (model's CPU path)
+    attention_backend: str = "auto"  # auto (Triton on CUDA, prefix on CPU) | reference | triton | blocksparse | prefix
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64
@@ -35,6 +38,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend={self.attention_backend!r} unknown; choose one of {ATTENTION_BACKENDS}"
+            )
         if self.num_heads < 1 or self.num_kv_heads < 1:
             raise ValueError(
                 f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1"

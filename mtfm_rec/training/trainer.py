@@ -519,10 +519,18 @@ class Trainer:
         )
         return True
 
+    # Model keys that choose how the same function is computed, not what it is: a checkpoint
+    # trained with Triton on a GPU resumes on the CPU's PyTorch path (older checkpoints did
+    # record them; they are ignored on both sides).
+    _IMPLEMENTATION_KEYS = ("attention_backend",)
+
     def _model_identity(self) -> Dict[str, Any]:
         """What a checkpoint's tensors depend on: the model config and the embedding tables."""
+        model = dataclasses.asdict(self.config.model)
+        for key in self._IMPLEMENTATION_KEYS:
+            model.pop(key, None)
         return {
-            "model": dataclasses.asdict(self.config.model),
+            "model": model,
             "tables": {name: rows for name, (rows, _) in self.schema.embedding_tables().items()},
         }
 
@@ -534,6 +542,8 @@ class Trainer:
         if saved is None:
             return  # written before identities were recorded: DCP still checks every shape
         current = json.loads(json.dumps(self._model_identity()))  # as stored: JSON types
+        for key in self._IMPLEMENTATION_KEYS:
+            saved.get("model", {}).pop(key, None)
         diffs = [
             f"{section}.{key}: checkpoint {saved[section].get(key)!r}, now {current[section].get(key)!r}"
             for section in ("model", "tables")

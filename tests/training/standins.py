@@ -22,6 +22,11 @@ from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
 from mtfm_rec.data.schema import DatasetSchema
 
+# Overrides that keep a test's training run quiet: no progress bar, TensorBoard, plots or plan.
+QUIET = [
+    "train.progress_bar=false", "train.tensorboard=false", "train.plots=false", "train.sharding.print_plan=false",
+]
+
 SCHEMA = DatasetSchema.from_dict(
     {
         "name": "standin",

@@ -16,13 +16,10 @@ from mtfm_rec.config import load_config
 from mtfm_rec.training.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from standins import SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
+from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = [
-    "train.resume=never", "train.progress_bar=false", "train.tensorboard=false", "train.plots=false",
-    "train.sharding.print_plan=false", "train.log_every=50",
-]
+COMMON = QUIET + ["train.resume=never", "train.log_every=50"]
 
 
 def _standin_auc(tmp_path, use_sequences: bool, steps: int) -> Dict[str, float]:

@@ -21,7 +21,7 @@ from mtfm_rec.config import load_config  # noqa: E402
 from mtfm_rec.training.logger import read_log  # noqa: E402
 from mtfm_rec.training.sharding import describe_plan  # noqa: E402
 from mtfm_rec.training.trainer import Trainer  # noqa: E402
-from standins import SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
+from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -52,12 +52,9 @@ def main() -> None:
         None,
         [
             f"data.loader.batch_size={GLOBAL_BATCH // world}",
-            "train.progress_bar=false",
-            "train.tensorboard=false",
-            "train.plots=false",
+            *QUIET,
             "train.log_every=1",
             "train.deterministic=true",
-            "train.sharding.print_plan=false",
             *overrides,
         ],
     )
