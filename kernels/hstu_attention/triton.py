@@ -86,6 +86,59 @@ def _visible(
     return vis & m_valid[:, None] & n_valid[None, :]
 
 
+@triton.jit
+def _span(offsets, b):
+    """(first row, length) of sample ``b`` in a jagged layout."""
+    start = tl.load(offsets + b)
+    return start, tl.load(offsets + b + 1) - start
+
+
+@triton.jit
+def _rows(start, first, length, BLOCK: tl.constexpr):
+    """Global rows (int64, for 64-bit addressing) of a tile starting at ``first`` in a sample,
+    and which of them lie inside the sample."""
+    offs = first + tl.arange(0, BLOCK)
+    return (start + offs).to(tl.int64), offs < length
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, valid, cols, n_cols):
+    """[rows, cols] tile of one head of a [total, heads, dim] tensor (``base`` points at the head);
+    rows outside the sample and padded columns read 0."""
+    return tl.load(
+        base + rows[:, None] * stride_row + cols[None, :],
+        mask=valid[:, None] & (cols[None, :] < n_cols), other=0.0,
+    )
+
+
+@triton.jit
+def _store_tile(base, rows, stride_row, valid, cols, n_cols, value):
+    tl.store(
+        base + rows[:, None] * stride_row + cols[None, :],
+        value.to(base.dtype.element_ty),
+        mask=valid[:, None] & (cols[None, :] < n_cols),
+    )
+
+
+@triton.jit
+def _key_meta(kv_kind, kv_ts, rows, valid):
+    """Kinds (-1 outside the sample: never visible) and timestamps of a key tile."""
+    return tl.load(kv_kind + rows, mask=valid, other=-1), tl.load(kv_ts + rows, mask=valid, other=0)
+
+
+@triton.jit
+def _query_meta(q_ts, q_self, rows, valid):
+    """Timestamps and own key rows (-1: not a T token) of a query tile."""
+    return tl.load(q_ts + rows, mask=valid, other=0), tl.load(q_self + rows, mask=valid, other=-1)
+
+
+@triton.jit
+def _dscore(s, dp, vis, alpha):
+    """d loss / d (q.k) from d loss / d silu(alpha q.k): silu'(x) = sig(x) (1 + x (1 - sig(x)))."""
+    sig = tl.sigmoid(s)
+    return tl.where(vis, dp * sig * (1.0 + s * (1.0 - sig)) * alpha, 0.0)
+
+
 @triton.autotune(configs=_fwd_configs(), key=["LEN_BUCKET", "BLOCK_D", "BLOCK_DV"], reset_to_zero=["Stats"])
 @triton.jit
 def _hstu_fwd_kernel(
@@ -101,36 +154,23 @@ def _hstu_fwd_kernel(
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(q_offsets + b)
-    q_len = tl.load(q_offsets + b + 1) - q_start
+    q_start, q_len = _span(q_offsets, b)
     if pid_m * BLOCK_M >= q_len:
         return
-    kv_start = tl.load(kv_offsets + b)
-    kv_len = tl.load(kv_offsets + b + 1) - kv_start
+    kv_start, kv_len = _span(kv_offsets, b)
     g = pid_h // HEADS_PER_GROUP
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < q_len
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        Q + q_rows[:, None] * stride_qn + pid_h * stride_qh + offs_d[None, :],
-        mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
-    qts = tl.load(q_ts + q_rows, mask=m_valid, other=0)
-    qself = tl.load(q_self + q_rows, mask=m_valid, other=-1)
+
+    q_rows, m_valid = _rows(q_start, pid_m * BLOCK_M, q_len, BLOCK_M)
+    q = _load_tile(Q + pid_h * stride_qh, q_rows, stride_qn, m_valid, offs_d, D)
+    qts, qself = _query_meta(q_ts, q_self, q_rows, m_valid)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     n_vis = tl.zeros([BLOCK_M], dtype=tl.float32)
-    k_base = K + g * stride_kg
-    v_base = V + g * stride_vg
     for n0 in range(0, kv_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_len
-        k_rows = (kv_start + offs_n).to(tl.int64)
-        kind = tl.load(kv_kind + k_rows, mask=n_valid, other=-1)
-        kts = tl.load(kv_ts + k_rows, mask=n_valid, other=0)
+        k_rows, n_valid = _rows(kv_start, n0, kv_len, BLOCK_N)
+        kind, kts = _key_meta(kv_kind, kv_ts, k_rows, n_valid)
         vis = _visible(kind, kts, k_rows, qts, qself, m_valid, n_valid)
         n_tile = tl.sum(vis.to(tl.int32), axis=1)
         if COUNT_TILES:
@@ -139,23 +179,13 @@ def _hstu_fwd_kernel(
             if COUNT_TILES:
                 tl.atomic_add(Stats + 1, 1)
             n_vis += n_tile.to(tl.float32)
-            k = tl.load(
-                k_base + k_rows[:, None] * stride_kn + offs_d[None, :],
-                mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0,
-            )
-            v = tl.load(
-                v_base + k_rows[:, None] * stride_vn + offs_dv[None, :],
-                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
-            )
+            k = _load_tile(K + g * stride_kg, k_rows, stride_kn, n_valid, offs_d, D)
+            v = _load_tile(V + g * stride_vg, k_rows, stride_vn, n_valid, offs_dv, DV)
             s = alpha * _mm(q, tl.trans(k), UPCAST)
             w = tl.where(vis, s * tl.sigmoid(s), 0.0)
             acc += _mm(w.to(v.dtype), v, UPCAST)
     out = acc / tl.maximum(n_vis, 1.0)[:, None]
-    tl.store(
-        Out + q_rows[:, None] * stride_on + pid_h * stride_oh + offs_dv[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=m_valid[:, None] & (offs_dv[None, :] < DV),
-    )
+    _store_tile(Out + pid_h * stride_oh, q_rows, stride_on, m_valid, offs_dv, DV, out)
     if pid_h == 0:
         tl.store(NVis + q_rows, n_vis, mask=m_valid)
 
@@ -175,68 +205,38 @@ def _hstu_bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2)
-    kv_start = tl.load(kv_offsets + b)
-    kv_len = tl.load(kv_offsets + b + 1) - kv_start
+    kv_start, kv_len = _span(kv_offsets, b)
     if pid_n * BLOCK_N >= kv_len:
         return
-    q_start = tl.load(q_offsets + b)
-    q_len = tl.load(q_offsets + b + 1) - q_start
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_valid = offs_n < kv_len
+    q_start, q_len = _span(q_offsets, b)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_rows = (kv_start + offs_n).to(tl.int64)
-    kind = tl.load(kv_kind + k_rows, mask=n_valid, other=-1)
-    kts = tl.load(kv_ts + k_rows, mask=n_valid, other=0)
-    k = tl.load(
-        K + k_rows[:, None] * stride_kn + g * stride_kg + offs_d[None, :],
-        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
-    v = tl.load(
-        V + k_rows[:, None] * stride_vn + g * stride_vg + offs_dv[None, :],
-        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
-    )
+
+    k_rows, n_valid = _rows(kv_start, pid_n * BLOCK_N, kv_len, BLOCK_N)
+    kind, kts = _key_meta(kv_kind, kv_ts, k_rows, n_valid)
+    k = _load_tile(K + g * stride_kg, k_rows, stride_kn, n_valid, offs_d, D)
+    v = _load_tile(V + g * stride_vg, k_rows, stride_vn, n_valid, offs_dv, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for m0 in range(0, q_len, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < q_len
-        q_rows = (q_start + offs_m).to(tl.int64)
-        qts = tl.load(q_ts + q_rows, mask=m_valid, other=0)
-        qself = tl.load(q_self + q_rows, mask=m_valid, other=-1)
+        q_rows, m_valid = _rows(q_start, m0, q_len, BLOCK_M)
+        qts, qself = _query_meta(q_ts, q_self, q_rows, m_valid)
         vis = _visible(kind, kts, k_rows, qts, qself, m_valid, n_valid)
         if tl.sum(tl.sum(vis.to(tl.int32), axis=1), axis=0) > 0:
             inv_n = 1.0 / tl.maximum(tl.load(NVis + q_rows, mask=m_valid, other=1.0), 1.0)
             # GQA: every query head of this kv group contributes to the same dk/dv tile.
             for hh in range(HEADS_PER_GROUP):
                 h = g * HEADS_PER_GROUP + hh
-                q = tl.load(
-                    Q + q_rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
-                    mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0,
-                )
-                do = tl.load(
-                    DO + q_rows[:, None] * stride_don + h * stride_doh + offs_dv[None, :],
-                    mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
-                )
+                q = _load_tile(Q + h * stride_qh, q_rows, stride_qn, m_valid, offs_d, D)
+                do = _load_tile(DO + h * stride_doh, q_rows, stride_don, m_valid, offs_dv, DV)
                 do = (do.to(tl.float32) * inv_n[:, None]).to(q.dtype)
                 s = alpha * _mm(q, tl.trans(k), UPCAST)
-                sig = tl.sigmoid(s)
-                w = tl.where(vis, s * sig, 0.0)
+                w = tl.where(vis, s * tl.sigmoid(s), 0.0)
                 dv += _mm(tl.trans(w.to(q.dtype)), do, UPCAST)
-                dp = _mm(do, tl.trans(v), UPCAST)
-                ds = tl.where(vis, dp * sig * (1.0 + s * (1.0 - sig)) * alpha, 0.0)
+                ds = _dscore(s, _mm(do, tl.trans(v), UPCAST), vis, alpha)
                 dk += _mm(tl.trans(ds.to(q.dtype)), q, UPCAST)
-    tl.store(
-        DK + k_rows[:, None] * stride_dkn + g * stride_dkg + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=n_valid[:, None] & (offs_d[None, :] < D),
-    )
-    tl.store(
-        DV_ + k_rows[:, None] * stride_dvn + g * stride_dvg + offs_dv[None, :],
-        dv.to(DV_.dtype.element_ty),
-        mask=n_valid[:, None] & (offs_dv[None, :] < DV),
-    )
+    _store_tile(DK + g * stride_dkg, k_rows, stride_dkn, n_valid, offs_d, D, dk)
+    _store_tile(DV_ + g * stride_dvg, k_rows, stride_dvn, n_valid, offs_dv, DV, dv)
 
 
 @triton.autotune(configs=_bwd_configs(), key=["LEN_BUCKET", "BLOCK_D", "BLOCK_DV"])
@@ -254,59 +254,33 @@ def _hstu_bwd_dq_kernel(
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(q_offsets + b)
-    q_len = tl.load(q_offsets + b + 1) - q_start
+    q_start, q_len = _span(q_offsets, b)
     if pid_m * BLOCK_M >= q_len:
         return
-    kv_start = tl.load(kv_offsets + b)
-    kv_len = tl.load(kv_offsets + b + 1) - kv_start
+    kv_start, kv_len = _span(kv_offsets, b)
     g = pid_h // HEADS_PER_GROUP
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < q_len
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(
-        Q + q_rows[:, None] * stride_qn + pid_h * stride_qh + offs_d[None, :],
-        mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0,
-    )
-    do = tl.load(
-        DO + q_rows[:, None] * stride_don + pid_h * stride_doh + offs_dv[None, :],
-        mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
-    )
+
+    q_rows, m_valid = _rows(q_start, pid_m * BLOCK_M, q_len, BLOCK_M)
+    q = _load_tile(Q + pid_h * stride_qh, q_rows, stride_qn, m_valid, offs_d, D)
+    do = _load_tile(DO + pid_h * stride_doh, q_rows, stride_don, m_valid, offs_dv, DV)
     inv_n = 1.0 / tl.maximum(tl.load(NVis + q_rows, mask=m_valid, other=1.0), 1.0)
     do = (do.to(tl.float32) * inv_n[:, None]).to(q.dtype)
-    qts = tl.load(q_ts + q_rows, mask=m_valid, other=0)
-    qself = tl.load(q_self + q_rows, mask=m_valid, other=-1)
+    qts, qself = _query_meta(q_ts, q_self, q_rows, m_valid)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, kv_len, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < kv_len
-        k_rows = (kv_start + offs_n).to(tl.int64)
-        kind = tl.load(kv_kind + k_rows, mask=n_valid, other=-1)
-        kts = tl.load(kv_ts + k_rows, mask=n_valid, other=0)
+        k_rows, n_valid = _rows(kv_start, n0, kv_len, BLOCK_N)
+        kind, kts = _key_meta(kv_kind, kv_ts, k_rows, n_valid)
         vis = _visible(kind, kts, k_rows, qts, qself, m_valid, n_valid)
         if tl.sum(tl.sum(vis.to(tl.int32), axis=1), axis=0) > 0:
-            k = tl.load(
-                K + k_rows[:, None] * stride_kn + g * stride_kg + offs_d[None, :],
-                mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0,
-            )
-            v = tl.load(
-                V + k_rows[:, None] * stride_vn + g * stride_vg + offs_dv[None, :],
-                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0,
-            )
+            k = _load_tile(K + g * stride_kg, k_rows, stride_kn, n_valid, offs_d, D)
+            v = _load_tile(V + g * stride_vg, k_rows, stride_vn, n_valid, offs_dv, DV)
             s = alpha * _mm(q, tl.trans(k), UPCAST)
-            sig = tl.sigmoid(s)
-            dp = _mm(do, tl.trans(v), UPCAST)
-            ds = tl.where(vis, dp * sig * (1.0 + s * (1.0 - sig)) * alpha, 0.0)
+            ds = _dscore(s, _mm(do, tl.trans(v), UPCAST), vis, alpha)
             dq += _mm(ds.to(q.dtype), k, UPCAST)
-    tl.store(
-        DQ + q_rows[:, None] * stride_dqn + pid_h * stride_dqh + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=m_valid[:, None] & (offs_d[None, :] < D),
-    )
+    _store_tile(DQ + pid_h * stride_dqh, q_rows, stride_dqn, m_valid, offs_d, D, dq)
 
 
 # --------------------------------------------------------------------------- host side
