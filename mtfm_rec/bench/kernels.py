@@ -233,9 +233,9 @@ def _flex(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
 
 # --------------------------------------------------------------------------- suites
 def _attention_sizes(cuda: bool, quick: bool) -> List[int]:
-    if cuda:
-        return [256, 1024, 2048] if quick else [256, 512, 1024, 2048, 4096, 8192]
-    return [256, 512] if quick else [256, 512, 1024, 2048, 4096, 8192]
+    if quick:
+        return [256, 1024, 2048] if cuda else [256, 512]
+    return [256, 512, 1024, 2048, 4096, 8192]
 
 
 def _attention_impls(args: Dict[str, Any], n: int, cuda: bool, quick: bool) -> Dict[str, Callable]:

@@ -1,9 +1,9 @@
 """One model, every dense-path backend: the same loss and the same gradients.
 
 The model's config picks the attention / Group LayerNorm implementation (``attention_backend``);
-``auto`` is Triton on CUDA and the reference on the CPU. Here the same weights run the same batch
-through each backend and must agree with ``reference``: the loss, the scenario scores and the
-gradient of every parameter (embedding tables included). The ``triton`` case runs the Triton
+``auto`` is Triton on CUDA and the model's ``prefix`` path on the CPU. Here the same weights run
+the same batch through each backend and must agree with ``reference``: the loss, the scenario
+scores and the gradient of every parameter (embedding tables included). The ``triton`` case runs the Triton
 kernels (attention forward and backward, Group LayerNorm forward and backward) in the Triton
 interpreter on CPU tensors, so it needs ``TRITON_INTERPRET=1`` (``make test`` sets it); on a GPU
 machine the CUDA test below runs the compiled kernels.
