@@ -18,9 +18,13 @@ Two streaming passes keep memory bounded by one partition:
    with vectorised numpy (merge-sorted searches over per-user sorted actions, no per-row Python),
    and write ``part-NNNNN.parquet``.
 
-The output directory also gets ``dataset.yaml``, ``_stats.json`` and, last, ``_SUCCESS`` holding
-a fingerprint of the inputs and of the config; :func:`ensure_aggregated` reuses a cached output
-whose fingerprint matches. CLI::
+The output is written into a hidden temporary sibling of the output directory and renamed into
+place when complete: shards, ``dataset.yaml``, ``_stats.json`` and, last, ``_SUCCESS`` holding a
+content fingerprint of the inputs and of the config and the list of shards with their row
+counts and sizes (:func:`mtfm_rec.data.sample_format.success_record`). An existing output is
+replaced only when it carries such a marker; an output inside, equal to or above the raw root is
+refused. :func:`ensure_aggregated` reuses a cached output whose fingerprint matches and whose
+shards match the marker, and rebuilds it otherwise. CLI::
 
     python -m mtfm_rec.data.aggregate --raw ROOT --out DIR [window_seconds=3600 ...]
 """
@@ -30,18 +34,23 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import fnmatch
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import posixpath
+import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import fsspec
+import fsspec.implementations.local
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +59,7 @@ from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.config import AggregationConfig
 from mtfm_rec.data.reader import (
     TS,
+    TS_MAX,
     USER_ID,
     BadRows,
     DataContractError,
@@ -59,7 +69,11 @@ from mtfm_rec.data.reader import (
 )
 from mtfm_rec.data.schema import DatasetSchema
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = fmt.FORMAT_VERSION
+# Without max_exposures_per_sample, a user-window with more exposures than this is refused: it
+# would be one sample of that many T tokens, and a batch pads every sample to its longest one
+# (the kernels are measured up to 8192 tokens, docs/KERNELS.md).
+UNCHUNKED_EXPOSURE_LIMIT = 8192
 # Config fields that change the output (num_workers / progress / read size do not).
 _FINGERPRINT_FIELDS = (
     "window_seconds",
@@ -70,6 +84,13 @@ _FINGERPRINT_FIELDS = (
     "output_row_group_size",
 )
 _PERCENTILES = (50, 90, 99)
+logger = logging.getLogger(__name__)
+
+
+class AggregationError(ValueError):
+    """An aggregation that must not run as asked: an unsafe output directory, a user-window too
+    large for one sample, or inputs that changed while being read. The message names the path,
+    the user and window, or the file, and the way out."""
 
 
 # -------------------------------------------------------------------- hashing and helpers
@@ -213,7 +234,10 @@ class AggregationStats:
 
 # -------------------------------------------------------------------- fingerprint
 def fingerprint(dataset: RawDataset, config: AggregationConfig) -> Dict[str, Any]:
-    """The inputs (names, sizes, mtimes) + output-relevant config, and their sha256."""
+    """The inputs (names, sizes, content digests) + output-relevant config, and their sha256.
+
+    See :meth:`RawDataset.fingerprint_entries` for what the digests cover.
+    """
     body = {
         "format_version": FORMAT_VERSION,
         "inputs": [list(e) for e in dataset.fingerprint_entries()],
@@ -224,16 +248,10 @@ def fingerprint(dataset: RawDataset, config: AggregationConfig) -> Dict[str, Any
 
 
 def read_success(out: str) -> Optional[Dict[str, Any]]:
-    """The ``_SUCCESS`` record of an aggregated dataset dir, or None if absent/unreadable."""
+    """The ``_SUCCESS`` record of an aggregated dataset dir, or None if absent/not ours."""
     fs, path = fsspec.core.url_to_fs(out)
-    marker = posixpath.join(path.rstrip("/"), fmt.SUCCESS_FILE)
-    if not fs.exists(marker):
-        return None
-    try:
-        with fs.open(marker, "r") as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
+    record = fmt.read_marker(fs, path)
+    return record if fmt.is_own_marker(record) else None
 
 
 # -------------------------------------------------------------------- pass 1: route
@@ -291,6 +309,7 @@ class _Task:
     max_exposures_per_sample: Optional[int]
     row_group_size: int
     out_path: str
+    exposure_limit: Optional[int] = None  # refuse bigger user-windows (unchunked runs)
 
 
 def _value_type(arrow: pa.Schema, name: str) -> pa.DataType:
@@ -316,6 +335,8 @@ def build_partition(task: _Task) -> Dict[str, Any]:
     su, sw = users[order], windows[order]
     new = np.ones(len(su), dtype=bool)
     new[1:] = (su[1:] != su[:-1]) | (sw[1:] != sw[:-1])
+    if task.exposure_limit is not None:
+        _check_window_sizes(new, su, sw * w, w, task.exposure_limit)
     if task.max_exposures_per_sample:
         rank = np.arange(len(su)) - np.maximum.accumulate(np.where(new, np.arange(len(su)), 0))
         new |= rank % task.max_exposures_per_sample == 0
@@ -395,6 +416,26 @@ def build_partition(task: _Task) -> Dict[str, Any]:
     }
 
 
+def _check_window_sizes(
+    new: np.ndarray, users: np.ndarray, starts: np.ndarray, w: int, limit: int
+) -> None:
+    """Raises AggregationError when a user-window (runs starting at ``new``) exceeds ``limit``."""
+    first = np.flatnonzero(new)
+    sizes = np.diff(np.append(first, len(new)))
+    if not len(sizes) or int(sizes.max()) <= limit:
+        return
+    i = int(np.argmax(sizes))
+    n, row = int(sizes[i]), int(first[i])
+    raise AggregationError(
+        f"user {int(users[row])}, window [{int(starts[row])}, {int(starts[row]) + w}) (dataset "
+        f"ticks): {n} exposures in one sample, above {limit} allowed without "
+        f"max_exposures_per_sample ({int((sizes > limit).sum())} such window(s) in this "
+        f"partition); set max_exposures_per_sample (e.g. max_exposures_per_sample=1024) to split "
+        f"busy windows into time-ordered samples, or max_exposures_per_sample={n} or more to "
+        "keep them whole"
+    )
+
+
 # -------------------------------------------------------------------- driver
 def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
@@ -407,9 +448,13 @@ def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
 def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats:
     """Aggregates the raw dataset at ``raw`` into shards under ``out`` (path or fsspec URL).
 
+    The output is built in a temporary sibling of ``out`` and moved into place when complete,
+    so a failed run leaves ``out`` as it was.
+
     Args:
         raw: raw-contract dataset root.
-        out: output dataset directory; previous shards and markers there are replaced.
+        out: output dataset directory: new, empty, or an earlier output of this function
+            (its ``_SUCCESS`` says so), which is then replaced.
         config: the aggregation config.
 
     Returns:
@@ -417,93 +462,239 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
 
     Raises:
         DataContractError: the raw data breaks the contract (see mtfm_rec.data.reader).
+        AggregationError: ``out`` overlaps ``raw`` or holds foreign files; a user-window has
+            more than UNCHUNKED_EXPOSURE_LIMIT exposures without max_exposures_per_sample; the
+            inputs changed while being read.
     """
     t0 = time.perf_counter()
-    if config.window_seconds < 1 or config.num_partitions < 1:
-        raise ValueError("aggregation: window_seconds and num_partitions must be >= 1")
-    if config.max_exposures_per_sample is not None and config.max_exposures_per_sample < 1:
-        raise ValueError("aggregation: max_exposures_per_sample must be >= 1 (or unset)")
+    config.validate()  # fields may have been set after construction
+    out_fs, out_path = _output_location(raw, out)
+    _check_replaceable(out_fs, out_path, out)
     ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows, batch_rows=config.read_batch_rows)
     schema = ds.schema
     fp = fingerprint(ds, config)
-    out_fs, out_path = fsspec.core.url_to_fs(out)
-    out_path = out_path.rstrip("/")
-    out_fs.makedirs(out_path, exist_ok=True)
-    for stale in [fmt.SUCCESS_FILE] + [
-        posixpath.basename(p) for p in out_fs.glob(posixpath.join(out_path, fmt.SHARD_GLOB))
-    ]:
-        if out_fs.exists(posixpath.join(out_path, stale)):
-            out_fs.rm(posixpath.join(out_path, stale))
-    tps = schema.ticks_per_second
-    p = config.num_partitions
-
     with tempfile.TemporaryDirectory(prefix="mtfm_agg_") as tmp:
-        spill_dir = os.path.join(tmp, "spill")
-        # ---- pass 1: stream, validate, route rows by user hash
-        sources = [(f"exp/{s.name}", ds.iter_scenario(s)) for s in schema.scenarios]
-        sources += [(f"seq/{q.name}", ds.iter_sequence(q)) for q in schema.sequences]
-        bar = None
-        if config.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(desc="aggregate: read", unit="row", unit_scale=True, file=sys.stderr, leave=False)
-        for source, batches in sources:
-            router = _Router(spill_dir, source, p)
-            try:
-                for _, batch in batches:
-                    router.add(batch)
-                    if bar is not None:
-                        bar.update(batch.num_rows)
-            finally:
-                router.close()
-        if bar is not None:
-            bar.close()
-
+        _route(ds, config, os.path.join(tmp, "spill"))
+        _check_unchanged(ds, config, fp)
         t_read = time.perf_counter() - t0
-        # ---- pass 2: one shard per partition, in parallel
-        shard_dir = os.path.join(tmp, "shards")
-        os.makedirs(shard_dir)
-        tasks = [
-            _Task(
-                spill_dir=spill_dir,
-                partition=k,
-                schema=schema.to_dict(),
-                window_ticks=config.window_seconds * tps,
-                lookback_ticks=realtime_lookback_seconds(config, schema) * tps,
-                max_exposures_per_sample=config.max_exposures_per_sample,
-                row_group_size=config.output_row_group_size,
-                out_path=os.path.join(shard_dir, fmt.shard_name(k)),
-            )
-            for k in range(p)
+        tasks = _tasks(schema, config, tmp)
+        results = _build(tasks, config)
+        stats = _merge_stats(results, schema, ds.bad_rows, fp["fingerprint"], len(tasks))
+        stats.seconds = time.perf_counter() - t0
+        stats.read_seconds = t_read
+        stats.build_seconds = stats.seconds - t_read
+        shards = [(t.out_path, fmt.shard_name(t.partition)) for t in tasks]
+        entries = [
+            fmt.shard_entry(name, pq.read_metadata(src).num_rows, os.path.getsize(src))
+            for src, name in shards
         ]
-        results: List[Dict[str, Any]] = []
-        if config.num_workers <= 1 or p == 1:
-            for task in _progress(tasks, p, "aggregate: build", config.progress):
-                results.append(build_partition(task))
-        else:
-            # fork by default on Linux: no re-import of __main__ (scripts need no main guard)
-            # and fast start; the workers use neither CUDA nor the parent's threads.
-            method = config.start_method or ("fork" if sys.platform == "linux" else "spawn")
-            ctx = mp.get_context(method)
-            workers = min(config.num_workers, p)
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [pool.submit(build_partition, t) for t in tasks]
-                for fut in _progress(cf.as_completed(futures), p, "aggregate: build", config.progress):
-                    results.append(fut.result())
-        for task in tasks:
-            out_fs.put_file(task.out_path, posixpath.join(out_path, fmt.shard_name(task.partition)))
-
-    stats = _merge_stats(results, schema, ds.bad_rows, fp["fingerprint"], p)
-    stats.seconds = time.perf_counter() - t0
-    stats.read_seconds = t_read
-    stats.build_seconds = stats.seconds - t_read
-    with out_fs.open(posixpath.join(out_path, fmt.SCHEMA_FILE), "w") as fh:
-        fh.write(schema.to_yaml())
-    with out_fs.open(posixpath.join(out_path, fmt.STATS_FILE), "w") as fh:
-        json.dump(stats.to_dict(), fh, indent=2)
-    with out_fs.open(posixpath.join(out_path, fmt.SUCCESS_FILE), "w") as fh:
-        json.dump(fp, fh, indent=2)
+        texts = {
+            fmt.SCHEMA_FILE: schema.to_yaml(),
+            fmt.STATS_FILE: json.dumps(stats.to_dict(), indent=2),
+            fmt.SUCCESS_FILE: json.dumps(fmt.success_record(entries, **fp), indent=2),  # last
+        }
+        _publish(out_fs, out_path, out, shards, texts)
     return stats
+
+
+def _route(ds: RawDataset, config: AggregationConfig, spill_dir: str) -> None:
+    """Pass 1: streams and validates every input file, routing rows by user hash."""
+    schema = ds.schema
+    sources = [(f"exp/{s.name}", ds.iter_scenario(s)) for s in schema.scenarios]
+    sources += [(f"seq/{q.name}", ds.iter_sequence(q)) for q in schema.sequences]
+    bar = None
+    if config.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="aggregate: read", unit="row", unit_scale=True, file=sys.stderr, leave=False)
+    for source, batches in sources:
+        router = _Router(spill_dir, source, config.num_partitions)
+        try:
+            for _, batch in batches:
+                router.add(batch)
+                if bar is not None:
+                    bar.update(batch.num_rows)
+        finally:
+            router.close()
+    if bar is not None:
+        bar.close()
+
+
+def _check_unchanged(ds: RawDataset, config: AggregationConfig, fp: Dict[str, Any]) -> None:
+    """Refuses inputs that changed while pass 1 read them: the marker would lie."""
+    now = fingerprint(ds, config)
+    if now["fingerprint"] == fp["fingerprint"]:
+        return
+    changed = sorted({e[0] for e in now["inputs"]} ^ {e[0] for e in fp["inputs"]}) or [
+        a[0] for a, b in zip(fp["inputs"], now["inputs"]) if a != b
+    ]
+    raise AggregationError(
+        f"{ds.root}: input file(s) {changed[:5]} changed during the aggregation; run it again "
+        "once the raw data is no longer being written"
+    )
+
+
+def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[_Task]:
+    shard_dir = os.path.join(tmp, "shards")
+    os.makedirs(shard_dir)
+    tps = schema.ticks_per_second
+    chunk = config.max_exposures_per_sample
+    window_ticks, lookback_ticks = config.window_seconds * tps, realtime_lookback_seconds(config, schema) * tps
+    if window_ticks + lookback_ticks > TS_MAX:
+        raise AggregationError(
+            f"window_seconds={config.window_seconds} plus the real-time lookback of {lookback_ticks // tps} s is "
+            f"more than 2**62 ticks ({schema.time_unit}): window arithmetic would overflow int64"
+        )
+    return [
+        _Task(
+            spill_dir=os.path.join(tmp, "spill"),
+            partition=k,
+            schema=schema.to_dict(),
+            window_ticks=window_ticks,
+            lookback_ticks=lookback_ticks,
+            max_exposures_per_sample=chunk,
+            row_group_size=config.output_row_group_size,
+            out_path=os.path.join(shard_dir, fmt.shard_name(k)),
+            exposure_limit=UNCHUNKED_EXPOSURE_LIMIT if chunk is None else None,
+        )
+        for k in range(config.num_partitions)
+    ]
+
+
+def _build(tasks: List[_Task], config: AggregationConfig) -> List[Dict[str, Any]]:
+    """Pass 2: one shard per partition, in parallel."""
+    p = len(tasks)
+    results: List[Dict[str, Any]] = []
+    if config.num_workers <= 1 or p == 1:
+        for task in _progress(tasks, p, "aggregate: build", config.progress):
+            results.append(build_partition(task))
+        return results
+    # fork by default on Linux: no re-import of __main__ (scripts need no main guard)
+    # and fast start; the workers use neither CUDA nor the parent's threads.
+    method = config.start_method or ("fork" if sys.platform == "linux" else "spawn")
+    ctx = mp.get_context(method)
+    with cf.ProcessPoolExecutor(max_workers=min(config.num_workers, p), mp_context=ctx) as pool:
+        futures = [pool.submit(build_partition, t) for t in tasks]
+        for fut in _progress(cf.as_completed(futures), p, "aggregate: build", config.progress):
+            results.append(fut.result())
+    return results
+
+
+# -------------------------------------------------------------------- the output directory
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+
+
+def _resolve(url: str) -> Tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, normalised path): local paths absolute with symlinks and ``..`` resolved."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if _is_local(fs):
+        return fs, os.path.realpath(path)
+    return fs, posixpath.normpath(path.rstrip("/") or "/")
+
+
+def _within(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def _output_location(raw: str, out: str) -> Tuple[fsspec.AbstractFileSystem, str]:
+    """The output's (filesystem, path); refuses an output equal to, inside or above ``raw``."""
+    raw_fs, raw_path = _resolve(raw)
+    out_fs, out_path = _resolve(out)
+    if type(raw_fs) is type(out_fs) and (_within(out_path, raw_path) or _within(raw_path, out_path)):
+        how = (
+            "the same directory as" if out_path == raw_path
+            else "inside" if _within(out_path, raw_path) else "a parent of"
+        )
+        raise AggregationError(
+            f"output directory {out} (--out) is {how} the raw dataset {raw} (--raw): writing "
+            "it would overwrite or delete raw files; choose an output outside the raw dataset"
+        )
+    parent = posixpath.dirname(out_path)
+    if not parent or parent == out_path:
+        raise AggregationError(f"output directory {out} (--out): needs a parent directory")
+    return out_fs, out_path
+
+
+def _check_replaceable(fs: fsspec.AbstractFileSystem, path: str, out: str) -> None:
+    """Refuses an existing ``path`` unless it is empty or an output of ours with only our files."""
+    if not fs.exists(path):
+        return
+    if not fs.isdir(path):
+        raise AggregationError(f"output directory {out} (--out): exists and is not a directory")
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    if not names:
+        return
+    if not fmt.is_own_marker(fmt.read_marker(fs, path)):
+        raise AggregationError(
+            f"output directory {out} (--out): not empty ({len(names)} entries, e.g. {names[:3]}) "
+            f"and no {fmt.SUCCESS_FILE} of mtfm_rec in it; refusing to delete or overwrite it: "
+            "pass a new or empty directory, or an earlier aggregation output"
+        )
+    foreign = [n for n in names if not any(fnmatch.fnmatch(n, g) for g in fmt.OWN_FILE_GLOBS)]
+    if foreign:
+        raise AggregationError(
+            f"output directory {out} (--out): an earlier aggregation output, but it also holds "
+            f"{foreign[:5]}, which an aggregation does not write; refusing to delete them: "
+            "move them away or pass another directory"
+        )
+
+
+def _publish(
+    fs: fsspec.AbstractFileSystem,
+    out_path: str,
+    out: str,
+    shards: List[Tuple[str, str]],
+    texts: Dict[str, str],
+) -> None:
+    """Writes the shards (local path, name) and then ``texts`` (name -> content, in order) into
+    a hidden sibling of ``out_path``, then moves it into place."""
+    parent, name = posixpath.split(out_path)
+    stage = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    fs.makedirs(parent, exist_ok=True)
+    fs.makedirs(stage, exist_ok=False)
+    try:
+        for src, dst in shards:
+            fs.put_file(src, posixpath.join(stage, dst))
+        for dst, text in texts.items():
+            with fs.open(posixpath.join(stage, dst), "w") as fh:
+                fh.write(text)
+        _check_replaceable(fs, out_path, out)  # again: it may have changed during the build
+        _swap(fs, stage, out_path)
+    finally:
+        if fs.exists(stage):
+            fs.rm(stage, recursive=True)
+
+
+def _swap(fs: fsspec.AbstractFileSystem, stage: str, out_path: str) -> None:
+    """Moves the complete ``stage`` to ``out_path``, replacing what is there (checked: ours)."""
+    if _is_local(fs):
+        # Two renames: at every moment ``out_path`` is the old output, absent, or the new one;
+        # a crash in between leaves both, as hidden siblings (.<name>.old-*, .<name>.tmp-*).
+        old = f"{stage.rsplit('.tmp-', 1)[0]}.old-{uuid.uuid4().hex[:12]}"
+        if not os.path.isdir(out_path):
+            os.rename(stage, out_path)
+            return
+        os.rename(out_path, old)
+        try:
+            os.rename(stage, out_path)
+        except OSError:
+            os.rename(old, out_path)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    # Object stores have no directory rename: remove the old files but its marker, move the new
+    # files in, the new marker last (it overwrites the old one). Meanwhile the old marker's
+    # shard list does not match, which the loader and ensure_aggregated detect.
+    if fs.exists(out_path):
+        for p in fs.ls(out_path, detail=False):
+            if posixpath.basename(p.rstrip("/")) != fmt.SUCCESS_FILE:
+                fs.rm(p, recursive=True)
+    else:
+        fs.makedirs(out_path, exist_ok=True)
+    files = sorted(fs.ls(stage, detail=False), key=lambda p: posixpath.basename(p) == fmt.SUCCESS_FILE)
+    for p in files:
+        fs.mv(p, posixpath.join(out_path, posixpath.basename(p)))
 
 
 def _merge_stats(
@@ -536,15 +727,21 @@ def _merge_stats(
 def ensure_aggregated(raw: str, cache_dir: str, config: AggregationConfig) -> str:
     """Returns an aggregated dataset dir for ``raw``, aggregating only if inputs/config changed.
 
-    The dir is ``<cache_dir>/<dataset name>-<fingerprint[:16]>``; a dir whose ``_SUCCESS``
-    carries the same fingerprint is reused as is.
+    The dir is ``<cache_dir>/<dataset name>-<fingerprint[:16]>``; it is reused when its
+    ``_SUCCESS`` carries the same fingerprint and its shards match the marker's shard list
+    (names, byte sizes, row counts, readable footers); otherwise it is rebuilt (atomically).
     """
     ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows)
     fp = fingerprint(ds, config)["fingerprint"]
     out = f"{cache_dir.rstrip('/')}/{ds.schema.name}-{fp[:16]}"
-    done = read_success(out)
-    if done is None or done.get("fingerprint") != fp:
-        aggregate(raw, out, config)
+    fs, path = fsspec.core.url_to_fs(out)
+    record = fmt.read_marker(fs, path)
+    if fmt.is_own_marker(record) and record.get("fingerprint") == fp and "shards" in record:
+        _, problems = fmt.check_shards(fs, path, record)
+        if not problems:
+            return out
+        logger.warning("aggregation cache %s is damaged, rebuilding it: %s", out, "; ".join(problems[:5]))
+    aggregate(raw, out, config)
     return out
 
 
@@ -573,5 +770,5 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (DataContractError, SchemaError, ConfigError) as exc:
+    except (DataContractError, SchemaError, ConfigError, AggregationError) as exc:
         sys.exit(f"error: {exc}")  # the message names file, column and rule: no traceback

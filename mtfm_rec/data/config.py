@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Upper bound of window_seconds and realtime_lookback_seconds (68 years): far below 2**62 ticks
+# in any time unit of the contract, the bound under which window arithmetic on ts in the
+# reader's safe range [-2**62, 2**62) cannot overflow int64 (mtfm_rec.data.reader). A lookback
+# from dataset.yaml is checked with the window in ticks by the aggregation.
+MAX_DURATION_SECONDS = 2**31
+START_METHODS = ("", "fork", "spawn", "forkserver")
+
 
 @dataclass
 class AggregationConfig:
@@ -26,6 +33,33 @@ class AggregationConfig:
     progress: bool = True  # tqdm progress bars (read rows, built partitions) on stderr
     start_method: str = ""  # worker processes: fork | spawn | forkserver; "" = fork on Linux
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuses values aggregation cannot run with, naming the key and the rule.
+
+        Raises:
+            ValueError: (a ``ConfigError`` when built by ``mtfm_rec.config.from_dict``).
+        """
+        for key in ("window_seconds", "num_partitions", "num_workers", "read_batch_rows", "output_row_group_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"aggregation.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_exposures_per_sample is not None and self.max_exposures_per_sample < 1:
+            raise ValueError(
+                f"aggregation.max_exposures_per_sample must be >= 1 (or unset), got {self.max_exposures_per_sample}"
+            )
+        if self.realtime_lookback_seconds is not None and self.realtime_lookback_seconds < 0:
+            raise ValueError(f"aggregation.realtime_lookback_seconds must be >= 0, got {self.realtime_lookback_seconds}")
+        for key in ("window_seconds", "realtime_lookback_seconds"):
+            value = getattr(self, key)
+            if value is not None and value > MAX_DURATION_SECONDS:
+                raise ValueError(
+                    f"aggregation.{key} must be at most 2**31 s (68 years; window arithmetic stays in int64), got {value}"
+                )
+        if self.start_method not in START_METHODS:
+            raise ValueError(f"aggregation.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+
 
 @dataclass
 class LoaderConfig:
@@ -40,6 +74,25 @@ class LoaderConfig:
     index_cache_dir: Optional[str] = None  # caches the per-split pre-scan (path or fsspec URL)
 
 
+def check_split_boundaries(eval_after: Optional[int], valid_after: Optional[int], note: str = "") -> None:
+    """Refuses ``valid_after >= eval_after``: validation is ``[valid_after, eval_after)``, so it
+    would be empty (and the test split would start before validation).
+
+    Args:
+        eval_after: ``data.eval_after`` (first test tick) or None.
+        valid_after: ``data.valid_after`` (first validation tick) or None.
+        note: where the values came from, appended to the message.
+
+    Raises:
+        ValueError: naming both keys and values.
+    """
+    if eval_after is not None and valid_after is not None and valid_after >= eval_after:
+        raise ValueError(
+            f"data.valid_after={valid_after} must be earlier than data.eval_after={eval_after}: validation is "
+            f"valid_after <= ts < eval_after, which would be empty{note}"
+        )
+
+
 @dataclass
 class DataConfig:
     raw: str = ""  # root of a raw-contract dataset (path or fsspec URL)
@@ -48,3 +101,6 @@ class DataConfig:
     valid_after: Optional[int] = None  # exposures in [valid_after, eval_after) are validation
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    def __post_init__(self) -> None:
+        check_split_boundaries(self.eval_after, self.valid_after)

@@ -139,32 +139,58 @@ def _split_columns(schema: DatasetSchema) -> List[str]:
 def _list_units(
     fs: fsspec.AbstractFileSystem, root: str, schema: DatasetSchema, require_success: bool
 ) -> Tuple[List[Tuple[str, int, int]], str]:
-    """(path, row_group, num_rows) of every row group, and a fingerprint of the dataset."""
-    if require_success and not fs.exists(f"{root}/{fmt.SUCCESS_FILE}"):
+    """(path, row_group, num_rows) of every row group, and a fingerprint of the dataset.
+
+    With a ``_SUCCESS`` of mtfm_rec, the shards on disk must be exactly those it lists, with
+    its byte sizes and row counts (:func:`sample_format.check_shards`).
+    """
+    record = fmt.read_marker(fs, root)
+    own = fmt.is_own_marker(record)
+    if require_success:
+        if record is None:
+            raise LoaderError(
+                f"{root}: no {fmt.SUCCESS_FILE} marker; aggregation did not finish (or pass "
+                "require_success=False)"
+            )
+        if not own or "shards" not in record:
+            what = "has no shard list (format_version 1)" if own else "is not an mtfm_rec marker"
+            raise LoaderError(
+                f"{root}/{fmt.SUCCESS_FILE} {what}; re-run the aggregation (or pass "
+                "require_success=False to read the shards unchecked)"
+            )
+    metas, problems = fmt.check_shards(fs, root, record if own else None)
+    if problems:
         raise LoaderError(
-            f"{root}: no {fmt.SUCCESS_FILE} marker; aggregation did not finish (or pass "
-            "require_success=False)"
+            f"{root}: the shards do not match what the aggregation wrote: "
+            + "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + "; re-run the aggregation"
         )
-    paths = sorted(fs.glob(f"{root}/{fmt.SHARD_GLOB}"))
-    if not paths:
+    if not metas:
         raise LoaderError(f"{root}: no {fmt.SHARD_GLOB} shards")
     expected = fmt.arrow_schema(schema)
     units: List[Tuple[str, int, int]] = []
     digest = hashlib.sha256()
-    for path in paths:
-        with fs.open(path, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
-            names = set(meta.schema.to_arrow_schema().names)
+    for path, meta in metas.items():
+        names = set(meta.schema.to_arrow_schema().names)
         missing = [f.name for f in expected if f.name not in names]
         if missing:
             raise LoaderError(f"{path}: missing columns {missing[:5]} of the aggregated format")
         digest.update(f"{path}:{meta.num_rows}:{meta.num_row_groups};".encode())
         for i in range(meta.num_row_groups):
             units.append((path, i, meta.row_group(i).num_rows))
-    if fs.exists(f"{root}/{fmt.SUCCESS_FILE}"):
+    if record is not None:
         with fs.open(f"{root}/{fmt.SUCCESS_FILE}", "rb") as fh:
             digest.update(fh.read())
     return units, digest.hexdigest()
+
+
+def _unreadable(path: str, row_group: int, exc: Exception) -> LoaderError:
+    """The error for a shard that fails to open or read (pyarrow's own names no file)."""
+    return LoaderError(
+        f"{path} row group {row_group}: unreadable ({type(exc).__name__}: {exc}); "
+        "re-run the aggregation"
+    )
 
 
 def _prescan(
@@ -181,12 +207,15 @@ def _prescan(
     open_path, pf, fh = None, None, None
     try:
         for path, rg, _ in units:
-            if path != open_path:
-                if fh is not None:
-                    fh.close()
-                fh = fs.open(path, "rb")
-                pf, open_path = pq.ParquetFile(fh), path
-            table = pf.read_row_group(rg, columns=columns)
+            try:
+                if path != open_path:
+                    if fh is not None:
+                        fh.close()
+                    fh = fs.open(path, "rb")
+                    pf, open_path = pq.ParquetFile(fh), path
+                table = pf.read_row_group(rg, columns=columns)
+            except (pa.ArrowException, OSError) as exc:
+                raise _unreadable(path, rg, exc) from exc
             row_keep, _ = split_masks(table, schema, split, eval_after, valid_after)
             counts.append(int(row_keep.sum()))
     finally:
@@ -291,7 +320,8 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         seed: base seed; with the epoch it fixes every random choice.
         pad_to_equal_batches: evaluation mode (pad, never drop) instead of training mode.
         index_cache_dir: where to cache the per-split pre-scan (path or fsspec URL), or None.
-        require_success: refuse a directory without ``_SUCCESS``.
+        require_success: refuse a directory without an mtfm_rec ``_SUCCESS`` listing its
+            shards. Either way, shards that differ from a listing ``_SUCCESS`` are refused.
     """
 
     def __init__(
@@ -534,8 +564,11 @@ class _RowReader:
             return
         ds = self._ds
         u = ds.units[unit]
-        with ds._fs.open(u.path, "rb") as fh:
-            table = pq.ParquetFile(fh).read_row_group(u.row_group, columns=self._columns)
+        try:
+            with ds._fs.open(u.path, "rb") as fh:
+                table = pq.ParquetFile(fh).read_row_group(u.row_group, columns=self._columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise _unreadable(u.path, u.row_group, exc) from exc
         row_keep, _ = split_masks(table, ds.schema, ds.split, ds.eval_after, ds.valid_after)
         kept = np.flatnonzero(row_keep)
         if len(kept) != u.count:

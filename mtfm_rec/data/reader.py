@@ -11,14 +11,17 @@ batch (never a whole file in memory), validating every batch and normalising it 
   ``label/<task>`` (int8, null -> -1);
 * behaviours: ``user_id``, ``ts``, ``<feature>`` (folded int64).
 
-Structural problems (layout, missing column, wrong type, unreadable file) always raise
-:class:`DataContractError`. Row-level problems (null ``user_id``/``ts``, label outside {0, 1},
-``split`` outside {0, 1, 2}) raise too, unless ``skip_bad_rows`` is set: then the rows are dropped
-and counted per (file, column, rule) in a :class:`BadRows`.
+Structural problems (layout, missing or repeated column, wrong type, unreadable file) always raise
+:class:`DataContractError`. Row-level problems (null ``user_id``/``ts``, ``ts`` outside
+``[TS_MIN, TS_MAX)``, an unsigned id that does not fit int64, a dense value that is not a finite
+float32, label outside {0, 1}, a broken funnel, ``split`` outside {0, 1, 2}) raise too, unless
+``skip_bad_rows`` is set: then the rows are dropped and counted per (file, column, rule) in a
+:class:`BadRows`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,18 +42,32 @@ TS = "ts"
 REQUEST_ID = "request_id"
 SPLIT = "split"
 SPLIT_VALUES = (0, 1, 2)
+# The ts range aggregation can do window arithmetic in without int64 overflow: it computes
+# floor(ts / W) * W, + W and - lookback, all within [TS_MIN - W - lookback, TS_MAX + W), which
+# fits int64 while W + lookback <= 2**62 ticks (about 146 million years in ms). Outside it a
+# window start could wrap and a far-past exposure see future actions as history.
+TS_MIN = -(2**62)
+TS_MAX = 2**62  # exclusive
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Rule texts, shared by the errors and the bad-row report (tests match on them).
 RULE_MISSING_COLUMN = "missing column"
 RULE_NOT_INTEGER = "wrong type: expected an integer column"
 RULE_NOT_NUMERIC = "wrong type: expected a numeric column"
+RULE_DUPLICATE_COLUMN = "column appears more than once in the file"
 RULE_NULL = "null not allowed"
 RULE_LABEL = "label outside {0, 1}"
 RULE_SPLIT = "split outside {0, 1, 2}"
+RULE_TS_RANGE = "ts outside the safe range [-2**62, 2**62)"
+RULE_INT64 = "value does not fit int64"
+RULE_NOT_FINITE = "dense value not finite or outside the float32 range"
+RULE_FUNNEL = "funnel broken: a later task is 1 while an earlier task is 0"
 RULE_CORRUPT = "not a readable Parquet file"
 RULE_UNDECLARED = "folder not declared in dataset.yaml"
 RULE_MISSING_FOLDER = "declared in dataset.yaml but folder is missing"
 RULE_EMPTY_FOLDER = "folder holds no .parquet file"
+RULE_NOT_A_FILE = "named .parquet but not a regular file (a folder, a broken link or a special file)"
 
 
 class DataContractError(ValueError):
@@ -110,16 +127,34 @@ def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def _int64(col: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
-    """(int64 values with nulls as 0, null mask) of an integer column."""
+def _int64(col: pa.Array) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(int64 values with nulls as 0, null mask, "does not fit int64" mask) of an integer column.
+
+    Only uint64 can hold values above int64's maximum; they would wrap to negative ids in the
+    cast, so they are flagged (and their value here is meaningless).
+    """
     if pa.types.is_null(col.type):  # an all-null column written without a type
         col = col.cast(pa.int64())
-    if not col.null_count:
-        values = col.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-        return values, np.zeros(len(col), dtype=bool)
-    nulls = col.is_null().to_numpy(zero_copy_only=False)
-    values = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return values, nulls
+    nulls = col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(len(col), bool)
+    raw = (pc.fill_null(col, 0) if col.null_count else col).to_numpy(zero_copy_only=False)
+    wraps = raw > INT64_MAX if raw.dtype == np.uint64 else np.zeros(len(col), bool)
+    return raw.astype(np.int64, copy=False), nulls, wraps
+
+
+def _float32(col: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+    """(float32 values with nulls as 0.0, "not a finite float32" mask) of a numeric column.
+
+    Floats are checked before the cast: NaN, +/-inf and values beyond float32's range (which
+    the cast would turn into inf) are flagged. Integers always fit (rounded to nearest).
+    """
+    if pa.types.is_null(col.type):
+        col = col.cast(pa.float32())
+    raw = (pc.fill_null(col, 0) if col.null_count else col).to_numpy(zero_copy_only=False)
+    if raw.dtype.kind != "f":
+        return raw.astype(np.float32), np.zeros(len(col), bool)
+    bad = ~(np.abs(raw.astype(np.float64)) <= FLOAT32_MAX)  # NaN compares False: bad
+    with np.errstate(over="ignore", invalid="ignore"):  # bad rows are dropped or raised on
+        return raw.astype(np.float32), bad
 
 
 class RawDataset:
@@ -148,13 +183,36 @@ class RawDataset:
         rel = posixpath.relpath(path, self._base) if path.startswith(self._base) else path
         return f"{self.root}/{rel}"
 
+    def _entries(self, folder: str) -> List[Tuple[str, str]]:
+        """(path, "file" | "directory" | "other") of a folder's entries, symlinks followed (fsspec's
+        local listing types every link "other", which would skip a linked file silently)."""
+        out = []
+        for e in self.fs.ls(folder, detail=True):
+            path, kind = e["name"].rstrip("/"), e["type"]
+            if kind == "other" and e.get("islink"):
+                kind = "directory" if self.fs.isdir(path) else "file" if self.fs.isfile(path) else "other"
+            out.append((path, kind))
+        return out
+
     def _subdirs(self, kind: str) -> List[str]:
         top = f"{self._base}/{kind}"
         if not self.fs.isdir(top):
             return []
-        entries = self.fs.ls(top, detail=True)
-        names = (posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
+        names = (posixpath.basename(p) for p, t in self._entries(top) if t == "directory")
         return sorted(n for n in names if not _hidden(n))
+
+    def _parquet_files(self, folder: str) -> List[str]:
+        """Sorted non-hidden ``*.parquet`` files of a folder; such a name that is no regular file
+        is refused (its data would go unread)."""
+        files = []
+        for path, kind in self._entries(folder):
+            name = posixpath.basename(path)
+            if _hidden(name) or not name.endswith(".parquet"):
+                continue
+            if kind != "file":
+                raise DataContractError(self._display(path), None, RULE_NOT_A_FILE)
+            files.append(path)
+        return sorted(files)
 
     def _check_layout(self) -> None:
         for kind, declared in (
@@ -169,13 +227,7 @@ class RawDataset:
                 folder = f"{self._base}/{kind}/{name}"
                 if name not in present:
                     raise DataContractError(self._display(folder), None, RULE_MISSING_FOLDER)
-                files = sorted(
-                    e["name"]
-                    for e in self.fs.ls(folder, detail=True)
-                    if e["type"] == "file"
-                    and e["name"].endswith(".parquet")
-                    and not _hidden(posixpath.basename(e["name"]))
-                )
+                files = self._parquet_files(folder)
                 if not files:
                     raise DataContractError(self._display(folder), None, RULE_EMPTY_FOLDER)
                 self._files[(kind, name)] = files
@@ -187,13 +239,34 @@ class RawDataset:
     def all_files(self) -> List[str]:
         return [f for key in sorted(self._files) for f in self._files[key]]
 
-    def fingerprint_entries(self) -> List[Tuple[str, int, str]]:
-        """(relative path, size, modification stamp) of dataset.yaml and every input file."""
+    def fingerprint_entries(self, full_hash_bytes: int = 1 << 20) -> List[Tuple[str, int, str]]:
+        """(relative path, size, content digest) of dataset.yaml and every input file.
+
+        The digest follows the content, never the modification time: ``sha256:<hex>`` of the
+        whole file for dataset.yaml and for Parquet files of at most ``full_hash_bytes``;
+        ``footer-sha256:<hex>`` of the Parquet footer (schema, row-group offsets, sizes and
+        column statistics) for larger ones, with the size next to it. A footer digest misses
+        an edit that keeps the size and every footer byte (docs/DATA.md, "The cache").
+
+        Raises:
+            DataContractError: a large file without a Parquet footer.
+        """
         out = []
         for path in [f"{self._base}/dataset.yaml"] + self.all_files():
-            info = self.fs.info(path)
-            stamp = info.get("mtime", info.get("created", info.get("LastModified", "")))
-            out.append((posixpath.relpath(path, self._base), int(info.get("size", 0)), str(stamp)))
+            size = int(self.fs.info(path).get("size", 0))
+            with self.fs.open(path, "rb") as fh:
+                if size <= full_hash_bytes or not path.endswith(".parquet"):
+                    digest = "sha256:" + hashlib.sha256(fh.read()).hexdigest()
+                else:  # a Parquet file ends with <footer><4-byte LE footer length>PAR1
+                    fh.seek(size - 8)
+                    tail = fh.read(8)
+                    footer_len = int.from_bytes(tail[:4], "little")
+                    if tail[4:] != b"PAR1" or footer_len + 8 > size:
+                        raise DataContractError(self._display(path), None, RULE_CORRUPT, "no footer")
+                    fh.seek(size - 8 - footer_len)
+                    footer = fh.read(footer_len)
+                    digest = "footer-sha256:" + hashlib.sha256(footer + tail).hexdigest()
+            out.append((posixpath.relpath(path, self._base), size, digest))
         return out
 
     # ---------------------------------------------------------------- reading
@@ -214,6 +287,10 @@ class RawDataset:
                 if column in required:
                     raise DataContractError(self._display(path), column, RULE_MISSING_COLUMN)
                 continue
+            copies = len(arrow_schema.get_all_field_indices(column))
+            if copies > 1:  # Arrow and Parquet allow it; which copy would be the data?
+                detail = f"{copies} columns of this name"
+                raise DataContractError(self._display(path), column, RULE_DUPLICATE_COLUMN, detail)
             t = arrow_schema.field(column).type
             ok = _is_int(t) or pa.types.is_null(t) if want == "int" else _is_numeric(t) or pa.types.is_null(t)
             if not ok:
@@ -228,17 +305,30 @@ class RawDataset:
         except (pa.ArrowException, OSError) as exc:
             raise DataContractError(self._display(path), None, RULE_CORRUPT, str(exc)) from exc
 
-    def _row_problem(self, path: str, column: str, rule: str, bad: np.ndarray, row0: int) -> None:
-        """Raises on the first bad row, or counts them under skip_bad_rows."""
+    def _row_problem(
+        self, path: str, column: str, rule: str, bad: np.ndarray, row0: int, keep: np.ndarray, note: str = ""
+    ) -> None:
+        """Raises on the first bad row still kept, or counts them under skip_bad_rows; then
+        drops them from ``keep`` (in place), so a row bad twice counts once, under its first rule."""
+        bad = bad & keep
         n = int(bad.sum())
         if not n:
             return
         if not self.skip_bad_rows:
             first = row0 + int(np.argmax(bad))
-            raise DataContractError(
-                self._display(path), column, rule, f"row {first}; {n} such row(s) in this batch"
-            )
+            detail = f"row {first}; {n} such row(s) in this batch" + (f"; {note}" if note else "")
+            raise DataContractError(self._display(path), column, rule, detail)
         self.bad_rows.add(self._display(path), column, rule, n)
+        keep &= ~bad
+
+    def _ints(
+        self, path: str, batch: pa.RecordBatch, column: str, row0: int, keep: np.ndarray
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """(int64 values, null mask) of an integer column; a value that does not fit int64 is a
+        bad row (never a wrapped id)."""
+        values, nulls, wraps = _int64(batch.column(column))
+        self._row_problem(path, column, RULE_INT64, wraps, row0, keep)
+        return values, nulls
 
     def iter_scenario(self, scenario: ScenarioSpec) -> Iterator[Tuple[str, pa.RecordBatch]]:
         """Yields (file, normalised batch) of one scenario's exposures, in file then row order."""
@@ -268,7 +358,7 @@ class RawDataset:
             for batch in self._batches(pf, path, columns):
                 keep, cols = self._keys(path, batch, row0)
                 for f, size in sequence.features.items():
-                    values, nulls = _int64(batch.column(f))
+                    values, nulls = self._ints(path, batch, f, row0, keep)
                     cols[f] = fold_ids(values, size, nulls)
                 row0 += batch.num_rows
                 out = _record_batch(cols, keep)
@@ -281,10 +371,11 @@ class RawDataset:
         keep = np.ones(batch.num_rows, dtype=bool)
         cols: Dict[str, np.ndarray] = {}
         for column in (USER_ID, TS):
-            values, nulls = _int64(batch.column(column))
-            self._row_problem(path, column, RULE_NULL, nulls & keep, row0)
-            keep &= ~nulls
+            values, nulls = self._ints(path, batch, column, row0, keep)
+            self._row_problem(path, column, RULE_NULL, nulls, row0, keep)
             cols[column] = values
+        outside = (cols[TS] < TS_MIN) | (cols[TS] >= TS_MAX)
+        self._row_problem(path, TS, RULE_TS_RANGE, outside, row0, keep)
         return keep, cols
 
     def _normalise_exposures(
@@ -294,32 +385,43 @@ class RawDataset:
         names = batch.schema.names
         n = batch.num_rows
         if REQUEST_ID in names:
-            values, nulls = _int64(batch.column(REQUEST_ID))
+            values, nulls = self._ints(path, batch, REQUEST_ID, row0, keep)
             cols[REQUEST_ID] = np.where(nulls, -1, values)
         else:
             cols[REQUEST_ID] = np.full(n, -1, np.int64)
         if SPLIT in names:
-            values, nulls = _int64(batch.column(SPLIT))
+            values, nulls = self._ints(path, batch, SPLIT, row0, keep)
             bad = ~nulls & ((values < 0) | (values > 2))
-            self._row_problem(path, SPLIT, RULE_SPLIT, bad & keep, row0)
-            keep &= ~bad
+            self._row_problem(path, SPLIT, RULE_SPLIT, bad, row0, keep)
             cols[SPLIT] = np.where(nulls, -1, values).astype(np.int8)
         else:
             cols[SPLIT] = np.full(n, -1, np.int8)
         for group, column, size in scenario.categorical():
-            values, nulls = _int64(batch.column(column))
+            values, nulls = self._ints(path, batch, column, row0, keep)
             cols[f"{group}/{column}"] = fold_ids(values, size, nulls)
         for column in scenario.dense_features:
-            col = batch.column(column).cast(pa.float32())
-            col = pc.fill_null(col, 0.0) if col.null_count else col
-            cols[f"dense/{column}"] = col.to_numpy(zero_copy_only=False)
-        for task in scenario.tasks:
-            values, nulls = _int64(batch.column(task))
-            bad = ~nulls & ((values < 0) | (values > 1))
-            self._row_problem(path, task, RULE_LABEL, bad & keep, row0)
-            keep &= ~bad
-            cols[f"label/{task}"] = np.where(nulls, -1, values).astype(np.int8)
+            values, bad = _float32(batch.column(column))
+            self._row_problem(path, column, RULE_NOT_FINITE, bad, row0, keep)
+            cols[f"dense/{column}"] = values
+        self._labels(path, scenario, batch, row0, keep, cols)
         return _record_batch(cols, keep)
+
+    def _labels(
+        self, path: str, scenario: ScenarioSpec, batch: pa.RecordBatch, row0: int,
+        keep: np.ndarray, cols: Dict[str, np.ndarray],
+    ) -> None:
+        """``label/<task>`` columns (null -> -1): each 0/1, and in funnel order (tasks as listed
+        in dataset.yaml) a 1 needs no earlier 0; a null earlier label is unknown, not a 0."""
+        earlier_zero = np.zeros(batch.num_rows, dtype=bool)
+        for i, task in enumerate(scenario.tasks):
+            values, nulls = self._ints(path, batch, task, row0, keep)
+            bad = ~nulls & ((values < 0) | (values > 1))
+            self._row_problem(path, task, RULE_LABEL, bad, row0, keep)
+            broken = ~nulls & (values == 1) & earlier_zero
+            note = f"funnel order {scenario.tasks[: i + 1]}"
+            self._row_problem(path, task, RULE_FUNNEL, broken, row0, keep, note)
+            earlier_zero |= ~nulls & (values == 0)
+            cols[f"label/{task}"] = np.where(nulls, -1, values).astype(np.int8)
 
 
 def _record_batch(cols: Dict[str, np.ndarray], keep: np.ndarray) -> pa.RecordBatch:

@@ -27,15 +27,22 @@ Which actions are kept (``lookback`` and ``window`` in dataset ticks, from the a
   only those with a smaller ts than its own.
 
 A dataset directory holds ``part-NNNNN.parquet`` shards (users hash-partitioned), the
-``dataset.yaml`` it was built from, ``_stats.json`` and a ``_SUCCESS`` marker written last with
-the fingerprint of the inputs and the aggregation config.
+``dataset.yaml`` it was built from, ``_stats.json`` and a ``_SUCCESS`` marker written last: a
+JSON object (:func:`success_record`) with ``producer`` (``mtfm_rec.data.aggregate``), the
+``format_version``, the fingerprint of the inputs and of the aggregation config, and ``shards``:
+the name, row count and byte size of every shard as written. :func:`check_shards` compares that
+list with what is on disk; the loader and the aggregation cache refuse any difference.
 """
 
 from __future__ import annotations
 
-from typing import List
+import json
+import posixpath
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mtfm_rec.data.schema import DatasetSchema
 
@@ -49,6 +56,11 @@ SCHEMA_FILE = "dataset.yaml"
 MISSING_LABEL = -1
 SPLIT_BY_TIME = -1
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+PRODUCER = "mtfm_rec.data.aggregate"  # the ``producer`` of our _SUCCESS markers
+# 2: _SUCCESS lists the shards and inputs are fingerprinted by content (1: sizes and mtimes).
+FORMAT_VERSION = 2
+# Files an aggregation (or the loader's index cache) writes into a dataset directory.
+OWN_FILE_GLOBS = (SHARD_GLOB, SUCCESS_FILE, STATS_FILE, SCHEMA_FILE, "loader-index-*.json")
 
 
 def shard_name(partition: int) -> str:
@@ -106,3 +118,83 @@ def arrow_schema(schema: DatasetSchema) -> pa.Schema:
         fields += [pa.field(exp_dense(s.name, c), pa.list_(pa.float32())) for c in s.dense_features]
         fields += [pa.field(exp_label(s.name, t), pa.list_(pa.int8())) for t in s.tasks]
     return pa.schema(fields)
+
+
+# -------------------------------------------------------------------- the _SUCCESS marker
+def success_record(shards: List[Dict[str, Any]], **fields: Any) -> Dict[str, Any]:
+    """The ``_SUCCESS`` JSON: producer, format version, ``fields`` (fingerprint...) and shards.
+
+    Args:
+        shards: one :func:`shard_entry` per shard, in name order.
+        **fields: the rest of the record (aggregation: ``fingerprint``, ``inputs``, ``config``).
+    """
+    return {"producer": PRODUCER, "format_version": FORMAT_VERSION, **fields, "shards": shards}
+
+
+def shard_entry(name: str, rows: int, nbytes: int) -> Dict[str, Any]:
+    """One shard of the ``_SUCCESS`` shard list."""
+    return {"name": name, "rows": int(rows), "bytes": int(nbytes)}
+
+
+def read_marker(fs: fsspec.AbstractFileSystem, root: str) -> Optional[Dict[str, Any]]:
+    """The parsed ``_SUCCESS`` of ``root``: None when absent, ``{}`` when not a JSON object."""
+    path = posixpath.join(root.rstrip("/"), SUCCESS_FILE)
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as fh:
+            record = json.load(fh)
+    except (OSError, ValueError):  # e.g. the empty _SUCCESS of Spark or Hadoop
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def is_own_marker(record: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a ``_SUCCESS`` record was written by this framework (now or format version 1)."""
+    if not record:
+        return False
+    if record.get("producer") == PRODUCER:
+        return True
+    # format_version 1 had no producer key; its records held exactly these keys.
+    return record.get("format_version") == 1 and {"fingerprint", "inputs", "config"} <= set(record)
+
+
+def check_shards(
+    fs: fsspec.AbstractFileSystem, root: str, record: Optional[Mapping[str, Any]]
+) -> Tuple[Dict[str, pq.FileMetaData], List[str]]:
+    """Reads every shard's footer and compares the shards with the marker's shard list.
+
+    Args:
+        fs: the filesystem of ``root``.
+        root: dataset directory (a filesystem path, no protocol).
+        record: the ``_SUCCESS`` record; its ``shards`` list (when present) is the truth.
+
+    Returns:
+        (footer of every readable shard by path in name order, problems): each problem names
+        the shard and what differs (missing, not listed, bytes, rows, unreadable).
+    """
+    root = root.rstrip("/")
+    paths = sorted(fs.glob(posixpath.join(root, SHARD_GLOB)))
+    listed = {e["name"]: e for e in (record or {}).get("shards", [])}
+    problems = [
+        f"{posixpath.join(root, name)}: listed in {SUCCESS_FILE} but missing"
+        for name in sorted(set(listed) - {posixpath.basename(p) for p in paths})
+    ]
+    metas: Dict[str, pq.FileMetaData] = {}
+    for path in paths:
+        want = listed.get(posixpath.basename(path))
+        if record and "shards" in record and want is None:
+            problems.append(f"{path}: on disk but not listed in {SUCCESS_FILE}")
+        size = int(fs.info(path).get("size", -1))
+        if want is not None and size != want["bytes"]:
+            problems.append(f"{path}: {size} bytes, {SUCCESS_FILE} says {want['bytes']}")
+        try:
+            with fs.open(path, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            problems.append(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})")
+            continue
+        if want is not None and meta.num_rows != want["rows"]:
+            problems.append(f"{path}: {meta.num_rows} rows, {SUCCESS_FILE} says {want['rows']}")
+        metas[path] = meta
+    return metas, problems

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -126,6 +127,10 @@ def random_demo_tables(
         price=pa.array(rng.random(n), mask=rng.random(n) < 0.05),
         click=labels(n), order=labels(n),
     )
+    # Funnel (contract): order = 1 needs click != 0, so a known click = 0 clears the order.
+    click0 = pc.fill_null(hp["click"], 1).to_numpy() == 0
+    order = pc.fill_null(hp["order"], 0).to_numpy()
+    hp["order"] = pa.array(np.where(click0, 0, order), mask=hp["order"].is_null().to_numpy(zero_copy_only=False))
     out["exposures"]["hp"] = split_files(hp)
     m = n // 2
     food = base(m)

@@ -147,7 +147,8 @@ def tiny_tables(draw: Any) -> Dict[str, Dict[str, List[Dict[str, List[Any]]]]]:
     label = st.one_of(st.none(), st.integers(0, 1))
     ident = st.one_of(st.none(), st.integers(-5, 9))
     x = draw(files(st.tuples(users, ts, ident, label)))
-    y = draw(files(st.tuples(users, ts, ident, st.floats(-2, 2, width=32), label, label)))
+    row = st.tuples(users, ts, ident, st.floats(-2, 2, width=32), label, label)
+    y = draw(files(row.filter(lambda r: not (r[4] == 0 and r[5] == 1))))  # funnel: o = 1 needs c != 0
     h = draw(files(st.tuples(users, ts, ident)))
     r = draw(files(st.tuples(users, ts, ident)))
     return {
@@ -283,8 +284,15 @@ def test_markers_and_stats(demo: Tuple[str, str, AggregationConfig]) -> None:
     success = agg.read_success(out)
     assert success is not None
     ds = RawDataset(root)
-    assert success == agg.fingerprint(ds, cfg)
+    shards = success.pop("shards")
+    assert success == {"producer": fmt.PRODUCER, **agg.fingerprint(ds, cfg)}
     assert [e[0] for e in success["inputs"]][0] == "dataset.yaml"
+    # the shard list: every shard, with the row count and size it was written with
+    assert [e["name"] for e in shards] == [fmt.shard_name(k) for k in range(cfg.num_partitions)]
+    for e in shards:
+        path = os.path.join(out, e["name"])
+        assert (e["rows"], e["bytes"]) == (pq.read_metadata(path).num_rows, os.path.getsize(path))
+    assert sum(e["rows"] for e in shards) == read_out(out).num_rows
     assert DatasetSchema.load(out).to_dict() == ds.schema.to_dict()
     stats = json.loads(open(os.path.join(out, fmt.STATS_FILE)).read())
     assert stats["tokens_h"]["max"] <= 6 and stats["tokens_r"]["max"] <= 4
@@ -446,3 +454,32 @@ def test_busy_windows_split_into_time_ordered_chunks(
             for q in schema.sequences:
                 assert c[fmt.seq_ts(q.name)] == sample[fmt.seq_ts(q.name)]
     assert not by_window
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_window_too_big_for_one_sample_is_refused_with_the_fix(
+    raw_writer: Callable[..., str], tmp_path: Any, workers: int
+) -> None:
+    n = agg.UNCHUNKED_EXPOSURE_LIMIT + 1
+    schema = {
+        "name": "busy",
+        "time_unit": "s",
+        "sequences": [],
+        "scenarios": [{"name": "x", "item_features": {"i": 3}, "tasks": ["click"]}],
+    }
+    rows = {"user_id": [7] * n + [8], "ts": list(range(n)) + [0], "i": [0] * (n + 1), "click": [0] * (n + 1)}
+    root = raw_writer(str(tmp_path / "raw"), schema, {"x": [rows]})
+    out = str(tmp_path / "out")
+    cfg = dict(num_partitions=2, num_workers=workers, window_seconds=DAY)
+    with pytest.raises(
+        agg.AggregationError,
+        match=rf"user 7, window \[0, 86400\) \(dataset ticks\): {n} exposures in one sample, above "
+        rf"{n - 1} allowed without max_exposures_per_sample .*max_exposures_per_sample={n} or more",
+    ):
+        agg.aggregate(root, out, config(**cfg))
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["raw"]
+    # the fixes the message names: split busy windows, or keep them whole on purpose
+    chunked = agg.aggregate(root, out, config(max_exposures_per_sample=1024, **cfg))
+    assert chunked.samples_out == -(-n // 1024) + 1 and chunked.tokens_t["max"] == 1024
+    whole = agg.aggregate(root, out, config(max_exposures_per_sample=n, **cfg))
+    assert whole.samples_out == 2 and whole.tokens_t["max"] == n

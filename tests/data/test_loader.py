@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 from typing import Any, Dict, List, Sequence
 
@@ -96,18 +97,21 @@ def make_table(
 def write_dataset(
     root: str, shard_rows: Sequence[int], row_group_size: int = 5, explicit_split: bool = False
 ) -> List[int]:
-    """Writes shards of the given sizes (+ dataset.yaml, _SUCCESS); returns all user ids."""
+    """Writes shards of the given sizes (+ dataset.yaml, a _SUCCESS listing the shards as the
+    aggregation writes it); returns all user ids."""
     os.makedirs(root, exist_ok=True)
     uid = 0
+    shards = []
     for part, n in enumerate(shard_rows):
         table = make_table(range(uid, uid + n), seed=part, explicit_split=explicit_split)
         path = os.path.join(root, fmt.shard_name(part))
         pq.write_table(table, path, row_group_size=row_group_size)
+        shards.append(fmt.shard_entry(fmt.shard_name(part), n, os.path.getsize(path)))
         uid += n
     with open(os.path.join(root, fmt.SCHEMA_FILE), "w") as fh:
         fh.write(SCHEMA.to_yaml())
     with open(os.path.join(root, fmt.SUCCESS_FILE), "w") as fh:
-        fh.write("test\n")
+        json.dump(fmt.success_record(shards, fingerprint="test"), fh)
     return list(range(uid))
 
 

@@ -237,3 +237,189 @@ def test_hidden_files_and_folders_are_not_data(raw_writer: Callable[..., str], t
     ds = RawDataset(root)
     assert [f.rsplit("/", 1)[1] for f in ds.files(rd.EXPOSURES, "hp")] == ["part-0.parquet"]
     assert read_all(ds).num_rows == 3
+
+
+# ---------------------------------------------------------------- values (issue 9)
+def _price(values: List[Any], type_: pa.DataType = pa.float64()) -> Dict[str, Any]:
+    return exposures(price=pa.array(values, type_))
+
+
+@pytest.mark.parametrize(
+    "values, type_, row",
+    [
+        ([1.0, float("nan"), 2.0], pa.float64(), 1),
+        ([float("inf"), 1.0, 2.0], pa.float64(), 0),
+        ([1.0, 2.0, float("-inf")], pa.float32(), 2),
+        ([1.0, 1e39, 2.0], pa.float64(), 1),  # finite in float64, inf once cast to float32
+        ([1.0, None, -3.5e38], pa.float64(), 2),
+    ],
+)
+def test_non_finite_dense_value_is_a_named_bad_row(
+    raw_writer: Callable[..., str], tmp_path: Any, values: List[Any], type_: pa.DataType, row: int
+) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), _price(values, type_))
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", "price", rd.RULE_NOT_FINITE)
+    assert f"(row {row}; 1 such row(s)" in str(err.value)
+    ds = RawDataset(root, skip_bad_rows=True)
+    table = read_all(ds)
+    assert table.num_rows == 2 and np.isfinite(table.column("dense/price").to_numpy()).all()
+    (key, n), = ds.bad_rows.counts.items()
+    assert key[1:] == ("price", rd.RULE_NOT_FINITE) and n == 1
+
+
+def test_dense_values_at_the_float32_limit_and_large_integers_are_read(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
+    top = float(np.finfo(np.float32).max)
+    table = read_all(RawDataset(write(raw_writer, str(tmp_path / "a"), _price([top, -top, 0.5]))))
+    assert table.column("dense/price").to_pylist() == [top, -top, 0.5]
+    # an integer dense column beyond 2**24 is rounded to float32 (pyarrow's cast used to raise)
+    table = read_all(RawDataset(write(raw_writer, str(tmp_path / "b"), _price([2**24 + 1, 3, None], pa.int64()))))
+    assert table.column("dense/price").to_pylist() == [2.0**24, 3.0, 0.0]
+
+
+@pytest.mark.parametrize("ts, row", [([30, 2**62, 20], 1), ([-(2**62) - 1, 10, 20], 0), ([30, 10, 2**63 - 1], 2)])
+def test_ts_outside_the_safe_range_is_a_named_bad_row(
+    raw_writer: Callable[..., str], tmp_path: Any, ts: List[int], row: int
+) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures(ts=ts))
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", "ts", rd.RULE_TS_RANGE)
+    assert f"(row {row};" in str(err.value)
+    ds = RawDataset(root, skip_bad_rows=True)
+    assert read_all(ds).num_rows == 2 and ds.bad_rows.total == 1
+
+
+def test_behaviour_ts_outside_the_safe_range_is_refused(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    # a far-past action whose window arithmetic would wrap: it could land in any window's history
+    root = write(raw_writer, str(tmp_path / "raw"), behaviors={"orders": [dict(ORDERS, ts=[5, -(2**63)])]})
+    ds = RawDataset(root)
+    with pytest.raises(DataContractError) as err:
+        list(ds.iter_sequence(ds.schema.sequences[0]))
+    assert_contract_error(err.value, "behaviors/orders/part-0.parquet", "ts", rd.RULE_TS_RANGE)
+
+
+def test_ts_at_the_ends_of_the_safe_range_is_kept(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures(ts=[rd.TS_MIN, rd.TS_MAX - 1, 0]))
+    assert read_all(RawDataset(root)).column("ts").to_pylist() == [rd.TS_MIN, rd.TS_MAX - 1, 0]
+
+
+@pytest.mark.parametrize("column", ["user_id", "shop", "request_id", "click"])
+def test_uint64_values_that_would_wrap_are_a_named_bad_row(
+    raw_writer: Callable[..., str], tmp_path: Any, column: str
+) -> None:
+    good = {"user_id": [1, 2, 1], "shop": [0, 4, 5], "request_id": [1, 2, 3], "click": [1, 0, 0]}[column]
+    values = pa.array(good[:2] + [2**64 - 1], pa.uint64())
+    root = write(raw_writer, str(tmp_path / "raw"), exposures(**{column: values}))
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", column, rd.RULE_INT64)
+    assert "(row 2;" in str(err.value)
+
+
+def test_uint64_values_that_fit_are_read_as_int64(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    hp = exposures(user_id=pa.array([2**63 - 1, 2, 1], pa.uint64()), shop=pa.array([0, 4, 2**63 - 1], pa.uint64()))
+    beh = {"orders": [dict(ORDERS, item=pa.array([3, 2**63 - 1], pa.uint64()))]}
+    ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), hp, behaviors=beh))
+    table = read_all(ds)
+    assert table.column("user_id").to_pylist() == [2**63 - 1, 2, 1]
+    assert table.column("item/shop").to_pylist() == [0, 4, (2**63 - 1) % 5]
+    seq = pa.Table.from_batches([b for _, b in ds.iter_sequence(ds.schema.sequences[0])])
+    assert seq.column("item").to_pylist() == [3, (2**63 - 1) % 10]
+
+
+def test_uint64_behaviour_feature_that_would_wrap_is_refused(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    beh = {"orders": [dict(ORDERS, item=pa.array([3, 2**63], pa.uint64()))]}
+    ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), behaviors=beh))
+    with pytest.raises(DataContractError) as err:
+        list(ds.iter_sequence(ds.schema.sequences[0]))
+    assert_contract_error(err.value, "behaviors/orders/part-0.parquet", "item", rd.RULE_INT64)
+
+
+def test_funnel_violation_is_a_named_bad_row(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures(click=[1, 0, None], order=[1, 1, 1]))
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", "order", rd.RULE_FUNNEL)
+    assert "(row 1; 1 such row(s) in this batch; funnel order ['click', 'order'])" in str(err.value)
+    ds = RawDataset(root, skip_bad_rows=True)
+    table = read_all(ds)  # row 2 (click unknown, order 1) is no contradiction: kept
+    assert table.column("label/click").to_pylist() == [1, -1]
+    assert table.column("label/order").to_pylist() == [1, 1]
+    assert {k[1:]: n for k, n in ds.bad_rows.counts.items()} == {("order", rd.RULE_FUNNEL): 1}
+
+
+def test_funnel_is_checked_across_an_unknown_middle_task(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    schema = copy.deepcopy(SCHEMA)
+    schema["scenarios"][0]["tasks"] = ["click", "order", "pay"]
+    hp = exposures(click=[0, 1, 1], order=[None, None, 0], pay=[1, 1, 0])
+    root = write(raw_writer, str(tmp_path / "raw"), hp, schema=schema)
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", "pay", rd.RULE_FUNNEL)
+    assert "(row 0;" in str(err.value)
+
+
+def test_a_row_with_a_nan_and_a_broken_funnel_counts_once(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    hp = exposures(price=[float("nan"), 1.0, 2.0], click=[0, 0, 1], order=[1, 0, 1])
+    ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), hp), skip_bad_rows=True)
+    assert read_all(ds).num_rows == 2
+    assert {k[1:]: n for k, n in ds.bad_rows.counts.items()} == {("price", rd.RULE_NOT_FINITE): 1}
+
+
+@pytest.mark.parametrize("column", ["user_id", "shop", "price", "click"])
+def test_a_column_written_twice_is_a_named_structural_error(
+    raw_writer: Callable[..., str], tmp_path: Any, column: str
+) -> None:
+    # Arrow tables (and Parquet files) may hold two columns of one name; which one is data?
+    table = pa.table({k: pa.array(v) for k, v in exposures().items()})
+    table = table.append_column(column, table.column(column))
+    root = write(raw_writer, str(tmp_path / "raw"), table)
+    with pytest.raises(DataContractError) as err:
+        read_all(RawDataset(root, skip_bad_rows=True))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", column, rd.RULE_DUPLICATE_COLUMN)
+    assert "2 columns of this name" in str(err.value)
+
+
+def test_a_duplicated_unused_column_is_ignored(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    table = pa.table({k: pa.array(v) for k, v in exposures(note=["a", "b", "c"]).items()})
+    root = write(raw_writer, str(tmp_path / "raw"), table.append_column("note", table.column("note")))
+    assert read_all(RawDataset(root)).num_rows == 3
+
+
+def test_symlinked_files_and_folders_are_read(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+    # fsspec lists a symlink as type "other": such a Parquet file used to be skipped silently
+    root = write(raw_writer, str(tmp_path / "raw"), exposures={"hp": [exposures(), exposures()]})
+    hp = tmp_path / "raw/exposures/hp"
+    (tmp_path / "kept").mkdir()
+    (hp / "part-1.parquet").rename(tmp_path / "kept/elsewhere.parquet")
+    (hp / "part-1.parquet").symlink_to(tmp_path / "kept/elsewhere.parquet")
+    orders = tmp_path / "raw/behaviors/orders"
+    orders.rename(tmp_path / "kept/orders")
+    orders.symlink_to(tmp_path / "kept/orders", target_is_directory=True)
+    ds = RawDataset(root)
+    assert [f.rsplit("/", 1)[1] for f in ds.files(rd.EXPOSURES, "hp")] == ["part-0.parquet", "part-1.parquet"]
+    assert read_all(ds).num_rows == 6
+    assert sum(b.num_rows for _, b in ds.iter_sequence(ds.schema.sequences[0])) == 2
+    assert len(ds.fingerprint_entries()) == 4
+
+
+@pytest.mark.parametrize("entry", ["dangling link", "folder", "device"])
+def test_a_parquet_name_that_is_not_a_regular_file_is_refused(
+    raw_writer: Callable[..., str], tmp_path: Any, entry: str
+) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"))
+    path = tmp_path / "raw/exposures/hp/part-1.parquet"
+    if entry == "dangling link":
+        path.symlink_to(tmp_path / "gone.parquet")
+    elif entry == "folder":  # e.g. a Spark dataset folder: its files would go unread
+        (path / "part-0.parquet").parent.mkdir()
+        (path / "part-0.parquet").write_bytes(b"")
+    else:
+        path.symlink_to("/dev/null")
+    with pytest.raises(DataContractError) as err:
+        RawDataset(root)
+    assert_contract_error(err.value, "exposures/hp/part-1.parquet", None, rd.RULE_NOT_A_FILE)
