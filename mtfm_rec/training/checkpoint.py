@@ -1,4 +1,4 @@
-"""Atomic, resharding checkpoints with ``torch.distributed.checkpoint`` (DCP).
+"""Atomic, verified, resharding checkpoints with ``torch.distributed.checkpoint`` (DCP).
 
 A checkpoint is one directory ``<root>/step_<N>/``::
 
@@ -7,12 +7,21 @@ A checkpoint is one directory ``<root>/step_<N>/``::
       meta.json                        step, world size, free-form metadata (config, best metric)
       ranks.json                       every rank's loader state (JSON), gathered to rank 0
       rng.pt                           every rank's RNG states (torch, cuda, numpy, python)
-      COMPLETE                         written last: only directories with it are checkpoints
+      COMPLETE                         written last: the manifest (size and sha256 of every file)
 
-All ranks write into ``step_<N>.tmp/``; after a barrier rank 0 writes the side files, renames
-the directory to ``step_<N>/`` and then writes ``COMPLETE``. A crash at any point leaves either a
-``.tmp`` directory or one without ``COMPLETE``, both ignored by :func:`latest_checkpoint` and
-removed by the next prune.
+All ranks write into ``step_<N>.tmp/``; each rank then hashes the DCP files it wrote (in
+parallel, while they are still in the page cache); rank 0 writes the side files, hashes them,
+renames the directory to ``step_<N>/`` and then writes ``COMPLETE`` (atomically: a temporary
+file renamed). A crash at any point leaves either a ``.tmp`` directory or one without
+``COMPLETE``, both ignored by :func:`latest_checkpoint` and removed by the next prune. A failed
+write (disk full, ...) removes the partial directory and raises :class:`CheckpointWriteError`
+on every rank.
+
+Resume verifies a checkpoint against its manifest before reading it (:func:`verify_checkpoint`:
+every rank checks a share of the files, the problems are gathered so that all ranks agree);
+:func:`select_checkpoint` takes the newest one that verifies, and raises
+:class:`CheckpointCorruptError` when none does. Checkpoints written before manifests existed
+(``COMPLETE`` holds only the step) load unverified, with a warning.
 
 Resharding: DCP stores each tensor as chunks with global offsets (ShardedTensor / DTensor
 metadata), and loads them into whatever sharding the *target* state dict has. Building the
@@ -25,12 +34,17 @@ Requires a filesystem all ranks see (``root`` on a shared mount, or a single hos
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import logging
+import math
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -38,6 +52,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -49,6 +64,9 @@ logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 16 << 20  # bytes read per hashlib update (which releases the GIL)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Per-rank counters that add up to a global count; see default_reshard_rank_states.
 SPLIT_COUNTERS: Tuple[str, ...] = ("samples_seen",)
@@ -80,6 +98,35 @@ class CheckpointState:
     samples_seen: int = 0
 
 
+class CheckpointError(RuntimeError):
+    """Base of the errors this module raises about a checkpoint's files."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint (or every checkpoint of a root) failed verification against its manifest.
+
+    Attributes:
+        problems: checkpoint path -> what is wrong with it, one line per file.
+    """
+
+    def __init__(self, message: str, problems: Dict[str, List[str]]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written; the partial files were removed.
+
+    Attributes:
+        path: the checkpoint that was not written.
+        errno: the OS error number behind it (``errno.ENOSPC`` for a full disk), or None.
+    """
+
+    def __init__(self, message: str, path: str, errno_: Optional[int]) -> None:
+        super().__init__(message)
+        self.path, self.errno = path, errno_
+
+
 # ---------------------------------------------------------------------------- distributed
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -105,6 +152,25 @@ def _gather_to_rank0(obj: Any, pg: Optional[dist.ProcessGroup]) -> Optional[List
     out: Optional[List[Any]] = [None] * _world(pg) if _rank(pg) == 0 else None
     dst = dist.get_global_rank(pg, 0) if pg is not None else 0
     dist.gather_object(obj, out, dst=dst, group=pg)
+    return out
+
+
+def _broadcast_from_rank0(obj: Any, pg: Optional[dist.ProcessGroup]) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if _world(pg) == 1:
+        return obj
+    box = [obj]
+    src = dist.get_global_rank(pg, 0) if pg is not None else 0
+    dist.broadcast_object_list(box, src=src, group=pg)
+    return box[0]
+
+
+def _all_gather(obj: Any, pg: Optional[dist.ProcessGroup]) -> List[Any]:
+    """Every rank's ``obj`` on every rank, in rank order."""
+    if _world(pg) == 1:
+        return [obj]
+    out: List[Any] = [None] * _world(pg)
+    dist.all_gather_object(out, obj, group=pg)
     return out
 
 
@@ -224,13 +290,23 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return found[-1][1] if found else None
 
 
-def _write_json(path: str, obj: Any) -> None:
+def _write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (a temporary file, fsynced, renamed over it)."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # a full disk must not keep the half-written file
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def _fsync_dir(path: str) -> None:
@@ -244,6 +320,183 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------- manifest
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest_files(directory: str, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """name -> {"size", "sha256"} of files in ``directory``, hashed on a few threads."""
+
+    def one(name: str) -> Dict[str, Any]:
+        path = os.path.join(directory, name)
+        return {"size": os.path.getsize(path), "sha256": _sha256(path)}
+
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(names)))) as pool:
+        return dict(zip(names, pool.map(one, names)))
+
+
+def _own_dcp_files(directory: str, rank: int) -> List[str]:
+    """The DCP data files rank ``rank`` wrote (DCP names them ``__<rank>_<i>.distcp``)."""
+    own = re.compile(rf"^__{rank}_\d+\.distcp$")
+    return sorted(n for n in os.listdir(directory) if own.match(n))
+
+
+def _manifest_files(directory: str) -> List[str]:
+    """Every file of a checkpoint directory but the manifest itself."""
+    return sorted(
+        n for n in os.listdir(directory)
+        if not n.startswith(COMPLETE) and os.path.isfile(os.path.join(directory, n))
+    )
+
+
+def read_manifest(path: str) -> Optional[Dict[str, Any]]:
+    """The manifest in a checkpoint's ``COMPLETE`` ({"manifest_version", "step", "files":
+    {name: {"size", "sha256"}}}), or None for a checkpoint written before manifests existed
+    (``COMPLETE`` holds only the step).
+
+    Raises:
+        CheckpointError: ``COMPLETE`` is missing or is neither a manifest nor a bare step.
+    """
+    marker = os.path.join(path, COMPLETE)
+    try:
+        with open(marker) as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{COMPLETE}: missing (not a complete checkpoint)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{COMPLETE}: manifest unreadable ({exc})") from None
+    if re.fullmatch(r"\s*\d+\s*", text):
+        return None
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{COMPLETE}: manifest unreadable (not JSON: {exc})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+        for v in files.values()
+    ):
+        raise CheckpointError(f'{COMPLETE}: manifest unreadable (no "files" with a size and sha256 each)')
+    return manifest
+
+
+def _check_file(directory: str, name: str, expected: Mapping[str, Any]) -> Optional[str]:
+    """What is wrong with one file against its manifest entry, or None."""
+    path = os.path.join(directory, name)
+    try:
+        size = os.path.getsize(path)
+        if size != expected["size"]:
+            return f"{name}: size differs (manifest {expected['size']} bytes, on disk {size})"
+        digest = _sha256(path)
+    except FileNotFoundError:
+        return f"{name}: missing"
+    except OSError as exc:
+        return f"{name}: unreadable ({exc})"
+    if digest != expected["sha256"]:
+        return f"{name}: checksum differs (sha256 in the manifest {expected['sha256'][:16]}..., on disk {digest[:16]}...)"
+    return None
+
+
+def verify_checkpoint(path: str, process_group: Optional[dist.ProcessGroup] = None) -> List[str]:
+    """Checks every file of a checkpoint against its manifest; collective over the group.
+
+    Each rank checks a share of the files (the largest files spread first), and the problems
+    are gathered, so every rank returns the same list. A checkpoint without a manifest (written
+    before manifests existed) is accepted with a logged warning.
+
+    Returns:
+        One line per problem (``"<file>: missing"``, ``"...: size differs (...)"``,
+        ``"...: checksum differs (...)"``, ``"COMPLETE: manifest unreadable (...)"``); empty if
+        the checkpoint verifies.
+    """
+    rank, world = _rank(process_group), _world(process_group)
+    mine: List[str] = []
+    legacy = False
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        mine.append(str(exc))
+    else:
+        legacy = manifest is None
+        files = (manifest or {}).get("files", {})
+        by_size = sorted(files, key=lambda n: (-files[n]["size"], n))
+        mine += [p for p in (_check_file(path, n, files[n]) for n in by_size[rank::world]) if p]
+        name = re.match(_STEP_DIR, os.path.basename(os.path.normpath(path)))
+        if rank == 0 and manifest is not None and name and manifest.get("step") != int(name.group(1)):
+            mine.append(f"{COMPLETE}: the manifest is of step {manifest.get('step')}, not {name.group(1)}")
+    problems = sorted({p for part in _all_gather(mine, process_group) for p in part})
+    if legacy and not problems and rank == 0:
+        logger.warning("%s has no manifest (written before checkpoints were checksummed): loading it unverified", path)
+    return problems
+
+
+def _require_verified(path: str, process_group: Optional[dist.ProcessGroup]) -> None:
+    """Raises :class:`CheckpointCorruptError` unless ``path`` verifies; collective."""
+    problems = verify_checkpoint(path, process_group)
+    if problems:
+        raise CheckpointCorruptError(
+            f"{path} fails verification against its manifest, so it is not loaded: "
+            f"{'; '.join(problems)}. Restore the files, or resume from an older checkpoint "
+            "(train.resume=auto takes the newest one that verifies).",
+            {path: problems},
+        )
+
+
+def _set_aside(path: str) -> str:
+    """Renames a damaged checkpoint to ``step_<N>.damaged[.k]``, which nothing lists or prunes."""
+    target, k = f"{path}.damaged", 1
+    while os.path.exists(target):
+        target, k = f"{path}.damaged.{k}", k + 1
+    os.rename(path, target)
+    return target
+
+
+def select_checkpoint(root: str, process_group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
+    """The newest complete checkpoint under ``root`` that verifies; collective over the group.
+
+    Newer checkpoints that fail are logged (each file and what is wrong) and set aside as
+    ``step_<N>.damaged`` (rank 0), so that neither the latest checkpoint nor pruning counts
+    them; their files are kept.
+
+    Returns:
+        The checkpoint path, or None if ``root`` holds no complete checkpoint.
+
+    Raises:
+        CheckpointCorruptError: ``root`` has complete checkpoints and none verifies (a run is
+            never silently restarted from step 0).
+    """
+    rank = _rank(process_group)
+    found = _broadcast_from_rank0(list_checkpoints(root) if rank == 0 else None, process_group)
+    failed: Dict[str, List[str]] = {}
+    for _, path in reversed(found):
+        problems = verify_checkpoint(path, process_group)
+        if not problems:
+            break
+        failed[path] = problems
+        if rank == 0:
+            logger.warning("checkpoint %s fails verification, skipped: %s", path, "; ".join(problems))
+    else:
+        if not failed:
+            return None
+        lines = "; ".join(f"{os.path.basename(p)}: {', '.join(v)}" for p, v in failed.items())
+        raise CheckpointCorruptError(
+            f"no checkpoint under {root} verifies against its manifest, so the run cannot resume "
+            f"(and is not restarted from step 0): {lines}. Restore the files, or start over with "
+            "train.resume=never or a new train.run_dir.",
+            failed,
+        )
+    if rank == 0:
+        for bad in failed:
+            logger.warning("damaged checkpoint %s set aside as %s", bad, _set_aside(bad))
+    _barrier(process_group)
+    return path
 
 
 def prune_checkpoints(root: str, keep_last: int, keep: Sequence[str] = ()) -> List[str]:
@@ -303,6 +556,11 @@ def save_checkpoint(
 
     Returns:
         The final checkpoint path.
+
+    Raises:
+        CheckpointWriteError: on every rank, when the checkpoint could not be written (for a
+            full disk, ``errno`` is ``errno.ENOSPC`` and the message says so); the partial
+            directory is removed and earlier checkpoints are untouched.
     """
     # Fail on the offending rank before any collective rather than on rank 0 after them.
     json.dumps(rank_state)
@@ -318,40 +576,137 @@ def save_checkpoint(
     state: Dict[str, Any] = {"model": _model_state(model)}
     if optimizer is not None:
         state["optim"] = _optim_state(model, optimizer)
-    dcp.save(
-        state, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group, no_dist=not _dist_on()
+    try:
+        dcp.save(
+            state, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group, no_dist=not _dist_on()
+        )
+    except (Exception, CheckpointException) as exc:  # DCP raises on every rank alike
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, root, exc) from exc
+    # Each rank hashes the files it wrote: in parallel, and still in its page cache.
+    hashed: Dict[str, Any] = {"files": {}, "error": None}
+    try:
+        hashed["files"] = _digest_files(tmp, _own_dcp_files(tmp, rank))
+    except OSError as exc:
+        hashed["error"] = exc
+    gathered = _gather_to_rank0(
+        {"rank_state": rank_state, "rng": get_rng_state(), **hashed}, process_group
     )
 
-    rank_states = _gather_to_rank0(rank_state, process_group)
-    rng_states = _gather_to_rank0(get_rng_state(), process_group)
-    if rank == 0:
-        assert rank_states is not None and rng_states is not None
-        world = _world(process_group)
-        _write_json(os.path.join(tmp, "ranks.json"), {"world_size": world, "states": rank_states})
-        torch.save(rng_states, os.path.join(tmp, "rng.pt"))
+    def finish() -> None:
+        assert gathered is not None
+        _finish_save(root, step, final, tmp, gathered, optimizer is not None, metadata)
+        if keep_last is not None:
+            prune_checkpoints(root, keep_last, keep)
+
+    _on_rank0(finish, process_group, lambda exc: _write_error(final, root, exc))
+    return final
+
+
+def _finish_save(
+    root: str, step: int, final: str, tmp: str, gathered: List[Dict[str, Any]], has_optimizer: bool,
+    metadata: Optional[Dict[str, Any]],
+) -> None:
+    """Rank 0's part of a save: side files, manifest, rename, ``COMPLETE``; on any failure the
+    partial directory is removed (an earlier checkpoint of the same step is already gone)."""
+    renamed = False
+    try:
+        for part in gathered:
+            if part["error"] is not None:
+                raise part["error"]
+        world = len(gathered)
+        _write_json(os.path.join(tmp, "ranks.json"), {"world_size": world, "states": [g["rank_state"] for g in gathered]})
+        buffer = io.BytesIO()
+        torch.save([g["rng"] for g in gathered], buffer)
+        _write_bytes(os.path.join(tmp, "rng.pt"), buffer.getvalue())
         _write_json(
             os.path.join(tmp, "meta.json"),
-            {
-                "format_version": FORMAT_VERSION,
-                "step": int(step),
-                "world_size": world,
-                "has_optimizer": optimizer is not None,
-                "metadata": metadata or {},
-            },
+            {"format_version": FORMAT_VERSION, "step": int(step), "world_size": world,
+             "has_optimizer": has_optimizer, "metadata": metadata or {}},
         )
+        files: Dict[str, Any] = {}
+        for part in gathered:
+            files.update(part["files"])
+        files.update(_digest_files(tmp, [n for n in _manifest_files(tmp) if n not in files]))
         if os.path.exists(final):  # re-saving a step: the new one replaces it
             shutil.rmtree(final)
         os.rename(tmp, final)
+        renamed = True
         _fsync_dir(root)
-        with open(os.path.join(final, COMPLETE), "w") as fh:
-            fh.write(f"{step}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        manifest = {"manifest_version": MANIFEST_VERSION, "step": int(step), "files": files}
+        _write_json(os.path.join(final, COMPLETE), manifest)  # atomic: the commit point
         _fsync_dir(final)
-        if keep_last is not None:
-            prune_checkpoints(root, keep_last, keep)
-    _barrier(process_group)
-    return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if renamed and not is_complete(final):
+            shutil.rmtree(final, ignore_errors=True)
+        raise
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first OSError behind ``exc`` (through causes and DCP's per-rank failures), else the
+    first per-rank failure, else ``exc``."""
+    seen, todo, inner = set(), [exc], None
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        if isinstance(e, CheckpointException):
+            failures = [f[0] for f in e.failures.values()]
+            inner = inner or (failures[0] if failures else None)
+            todo += failures
+        todo += [e.__cause__, e.__context__]
+    return inner or exc
+
+
+def _errno(exc: BaseException) -> Optional[int]:
+    if not isinstance(exc, OSError):
+        return None
+    if exc.errno is None and len(exc.args) == 1 and isinstance(exc.args[0], int):
+        return exc.args[0]  # OSError(errno.ENOSPC): the code alone, not unpacked into errno
+    return exc.errno
+
+
+def _write_error(final: str, root: str, exc: BaseException, what: str = "checkpoint") -> CheckpointWriteError:
+    """The error every rank raises when checkpoint ``final`` (or another file under ``root``)
+    could not be written."""
+    cause = _root_cause(exc)
+    code = _errno(cause)
+    newest = latest_checkpoint(root)
+    kept = f"earlier checkpoints are intact (newest: {newest})" if newest else "no earlier checkpoint exists"
+    if code in _DISK_FULL:
+        try:
+            free = f"{shutil.disk_usage(root).free} bytes free under {root}"
+        except OSError:
+            free = f"free space under {root} unknown"
+        reason = f"the disk is full ({os.strerror(code)}; {free})"
+        hint = " Free space (or lower train.keep_checkpoints), then resume."
+    else:
+        reason, hint = f"{type(cause).__name__}: {cause}", ""
+    return CheckpointWriteError(
+        f"{what} {final} was not written: {reason}. Its partial files were removed and {kept}.{hint}", final, code
+    )
+
+
+def _on_rank0(
+    fn: Callable[[], None], pg: Optional[dist.ProcessGroup], error: Callable[[BaseException], CheckpointWriteError]
+) -> None:
+    """Runs ``fn`` on rank 0; if it fails, every rank raises the same :class:`CheckpointWriteError`
+    (rather than rank 0 alone, with the others left waiting in the next collective)."""
+    failure: Optional[BaseException] = None
+    if _rank(pg) == 0:
+        try:
+            fn()
+        except Exception as exc:
+            failure = exc
+    made = error(failure) if failure is not None else None
+    args = _broadcast_from_rank0(None if made is None else (str(made), made.path, made.errno), pg)
+    if args is not None:
+        raise CheckpointWriteError(*args) from failure
 
 
 def default_reshard_rank_states(states: RankStates, world_size: int) -> RankStates:
@@ -387,7 +742,8 @@ def default_reshard_rank_states(states: RankStates, world_size: int) -> RankStat
 
 
 def read_checkpoint_info(path: str) -> Dict[str, Any]:
-    """``meta.json`` of a checkpoint (step, world_size, metadata, ...)."""
+    """``meta.json`` of a checkpoint (step, world_size, metadata, ...); not verified (see
+    :func:`verify_checkpoint`)."""
     with open(os.path.join(path, "meta.json")) as fh:
         return json.load(fh)
 
@@ -400,6 +756,7 @@ def load_checkpoint(
     process_group: Optional[dist.ProcessGroup] = None,
     restore_rng: bool = True,
     reshard_rank_states: ReshardFn = default_reshard_rank_states,
+    verify: bool = True,
 ) -> CheckpointState:
     """Loads a checkpoint into ``model`` and ``optimizer`` in place; collective over the group.
 
@@ -417,12 +774,21 @@ def load_checkpoint(
             states; ranks beyond the saved world size get a fresh seed derived from
             ``(step, rank)``.
         reshard_rank_states: maps the saved loader states to the current world size.
+        verify: check every file against the manifest first (:func:`verify_checkpoint`);
+            False only for a path just verified (e.g. by :func:`select_checkpoint`), or to
+            load a damaged checkpoint deliberately.
 
     Returns:
         The step, metadata and this rank's loader state.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a complete checkpoint.
+        CheckpointCorruptError: a file is missing or differs from the manifest.
     """
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
+    if verify:
+        _require_verified(path, process_group)
     info = read_checkpoint_info(path)
     if model is not None:
         state: Dict[str, Any] = {"model": _model_state(model)}
@@ -501,9 +867,67 @@ class CheckpointManager:
         return record if is_complete(record["path"]) else None
 
     def latest(self) -> Optional[str]:
+        """The newest complete checkpoint (not verified: see :meth:`resume_path`)."""
         return latest_checkpoint(self.root)
 
+    def resume_path(self, resume: str, process_group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
+        """The verified checkpoint to resume from; collective over the group.
+
+        Args:
+            resume: ``"auto"`` (the newest checkpoint that verifies, see
+                :func:`select_checkpoint`; None if there is none), ``"never"`` (None) or a
+                checkpoint path (verified).
+
+        Raises:
+            CheckpointCorruptError: the given checkpoint, or with ``"auto"`` every checkpoint,
+                fails verification.
+        """
+        if resume == "never":
+            return None
+        if resume == "auto":
+            path = select_checkpoint(self.root, process_group)
+        elif not is_complete(resume):
+            raise FileNotFoundError(f"{resume}: not a complete checkpoint (no {COMPLETE} marker)")
+        else:
+            _require_verified(resume, process_group)
+            path = resume
+        if path is not None:
+            step = int(read_checkpoint_info(path)["step"])
+            best_file = os.path.join(self.root, "BEST")
+            _on_rank0(lambda: self._rewind_best(step), process_group,
+                      lambda e: _write_error(best_file, self.root, e, "the record"))
+        return path
+
+    def _rewind_best(self, step: int) -> None:
+        """Makes ``BEST`` name the best checkpoint at or before ``step``: a run resuming there
+        (from an older checkpoint than the newest) abandons the later ones' validations."""
+        path = os.path.join(self.root, "BEST")
+        try:
+            with open(path) as fh:
+                record = json.load(fh)
+        except FileNotFoundError:
+            return
+        if int(record.get("step", -1)) <= step:
+            return
+        best: Optional[Dict[str, Any]] = None
+        for saved, ckpt in list_checkpoints(self.root):
+            try:
+                metric = read_checkpoint_info(ckpt).get("metadata", {}).get("metric") if saved <= step else None
+            except (OSError, ValueError):  # unverified older checkpoint: not a candidate
+                metric = None
+            if metric and metric.get("value") is not None and self._better(metric["value"], best):
+                best = {"name": os.path.basename(ckpt), "step": saved, "metric": self.best_metric,
+                        "value": metric["value"]}
+        if best is None:
+            os.remove(path)
+        else:
+            _write_json(path, best)
+        logger.warning("%s: step %s is after the resumed step %d; best is now %s", path, record.get("step"), step,
+                       f"step {best['step']}" if best else "none")
+
     def _better(self, value: float, old: Optional[Dict[str, Any]]) -> bool:
+        if not math.isfinite(value):  # a NaN/inf score is never the best, whoever calls
+            return False
         if old is None or old.get("value") is None:
             return True
         return value > old["value"] if self.mode == "max" else value < old["value"]
@@ -528,7 +952,9 @@ class CheckpointManager:
             self.root, step, model, optimizer,
             rank_state=rank_state, metadata=meta, process_group=process_group,
         )
-        if _rank(process_group) == 0:
+
+        def record_best_and_prune() -> None:
+            nonlocal best
             if metric_value is not None and self._better(metric_value, best):
                 best = {"name": os.path.basename(path), "step": step, "metric": self.best_metric,
                         "value": metric_value}
@@ -536,5 +962,8 @@ class CheckpointManager:
                 best["path"] = path
             if self.keep_last > 0:
                 prune_checkpoints(self.root, self.keep_last, [best["path"]] if best else [])
-        _barrier(process_group)
+
+        # The checkpoint itself is complete here; BEST (written atomically) may not be.
+        best_file = os.path.join(self.root, "BEST")
+        _on_rank0(record_best_and_prune, process_group, lambda e: _write_error(best_file, self.root, e, "the record"))
         return path

@@ -3,18 +3,26 @@
 Every scalar goes through :meth:`RunLogger.log` with a tag (``train/loss``, ``valid/auc``,
 ``perf/samples_per_s`` ...) and a step; the CSV (``<run_dir>/log.csv``: step, tag, value,
 wall time) is the durable record the plots are drawn from, so a resumed run appends to it and
-its curves continue where the killed run stopped.
+its curves continue where the killed run stopped. :meth:`RunLogger.resume_from` (called with
+the step a run starts from) first drops the rows the killed run wrote after that step, which
+the resumed run writes again, so that the CSV has each step once; TensorBoard's event files
+cannot be rewritten, so the next writer is opened with ``purge_step`` and TensorBoard hides
+the old events of those steps.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import time
 from collections import defaultdict
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 CSV_NAME = "log.csv"
+HEADER = ["step", "tag", "value", "time"]
+
+logger = logging.getLogger(__name__)
 
 
 class RunLogger:
@@ -24,32 +32,78 @@ class RunLogger:
         self.run_dir = run_dir
         self.enabled = enabled
         self._tb = None
+        self._tb_wanted = tensorboard
+        self._purge_step: Optional[int] = None
         self._csv = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        path = os.path.join(run_dir, CSV_NAME)
-        fresh = not os.path.exists(path)
+        self._open_csv()
+
+    def _open_csv(self) -> None:
+        path = os.path.join(self.run_dir, CSV_NAME)
+        fresh = not os.path.exists(path) or os.path.getsize(path) == 0
         self._csv = open(path, "a", newline="")
         self._writer = csv.writer(self._csv)
         if fresh:
-            self._writer.writerow(["step", "tag", "value", "time"])
-        if tensorboard:
+            self._writer.writerow(HEADER)
+            self._csv.flush()
+
+    def _tensorboard(self) -> Any:
+        """The SummaryWriter, opened on first use (after :meth:`resume_from` set purge_step)."""
+        if self._tb is None and self._tb_wanted:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
             except ImportError:  # tensorboard is optional at run time
-                self._tb = None
+                self._tb_wanted = False
+                return None
+            self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self._purge_step)
+        return self._tb
+
+    def resume_from(self, step: int) -> int:
+        """Forgets what an earlier run logged after ``step``: the run (re)starts there.
+
+        Rewrites ``log.csv`` (atomically) without the rows of steps ``> step`` and without
+        unparsable rows (a line cut short by a crash), and opens the next TensorBoard writer
+        with ``purge_step=step + 1``, so TensorBoard hides the earlier events of those steps.
+
+        Returns:
+            The number of rows dropped from the CSV.
+        """
+        if not self.enabled:
+            return 0
+        assert self._csv is not None
+        self._csv.close()
+        path = os.path.join(self.run_dir, CSV_NAME)
+        with open(path, newline="") as fh:
+            rows = [row for row in csv.reader(fh) if row != HEADER]
+        steps = [_row_step(row) for row in rows]
+        kept = [row for row, s in zip(rows, steps) if s is not None and s <= step]
+        dropped = len(rows) - len(kept)
+        if dropped:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w", newline="") as fh:
+                csv.writer(fh).writerows([HEADER] + kept)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            logger.warning("%s: dropped %d rows of steps after %d (or cut short) left by an earlier run", path, dropped, step)
+        self._open_csv()
+        if self._tb is not None:  # already writing: the purge needs a new writer
+            self._tb.close()
+            self._tb = None
+        self._purge_step = step + 1
+        return dropped
 
     def log(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         now = time.time()
+        tb = self._tensorboard()
         for tag, value in scalars.items():
             self._writer.writerow([step, tag, f"{float(value):.6g}", f"{now:.3f}"])
-            if self._tb is not None:
-                self._tb.add_scalar(tag, float(value), step)
+            if tb is not None:
+                tb.add_scalar(tag, float(value), step)
         self._csv.flush()  # type: ignore[union-attr]
 
     def close(self) -> None:
@@ -61,6 +115,17 @@ class RunLogger:
             self._csv = None
 
 
+def _row_step(row: List[str]) -> Optional[int]:
+    """The step of a ``log.csv`` row, or None if the row is not a whole one."""
+    if len(row) != len(HEADER):
+        return None
+    try:
+        float(row[2])
+        return int(row[0])
+    except ValueError:
+        return None
+
+
 def read_log(run_dir: str) -> Dict[str, List[Tuple[int, float]]]:
     """tag -> [(step, value)] from ``log.csv`` (the last value wins for a repeated step)."""
     series: Dict[str, Dict[int, float]] = defaultdict(dict)
@@ -68,8 +133,10 @@ def read_log(run_dir: str) -> Dict[str, List[Tuple[int, float]]]:
     if not os.path.exists(path):
         return {}
     with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            series[row["tag"]][int(row["step"])] = float(row["value"])
+        for row in csv.reader(fh):
+            step = _row_step(row)
+            if step is not None:  # not the header, nor a line a crash cut short
+                series[row[1]][step] = float(row[2])
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 

@@ -23,7 +23,10 @@ from mtfm_rec.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    read_manifest,
     save_checkpoint,
+    select_checkpoint,
+    verify_checkpoint,
 )
 
 # ---------------------------------------------------------------- plain model (no dist)
@@ -106,6 +109,17 @@ def test_manager_keeps_last_k_and_best(tmp_path) -> None:
     assert best is not None and best["step"] == 2 and best["value"] == 0.75
     assert load_checkpoint(best["path"], restore_rng=False).metadata["metric"]["value"] == 0.75
     assert mgr.latest() == os.path.join(str(tmp_path), "step_5")
+
+
+def test_manager_never_takes_a_nan_score_as_best(tmp_path) -> None:
+    mgr = CheckpointManager(str(tmp_path), keep_last=1, best_metric="valid/auc", mode="max")
+    mgr.save(1, _plain_model(), metric_value=float("nan"))  # nothing to compare with yet: still not best
+    assert mgr.best() is None
+    mgr.save(2, _plain_model(), metric_value=0.6)
+    mgr.save(3, _plain_model(), metric_value=float("nan"))
+    best = mgr.best()
+    assert best is not None and best["step"] == 2
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [2, 3]  # the best is kept beside the last
 
 
 def test_reshard_rank_states() -> None:
@@ -257,10 +271,26 @@ def _two_rank_main(rank: int, port: int, tmp: str) -> None:
         )
         report["draw_after_save"] = torch.rand(3)
         report["ref2"] = _full_state(dmp, opt)
+        report.update(_damaged_on_two_ranks(os.path.join(tmp, "damaged"), dmp, opt))
         torch.save(report, os.path.join(tmp, f"two_rank_{rank}.pt"))
         del expected
     finally:
         dist.destroy_process_group()
+
+
+def _damaged_on_two_ranks(root: str, dmp: torch.nn.Module, opt: Any) -> Dict[str, Any]:
+    """Two checkpoints; rank 0 damages every file of the newest; every rank verifies."""
+    for step in (1, 2):
+        save_checkpoint(root, step, dmp, opt)
+    newest = os.path.join(root, "step_2")
+    manifest = read_manifest(newest)
+    if dist.get_rank() == 0:
+        for name in manifest["files"]:
+            with open(os.path.join(newest, name), "r+b") as fh:
+                fh.write(b"\0" * 16)
+    dist.barrier()
+    return {"manifest_files": sorted(manifest["files"]), "problems": verify_checkpoint(newest),
+            "selected": select_checkpoint(root)}
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +354,19 @@ def test_two_rank_checkpoint_loads_on_one_rank(resharded: Dict[str, Any]) -> Non
     assert torch.equal(resharded["draw3"], resharded["two"][0]["draw_after_save"])
     plain = resharded["plain"]
     _assert_same(plain, {k: v for k, v in ref2.items() if k.startswith("model/")})
+    assert verify_checkpoint(os.path.join(resharded["root"], "ckpt2", "step_5")) == []
     with open(os.path.join(resharded["root"], "ckpt2", "step_5", "ranks.json")) as fh:
         ranks = json.load(fh)
     assert ranks["world_size"] == 2 and [s["file_offset"] for s in ranks["states"]] == [0, 1]
+
+
+def test_two_ranks_hash_their_own_files_and_agree_on_a_damaged_checkpoint(resharded: Dict[str, Any]) -> None:
+    one, two = resharded["two"]
+    # each rank's data file is in the manifest (hashed by the rank that wrote it)
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.json", "ranks.json", "rng.pt"} <= set(one["manifest_files"])
+    # each rank checked a share of the files; the gathered problems, on both ranks, name them all
+    assert one["problems"] == two["problems"]
+    assert [p.split(":")[0] for p in one["problems"]] == one["manifest_files"]
+    root = os.path.join(resharded["root"], "damaged")
+    assert one["selected"] == two["selected"] == os.path.join(root, "step_1")
+    assert sorted(os.listdir(root)) == ["step_1", "step_2.damaged"]
