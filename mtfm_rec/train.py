@@ -27,7 +27,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-from typing import Dict, List, Mapping, Optional, Sequence  # noqa: E402
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -103,5 +103,35 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Dict[str, 
     return results
 
 
+def known_errors() -> Tuple[Type[BaseException], ...]:
+    """The project's error classes, whose messages say all there is (docs/TRAINING.md "Errors")."""
+    from mtfm_rec.config import ConfigError
+    from mtfm_rec.data.aggregate import AggregationError
+    from mtfm_rec.data.loader import LoaderError
+    from mtfm_rec.data.reader import DataContractError
+    from mtfm_rec.data.schema import SchemaError
+    from mtfm_rec.training.checkpoint import CheckpointError
+    from mtfm_rec.training.trainer import EmptySplitError, NonFiniteError, RunDirLockedError
+
+    return (
+        ConfigError, EmptySplitError, NonFiniteError, RunDirLockedError, CheckpointError,
+        DataContractError, SchemaError, AggregationError, LoaderError,
+    )
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """:func:`main` for the command line: one of :func:`known_errors` is printed as one line
+    naming its class, exit code 2; anything else keeps its traceback."""
+    errors = known_errors()
+    try:
+        main(argv)
+    except errors as exc:
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "0") else ""
+        print(f"[train] error{where}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -48,3 +48,32 @@ def test_base_chain_merges_sections_and_detects_loops(tmp_path) -> None:
     (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"missing\.yaml: config file not found"):
         load_config(str(tmp_path / "c.yaml"))
+
+
+def test_split_boundaries_must_be_ordered() -> None:
+    # an empty validation split was accepted silently; its NaN AUC then picked the best model
+    for valid, test in ((200, 100), (100, 100)):
+        with pytest.raises(
+            ConfigError,
+            match=rf"config\.data: data\.valid_after={valid} must be earlier than data\.eval_after={test}: "
+            r"validation is valid_after <= ts < eval_after, which would be empty",
+        ):
+            load_config(None, [f"data.valid_after={valid}", f"data.eval_after={test}"])
+    cfg = load_config(None, ["data.valid_after=100", "data.eval_after=200"])
+    assert (cfg.data.valid_after, cfg.data.eval_after) == (100, 200)
+    assert load_config(None, ["data.valid_after=300"]).data.eval_after is None  # one alone is fine
+
+
+def test_unknown_eval_split_is_refused_at_load() -> None:
+    # was refused by the loader only after the whole training had run
+    with pytest.raises(ConfigError, match=r"config\.train: eval_splits: \['tset'\] not among the splits "
+                       r"\['train', 'valid', 'test', 'all'\]"):
+        load_config(None, ["train.eval_splits=[test, tset]"])
+    assert load_config(None, ["train.eval_splits=[valid, test, all]"]).train.eval_splits == ["valid", "test", "all"]
+
+
+def test_eval_splits_are_the_loaders_splits() -> None:
+    from mtfm_rec.data.loader import SPLITS
+    from mtfm_rec.training.config import EVAL_SPLITS
+
+    assert EVAL_SPLITS == SPLITS

@@ -8,6 +8,10 @@ from typing import Dict, List, Optional
 DENSE_PARALLEL = ("ddp", "fsdp")
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "adagrad", "rowwise_adagrad", "sgd")
 RESUME_MODES = ("auto", "never")
+DEVICES = ("auto", "cpu", "cuda")
+# Splits train.eval_splits may name: the loader's splits (mtfm_rec.data.loader.SPLITS, kept
+# equal by a test; not imported so that loading a config needs no torch).
+EVAL_SPLITS = ("train", "valid", "test", "all")
 
 
 @dataclass
@@ -72,7 +76,12 @@ class TrainConfig:
             raise ValueError(
                 f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got {self.embedding_optimizer!r}"
             )
+        if self.device not in DEVICES:  # anything else would silently train on the CPU
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.early_stopping_metric not in ("auc", "gauc", "logloss"):
             raise ValueError(f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        unknown = [s for s in self.eval_splits if s not in EVAL_SPLITS]
+        if unknown:
+            raise ValueError(f"eval_splits: {unknown} not among the splits {list(EVAL_SPLITS)}")

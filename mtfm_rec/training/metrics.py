@@ -19,6 +19,11 @@ Definitions (per key ``"<scenario>/<task>"``, over the exposures whose label is 
   ``[1e-7, 1 - 1e-7]``, in float64.
 * ``count``: number of exposures with a label; ``gauc_users``: number of users in GAUC.
 
+A non-finite score or label (NaN, +-inf) has no rank and no loss: instead of a number, every
+entry point raises :class:`NonFiniteError` naming the scenario/task and how many values were
+not finite. :meth:`MetricAccumulator.compute` checks after the gather, on rank 0, and
+broadcasts the outcome, so every rank raises the same error (none is left waiting).
+
 The computation sorts the rows canonically (by user, score, label) before any floating-point
 sum, so the result depends only on the multiset of rows: a 2-rank run equals a 1-process run
 bit for bit, and :func:`metrics_from_predictions` on the written ``predictions.parquet`` equals
@@ -31,7 +36,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +54,58 @@ PREDICTION_COLUMNS = ("scenario", "task", "user_id", "ts", "label", "score")
 _KEYS_METADATA = b"mtfm_rec.metric_keys"
 
 MetricDict = Dict[str, Dict[str, float]]
+# Stored int8 label of an exposure whose label was not finite: never a 0 or 1, refused by the
+# metrics (see _binary_labels).
+NON_FINITE_LABEL = -1
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or infinity where training or evaluation needs a number: a training loss (the
+    run diverged) or a prediction score or label that metrics would otherwise rank or sum."""
+
+
+def _binary_labels(values: np.ndarray) -> np.ndarray:
+    """0/1 int8 labels (``> 0.5``), :data:`NON_FINITE_LABEL` where the value is not finite."""
+    values = np.asarray(values)
+    out = (values > 0.5).astype(np.int8)
+    if values.dtype.kind == "f":
+        out[~np.isfinite(values)] = NON_FINITE_LABEL
+    return out
+
+
+def _count_non_finite(scores: np.ndarray, labels: np.ndarray) -> Tuple[int, int]:
+    """(non-finite scores, non-finite labels); int labels count :data:`NON_FINITE_LABEL`."""
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    bad_scores = int(np.count_nonzero(~np.isfinite(scores))) if scores.dtype.kind == "f" else 0
+    if labels.dtype.kind == "f":
+        bad_labels = int(np.count_nonzero(~np.isfinite(labels)))
+    else:
+        bad_labels = int(np.count_nonzero(labels == NON_FINITE_LABEL))
+    return bad_scores, bad_labels
+
+
+def non_finite_report(
+    rows: Mapping[str, Mapping[str, np.ndarray]], keys: Optional[Sequence[str]] = None
+) -> Optional[str]:
+    """What :class:`NonFiniteError` would say about these rows, or None when all are finite.
+
+    Args:
+        rows: ``{"<scenario>/<task>": {"score", "label", ...}}``.
+        keys: the keys to check (default: all of ``rows``).
+    """
+    problems = []
+    for key in keys if keys is not None else list(rows):
+        r = rows.get(key)
+        if r is None:
+            continue
+        bad_scores, bad_labels = _count_non_finite(r["score"], r["label"])
+        if bad_scores or bad_labels:
+            problems.append(
+                f"scenario/task {key}: {bad_scores} of {len(r['score'])} scores and {bad_labels} labels not finite"
+            )
+    if not problems:
+        return None
+    return "AUC/GAUC/logloss are not computed over NaN or infinite values: " + "; ".join(problems)
 
 
 # ---------------------------------------------------------------------------- exact kernels
@@ -106,7 +163,7 @@ def _logloss(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def compute_key_metrics(
-    scores: np.ndarray, labels: np.ndarray, user_id: np.ndarray
+    scores: np.ndarray, labels: np.ndarray, user_id: np.ndarray, key: str = "(unnamed)"
 ) -> Dict[str, float]:
     """AUC, GAUC, logloss and counts of one scenario x task from its labelled rows.
 
@@ -114,11 +171,18 @@ def compute_key_metrics(
         scores: [n] predicted probabilities.
         labels: [n] 0/1 labels.
         user_id: [n] the user of each row (GAUC groups).
+        key: the ``"<scenario>/<task>"`` the rows are of, for error messages.
 
     Returns:
         ``{"auc", "gauc", "logloss", "count", "gauc_users"}``; NaN for undefined metrics.
+
+    Raises:
+        NonFiniteError: a score or label is NaN or infinite.
     """
-    scores = np.asarray(scores, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32)  # checked as float32: no overflow after the check
+    problem = non_finite_report({key: {"score": scores, "label": labels}})
+    if problem is not None:
+        raise NonFiniteError(problem)
     labels = np.asarray(labels).astype(np.int8)
     user_id = np.asarray(user_id, dtype=np.int64)
     n = len(scores)
@@ -184,12 +248,19 @@ def metric_keys(schema: DatasetSchema) -> List[str]:
 def metrics_from_arrays(
     rows: Mapping[str, Mapping[str, np.ndarray]], keys: Optional[Sequence[str]] = None
 ) -> MetricDict:
-    """Metrics of every key from its rows (``{"score", "label", "user_id"}`` arrays)."""
+    """Metrics of every key from its rows (``{"score", "label", "user_id"}`` arrays).
+
+    Raises:
+        NonFiniteError: naming every key with a NaN or infinite score or label.
+    """
     keys = list(keys) if keys is not None else list(rows)
+    problem = non_finite_report(rows, keys)
+    if problem is not None:
+        raise NonFiniteError(problem)
     empty = {"score": np.zeros(0, np.float32), "label": np.zeros(0, np.int8),
              "user_id": np.zeros(0, np.int64)}
     return {
-        k: compute_key_metrics(r["score"], r["label"], r["user_id"])
+        k: compute_key_metrics(r["score"], r["label"], r["user_id"], key=k)
         for k in keys
         for r in (rows.get(k, empty),)
     }
@@ -203,7 +274,8 @@ class MetricAccumulator:
     ``flush_every`` updates, and at ``compute``, the pending tensors move to the host once and
     are compacted to the labelled rows as numpy arrays (float32 score, int8 label, int64 user
     and ts: 21 bytes per labelled exposure). Memory is thus O(evaluated exposures) on the host
-    plus at most ``flush_every`` batches on the device.
+    plus at most ``flush_every`` batches on the device. A label that is not finite is stored as
+    :data:`NON_FINITE_LABEL`, so ``compute`` refuses it instead of reading it as a 0.
 
     Example::
 
@@ -309,7 +381,7 @@ class MetricAccumulator:
                 keep = mask_np[:, t]
                 self._rows[f"{scenario}/{task}"].append(
                     scores_np[keep, t].astype(np.float32),
-                    (labels_np[keep, t] > 0.5).astype(np.int8),
+                    _binary_labels(labels_np[keep, t]),
                     user_np[keep],
                     ts_np[keep] if ts_np is not None else np.full(int(keep.sum()), -1, np.int64),
                 )
@@ -326,7 +398,7 @@ class MetricAccumulator:
         Collective over ``process_group`` when torch.distributed is initialised.
         """
         local = self.local_rows()
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(process_group) == 1:
+        if not _distributed(process_group):
             return local
         rank = dist.get_rank(process_group)
         parts: Optional[List[Optional[Dict[str, Dict[str, np.ndarray]]]]] = (
@@ -356,20 +428,44 @@ class MetricAccumulator:
 
         Returns:
             ``{"<scenario>/<task>": {"auc", "gauc", "logloss", "count", "gauc_users"}}``.
+
+        Raises:
+            NonFiniteError: on every rank, when any rank had a NaN or infinite score or label
+                (nothing is written to ``predictions_path`` then).
         """
         rows = self.gather(process_group)
         metrics: Optional[MetricDict] = None
+        failure: Optional[Tuple[str, str]] = None  # (error class name, message) from rank 0
         if rows is not None:
-            if predictions_path is not None:
-                write_predictions(predictions_path, rows, self.keys)
-            metrics = metrics_from_arrays(rows, self.keys)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
-            box: List[Optional[MetricDict]] = [metrics]
+            # Rank 0 alone computes; an error there must reach the others, who would otherwise
+            # wait in the broadcast below forever.
+            try:
+                problem = non_finite_report(rows, self.keys)
+                if problem is not None:
+                    raise NonFiniteError(problem)
+                if predictions_path is not None:
+                    write_predictions(predictions_path, rows, self.keys)
+                metrics = metrics_from_arrays(rows, self.keys)
+            except Exception as exc:
+                if not _distributed(process_group):
+                    raise
+                failure = (type(exc).__name__, str(exc))
+        if _distributed(process_group):
+            box: List[Any] = [metrics, failure]
             src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
             dist.broadcast_object_list(box, src=src, group=process_group)
-            metrics = box[0]
+            metrics, failure = box
+        if failure is not None:
+            name, message = failure
+            if name == NonFiniteError.__name__:
+                raise NonFiniteError(message)
+            raise RuntimeError(f"computing metrics failed on rank 0: {name}: {message}")
         assert metrics is not None
         return metrics
+
+
+def _distributed(process_group: Optional[dist.ProcessGroup]) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
 # ---------------------------------------------------------------------------- predictions I/O
@@ -431,8 +527,8 @@ def metrics_from_predictions(
     key_index = encoded.indices.to_numpy(zero_copy_only=False) if encoded is not None else np.zeros(0, np.int64)
     if keys is None:
         keys = present
-    score = table.column("score").to_numpy().astype(np.float32)
-    label = (table.column("label").to_numpy().astype(np.float64) > 0.5).astype(np.int8)
+    score = table.column("score").to_numpy().astype(np.float32)  # a null score reads as NaN: refused
+    label = _binary_labels(table.column("label").to_numpy(zero_copy_only=False).astype(np.float64))
     user = table.column("user_id").to_numpy().astype(np.int64)
     rows = {}
     for i, key in enumerate(present):

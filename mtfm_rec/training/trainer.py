@@ -13,6 +13,13 @@ decision of the time budget, so all ranks stop at the same step).
 The pipeline pulls batches ahead of the step that trains them, so the loader position saved in
 a checkpoint is not the loader's current one: :class:`_TrackedIterator` remembers the loader
 state after every batch it hands out, and a step pops the state of the batch it trained.
+
+Nothing wrong is kept silently: a non-finite training loss, seen at a read-back (every
+``train.log_every`` steps and at every checkpoint step), stops ``fit`` with
+:class:`NonFiniteError` before the diverged state is saved; a split that cannot be trained
+or validated on raises :class:`EmptySplitError` with the boundaries and the data's time range;
+one ``run_dir`` serves one job at a time (:mod:`mtfm_rec.training.run_lock`).
+docs/TRAINING.md ("Errors") lists every error.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import math
 import os
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, Mapping, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
@@ -34,10 +41,15 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from mtfm_rec.config import Config
+from mtfm_rec.config import Config, ConfigError
+from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch
+from mtfm_rec.data.config import check_split_boundaries
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.training.config import RESUME_MODES
 from mtfm_rec.training.logger import RunLogger, plot_curves
+from mtfm_rec.training.metrics import NonFiniteError
+from mtfm_rec.training.run_lock import RunDirLockedError, RunLock
 from mtfm_rec.training.sharding import (
     DistInfo,
     copy_full_state,
@@ -51,6 +63,11 @@ if TYPE_CHECKING:
     from mtfm_rec.training.checkpoint import CheckpointManager
 
 Metrics = Dict[str, Dict[str, float]]  # "<scenario>/<task>" -> {"auc", "gauc", "logloss", "count"}
+
+
+class EmptySplitError(ValueError):
+    """A split that ``fit`` needs (train; valid when validating) has no batches or no labelled
+    exposures; the message gives the split boundaries and the data's time range."""
 
 
 class Loader(Protocol):
@@ -72,6 +89,100 @@ def log0(info: DistInfo, *parts: Any) -> None:
         print("[train]", *parts, flush=True)
 
 
+def check_start(config: Config) -> None:
+    """Refuses a run that cannot start, before any process group or file is touched.
+
+    Raises:
+        ConfigError: ``train.run_dir`` is an existing file; ``train.device=cuda`` without a
+            visible GPU; ``train.resume`` is a path that is not a complete checkpoint.
+    """
+    tcfg = config.train
+    if os.path.exists(tcfg.run_dir) and not os.path.isdir(tcfg.run_dir):
+        raise ConfigError(
+            f"train.run_dir={tcfg.run_dir!r} is an existing file, not a directory: "
+            "pass a directory (created if missing)"
+        )
+    if tcfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device=cuda but PyTorch sees no GPU (torch.cuda.is_available() is False): "
+            "use train.device=auto or train.device=cpu"
+        )
+    if tcfg.resume not in RESUME_MODES:
+        from mtfm_rec.training.checkpoint import is_complete
+
+        if not is_complete(tcfg.resume):
+            exists = os.path.isdir(tcfg.resume)
+            why = "is not a complete checkpoint (no COMPLETE marker)" if exists else "does not exist"
+            raise ConfigError(
+                f"train.resume={tcfg.resume!r} {why}: pass a checkpoint directory (<run_dir>/checkpoints/step_<N>), "
+                "auto (the newest in train.run_dir) or never"
+            )
+
+
+def _filled_note(filled: List[str]) -> str:
+    """Where split boundaries the user did not set came from, for error messages."""
+    return "".join(f" (data.{key} is the dataset's recommended_{key})" for key in filled)
+
+
+def split_rule(split: str, eval_after: Optional[int], valid_after: Optional[int]) -> str:
+    """The time rule of ``split`` in words (``mtfm_rec.data.loader.exposure_split``)."""
+    if split == "train":
+        first = valid_after if valid_after is not None else eval_after
+        return "train is every exposure" if first is None else f"train is ts < {first}"
+    if split == "valid":
+        if valid_after is None:
+            return "valid by time is empty: data.valid_after is unset"
+        return f"valid is {valid_after} <= ts" + (f" < {eval_after}" if eval_after is not None else "")
+    if split == "test":
+        if eval_after is None:
+            return "test by time is empty: data.eval_after is unset"
+        return f"test is ts >= {eval_after}"
+    return "all is every exposure"
+
+
+def describe_time_range(
+    dataset_dir: str, schema: DatasetSchema, eval_after: Optional[int], valid_after: Optional[int]
+) -> str:
+    """The exposures' ts range of an aggregated dataset and how the boundaries split them.
+
+    Reads only the ``exp/<s>/ts`` and ``exp/<s>/split`` columns of every shard: meant for the
+    message of an error, not for the training path.
+    """
+    import fsspec
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mtfm_rec.data.loader import exposure_split
+
+    fs, root = fsspec.core.url_to_fs(dataset_dir)
+    columns = [c for s in schema.scenarios for c in (fmt.exp_ts(s.name), fmt.exp_split(s.name))]
+    lo, hi, explicit = None, None, 0
+    counts = np.zeros(3, np.int64)  # train, valid, test
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/{fmt.SHARD_GLOB}")):
+        with fs.open(path, "rb") as fh:
+            table = pq.read_table(fh, columns=columns)
+        for s in schema.scenarios:
+            ts = pc.list_flatten(table.column(fmt.exp_ts(s.name))).to_numpy(zero_copy_only=False).astype(np.int64)
+            if not len(ts):
+                continue
+            raw = pc.list_flatten(table.column(fmt.exp_split(s.name))).to_numpy(zero_copy_only=False).astype(np.int8)
+            lo = int(ts.min()) if lo is None else min(lo, int(ts.min()))
+            hi = int(ts.max()) if hi is None else max(hi, int(ts.max()))
+            counts += np.bincount(exposure_split(ts, raw, eval_after, valid_after), minlength=3)[:3]
+            explicit += int((raw >= 0).sum())
+    if lo is None or hi is None:
+        return f"the aggregated data ({dataset_dir}) has no exposures"
+    year = 1970 + hi / schema.ticks_per_second / 31_556_952
+    unit = f"in {schema.time_unit} by dataset.yaml"
+    if year > 2200:  # e.g. milliseconds declared as seconds
+        unit += f", which puts them in the year {year:.0f}: are they in a finer unit than {schema.time_unit}?"
+    by_column = f" ({explicit} of them by the split column)" if explicit else ""
+    return (
+        f"the aggregated exposures' ts run from {lo} to {hi} ({unit}); these boundaries split them into "
+        f"train {counts[0]}, valid {counts[1]}, test {counts[2]}{by_column}"
+    )
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -88,8 +199,9 @@ class _TrackedIterator:
     the step time.
     """
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: Loader, explain: Optional[Callable[[], str]] = None) -> None:
         self.loader = loader
+        self.explain = explain  # the message when the split yields no batch at all
         self._it: Optional[Iterator[Batch]] = None
         self.pending: Deque[Tuple[Dict[str, Any], int]] = collections.deque()
         self.wait_s = 0.0
@@ -111,7 +223,7 @@ class _TrackedIterator:
             except StopIteration:
                 self._it = None
         if batch is None:
-            raise RuntimeError("the training split yields no batches")
+            raise EmptySplitError(self.explain() if self.explain else "the training split yields no batches")
         self.pending.append((copy.deepcopy(self.loader.state_dict()), int(batch.batch_size)))
         self.wait_s += time.perf_counter() - start
         return batch
@@ -130,6 +242,13 @@ class Trainer:
             {scenario: probs [n_s, n_tasks]})``; default ``MTFM(schema, config.model)``.
         loader_fn: split -> this rank's loader; default ``mtfm_rec.data.loader``.
         schema: the dataset schema when ``loader_fn`` is given (no ``data.raw`` needed).
+
+    Raises:
+        ConfigError: ``train.run_dir`` is a file, ``train.device=cuda`` without a GPU,
+            ``train.resume`` names no complete checkpoint, inconsistent split boundaries.
+        RunDirLockedError: another live job holds ``train.run_dir`` (held from here to
+            :meth:`close`; rank 0 holds it, every rank raises).
+        EmptySplitError: the training split yields no batches.
     """
 
     def __init__(
@@ -141,12 +260,25 @@ class Trainer:
     ) -> None:
         self.config = config
         tcfg = config.train
+        check_start(config)  # before any collective: every rank refuses alike
         self.info = init_distributed(tcfg)
         seed_everything(tcfg.seed, tcfg.deterministic)
         self.run_dir = tcfg.run_dir
         if self.info.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
+        self._lock: Optional[RunLock] = None
+        try:
+            self._lock = self._lock_run_dir()
+            self._build(model_fn, loader_fn, schema)
+        except BaseException:
+            self._abandon()
+            raise
 
+    def _build(
+        self, model_fn: Optional[ModelFn], loader_fn: Optional[LoaderFn], schema: Optional[DatasetSchema]
+    ) -> None:
+        """Data, sharded model, optimizer and counters (the part of ``__init__`` under the lock)."""
+        config, tcfg = self.config, self.config.train
         self.dataset_dir: Optional[str] = None
         if loader_fn is None:
             self.schema, self.dataset_dir = self._prepare_data()
@@ -178,6 +310,7 @@ class Trainer:
         self.evals_without_improvement = 0
         self.stopped_early = False
         self.train_loader = self._loader_fn("train")
+        self._require_batches(self.train_loader, "train")
         self._loader_state = copy.deepcopy(self.train_loader.state_dict())
         self._resume_checked = False
         self._saved_step = -1
@@ -185,6 +318,38 @@ class Trainer:
         self._iter: Optional[_TrackedIterator] = None
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, tensorboard=tcfg.tensorboard)
         self.perf: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------ run directory lock
+    def _lock_run_dir(self) -> Optional[RunLock]:
+        """Rank 0 takes ``<run_dir>/run.lock``; every rank raises if it could not."""
+        lock, error = None, None
+        if self.info.is_main:
+            try:
+                lock = RunLock(self.run_dir, log=lambda msg: log0(self.info, msg)).acquire()
+            except RunDirLockedError as exc:
+                if self.info.world_size == 1:
+                    raise
+                error = str(exc)
+            except OSError as exc:
+                error = f"{self.run_dir}: cannot take the run lock: {exc}"
+        if self.info.world_size > 1:  # the others must not go on without rank 0's lock
+            box: List[Optional[str]] = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise RunDirLockedError(error)
+        return lock
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _abandon(self) -> None:
+        """Cleanup of a failed ``__init__``: the lock and the process group we made."""
+        self._release_lock()
+        if self.info.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     # ------------------------------------------------------------------ data and model
     def _prepare_data(self) -> Tuple[DatasetSchema, str]:
@@ -200,10 +365,16 @@ class Trainer:
         if not self.info.is_main:
             dataset_dir = ensure_aggregated(dcfg.raw, dcfg.cache_dir, dcfg.aggregation)
         schema = DatasetSchema.load(dataset_dir)
+        filled: List[str] = []
         for key in ("eval_after", "valid_after"):
             if getattr(dcfg, key) is None and schema.extra.get(f"recommended_{key}") is not None:
                 setattr(dcfg, key, int(schema.extra[f"recommended_{key}"]))
                 log0(self.info, f"data.{key} unset: using the dataset's recommended_{key}={getattr(dcfg, key)}")
+                filled.append(key)
+        try:
+            check_split_boundaries(dcfg.eval_after, dcfg.valid_after, _filled_note(filled))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         log0(self.info, f"data: {dcfg.raw} -> {dataset_dir}; eval_after={dcfg.eval_after} valid_after={dcfg.valid_after}")
         return schema, dataset_dir
 
@@ -224,6 +395,38 @@ class Trainer:
         from mtfm_rec.model.mtfm import MTFM
 
         return MTFM(schema, self.config.model)
+
+    def _split_report(self, split: str, problem: str = "yields no batches", loader: Any = None) -> str:
+        """Why ``split`` is empty: the boundaries, the split's size and the data's time range."""
+        dcfg = self.config.data
+        parts = [
+            f"the {split} split {problem}: data.valid_after={dcfg.valid_after}, data.eval_after={dcfg.eval_after} "
+            f"({split_rule(split, dcfg.eval_after, dcfg.valid_after)})"
+        ]
+        samples = getattr(getattr(loader, "dataset", None), "num_samples", None)
+        if samples is not None:
+            parts.append(
+                f"{samples} samples of it for {self.info.world_size} rank(s) x "
+                f"data.loader.batch_size={dcfg.loader.batch_size}"
+            )
+        if self.dataset_dir is not None:
+            parts.append(describe_time_range(self.dataset_dir, self.schema, dcfg.eval_after, dcfg.valid_after))
+        else:
+            parts.append("the data's time range is unknown here (a custom loader_fn)")
+        return "; ".join(parts)
+
+    def _require_batches(self, loader: Loader, split: str, note: str = "") -> None:
+        """Raises :class:`EmptySplitError` when ``loader`` has no batches (same on all ranks)."""
+        if hasattr(loader, "__len__") and len(loader) == 0:  # type: ignore[arg-type]
+            raise EmptySplitError(self._split_report(split, loader=loader) + note)
+
+    def _validation_note(self) -> str:
+        tcfg = self.config.train
+        stop = f" and stops early on it (train.early_stopping_patience={tcfg.early_stopping_patience})"
+        return (
+            f". train.eval_every={tcfg.eval_every} validates to choose the best model"
+            f"{stop if tcfg.early_stopping_patience else ''}: fix the split boundaries, or set train.eval_every=0"
+        )
 
     # ------------------------------------------------------------------ the step
     def _forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, Dict[str, torch.Tensor]]]:
@@ -275,12 +478,20 @@ class Trainer:
         """Trains until ``max_steps``, the time budget or early stopping.
 
         Returns a summary: steps, samples seen, the best validation step and throughput figures.
+
+        Raises:
+            NonFiniteError: the training loss (or a validation prediction) is NaN or infinite;
+                nothing of the diverged state is saved and every earlier checkpoint is kept.
+            EmptySplitError: validation is on (``train.eval_every``) but the valid split is empty.
         """
         tcfg = self.config.train
+        if tcfg.eval_every:  # validation chooses the best model: it must have something to score
+            self._require_batches(self._loader_fn("valid"), "valid", self._validation_note())
         self.maybe_resume()
+        self.logger.resume_from(self.step)  # log.csv keeps each step once (drops a killed run's later rows)
         start_step = self.step
         self.model.train()
-        self._iter = _TrackedIterator(self.train_loader)
+        self._iter = _TrackedIterator(self.train_loader, lambda: self._split_report("train", loader=self.train_loader))
         self._pipeline = self._make_pipeline() if tcfg.pipeline else None
         self._feed: Iterator[Batch] = self._iter
         if self.step >= tcfg.max_steps:
@@ -288,7 +499,7 @@ class Trainer:
         pbar = self._progress_bar()
         device = self.info.device
         loss_sum = torch.zeros((), device=device)
-        window_steps, window_samples = 0, 0
+        window_steps, window_samples, window_first = 0, 0, self.step + 1
         t_start = time.perf_counter()
         t_window, wait_window, eval_window = t_start, 0.0, 0.0  # eval time is not step time
         run_samples, run_wait, run_eval = 0, 0.0, 0.0
@@ -306,7 +517,9 @@ class Trainer:
             # alone, stop at the step the budget runs out; with peers, at the next log step,
             # where all ranks vote (so all stop at the same step without an extra sync)
             last = self.step >= tcfg.max_steps or (over_budget and self.info.world_size == 1)
-            if self.step % tcfg.log_every == 0 or last:
+            # a checkpoint step (validation saves one) closes the window too: its samples_seen counts every trained step
+            saves = any(n and self.step % n == 0 for n in (tcfg.checkpoint_every, tcfg.eval_every))
+            if self.step % tcfg.log_every == 0 or last or saves:
                 now = time.perf_counter()
                 wait = self._iter.wait_s - wait_window
                 # the one read-back of the window: loss, samples and the stop vote of all ranks
@@ -316,6 +529,7 @@ class Trainer:
                 dist.all_reduce(stats)
                 mean_loss, global_samples, votes = (float(x) for x in stats.cpu())
                 mean_loss /= window_steps * self.info.world_size
+                self._stop_if_diverged(mean_loss, window_first)  # before anything saves this state
                 elapsed = now - t_window - eval_window
                 self.samples_seen += int(global_samples)
                 run_samples += int(global_samples)
@@ -330,7 +544,7 @@ class Trainer:
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}")
                 loss_sum.zero_()
-                window_steps, window_samples = 0, 0
+                window_steps, window_samples, window_first = 0, 0, self.step + 1
                 t_window, wait_window, eval_window = now, self._iter.wait_s, 0.0
                 if votes > 0:
                     log0(self.info, f"time budget of {tcfg.max_minutes} min reached at step {self.step}")
@@ -344,10 +558,12 @@ class Trainer:
             elif tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last and not stop:
                 self.save_checkpoint()
         if window_steps:  # stopped between log steps (early stopping): count the samples
-            stats = torch.tensor([float(window_samples)], device=device)
+            stats = torch.stack([torch.tensor(float(window_samples), device=device), loss_sum])
             dist.all_reduce(stats)
-            self.samples_seen += int(stats.item())
-            run_samples += int(stats.item())
+            global_samples, total_loss = (float(x) for x in stats.cpu())
+            self._stop_if_diverged(total_loss / (window_steps * self.info.world_size), window_first)
+            self.samples_seen += int(global_samples)
+            run_samples += int(global_samples)
         total = time.perf_counter() - t_start - run_eval
         if pbar is not None:
             pbar.close()
@@ -373,6 +589,22 @@ class Trainer:
         if self.best is not None and self.best["step"] != self.step:
             self.load_best()  # evaluation after fit() uses the best validation model
         return {"step": self.step, "samples_seen": self.samples_seen, "best": self.best, **self.perf}
+
+    def _stop_if_diverged(self, mean_loss: float, first: int) -> None:
+        """Raises :class:`NonFiniteError` for a non-finite loss window (the value is all-reduced,
+        so every rank raises), before anything saves the state: earlier checkpoints stay."""
+        if math.isfinite(mean_loss):
+            return
+        self.logger.log(self.step, {"train/loss": mean_loss})  # the record shows where it broke
+        latest = self.checkpoints.latest()
+        kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written before it"
+        steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
+        raise NonFiniteError(
+            f"train/loss is {mean_loss} at step {self.step}: the training loss became non-finite in {steps} "
+            f"(it is read every train.log_every={self.config.train.log_every} steps and at every checkpoint). "
+            f"Stopped without checkpointing this state; {kept}. Lower train.lr / train.embedding_lr or look "
+            "for bad inputs in those steps, then resume"
+        )
 
     def _peak_memory(self) -> Dict[str, float]:
         """Peak host RSS (and device memory on GPUs) in GiB, the maximum over ranks."""
@@ -401,21 +633,32 @@ class Trainer:
         """Evaluates on ``valid``, checkpoints with the score (the manager tracks the best) and
         updates early stopping; returns the score (higher is better)."""
         tcfg = self.config.train
-        summary = summarize(self.evaluate("valid"))
+        metrics = self.evaluate("valid")
+        if not any(m.get("count", 0) for m in metrics.values()):
+            raise EmptySplitError(self._split_report("valid", "has no labelled exposures") + self._validation_note())
+        summary = summarize(metrics)
         self.logger.log(self.step, {f"valid/{k}": v for k, v in summary.items()})
         key = tcfg.early_stopping_metric
         value = summary[key]
         score = -value if key == "logloss" else value
         log0(self.info, f"valid @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
-        if self.best is None or score > self.best["score"]:
+        if math.isnan(score):  # undefined, not bad: never the best, and no evidence for stopping
+            needs = "a user with positive and negative labels" if key == "gauc" else "positive and negative labels"
+            log0(
+                self.info,
+                f"valid {key} is NaN at step {self.step} (undefined for every scenario/task: it needs {needs}): "
+                "not a candidate for the best model, not counted by early stopping",
+            )
+        elif self.best is None or score > self.best["score"]:
             self.best = {"step": self.step, "score": score, key: value}
             self.evals_without_improvement = 0
         else:
             self.evals_without_improvement += 1
         if tcfg.early_stopping_patience and self.evals_without_improvement >= tcfg.early_stopping_patience:
-            log0(self.info, f"early stopping at step {self.step} (best step {self.best['step']})")
+            best_step = self.best["step"] if self.best is not None else None
+            log0(self.info, f"early stopping at step {self.step} (best step {best_step})")
             self.stopped_early = True
-        self.save_checkpoint(metric_value=value)
+        self.save_checkpoint(metric_value=None if math.isnan(value) else value)
         return score
 
     # ------------------------------------------------------------------ evaluation
@@ -439,7 +682,10 @@ class Trainer:
             self.model.train(was_training)
             if self._pipeline is not None:
                 self._restart_pipeline()
-        return acc.compute(predictions_path=save_predictions)
+        try:
+            return acc.compute(predictions_path=save_predictions)
+        except NonFiniteError as exc:  # raised on every rank alike
+            raise NonFiniteError(f"evaluating the {split} split at step {self.step}: {exc}") from exc
 
     def evaluate(self, split: str = "test") -> Metrics:
         """Exact AUC / GAUC / logloss per scenario x task of ``split``, over all ranks.
@@ -495,11 +741,11 @@ class Trainer:
         self._resume_checked = True  # once per Trainer: fit() after an explicit call is a no-op
         from mtfm_rec.training.checkpoint import load_checkpoint
 
-        path = self.checkpoints.latest() if mode == "auto" else mode
+        path = self.checkpoints.resume_path(mode)  # verified against its manifest, or raises
         if path is None:
             return False
         self._check_same_model(path)
-        state = load_checkpoint(path, self.model, self.optimizer)
+        state = load_checkpoint(path, self.model, self.optimizer, verify=False)  # resume_path verified it
         meta = state.metadata
         self.step = state.step
         self.samples_seen = int(meta.get("samples_seen", 0))
@@ -584,13 +830,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ teardown
     def close(self) -> None:
-        """Closes the logs, draws the curves (rank 0) and leaves the process group we made."""
-        self.logger.close()
-        if self.config.train.plots and self.info.is_main:
-            plot_curves(self.run_dir)
-        if self.info.owns_group and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        """Closes the logs, draws the curves (rank 0), leaves the process group we made and
+        releases the run directory's lock."""
+        try:
+            self.logger.close()
+            if self.config.train.plots and self.info.is_main:
+                plot_curves(self.run_dir)
+            if self.info.owns_group and dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+        finally:
+            self._release_lock()
 
 
 def summarize(metrics: Metrics) -> Dict[str, float]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
+import time
 from typing import Dict, List
 
 import numpy as np
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 
 from mtfm_rec.training.metrics import (
     MetricAccumulator,
+    NonFiniteError,
     compute_key_metrics,
     metrics_from_predictions,
     read_metrics_json,
@@ -220,3 +223,80 @@ def test_two_ranks_equal_single_process(tmp_path) -> None:
         feed(acc, make_batches(2)[r::2])
         halves.append(acc.compute())
     assert any((halves[0][k]["auc"] + halves[1][k]["auc"]) / 2 != expected[k]["auc"] for k in KEYS)
+
+
+# ---------------------------------------------------------------- non-finite values
+def test_non_finite_scores_or_labels_are_refused_not_ranked() -> None:
+    # NaN scores used to rank as ties (a diverged model's AUC read 1.0 or 0.5)
+    with pytest.raises(NonFiniteError, match=r"scenario/task \(unnamed\): 2 of 3 scores and 0 labels not finite"):
+        compute_key_metrics(np.array([np.nan, 0.5, np.inf]), np.array([1, 0, 1]), np.array([1, 1, 2]))
+    with pytest.raises(NonFiniteError, match=r"scenario/task feed/click: 0 of 2 scores and 1 labels not finite"):
+        compute_key_metrics(np.array([0.1, 0.5]), np.array([np.nan, 1.0]), np.array([1, 1]), key="feed/click")
+
+
+def test_accumulator_refuses_non_finite_values_and_writes_no_predictions(tmp_path) -> None:
+    scores = torch.tensor([[0.9, float("nan")], [0.1, 0.2], [0.8, float("inf")]])
+    labels = torch.tensor([[1.0, 1.0], [0.0, float("nan")], [float("nan"), 0.0]])
+    mask = torch.tensor([[True, True], [True, True], [False, True]])  # row 2's NaN label is masked out
+    acc = MetricAccumulator(["s/a", "s/b", "t/c"], save_predictions=True)
+    acc.update("s", scores, labels, mask, torch.tensor([1, 1, 2]))
+    acc.update("t", torch.tensor([[0.3]]), torch.tensor([[1.0]]), torch.tensor([[True]]), torch.tensor([3]))
+    path = tmp_path / "predictions.parquet"
+    with pytest.raises(NonFiniteError) as info:
+        acc.compute(predictions_path=str(path))
+    assert str(info.value) == (
+        "AUC/GAUC/logloss are not computed over NaN or infinite values: "
+        "scenario/task s/b: 2 of 3 scores and 1 labels not finite"
+    )
+    assert not path.exists()
+
+
+def test_predictions_with_a_null_or_nan_score_are_refused(tmp_path) -> None:
+    import pyarrow as pa
+
+    table = pa.table({
+        "scenario": ["s", "s", "s"], "task": ["a", "a", "a"], "user_id": [1, 1, 2], "ts": [0, 0, 0],
+        "label": pa.array([1, 0, 1], pa.int8()), "score": pa.array([0.5, None, float("nan")], pa.float32()),
+    })
+    with pytest.raises(NonFiniteError, match=r"scenario/task s/a: 2 of 3 scores"):
+        metrics_from_predictions(table)
+
+
+def _nan_rank_main(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        acc = MetricAccumulator(KEYS)
+        batches = make_batches(3)[rank::2]  # rank 0: the feed batches, rank 1: the search ones
+        if rank == 1:  # only rank 1 diverged
+            for batch in batches:
+                batch["scores"][:] = float("nan")
+        feed(acc, batches)
+        try:
+            acc.compute()
+            result = "computed"
+        except NonFiniteError as exc:
+            result = f"NonFiniteError: {exc}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
+            fh.write(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_non_finite_scores_on_one_rank_raise_on_every_rank(tmp_path) -> None:
+    args = (_free_port(), str(tmp_path))
+    ctx = mp.start_processes(_nan_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:  # a rank left waiting in a collective
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("a rank did not finish")
+    texts = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert texts[0] == texts[1]
+    bad = re.fullmatch(
+        r"NonFiniteError: AUC/GAUC/logloss are not computed over NaN or infinite values: "
+        r"scenario/task search/click: (\d+) of (\d+) scores and 0 labels not finite",
+        texts[0],
+    )
+    assert bad is not None and bad.group(1) == bad.group(2) != "0", texts[0]

@@ -14,7 +14,7 @@ from mtfm_rec.train import format_table
 from mtfm_rec.training.config import ShardingConfig, TrainConfig
 from mtfm_rec.training.logger import RunLogger, plot_curves, read_log
 from mtfm_rec.training.sharding import _fsdp_units, make_constraints, resolve_embedding_optimizer
-from mtfm_rec.training.trainer import _TrackedIterator, summarize
+from mtfm_rec.training.trainer import EmptySplitError, _TrackedIterator, summarize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
@@ -44,8 +44,10 @@ def test_tracked_iterator_pairs_each_batch_with_the_loader_state_after_it() -> N
 
 def test_tracked_iterator_rejects_an_empty_training_split() -> None:
     loader = StandinLoader(make_table(8), "train", 16, 0, 1)  # 6 rows < one batch
-    with pytest.raises(RuntimeError, match="no batches"):
+    with pytest.raises(EmptySplitError, match="the training split yields no batches"):
         next(_TrackedIterator(loader))
+    with pytest.raises(EmptySplitError, match="^boundaries and time range$"):
+        next(_TrackedIterator(loader, explain=lambda: "boundaries and time range"))
 
 
 def test_constraints_from_config_with_prefix_patterns() -> None:
@@ -79,6 +81,9 @@ def test_embedding_optimizer_resolution() -> None:
 def test_train_config_rejects_unknown_choices() -> None:
     with pytest.raises(ConfigError, match="dense_parallel"):
         load_config(None, ["train.dense_parallel=zero3"])
+    # "gpu" used to train on the CPU without a word
+    with pytest.raises(ConfigError, match=r"config\.train: device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"):
+        load_config(None, ["train.device=gpu"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["train.max_step=3"])
     for name in ("synthetic", "ml1m_genre", "ml1m_swr"):
