@@ -1,19 +1,24 @@
-"""End to end: the real model on a small synthetic dataset, launched by torchx on 2 CPU ranks.
+"""The torchx component, and end to end: the real model on a small synthetic dataset, launched
+by torchx on 2 CPU ranks.
 
-One torchx job (``dist.ddp -j 1x2 --script mtfm_rec/train.py``, gloo) trains MTFM for a few
-steps; its ``metrics.json`` must equal what one process computes from its
-``predictions.parquet``, and it must leave the run directory complete.
+The component (``launch/components.py:train``) must hand torchrun its restart count
+(``--max-restarts``), as torchx's CLI builds it. One torchx job (``dist.ddp -j 1x2 --script
+mtfm_rec/train.py``, gloo) trains MTFM for a few steps; its ``metrics.json`` must equal what one
+process computes from its ``predictions.parquet``, and it must leave the run directory complete.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
+from typing import List
 
 import pytest
+import torch.distributed.run as torchrun
 
 from mtfm_rec.data.synthetic import generate
 from mtfm_rec.training.logger import read_log
@@ -21,6 +26,57 @@ from mtfm_rec.training.metrics import metrics_from_predictions, read_metrics_jso
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHX = shutil.which("torchx", path=os.path.dirname(sys.executable)) or shutil.which("torchx")
+COMPONENT = os.path.join(REPO, "launch", "components.py")
+ARGS = ["--config", "configs/synthetic.yaml", "train.max_steps=10"]
+
+
+def _component_app(cli_args: List[str]):  # -> torchx.specs.AppDef
+    """The AppDef that ``torchx run <scheduler> launch/components.py:train <cli_args>`` runs."""
+    finder = pytest.importorskip("torchx.specs.finder")
+    from torchx.specs.builders import materialize_appdef
+
+    component = finder.get_component(f"{COMPONENT}:train")  # raises on docstring/type errors
+    return materialize_appdef(component.fn, cli_args)
+
+
+def _torchrun_args(app):  # -> argparse.Namespace
+    """The role's ``bash -c "torchrun ..."`` command, parsed by torchrun's own parser."""
+    role = app.roles[0]
+    assert role.entrypoint == "bash" and role.args[0] == "-c", role.args
+    cmd = shlex.split(role.args[1])
+    assert cmd[0] == "torchrun", cmd
+    return torchrun.parse_args(cmd[1:])
+
+
+def test_component_has_torchrun_restart_failed_ranks() -> None:
+    app = _component_app(["-j", "1x2", "--max_restarts", "2", "--max_retries", "1", "--", *ARGS])
+    assert "torchrun --max-restarts 2 " in app.roles[0].args[1]
+    args = _torchrun_args(app)
+    assert args.max_restarts == 2
+    assert args.module and args.training_script == "mtfm_rec.train" and args.training_script_args == ARGS
+    assert args.nproc_per_node == "2"
+    assert app.roles[0].max_retries == 1  # the scheduler's whole-job retries stay separate
+    # every attempt gets a fresh rendezvous store (a shared one keeps the killed attempt's keys)
+    assert app.roles[0].env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+
+
+def test_component_restarts_by_default_and_refuses_a_negative_count() -> None:
+    assert _torchrun_args(_component_app(["--", *ARGS])).max_restarts == 3
+    assert _torchrun_args(_component_app(["--max_restarts", "0", "--", *ARGS])).max_restarts == 0
+    with pytest.raises(ValueError, match="max_restarts must be >= 0, got -1"):
+        _component_app(["--max_restarts", "-1", "--", *ARGS])
+
+
+def test_component_refuses_a_dist_ddp_command_it_cannot_extend() -> None:
+    import importlib.util
+
+    specs = pytest.importorskip("torchx.specs")
+    spec = importlib.util.spec_from_file_location("mtfm_rec_launch_components", COMPONENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    role = specs.Role(name="train", image="img", entrypoint="python", args=["-m", "torch.distributed.run"])
+    with pytest.raises(RuntimeError, match=r"unexpected command python .*cannot add \['--max-restarts', '1'\]"):
+        module._add_torchrun_flags(role, ["--max-restarts", "1"])
 
 
 @pytest.mark.skipif(TORCHX is None, reason="torchx is not installed")

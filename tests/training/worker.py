@@ -3,27 +3,65 @@ under torchrun (any world size) or alone.
 
 It trains the stand-in model on the stand-in dataset (see standins.py) with the global batch
 fixed at 16 samples whatever the world size, then writes ``OUT_JSON``: the per-step losses
-from log.csv, step and samples seen, the test metrics and (world size 1) every parameter.
+from log.csv, step and samples seen, the step it resumed from, torchrun's restart count, the
+test metrics and (world size 1) every parameter.
+
+``WORKER_SIGKILL=RANK:STEP`` makes rank RANK SIGKILL itself, on a torchrun job's first attempt
+only (``TORCHELASTIC_RESTART_COUNT`` 0), when its train loader hands out the batch of step STEP
+(the pipeline pulls two batches ahead, so steps up to STEP - 3 are done by then): a hard kill
+mid-step that no ``finally`` or signal handler sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
-from typing import Dict
+from typing import Callable, Dict, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
 from mtfm_rec.config import load_config  # noqa: E402
+from mtfm_rec.data.batch import Batch  # noqa: E402
 from mtfm_rec.training.logger import read_log  # noqa: E402
 from mtfm_rec.training.sharding import describe_plan  # noqa: E402
 from mtfm_rec.training.trainer import Trainer  # noqa: E402
 from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
 
 GLOBAL_BATCH = 16
+
+
+class SigkillLoader(StandinLoader):
+    """A StandinLoader whose process SIGKILLs itself when it hands out the batch of ``kill_step``
+    (batch ``b`` of epoch ``e`` is trained at step ``e * len(self) + b + 1``)."""
+
+    def __init__(self, *args: object, kill_step: int) -> None:
+        super().__init__(*args)
+        self.kill_step = kill_step
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in super().__iter__():
+            if self.epoch * self.num_batches + self.batches_in_epoch == self.kill_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+
+def make_loader_fn(table: pa.Table, rank: int, world: int) -> Callable[[str], StandinLoader]:
+    """The loaders of the job, the train one a :class:`SigkillLoader` when ``WORKER_SIGKILL``
+    names this rank and this is the first attempt."""
+    kill_rank, _, kill_step = os.environ.get("WORKER_SIGKILL", "").partition(":")
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if kill_rank and int(kill_rank) == rank and first_attempt:
+        return lambda split: (
+            SigkillLoader(table, split, GLOBAL_BATCH, rank, world, kill_step=int(kill_step))
+            if split == "train"
+            else StandinLoader(table, split, GLOBAL_BATCH, rank, world)
+        )
+    return lambda split: StandinLoader(table, split, GLOBAL_BATCH, rank, world)
 
 
 def full_parameters(trainer: Trainer) -> Dict[str, list]:
@@ -63,14 +101,16 @@ def main() -> None:
     trainer = Trainer(
         cfg,
         model_fn=lambda schema: StandinModel(schema),
-        loader_fn=lambda split: StandinLoader(table, split, GLOBAL_BATCH, rank, world),
+        loader_fn=make_loader_fn(table, rank, world),
         schema=SCHEMA,
     )
     try:
-        result = {}
+        # fit() would resume the same way; resuming here first records the step it resumed at
+        result = {
+            "resumed_step": trainer.step if trainer.maybe_resume() else None,
+            "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        }
         if os.environ.get("WORKER_EVAL_AT_RESUME"):
-            trainer.maybe_resume()
-            result["resumed_step"] = trainer.step
             result["test_at_resume"] = trainer.evaluate("test")
         summary = trainer.fit()
         result.update({
