@@ -6,9 +6,11 @@ batch are built (the training-step working set: activations, gradients, temporar
 whole process's peak beside it. All configurations share one size with long histories
 (N = H + R + T tokens per sample, L_T << N) and one thread count.
 
-Analytic FLOPs are those of the HTA stack as implemented (attention over padded
-``[max_q, max_tokens]`` blocks, K/V projected on all N tokens in target layers), forward x 3 for
-forward + backward (per step); the tokenizer and heads are the same for every configuration and left out.
+Analytic FLOPs come from ``mtfm_rec.model.flops`` on each row's batch, forward x 3 for forward +
+backward (per step): "HTA" is the attention stack as implemented (attention over padded
+``[max_q, max_tokens]`` blocks, K/V projected on all N tokens in target layers); "model" is the
+whole model's *useful* count (only the (query, key) pairs the mask lets through), and MFU is
+that per second over the matmul peak of ``mtfm_rec.bench.peak`` (fp32, the rows' thread count).
 
 Target (paper Table 3, from the issue): (3:1) x 4 with GQA at >= 1.8x the throughput of
 (0:16) x 1 (no GQA) at <= 0.6x its peak (step) memory.
@@ -37,24 +39,12 @@ def _sizes(quick: bool) -> Dict[str, int]:
     return dict(batch=8, history=300, realtime=100, targets=32, d_model=64, steps=5, warmup=1, threads=1)
 
 
-def hta_flops(k: int, p: int, blocks: int, g: int, sizes: Dict[str, int]) -> float:
-    """Forward FLOPs of the HTA stack for one batch (multiply-add = 2 FLOPs)."""
-    b, d, h = sizes["batch"], sizes["d_model"], HEADS
-    hd = d // h
-    lt = sizes["targets"]
-    lk = sizes["history"] + sizes["realtime"] + lt  # every sample has the same N here
-    n, t = b * lk, b * lt
-    attn_full = 2 * 2 * b * lk * lk * h * hd  # Q K^T and A V over padded blocks
-    full = 2 * n * d * (2 * h * hd + 2 * g * hd) + 2 * n * h * hd * d + attn_full
-    target = 2 * n * d * 2 * g * hd + 2 * t * d * 2 * h * hd + 2 * t * h * hd * d + 2 * 2 * b * lt * lk * h * hd
-    return float(blocks * (p * full + k * target))
-
-
 def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     import torch
 
     from mtfm_rec.model import MTFM, ModelConfig
     from mtfm_rec.model.examples import fixed_size_batch, long_history_schema
+    from mtfm_rec.model.flops import model_flops
 
     sizes = spec["sizes"]
     torch.set_num_threads(sizes["threads"])
@@ -81,6 +71,7 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
             wall.append(time.perf_counter() - start)
             cpu.append(time.process_time() - start_cpu)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    flops = model_flops(config, schema, batch)
     # The machine is shared: process CPU time (one thread) is not inflated by other processes
     # waiting for the cores, wall time is; both are kept, the fastest step of each.
     step_s = min(cpu)
@@ -93,11 +84,16 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         "step_mem_mib": (peak_kib - base_kib) / 1024,
         "tokens_per_sample": batch.max_tokens,
         "targets_per_sample": batch.max_targets,
+        "hta_gflops_fwd_bwd": 3 * (flops.projections + flops.attention_padded) / 1e9,
+        "model_gflops_fwd_bwd": flops.train_step / 1e9,
     }
 
 
 def run(quick: bool) -> Dict[str, Any]:
+    from mtfm_rec.bench.peak import matmul_gflops
+
     sizes = _sizes(quick)
+    peak = matmul_gflops("fp32", sizes["threads"])
     rows: List[Dict[str, Any]] = []
     for k, p, blocks in STACKS:
         for g in KV_HEADS:
@@ -110,15 +106,15 @@ def run(quick: bool) -> Dict[str, Any]:
             if proc.returncode:
                 raise RuntimeError(f"bench worker {spec} failed:\n{proc.stderr[-4000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-            fwd = hta_flops(k, p, blocks, g, sizes)
             result.update(
                 name=f"({k}:{p})x{blocks}", k=k, p=p, blocks=blocks, heads=HEADS, kv_heads=g,
-                hta_gflops_fwd_bwd=3 * fwd / 1e9,
-                hta_gflops_per_s=3 * fwd / 1e9 / result["step_s"],
+                hta_gflops_per_s=result["hta_gflops_fwd_bwd"] / result["step_s"],
+                model_gflops_per_s=result["model_gflops_fwd_bwd"] / result["step_s"],
             )
+            result["mfu"] = result["model_gflops_per_s"] / peak
             rows.append(result)
             print(f"[bench.model] {result['name']} G={g}: {result['samples_per_s']:.1f} samples/s, "
-                  f"step mem {result['step_mem_mib']:.0f} MiB", flush=True)
+                  f"step mem {result['step_mem_mib']:.0f} MiB, MFU {100 * result['mfu']:.1f} %", flush=True)
     base = next(r for r in rows if r["name"] == "(0:16)x1" and r["kv_heads"] == HEADS)
     hta = next(r for r in rows if r["name"] == "(3:1)x4" and r["kv_heads"] == 1)
     speedup = hta["samples_per_s"] / base["samples_per_s"]
@@ -130,6 +126,7 @@ def run(quick: bool) -> Dict[str, Any]:
         "quick": quick,
         "sizes": sizes,
         "attention_backend": "prefix",
+        "peak_gflops": peak,
         "rows": rows,
         "target": {
             "speedup": speedup,
@@ -151,16 +148,29 @@ def render(result: Dict[str, Any]) -> str:
         "CPU time (one thread; robust to neighbours on a shared machine), wall time beside it. Step "
         "memory = peak RSS minus RSS once the model, its gradients and the batch exist (fresh "
         "process per row).",
+    ]
+    mfu = "peak_gflops" in result  # results measured before the MFU columns existed lack them
+    if mfu:
+        lines += [
+            "",
+            "HTA GFLOP: the attention stack as computed (padded attention blocks); model GFLOP: the whole "
+            "model, useful work only (visible (query, key) pairs), forward + backward = 3 x forward "
+            f"(`mtfm_rec.model.flops`); MFU = model GFLOP/s over the fp32 matmul peak on {s['threads']} "
+            f"thread(s) measured beside it, {result['peak_gflops']:.0f} GFLOP/s.",
+        ]
+    extra = " model GFLOP/step | MFU |" if mfu else ""
+    lines += [
         "",
         "| stack | G | samples/s | tokens/s | speedup | wall s/step | step mem (MiB) | vs full "
-        "| peak RSS (MiB) | HTA GFLOP/step | HTA GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS (MiB) | HTA GFLOP/step | HTA GFLOP/s |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if mfu else ""),
     ]
     for r in result["rows"]:
+        cells = f" {r['model_gflops_fwd_bwd']:.2f} | {100 * r['mfu']:.1f} % |" if mfu else ""
         lines.append(
             f"| {r['name']} | {r['kv_heads']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} "
             f"| {r['speedup_vs_full']:.2f}x | {r['step_wall_s']:.2f} | {r['step_mem_mib']:.0f} | {r['step_mem_vs_full']:.2f}x "
-            f"| {r['peak_rss_mib']:.0f} | {r['hta_gflops_fwd_bwd']:.2f} | {r['hta_gflops_per_s']:.1f} |"
+            f"| {r['peak_rss_mib']:.0f} | {r['hta_gflops_fwd_bwd']:.2f} | {r['hta_gflops_per_s']:.1f} |" + cells
         )
     t = result["target"]
     lines += [

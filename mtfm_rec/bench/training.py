@@ -8,6 +8,9 @@ synthetic dataset (``mtfm_rec.data.synthetic``), read back from the run director
 * Throughput: global samples/s over the steady-state log windows (the first window, which
   holds the pipeline's tracing and warm-up, is left out), with the same per-rank batch on 1 and
   2 ranks. ``data_wait_share``: time the step loop spent blocked on the loader / wall time.
+  ``model_gflops_per_s`` / ``mfu``: the trainer's ``perf/model_gflops_per_s`` and ``perf/mfu``
+  (useful model FLOPs of ``mtfm_rec.model.flops`` over the matmul peak the job measured at its
+  start, summed over its ranks), same windows.
 * Quality: MTFM and ``model.use_sequences=false`` (the same tokenizer, attention and heads on the
   T tokens alone) trained with the same budget; test AUC / GAUC per scenario x task.
 """
@@ -92,9 +95,15 @@ def run(quick: bool) -> Dict[str, Any]:
                 "batch_per_rank": 32,
                 "samples_per_s": _steady(job["log"].get("perf/samples_per_s", [])),
                 "data_wait_share": _steady(job["log"].get("perf/data_wait_share", [])),
+                "model_gflops_per_s": _steady(job["log"].get("perf/model_gflops_per_s", [])),
+                "mfu": _steady(job["log"].get("perf/mfu", [])),
+                "peak_gflops": s.get("peak_gflops"),
                 "peak_host_rss_gb": s.get("peak_host_rss_gb"),
                 "peak_device_memory_gb": s.get("peak_device_memory_gb"),
             })
+            row = throughput[-1]
+            print(f"[bench.training] {nproc} rank(s): {row['samples_per_s']:.1f} samples/s, "
+                  f"{row['model_gflops_per_s']:.2f} model GFLOP/s, MFU {100 * row['mfu']:.2f} %", flush=True)
         out["throughput"] = throughput
 
         quality_raw = os.path.join(tmp, "quality_raw")  # a fresh dataset, as the issue asks
@@ -118,16 +127,34 @@ def render(result: Dict[str, Any]) -> str:
     lines = [
         f"Synthetic data ({ds['users']} users x {ds['days']} days, `{ds['generator']}`), "
         f"`{CONFIG}` model, gloo on the CPU / NCCL on GPUs.",
+    ]
+    mfu = all("mfu" in row for row in result["throughput"])  # older results lack the MFU columns
+    if mfu:
+        lines += [
+            "",
+            "MFU: the trainer's `perf/mfu`, useful model FLOP/s (`mtfm_rec.model.flops`, forward + backward "
+            "= 3 x forward) over the fp32 matmul peak each job measured at its start, summed over ranks "
+            "(`mtfm_rec.bench.peak`).",
+        ]
+    lines += [
         "",
-        "| ranks | batch / rank | samples/s | data wait share | peak host RSS (GiB) | peak device (GiB) |",
-        "|---|---|---|---|---|---|",
+        "| ranks | batch / rank | samples/s | data wait share | peak host RSS (GiB) | peak device (GiB) |"
+        + (" model GFLOP/s | matmul peak GFLOP/s | MFU |" if mfu else ""),
+        "|---|---|---|---|---|---|" + ("---|---|---|" if mfu else ""),
     ]
     for row in result["throughput"]:
         dev = row.get("peak_device_memory_gb")
+        cells = ""
+        if mfu:
+            peak = row.get("peak_gflops")
+            cells = (
+                f" {row['model_gflops_per_s']:.2f} | {'-' if peak is None else f'{peak:.0f}'} | "
+                f"{100 * row['mfu']:.2f} % |"
+            )
         lines.append(
             f"| {row['ranks']} | {row['batch_per_rank']} | {row['samples_per_s']:.1f} | "
             f"{100 * row['data_wait_share']:.1f} % | {row['peak_host_rss_gb']:.2f} | "
-            f"{'-' if dev is None else f'{dev:.2f}'} |"
+            f"{'-' if dev is None else f'{dev:.2f}'} |" + cells
         )
     quality = result["quality"]
     keys = list(quality["MTFM"]["metrics"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -65,6 +66,9 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest complete checkpoint in run_dir) | never | <path>
     # ---- logging
     log_every: int = 50  # steps between loss read-backs (the only host-device syncs)
+    # matmul peak of one rank in GFLOP/s, the denominator of perf/mfu; 0 = measured at the start
+    # of fit (mtfm_rec.bench.peak: a square matmul in the training dtype on the rank's threads)
+    peak_gflops: float = 0.0
     progress_bar: bool = True  # tqdm on rank 0
     tensorboard: bool = True
     plots: bool = True  # loss / AUC curves as PNG at the end
@@ -82,6 +86,8 @@ class TrainConfig:
             raise ValueError(f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
+        if not (self.peak_gflops >= 0 and math.isfinite(self.peak_gflops)):
+            raise ValueError(f"peak_gflops must be a finite number >= 0 (0 = measured at start), got {self.peak_gflops!r}")
         unknown = [s for s in self.eval_splits if s not in EVAL_SPLITS]
         if unknown:
             raise ValueError(f"eval_splits: {unknown} not among the splits {list(EVAL_SPLITS)}")

@@ -196,14 +196,21 @@ class _TrackedIterator:
     """Endless iterator over a loader's epochs that records the loader state after each batch.
 
     Also measures the time spent waiting for the loader (``wait_s``), the data-loading share of
-    the step time.
+    the step time, and counts each batch's model FLOPs with ``count`` while the batch is still
+    on the host (NaN without a counter).
     """
 
-    def __init__(self, loader: Loader, explain: Optional[Callable[[], str]] = None) -> None:
+    def __init__(
+        self,
+        loader: Loader,
+        explain: Optional[Callable[[], str]] = None,
+        count: Optional[Callable[[Batch], float]] = None,
+    ) -> None:
         self.loader = loader
         self.explain = explain  # the message when the split yields no batch at all
+        self.count = count
         self._it: Optional[Iterator[Batch]] = None
-        self.pending: Deque[Tuple[Dict[str, Any], int]] = collections.deque()
+        self.pending: Deque[Tuple[Dict[str, Any], int, float]] = collections.deque()
         self.wait_s = 0.0
         self.epochs_started = 0
 
@@ -224,12 +231,19 @@ class _TrackedIterator:
                 self._it = None
         if batch is None:
             raise EmptySplitError(self.explain() if self.explain else "the training split yields no batches")
-        self.pending.append((copy.deepcopy(self.loader.state_dict()), int(batch.batch_size)))
+        state = copy.deepcopy(self.loader.state_dict())
         self.wait_s += time.perf_counter() - start
+        flops = self.count(batch) if self.count is not None else math.nan
+        self.pending.append((state, int(batch.batch_size), flops))
         return batch
 
     def pop(self) -> Tuple[Dict[str, Any], int]:
         """Loader state after, and sample count of, the oldest batch not yet trained on."""
+        state, samples, _ = self.pop_counted()
+        return state, samples
+
+    def pop_counted(self) -> Tuple[Dict[str, Any], int, float]:
+        """:meth:`pop` and the batch's training-step FLOPs (NaN: not counted)."""
         return self.pending.popleft()
 
 
@@ -318,6 +332,7 @@ class Trainer:
         self._iter: Optional[_TrackedIterator] = None
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, tensorboard=tcfg.tensorboard)
         self.perf: Dict[str, float] = {}
+        self._count_flops = self._flop_counter(model)
 
     # ------------------------------------------------------------------ run directory lock
     def _lock_run_dir(self) -> Optional[RunLock]:
@@ -491,15 +506,19 @@ class Trainer:
         self.logger.resume_from(self.step)  # log.csv keeps each step once (drops a killed run's later rows)
         start_step = self.step
         self.model.train()
-        self._iter = _TrackedIterator(self.train_loader, lambda: self._split_report("train", loader=self.train_loader))
+        self._iter = _TrackedIterator(
+            self.train_loader, lambda: self._split_report("train", loader=self.train_loader), self._count_flops
+        )
         self._pipeline = self._make_pipeline() if tcfg.pipeline else None
         self._feed: Iterator[Batch] = self._iter
         if self.step >= tcfg.max_steps:
             log0(self.info, f"already at step {self.step} >= max_steps={tcfg.max_steps}: nothing to train")
+        peak = self._global_peak_gflops() if self._count_flops is not None and self.step < tcfg.max_steps else math.nan
         pbar = self._progress_bar()
         device = self.info.device
         loss_sum = torch.zeros((), device=device)
-        window_steps, window_samples, window_first = 0, 0, self.step + 1
+        window_steps, window_samples, window_first, window_flops = 0, 0, self.step + 1, 0.0
+        run_flops = 0.0  # model FLOPs of the trained steps, all ranks (NaN: some were not counted)
         t_start = time.perf_counter()
         t_window, wait_window, eval_window = t_start, 0.0, 0.0  # eval time is not step time
         run_samples, run_wait, run_eval = 0, 0.0, 0.0
@@ -507,10 +526,11 @@ class Trainer:
         while self.step < tcfg.max_steps and not stop:
             loss = self._train_step()
             loss_sum += loss
-            self._loader_state, samples = self._iter.pop()
+            self._loader_state, samples, flops = self._iter.pop_counted()
             self.step += 1
             window_steps += 1
             window_samples += samples
+            window_flops += flops
             if pbar is not None:
                 pbar.update(1)
             over_budget = tcfg.max_minutes > 0 and (time.perf_counter() - t_start) > 60 * tcfg.max_minutes
@@ -522,12 +542,11 @@ class Trainer:
             if self.step % tcfg.log_every == 0 or last or saves:
                 now = time.perf_counter()
                 wait = self._iter.wait_s - wait_window
-                # the one read-back of the window: loss, samples and the stop vote of all ranks
-                stats = torch.stack(
-                    [loss_sum, torch.tensor(float(window_samples), device=device), torch.tensor(float(over_budget), device=device)]
-                )
+                # the one read-back of the window: loss, samples, model FLOPs and the stop vote of all ranks
+                counts = [float(window_samples), float(over_budget), window_flops]
+                stats = torch.cat([loss_sum.reshape(1), torch.tensor(counts, device=device)])
                 dist.all_reduce(stats)
-                mean_loss, global_samples, votes = (float(x) for x in stats.cpu())
+                mean_loss, global_samples, votes, global_flops = (float(x) for x in stats.cpu())
                 mean_loss /= window_steps * self.info.world_size
                 self._stop_if_diverged(mean_loss, window_first)  # before anything saves this state
                 elapsed = now - t_window - eval_window
@@ -540,11 +559,14 @@ class Trainer:
                     "perf/data_wait_share": wait / max(elapsed, 1e-9),
                     "train/samples_seen": self.samples_seen,
                 }
+                scalars.update(utilisation(global_flops, elapsed, peak))
+                run_flops += global_flops
                 self.logger.log(self.step, scalars)
                 if pbar is not None:
-                    pbar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}")
+                    mfu = {"mfu": f"{100 * scalars['perf/mfu']:.2f}%"} if "perf/mfu" in scalars else {}
+                    pbar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}", **mfu)
                 loss_sum.zero_()
-                window_steps, window_samples, window_first = 0, 0, self.step + 1
+                window_steps, window_samples, window_first, window_flops = 0, 0, self.step + 1, 0.0
                 t_window, wait_window, eval_window = now, self._iter.wait_s, 0.0
                 if votes > 0:
                     log0(self.info, f"time budget of {tcfg.max_minutes} min reached at step {self.step}")
@@ -558,9 +580,10 @@ class Trainer:
             elif tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last and not stop:
                 self.save_checkpoint()
         if window_steps:  # stopped between log steps (early stopping): count the samples
-            stats = torch.stack([torch.tensor(float(window_samples), device=device), loss_sum])
+            stats = torch.cat([torch.tensor([float(window_samples), window_flops], device=device), loss_sum.reshape(1)])
             dist.all_reduce(stats)
-            global_samples, total_loss = (float(x) for x in stats.cpu())
+            global_samples, window_flops, total_loss = (float(x) for x in stats.cpu())
+            run_flops += window_flops
             self._stop_if_diverged(total_loss / (window_steps * self.info.world_size), window_first)
             self.samples_seen += int(global_samples)
             run_samples += int(global_samples)
@@ -580,11 +603,15 @@ class Trainer:
             "data_wait_share": run_wait / max(total, 1e-9),
             "seconds": total,
         }
+        self.perf.update({k.removeprefix("perf/"): v for k, v in utilisation(run_flops, total, peak).items()})
+        if "model_gflops_per_s" in self.perf:
+            self.perf.update(model_tflops=run_flops / 1e12, peak_gflops=peak)
         self.perf.update(self._peak_memory())
+        mfu = f", MFU {100 * self.perf['mfu']:.2f}% of {peak:.0f} GFLOP/s" if "mfu" in self.perf else ""
         log0(
             self.info,
             f"fit: step {self.step}, {self.samples_seen} samples, {self.perf['samples_per_s']:.0f} samples/s, "
-            f"data wait {100 * self.perf['data_wait_share']:.1f}% of step time",
+            f"data wait {100 * self.perf['data_wait_share']:.1f}% of step time{mfu}",
         )
         if self.best is not None and self.best["step"] != self.step:
             self.load_best()  # evaluation after fit() uses the best validation model
@@ -605,6 +632,44 @@ class Trainer:
             f"Stopped without checkpointing this state; {kept}. Lower train.lr / train.embedding_lr or look "
             "for bad inputs in those steps, then resume"
         )
+
+    def _flop_counter(self, model: nn.Module) -> Optional[Callable[[Batch], float]]:
+        """Training-step FLOPs of a host batch (``mtfm_rec.model.flops``) for an MTFM model; None
+        for another model, whose FLOPs are unknown (no ``perf/mfu`` rather than a wrong one)."""
+        from mtfm_rec.model.mtfm import MTFM
+
+        if not isinstance(model, MTFM):
+            return None
+        from mtfm_rec.model.flops import model_flops
+
+        config, schema = model.config, model.schema
+
+        def count(batch: Batch) -> float:
+            if batch.token_ts.device.type != "cpu":  # reading the mask's values would sync
+                return math.nan
+            return float(model_flops(config, schema, batch).train_step)
+
+        return count
+
+    def _global_peak_gflops(self) -> float:
+        """The matmul peak of all ranks together: ``train.peak_gflops`` x ranks, or the sum of
+        each rank's measurement (``mtfm_rec.bench.peak``; once per process, ranks at once)."""
+        tcfg = self.config.train
+        if tcfg.peak_gflops > 0:
+            return tcfg.peak_gflops * self.info.world_size
+        from mtfm_rec.bench.peak import trainer_peak_gflops
+
+        start = time.perf_counter()
+        local = trainer_peak_gflops(self.info.device, tcfg.bf16)
+        total = torch.tensor(local, dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(total)
+        dtype = "bf16" if tcfg.bf16 else "fp32"
+        log0(
+            self.info,
+            f"matmul peak {float(total):.0f} GFLOP/s over {self.info.world_size} rank(s) ({dtype}, "
+            f"{torch.get_num_threads()} thread(s) on rank 0, {time.perf_counter() - start:.2f} s): the MFU denominator",
+        )
+        return float(total)
 
     def _peak_memory(self) -> Dict[str, float]:
         """Peak host RSS (and device memory on GPUs) in GiB, the maximum over ranks."""
@@ -841,6 +906,18 @@ class Trainer:
                 dist.destroy_process_group()
         finally:
             self._release_lock()
+
+
+def utilisation(flops: float, seconds: float, peak_gflops: float) -> Dict[str, float]:
+    """``perf/model_gflops_per_s`` and ``perf/mfu`` (model FLOP/s over the matmul peak) of
+    ``flops`` done in ``seconds``; empty where the FLOPs are unknown (NaN), no MFU without a peak."""
+    if not math.isfinite(flops):
+        return {}
+    rate = flops / 1e9 / max(seconds, 1e-9)
+    out = {"perf/model_gflops_per_s": rate}
+    if math.isfinite(peak_gflops) and peak_gflops > 0:
+        out["perf/mfu"] = rate / peak_gflops
+    return out
 
 
 def summarize(metrics: Metrics) -> Dict[str, float]:
