@@ -20,12 +20,13 @@ help:
 	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
 # Re-installs only when a lock file or setup.py changes; a second run is a no-op.
-$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py
+$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py kernels/hstu_attention/csrc/hstu_cpu.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m mtfm_rec.install_check
+	$(PY) -m mtfm_rec.kernels.hstu_attention.cpu
 	@touch $(STAMP)
 
 install: $(STAMP)

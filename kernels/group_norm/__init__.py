@@ -1,7 +1,9 @@
 """Group LayerNorm dispatcher (see ``reference.py`` for the semantics).
 
 ``backend``: ``"auto"`` (Triton for CUDA tensors, the reference otherwise), ``"reference"``,
-``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). A forced backend that
+``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"onehot"`` (the
+per-group affine as one-hot matmuls, ``onehot.py``: the CPU fast path, whose backward avoids the
+reference's serial accumulating gather). A forced backend that
 cannot run raises; nothing falls back silently.
 """
 
@@ -9,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from mtfm_rec.kernels.group_norm.onehot import group_layer_norm_onehot
 from mtfm_rec.kernels.group_norm.reference import group_layer_norm_reference
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "onehot")
 
 
 def group_layer_norm(
@@ -33,7 +36,9 @@ def group_layer_norm(
         except ImportError as exc:
             raise RuntimeError(f"group norm backend 'triton' unavailable: {exc}") from exc
         return group_layer_norm_triton(x, group, weight, bias, eps)
+    if backend == "onehot":
+        return group_layer_norm_onehot(x, group, weight, bias, eps)
     return group_layer_norm_reference(x, group, weight, bias, eps)
 
 
-__all__ = ["BACKENDS", "group_layer_norm", "group_layer_norm_reference"]
+__all__ = ["BACKENDS", "group_layer_norm", "group_layer_norm_onehot", "group_layer_norm_reference"]

@@ -194,6 +194,24 @@ def _padded(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tenso
     return x.view(batch, max_len, *x.shape[1:])  # the bench batches are uniform
 
 
+def _cpp(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
+    """The fused C++ kernel on the prefix encoding of the batch's mask (as the model builds it)."""
+    from mtfm_rec.kernels.hstu_attention.cpu import hstu_attention_cpu
+    from mtfm_rec.model.mask import jagged_to_padded_index, visible_prefix
+
+    q_off, kv_off, max_q, max_kv = args["q_offsets"], args["kv_offsets"], args["max_q_len"], args["max_kv_len"]
+    q_pad = jagged_to_padded_index(q_off, args["q"].shape[0], max_q)
+    kv_pad = jagged_to_padded_index(kv_off, args["k"].shape[0], max_kv)
+    prefix = visible_prefix(kv_off, args["kv_kind"], args["kv_ts"], args["q_ts"], q_off, max_kv, max_q, kv_pad, q_pad)
+    q_start = torch.repeat_interleave(kv_off[:-1], q_off[1:] - q_off[:-1], output_size=args["q"].shape[0])
+    self_local = torch.where(args["q_self"] >= 0, args["q_self"] - q_start, args["q_self"])
+
+    def run(a: Dict[str, Any]) -> torch.Tensor:
+        return hstu_attention_cpu(a["q"], a["k"], a["v"], q_off, kv_off, prefix, self_local, a["q"].shape[-1] ** -0.5)
+
+    return run
+
+
 def _sdpa(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
     mask = dynamic_mask_padded(*(args[k] for k in MASK_ARGS))[:, None]  # [B, 1, Lq, Lk]
 
@@ -248,6 +266,7 @@ def _attention_impls(args: Dict[str, Any], n: int, cuda: bool, quick: bool) -> D
     if cuda:
         impls["triton"] = lambda a: hstu_attention(**a, backend="triton")
     else:
+        impls["cpp"] = _cpp(args)
         impls["blocksparse"] = lambda a: hstu_attention(**a, backend="blocksparse")
         if not quick and n <= 1024:
             from mtfm_rec.kernels.hstu_attention.flex import hstu_attention_compiled

@@ -27,6 +27,8 @@ Eq. 14 of the paper writes ``f_kv(X~_T)``; we read it as keys/values from all N 
 
 from __future__ import annotations
 
+from typing import Any, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +36,7 @@ from torch import nn
 from mtfm_rec.kernels.group_norm import BACKENDS as GROUP_NORM_BACKENDS
 from mtfm_rec.kernels.group_norm import group_layer_norm
 from mtfm_rec.kernels.hstu_attention import hstu_attention
-from mtfm_rec.model.config import PREFIX_BACKEND, ModelConfig
+from mtfm_rec.model.config import CPP_BACKEND, PREFIX_BACKEND, ModelConfig
 from mtfm_rec.model.mask import AttentionLayout
 
 
@@ -87,16 +89,46 @@ def prefix_hstu_attention(
     return out[q_pad_index]
 
 
+class _TakeRows(torch.autograd.Function):
+    """``x[rows]`` for unique ``rows``, whose backward scatters with ``index_copy`` instead of the
+    accumulating ``index_put`` of advanced indexing (serial on the CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:])).index_copy(0, rows, grad), None
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` where ``rows`` holds no index twice (the T-token rows of a layout)."""
+    return _TakeRows.apply(x, rows)
+
+
 def resolve_attention_backend(backend: str, device: torch.device) -> str:
     """The implementation a layer runs on ``device`` for ``model.attention_backend``.
 
-    ``auto`` is the Triton kernels on CUDA and the model's ``prefix`` path elsewhere (on the CPU
-    the fastest exact path, about 2x the kernel reference; docs/MODEL.md), so one config trains
-    with Triton on a GPU and with the PyTorch path on the CPU. Any other name is taken as is.
+    ``auto`` is the Triton kernels on CUDA and the fused C++ kernel (``cpp``) elsewhere, the
+    fastest exact CPU path (docs/KERNELS.md), so one config trains with Triton on a GPU and with
+    the C++ kernel on the CPU. Any other name is taken as is (``prefix``: the previous CPU path).
     """
     if backend == "auto":
-        return "triton" if device.type == "cuda" else PREFIX_BACKEND
+        return "triton" if device.type == "cuda" else CPP_BACKEND
     return backend
+
+
+def norm_backend(attention_backend: str) -> str:
+    """The Group LayerNorm implementation that goes with a resolved attention backend: the
+    one-hot CPU path with ``cpp``, the same name where the norm dispatcher has it, else its ``auto``
+    (so ``prefix``, the previous CPU default, keeps the reference norm)."""
+    if attention_backend == CPP_BACKEND:
+        return "onehot"
+    return attention_backend if attention_backend in GROUP_NORM_BACKENDS else "auto"
 
 
 class _HSTULayer(nn.Module):
@@ -132,7 +164,7 @@ class _HSTULayer(nn.Module):
         return k.reshape(shape), v.reshape(shape)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, target: bool
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, target: bool, backend: str
     ) -> torch.Tensor:
         if target:
             q_offsets, q_ts, q_self, max_q = (
@@ -148,8 +180,11 @@ class _HSTULayer(nn.Module):
             q_pad, q_prefix, q_self_local = (
                 layout.token_pad_index, layout.full_prefix, layout.full_self_local,
             )
-        backend = resolve_attention_backend(self.backend, q.device)
-        if backend == PREFIX_BACKEND:
+        if backend == CPP_BACKEND:
+            from mtfm_rec.kernels.hstu_attention.cpu import hstu_attention_cpu
+
+            out = hstu_attention_cpu(q, k, v, q_offsets, layout.token_offsets, q_prefix, q_self_local, self.alpha)
+        elif backend == PREFIX_BACKEND:
             out = prefix_hstu_attention(
                 q, k, v, q_pad, layout.token_pad_index, q_prefix, q_self_local,
                 layout.batch_size, max_q, layout.max_tokens, self.alpha,
@@ -161,17 +196,14 @@ class _HSTULayer(nn.Module):
             )
         return out.reshape(out.shape[0], -1)
 
-    def _output(self, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        a = group_layer_norm(a, group, self.out_norm_weight, self.out_norm_bias, self.eps, self.backend_norm)
+    def _output(
+        self, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor, group: torch.Tensor, backend: str
+    ) -> torch.Tensor:
+        a = group_layer_norm(a, group, self.out_norm_weight, self.out_norm_bias, self.eps, norm_backend(backend))
         return x + self.dropout(self.f2(a * u))
 
-    @property
-    def backend_norm(self) -> str:
-        # Backends the group-norm dispatcher lacks (e.g. the model's "prefix") use its own choice.
-        return self.backend if self.backend in GROUP_NORM_BACKENDS else "auto"
-
-    def _norm_in(self, x: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-        return group_layer_norm(x, group, self.in_norm_weight, self.in_norm_bias, self.eps, self.backend_norm)
+    def _norm_in(self, x: torch.Tensor, group: torch.Tensor, backend: str) -> torch.Tensor:
+        return group_layer_norm(x, group, self.in_norm_weight, self.in_norm_bias, self.eps, norm_backend(backend))
 
 
 class FullAttentionLayer(_HSTULayer):
@@ -179,11 +211,12 @@ class FullAttentionLayer(_HSTULayer):
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         """``x``: ``[N, d_model]`` tokens of ``layout``; returns the updated ``[N, d_model]``."""
-        x_norm = self._norm_in(x, layout.token_group)
+        backend = resolve_attention_backend(self.backend, x.device)
+        x_norm = self._norm_in(x, layout.token_group, backend)
         u, q = self._uq(x_norm)
         k, v = self._kv(x_norm)
-        a = self._attend(q, k, v, layout, target=False)
-        return self._output(x, a, u, layout.token_group)
+        a = self._attend(q, k, v, layout, False, backend)
+        return self._output(x, a, u, layout.token_group, backend)
 
 
 class TargetAttentionLayer(_HSTULayer):
@@ -191,12 +224,15 @@ class TargetAttentionLayer(_HSTULayer):
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         """``x``: ``[N, d_model]``; returns ``x`` with only the rows ``layout.target_rows`` changed."""
-        x_norm = self._norm_in(x, layout.token_group)
+        backend = resolve_attention_backend(self.backend, x.device)
+        x_norm = self._norm_in(x, layout.token_group, backend)
         k, v = self._kv(x_norm)
         rows = layout.target_rows
-        u, q = self._uq(x_norm[rows])
-        a = self._attend(q, k, v, layout, target=True)
-        x_t = self._output(x[rows], a, u, layout.token_group[rows])
+        # the fast path gathers with a scatter-free backward; the others keep plain indexing
+        gather = take_rows if backend == CPP_BACKEND else (lambda t, r: t[r])
+        u, q = self._uq(gather(x_norm, rows))
+        a = self._attend(q, k, v, layout, True, backend)
+        x_t = self._output(gather(x, rows), a, u, layout.token_group[rows], backend)
         return x.index_copy(0, rows, x_t)
 
 

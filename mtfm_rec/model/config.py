@@ -10,9 +10,10 @@ from typing import Dict, List
 
 # Attention implementations: the kernel dispatcher's backends plus the model's own CPU path.
 PREFIX_BACKEND = "prefix"  # mtfm_rec.model.attention.prefix_hstu_attention (padded, prefix mask)
+CPP_BACKEND = "cpp"  # mtfm_rec.kernels.hstu_attention.cpu: the fused C++ CPU kernel (jagged, prefix mask)
 # "auto" is resolved per forward from the device (mtfm_rec.model.attention.resolve_attention_backend):
 # the Triton kernels on CUDA, the prefix path on the CPU, so one config serves both.
-ATTENTION_BACKENDS = ("auto", "reference", "triton", "blocksparse", PREFIX_BACKEND)
+ATTENTION_BACKENDS = ("auto", "reference", "triton", "blocksparse", PREFIX_BACKEND, CPP_BACKEND)
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtfm_rec.kernels.group_norm import BACKENDS, group_layer_norm, group_layer_norm_reference
+from mtfm_rec.kernels.group_norm import BACKENDS, group_layer_norm, group_layer_norm_onehot, group_layer_norm_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(
@@ -67,6 +67,23 @@ def test_triton_matches_reference_interpreted(n, d, groups, sorted_groups, seed)
     _assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    d=st.sampled_from([1, 3, 16, 24]),
+    groups=st.integers(1, 6),
+    sorted_groups=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_onehot_matches_reference(n, d, groups, sorted_groups, seed):
+    """The CPU path: y exactly, dx / dweight / dbias to float rounding (sums in another order)."""
+    x, group, weight, bias, dy = _case(n, d, groups, sorted_groups, seed)
+    want = _grads(group_layer_norm_reference, x, group, weight, bias, dy)
+    got = _grads(group_layer_norm_onehot, x, group, weight, bias, dy)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)
+    _assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @needs_interpreter
 def test_bf16_interpreted():
     x, group, weight, bias, dy = _case(33, 24, 4, False, 0, dtype=torch.bfloat16)
@@ -78,7 +95,7 @@ def test_bf16_interpreted():
 
 def test_dispatcher_rules(monkeypatch):
     x, group, weight, bias, _ = _case(7, 8, 3, False, 0)
-    assert set(BACKENDS) >= {"auto", "reference", "triton"}
+    assert set(BACKENDS) >= {"auto", "reference", "triton", "onehot"}
     with pytest.raises(ValueError, match="unknown"):
         group_layer_norm(x, group, weight, bias, backend="nope")
     torch.testing.assert_close(

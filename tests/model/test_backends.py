@@ -1,7 +1,7 @@
 """One model, every dense-path backend: the same loss and the same gradients.
 
 The model's config picks the attention / Group LayerNorm implementation (``attention_backend``);
-``auto`` is Triton on CUDA and the model's ``prefix`` path on the CPU. Here the same weights run
+``auto`` is Triton on CUDA and the fused C++ kernel (``cpp``) on the CPU. Here the same weights run
 the same batch through each backend and must agree with ``reference``: the loss, the scenario
 scores and the gradient of every parameter (embedding tables included). The ``triton`` case runs the Triton
 kernels (attention forward and backward, Group LayerNorm forward and backward) in the Triton
@@ -62,7 +62,7 @@ def test_triton_path_matches_reference_loss_and_every_gradient_interpreted(schem
     _assert_backend_matches_reference(schema, "triton", "cpu", rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["blocksparse", "prefix"])
+@pytest.mark.parametrize("backend", ["blocksparse", "prefix", "cpp"])
 def test_cpu_paths_match_reference_loss_and_every_gradient(schema, backend: str) -> None:
     _assert_backend_matches_reference(schema, backend, "cpu", rtol=1e-4, atol=1e-5)
 
@@ -74,12 +74,14 @@ def test_triton_path_matches_reference_on_gpu(schema) -> None:
     _assert_backend_matches_reference(schema, "triton", "cuda", rtol=5e-3, atol=5e-4)
 
 
-def test_auto_is_triton_on_cuda_and_the_prefix_path_elsewhere() -> None:
-    from mtfm_rec.model.attention import resolve_attention_backend
+def test_auto_is_triton_on_cuda_and_the_cpp_kernel_elsewhere() -> None:
+    from mtfm_rec.model.attention import norm_backend, resolve_attention_backend
 
     assert resolve_attention_backend("auto", torch.device("cuda", 0)) == "triton"
-    assert resolve_attention_backend("auto", torch.device("cpu")) == "prefix"
+    assert resolve_attention_backend("auto", torch.device("cpu")) == "cpp"
     assert resolve_attention_backend("reference", torch.device("cuda")) == "reference"
+    # the norm that goes with each: the one-hot CPU norm with cpp; prefix keeps the reference norm
+    assert [norm_backend(b) for b in ("cpp", "prefix", "triton", "reference")] == ["onehot", "auto", "triton", "reference"]
 
 
 def test_unknown_backend_is_refused_by_the_config() -> None:
