@@ -12,7 +12,7 @@ from typing import Dict, List
 PREFIX_BACKEND = "prefix"  # mtfm_rec.model.attention.prefix_hstu_attention (padded, prefix mask)
 CPP_BACKEND = "cpp"  # mtfm_rec.kernels.hstu_attention.cpu: the fused C++ CPU kernel (jagged, prefix mask)
 # "auto" is resolved per forward from the device (mtfm_rec.model.attention.resolve_attention_backend):
-# the Triton kernels on CUDA, the prefix path on the CPU, so one config serves both.
+# the Triton kernels on CUDA, the fused C++ kernel on the CPU, so one config serves both.
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "blocksparse", PREFIX_BACKEND, CPP_BACKEND)
 
 
@@ -27,7 +27,7 @@ class ModelConfig:
     num_heads: int = 4  # H query heads
     num_kv_heads: int = 1  # G key-value heads (GQA); H % G == 0
     head_dim: int = 0  # per-head dim of Q/K/V/U; 0 -> d_model // num_heads
-    attention_backend: str = "auto"  # auto (Triton on CUDA, prefix on CPU) | reference | triton | blocksparse | prefix
+    attention_backend: str = "auto"  # auto (Triton on CUDA, cpp on CPU) | cpp | reference | triton | blocksparse | prefix
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64

@@ -46,6 +46,16 @@ def _case(n, d, groups, sorted_groups, seed, dtype=torch.float32, device="cpu"):
     return [t.to(device) for t in (x, group, weight, bias, dy)]
 
 
+# hypothesis strategies of _case's arguments, shared by the parity tests
+CASES = dict(
+    n=st.integers(0, 40),
+    d=st.sampled_from([1, 3, 16, 24]),
+    groups=st.integers(1, 6),
+    sorted_groups=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+
+
 def _assert_close(got, want, atol, rtol):
     for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want):
         torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
@@ -53,13 +63,7 @@ def _assert_close(got, want, atol, rtol):
 
 @needs_interpreter
 @settings(max_examples=15, deadline=None)
-@given(
-    n=st.integers(0, 40),
-    d=st.sampled_from([1, 3, 16, 24]),
-    groups=st.integers(1, 6),
-    sorted_groups=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**CASES)
 def test_triton_matches_reference_interpreted(n, d, groups, sorted_groups, seed):
     x, group, weight, bias, dy = _case(n, d, groups, sorted_groups, seed)
     want = _grads(group_layer_norm_reference, x, group, weight, bias, dy)
@@ -68,13 +72,7 @@ def test_triton_matches_reference_interpreted(n, d, groups, sorted_groups, seed)
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    n=st.integers(0, 40),
-    d=st.sampled_from([1, 3, 16, 24]),
-    groups=st.integers(1, 6),
-    sorted_groups=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@given(**CASES)
 def test_onehot_matches_reference(n, d, groups, sorted_groups, seed):
     """The CPU path: y exactly, dx / dweight / dbias to float rounding (sums in another order)."""
     x, group, weight, bias, dy = _case(n, d, groups, sorted_groups, seed)

@@ -12,8 +12,8 @@
 //     v [Tk, G, Dv]
 //
 // Schedule. One work item is one (sample, key-value group), so its query rows are the only
-// writers of its dK / dV rows and the backward needs no atomics. Inside it, for each head and each
-// block of kQueryBlock queries, the block's key range [0, kmax) is the largest prefix (or self key)
+// writers of its dK / dV rows and the backward needs no atomics. Inside it, for each block of
+// kQueryBlock queries and each head (all heads in one GEMM when G = 1), the block's key range [0, kmax) is the largest prefix (or self key)
 // any of its queries sees: keys beyond it are never touched, so R and T query blocks skip most of
 // the masked area and nothing is padded across samples. The products are BLAS GEMMs on strided
 // views of q, k, v (no copies); the mask, SiLU, 1/n and, in the backward, the SiLU derivative are
@@ -76,7 +76,11 @@ inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-std::min(80.f, std
 
 // The queries of one block: where each sees, and the block's key range.
 struct Block {
-  int64_t q0, rows, kmax;  // first query row (global), number of rows, prefix keys [0, kmax) read
+  // first query (global), matrix rows (queries x hr), prefix keys [0, kmax) read, heads per query:
+  // with G = 1 the H heads of a query are adjacent rows of q ([Tq * H, D]), so all heads go through
+  // one GEMM (hr = H); otherwise one head at a time (hr = 1, rows strided by H * D).
+  int64_t q0, rows, kmax, hr;
+  int64_t query(int64_t row) const { return q0 + row / hr; }
 };
 
 struct Mask {
@@ -91,10 +95,10 @@ struct Mask {
     const int64_t n = visible_prefix(i) + (self_key(i) >= 0 ? 1 : 0);
     return 1.f / static_cast<float>(std::max<int64_t>(1, n));
   }
-  Block block(int64_t q0, int64_t q1) const {
+  Block block(int64_t q0, int64_t q1, int64_t hr) const {
     int64_t kmax = 0;
     for (int64_t i = q0; i < q1; ++i) kmax = std::max(kmax, visible_prefix(i));  // self keys: apart
-    return {q0, q1 - q0, kmax};
+    return {q0, (q1 - q0) * hr, kmax, hr};
   }
 };
 
@@ -102,7 +106,7 @@ struct Mask {
 // visible prefix, 0 beyond it. With dp (the gradient w.r.t. p), also dp -> the gradient w.r.t. s.
 void weights(const Mask& mask, const Block& blk, float alpha, float* s, float* dp) {
   for (int64_t r = 0; r < blk.rows; ++r) {
-    const int64_t i = blk.q0 + r, pre = mask.visible_prefix(i);
+    const int64_t i = blk.query(r), pre = mask.visible_prefix(i);
     const float inv_n = mask.inv_n(i);
     float* srow = s + r * blk.kmax;
     if (dp) {
@@ -149,7 +153,7 @@ struct Views {
 // backward (v.go set): dv_self += p * go, dq += ds * k_self, dk_self += ds * q.
 void self_keys(const Mask& mask, const Block& blk, float alpha, const Dims& dm, const Views& w) {
   for (int64_t r = 0; r < blk.rows; ++r) {
-    const int64_t i = blk.q0 + r, self = mask.self_key(i);
+    const int64_t i = blk.query(r), self = mask.self_key(i);
     if (self < 0) continue;
     const float* q_row = w.q + r * w.ldq;
     const float *k_row = w.k + self * w.ldk, *v_row = w.v + self * w.ldv;
@@ -167,8 +171,8 @@ void self_keys(const Mask& mask, const Block& blk, float alpha, const Dims& dm, 
   }
 }
 
-// Calls fn(b, g, lk, mask, block, h) for every (sample, group) item in parallel and every head and
-// query block inside it, in order.
+// Calls fn(b, g, h, kv0, mask, block, s, dp) for every (sample, group) item in parallel and, inside
+// it in order, every query block and head (or, with G = 1, all heads at once from h = 0).
 template <typename Fn>
 void for_each_block(const Dims& dm, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                     const at::Tensor& q_prefix, const at::Tensor& q_self_local, Fn fn) {
@@ -180,11 +184,12 @@ void for_each_block(const Dims& dm, const at::Tensor& q_offsets, const at::Tenso
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / dm.G, g = item % dm.G;
       const Mask mask{pre, self, ko[b + 1] - ko[b]};
+      const int64_t hr = dm.G == 1 ? dm.H : 1, h_step = hr == 1 ? 1 : dm.H;
       for (int64_t q0 = qo[b]; q0 < qo[b + 1]; q0 += kQueryBlock) {
-        const Block blk = mask.block(q0, std::min(q0 + kQueryBlock, qo[b + 1]));
+        const Block blk = mask.block(q0, std::min(q0 + kQueryBlock, qo[b + 1]), hr);
         s.resize(static_cast<size_t>(blk.rows * blk.kmax));
         dp.resize(static_cast<size_t>(blk.rows * blk.kmax));
-        for (int64_t h = g * dm.r; h < (g + 1) * dm.r; ++h) fn(b, g, h, ko[b], mask, blk, s.data(), dp.data());
+        for (int64_t h = g * dm.r; h < (g + 1) * dm.r; h += h_step) fn(b, g, h, ko[b], mask, blk, s.data(), dp.data());
       }
     }
   });
@@ -203,8 +208,9 @@ at::Tensor hstu_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::
   for_each_block(dm, q_offsets, kv_offsets, q_prefix, q_self_local,
                  [&](int64_t, int64_t g, int64_t h, int64_t kv0, const Mask& mask, const Block& blk, float* s, float*) {
     const int64_t qoff = blk.q0 * dm.H + h, koff = kv0 * dm.G + g;
+    const int64_t hs = dm.H / blk.hr;  // row stride of q / out in heads
     const Views w{qp + qoff * dm.D, kp + koff * dm.D, vp + koff * dm.Dv, nullptr, op + qoff * dm.Dv,
-                  nullptr, nullptr, nullptr, dm.H * dm.D, dm.G * dm.D, dm.G * dm.Dv, dm.H * dm.Dv};
+                  nullptr, nullptr, nullptr, hs * dm.D, dm.G * dm.D, dm.G * dm.Dv, hs * dm.Dv};
     if (blk.kmax > 0) {  // else the rows stay 0 but for their self keys
       gemm(false, true, blk.rows, blk.kmax, dm.D, w.q, w.ldq, w.k, w.ldk, 0.f, s, blk.kmax);
       weights(mask, blk, a, s, nullptr);
@@ -232,7 +238,7 @@ std::vector<at::Tensor> hstu_cpu_backward(const at::Tensor& grad_out, const at::
     const int64_t qoff = blk.q0 * dm.H + h, koff = kv0 * dm.G + g;
     const Views w{qp + qoff * dm.D, kp + koff * dm.D, vp + koff * dm.Dv, gp + qoff * dm.Dv, nullptr,
                   dqp + qoff * dm.D, dkp + koff * dm.D, dvp + koff * dm.Dv,
-                  dm.H * dm.D, dm.G * dm.D, dm.G * dm.Dv, dm.H * dm.Dv};
+                  dm.H / blk.hr * dm.D, dm.G * dm.D, dm.G * dm.Dv, dm.H / blk.hr * dm.Dv};
     if (blk.kmax > 0) {
       gemm(false, true, blk.rows, blk.kmax, dm.D, w.q, w.ldq, w.k, w.ldk, 0.f, s, blk.kmax);      // scores
       gemm(false, true, blk.rows, blk.kmax, dm.Dv, w.go, w.ldo, w.v, w.ldv, 0.f, dp, blk.kmax);   // d weights

@@ -1,0 +1,68 @@
+"""CPU training speed: the fused C++ path (``model.attention_backend=cpp``, the CPU default of
+``auto``) against the previous default (``prefix``), same model, data, batch and seed, one run.
+
+Both are real ``python -m mtfm_rec.train`` jobs of ``configs/mtfm_small.yaml`` on one fixed
+synthetic dataset (``mtfm_rec.data.synthetic``, 3,000 users x 10 days, seed 0, the size the
+speed issue profiled), one rank on all cores. Samples/s and MFU are the medians of the
+steady-state log windows (the first window, with the pipeline's tracing, is left out).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict
+
+from mtfm_rec.bench.training import QUALITY_CONFIG, _job, _steady
+
+PATHS = (("prefix", "previous CPU path: padded PyTorch, reference Group LayerNorm"),
+         ("cpp", "fused C++ kernel, one-hot Group LayerNorm, scatter-free gathers"))
+
+
+def run(quick: bool) -> Dict[str, Any]:
+    users, days, steps = (600, 4, 60) if quick else (3000, 10, 200)
+    out: Dict[str, Any] = {"dataset": {"users": users, "days": days, "seed": 0}, "steps": steps, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        from mtfm_rec.data.synthetic import generate
+
+        raw = os.path.join(tmp, "raw")
+        generate(raw, num_users=users, num_days=days, seed=0)
+        for backend, what in PATHS:
+            job = _job(
+                raw, os.path.join(tmp, backend), 1,
+                [f"model.attention_backend={backend}", f"train.max_steps={steps}", "train.log_every=25",
+                 "train.eval_every=0", "train.eval_splits=[]", "train.max_minutes=0"],
+                os.path.join(tmp, "cache"), config=QUALITY_CONFIG,
+            )
+            row = {
+                "backend": backend, "what": what,
+                "samples_per_s": _steady(job["log"].get("perf/samples_per_s", [])),
+                "model_gflops_per_s": _steady(job["log"].get("perf/model_gflops_per_s", [])),
+                "mfu": _steady(job["log"].get("perf/mfu", [])),
+                "peak_gflops": job["summary"].get("peak_gflops"),
+                "peak_host_rss_gb": job["summary"].get("peak_host_rss_gb"),
+            }
+            out["rows"].append(row)
+            print(f"[bench.cpu_path] {backend}: {row['samples_per_s']:.1f} samples/s, MFU {100 * row['mfu']:.2f} %",
+                  flush=True)
+    return out
+
+
+def render(result: Dict[str, Any]) -> str:
+    ds, rows = result["dataset"], result["rows"]
+    base = next(r for r in rows if r["backend"] == "prefix")["samples_per_s"]
+    lines = [
+        f"`{QUALITY_CONFIG}` on synthetic data ({ds['users']} users x {ds['days']} days, seed {ds['seed']}), "
+        f"{result['steps']} steps, 1 rank, batch 64; medians of the steady-state log windows. MFU: useful "
+        "model FLOP/s over the fp32 matmul peak the job measured at its start.",
+        "",
+        "| `model.attention_backend` | what | samples/s | vs prefix | model GFLOP/s | fp32 peak GFLOP/s | MFU | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| `{r['backend']}` | {r['what']} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / base:.2f}x | "
+            f"{r['model_gflops_per_s']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f} % | "
+            f"{r['peak_host_rss_gb']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
