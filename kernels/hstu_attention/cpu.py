@@ -13,7 +13,8 @@ the visible (query, key) pairs, not ``B x max_len^2``.
 
 The extension is compiled on first use with the machine's C++ compiler
 (``torch.utils.cpp_extension.load``, ``-O3 -fopenmp`` and ``-march=native``) into
-``build/torch_extensions/`` of the checkout (``MTFM_EXTENSIONS_DIR`` overrides); ``make install``
+``build/torch_extensions/cpu-<digest of the CPU's flags>/`` of the checkout (``MTFM_EXTENSIONS_DIR``
+overrides the root); ``make install``
 builds it once, so training never waits for the compiler. float32 only: other dtypes are computed
 in float32 and cast back (bf16 matmuls are slower than fp32 on CPUs without AMX).
 """
@@ -21,7 +22,9 @@ in float32 and cast back (bf16 matmuls are slower than fp32 on CPUs without AMX)
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import sys
 from typing import Any, Tuple
 
@@ -31,8 +34,21 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "hstu
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def _cpu_tag() -> str:
+    """A digest of this CPU's model and instruction-set flags: the module is built with
+    ``-march=native``, so a checkout shared by machines of several CPU kinds keeps one build per
+    kind instead of loading one that may use instructions another lacks (SIGILL)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor(), platform.machine()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()[:12]
+
+
 def _build_dir() -> str:
-    path = os.environ.get("MTFM_EXTENSIONS_DIR") or os.path.join(_ROOT, "build", "torch_extensions")
+    root = os.environ.get("MTFM_EXTENSIONS_DIR") or os.path.join(_ROOT, "build", "torch_extensions")
+    path = os.path.join(root, f"cpu-{_cpu_tag()}")
     os.makedirs(path, exist_ok=True)
     return path
 

@@ -494,7 +494,10 @@ def select_checkpoint(root: str, process_group: Optional[dist.ProcessGroup] = No
         )
     if rank == 0:
         for bad in failed:
-            logger.warning("damaged checkpoint %s set aside as %s", bad, _set_aside(bad))
+            try:  # a convenience only: a damaged checkpoint fails verification again next time
+                logger.warning("damaged checkpoint %s set aside as %s", bad, _set_aside(bad))
+            except OSError as exc:  # raising here would leave the other ranks in the barrier
+                logger.warning("damaged checkpoint %s could not be set aside (%s); it is skipped", bad, exc)
     _barrier(process_group)
     return path
 

@@ -336,23 +336,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ run directory lock
     def _lock_run_dir(self) -> Optional[RunLock]:
-        """Rank 0 takes ``<run_dir>/run.lock``; every rank raises if it could not."""
-        lock, error = None, None
+        """Rank 0 takes ``<run_dir>/run.lock``; every rank raises if it could not: a
+        :class:`RunDirLockedError` when another job holds it, a ``ConfigError`` when the
+        directory does not allow a lock (permissions, a read-only file system)."""
+        lock, error = None, None  # error: (class name, message), broadcast to every rank
         if self.info.is_main:
             try:
                 lock = RunLock(self.run_dir, log=lambda msg: log0(self.info, msg)).acquire()
             except RunDirLockedError as exc:
                 if self.info.world_size == 1:
                     raise
-                error = str(exc)
+                error = ("RunDirLockedError", str(exc))
             except OSError as exc:
-                error = f"{self.run_dir}: cannot take the run lock: {exc}"
+                error = ("ConfigError", f"train.run_dir={self.run_dir!r}: cannot take the run lock there: {exc}")
         if self.info.world_size > 1:  # the others must not go on without rank 0's lock
-            box: List[Optional[str]] = [error]
+            box: List[Optional[Tuple[str, str]]] = [error]
             dist.broadcast_object_list(box, src=0)
             error = box[0]
         if error is not None:
-            raise RunDirLockedError(error)
+            raise (ConfigError if error[0] == "ConfigError" else RunDirLockedError)(error[1])
         return lock
 
     def _release_lock(self) -> None:

@@ -89,3 +89,24 @@ def test_cpp_kernel_keeps_the_input_dtype_and_refuses_other_devices() -> None:
     assert out.dtype == torch.bfloat16 and out.shape == (layout.num_tokens, 2, 8)
     with pytest.raises(RuntimeError, match="runs on the CPU, got meta tensors"):
         hstu_attention_cpu(q.to("meta"), k.to("meta"), k.to("meta"), q_off, layout.token_offsets, q_prefix, q_self_local, 0.5)
+
+
+def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> None:
+    from mtfm_rec.kernels.hstu_attention.cpu import extension
+
+    layout = build_layout(random_batch(SCHEMA, 3, seq_len=(2, 6), seed=2))
+    (q_off, *_), (q_prefix, q_self_local) = _queries(layout, False)
+    n = layout.num_tokens
+    q, k = torch.randn(n, 2, 8), torch.randn(n, 1, 8)
+    ops = extension()
+    args = dict(q_offsets=q_off, kv_offsets=layout.token_offsets, q_prefix=q_prefix, q_self_local=q_self_local)
+    bad = {
+        "one entry per query row": dict(args, q_prefix=q_prefix[:-1]),
+        "must be >= 0": dict(args, q_prefix=torch.where(q_prefix > 0, -q_prefix, q_prefix)),
+        "end at the row counts": dict(args, kv_offsets=layout.token_offsets + torch.tensor([0] * 3 + [1])),
+        "B \\+ 1 entries": dict(args, q_offsets=q_off[:-1]),
+        "1-d int64": dict(args, q_prefix=q_prefix.to(torch.int32)),
+    }
+    for rule, a in bad.items():
+        with pytest.raises(RuntimeError, match=rule):
+            ops.forward(q, k, k, a["q_offsets"], a["kv_offsets"], a["q_prefix"], a["q_self_local"], 0.5)

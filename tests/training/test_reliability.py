@@ -172,6 +172,15 @@ def test_run_dir_that_is_a_file_is_refused(tmp_path) -> None:
     assert path.read_text() == "not a directory\n"
 
 
+def test_a_run_dir_that_cannot_be_locked_is_a_config_error_not_a_lock_conflict(tmp_path, monkeypatch) -> None:
+    def refuse(self: RunLock) -> RunLock:
+        raise PermissionError(13, "Permission denied", os.path.join(self.run_dir, LOCK_NAME))
+
+    monkeypatch.setattr(RunLock, "acquire", refuse)
+    with pytest.raises(ConfigError, match=r"train.run_dir='.*run': cannot take the run lock there: .*Permission denied"):
+        make_trainer(f"{tmp_path}/run")
+
+
 def test_resume_from_a_missing_checkpoint_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"train.resume='.*step_7' does not exist: pass a checkpoint directory"):
         make_trainer(f"{tmp_path}/run", f"train.resume={tmp_path}/run/checkpoints/step_7")

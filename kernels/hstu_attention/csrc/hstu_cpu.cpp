@@ -53,6 +53,27 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return d;
 }
 
+// The index tensors are read through raw pointers: refuse any that would read or write out of
+// bounds, with the rule, instead of corrupting memory.
+void check_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_offsets,
+                  const at::Tensor& kv_offsets, const at::Tensor& q_prefix, const at::Tensor& q_self_local) {
+  for (const at::Tensor* t : {&q_offsets, &kv_offsets, &q_prefix, &q_self_local})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1,
+                "hstu_cpu: offsets, prefix and self_local must be contiguous 1-d int64 tensors");
+  TORCH_CHECK(q_offsets.numel() >= 1 && q_offsets.numel() == kv_offsets.numel(),
+              "hstu_cpu: q_offsets and kv_offsets must both have B + 1 entries");
+  TORCH_CHECK(q_prefix.numel() == q.size(0) && q_self_local.numel() == q.size(0),
+              "hstu_cpu: q_prefix and q_self_local need one entry per query row");
+  const int64_t B = q_offsets.numel() - 1;
+  const int64_t *qo = q_offsets.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
+  TORCH_CHECK(qo[0] == 0 && ko[0] == 0 && qo[B] == q.size(0) && ko[B] == k.size(0),
+              "hstu_cpu: offsets must start at 0 and end at the row counts of q and k");
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(qo[b] <= qo[b + 1] && ko[b] <= ko[b + 1], "hstu_cpu: offsets must be non-decreasing");
+  const int64_t* pre = q_prefix.data_ptr<int64_t>();
+  for (int64_t i = 0; i < q_prefix.numel(); ++i) TORCH_CHECK(pre[i] >= 0, "hstu_cpu: q_prefix must be >= 0");
+}
+
 // Row-major C[m, n] = alpha * op(A) @ op(B) + beta * C through the column-major BLAS: a row-major
 // matrix is its transpose in column-major, so C^T = op(B)^T op(A)^T with the same flags.
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
@@ -201,6 +222,7 @@ at::Tensor hstu_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
                             const at::Tensor& q_prefix, const at::Tensor& q_self_local, double alpha) {
   const Dims dm = dims_of(q, k, v);
+  check_layout(q, k, q_offsets, kv_offsets, q_prefix, q_self_local);
   auto out = at::zeros({q.size(0), dm.H, dm.Dv}, q.options());
   const float a = static_cast<float>(alpha);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
@@ -226,6 +248,8 @@ std::vector<at::Tensor> hstu_cpu_backward(const at::Tensor& grad_out, const at::
                                           const at::Tensor& kv_offsets, const at::Tensor& q_prefix,
                                           const at::Tensor& q_self_local, double alpha) {
   const Dims dm = dims_of(q, k, v);
+  check_layout(q, k, q_offsets, kv_offsets, q_prefix, q_self_local);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), dm.H, dm.Dv}), "grad_out: shape of the output");
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat, "grad_out: contiguous float32");
   auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   const float a = static_cast<float>(alpha);
