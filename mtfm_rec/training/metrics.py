@@ -432,10 +432,13 @@ class MetricAccumulator:
         Raises:
             NonFiniteError: on every rank, when any rank had a NaN or infinite score or label
                 (nothing is written to ``predictions_path`` then).
+            Exception: any other failure on rank 0 (e.g. writing ``predictions_path``) is raised
+                there as it was, and on the other ranks as a ``RuntimeError`` naming it.
         """
         rows = self.gather(process_group)
         metrics: Optional[MetricDict] = None
         failure: Optional[Tuple[str, str]] = None  # (error class name, message) from rank 0
+        own: Optional[Exception] = None  # rank 0's exception itself, re-raised there as it was
         if rows is not None:
             # Rank 0 alone computes; an error there must reach the others, who would otherwise
             # wait in the broadcast below forever.
@@ -449,12 +452,14 @@ class MetricAccumulator:
             except Exception as exc:
                 if not _distributed(process_group):
                     raise
-                failure = (type(exc).__name__, str(exc))
+                own, failure = exc, (type(exc).__name__, str(exc))
         if _distributed(process_group):
             box: List[Any] = [metrics, failure]
             src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
             dist.broadcast_object_list(box, src=src, group=process_group)
             metrics, failure = box
+        if own is not None:  # after the broadcast, so the other ranks are not left waiting
+            raise own
         if failure is not None:
             name, message = failure
             if name == NonFiniteError.__name__:

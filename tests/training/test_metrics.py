@@ -262,21 +262,25 @@ def test_predictions_with_a_null_or_nan_score_are_refused(tmp_path) -> None:
         metrics_from_predictions(table)
 
 
-def _nan_rank_main(rank: int, port: int, out_dir: str) -> None:
+def _nan_rank_main(rank: int, port: int, out_dir: str, mode: str = "nan") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         acc = MetricAccumulator(KEYS)
         batches = make_batches(3)[rank::2]  # rank 0: the feed batches, rank 1: the search ones
-        if rank == 1:  # only rank 1 diverged
+        if rank == 1 and mode == "nan":  # only rank 1 diverged
             for batch in batches:
                 batch["scores"][:] = float("nan")
         feed(acc, batches)
+        # mode "unwritable": rank 0 cannot write the predictions (a folder stands at that path)
+        target = os.path.join(out_dir, "taken") if mode == "unwritable" else None
+        if target is not None:
+            os.makedirs(target, exist_ok=True)
         try:
-            acc.compute()
+            acc.compute(predictions_path=target)
             result = "computed"
-        except NonFiniteError as exc:
-            result = f"NonFiniteError: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the class is what the test checks
+            result = f"{type(exc).__name__}: {exc}"
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as fh:
             fh.write(result)
     finally:
@@ -300,3 +304,18 @@ def test_non_finite_scores_on_one_rank_raise_on_every_rank(tmp_path) -> None:
         texts[0],
     )
     assert bad is not None and bad.group(1) == bad.group(2) != "0", texts[0]
+
+
+def test_a_rank_0_failure_keeps_its_type_there_and_reaches_the_other_ranks(tmp_path) -> None:
+    args = (_free_port(), str(tmp_path), "unwritable")
+    ctx = mp.start_processes(_nan_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("a rank did not finish")
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
+    name = rank0.split(":", 1)[0]
+    assert name not in ("computed", "RuntimeError"), rank0  # rank 0: the original exception
+    assert rank1.startswith(f"RuntimeError: computing metrics failed on rank 0: {name}: "), rank1
