@@ -69,7 +69,6 @@ from mtfm_rec.data.reader import (
 )
 from mtfm_rec.data.schema import DatasetSchema
 
-FORMAT_VERSION = fmt.FORMAT_VERSION
 # Without max_exposures_per_sample, a user-window with more exposures than this is refused: it
 # would be one sample of that many T tokens, and a batch pads every sample to its longest one
 # (the kernels are measured up to 8192 tokens, docs/KERNELS.md).
@@ -239,7 +238,7 @@ def fingerprint(dataset: RawDataset, config: AggregationConfig) -> Dict[str, Any
     See :meth:`RawDataset.fingerprint_entries` for what the digests cover.
     """
     body = {
-        "format_version": FORMAT_VERSION,
+        "format_version": fmt.FORMAT_VERSION,
         "inputs": [list(e) for e in dataset.fingerprint_entries()],
         "config": {k: getattr(config, k) for k in _FINGERPRINT_FIELDS},
     }
@@ -734,9 +733,9 @@ def ensure_aggregated(raw: str, cache_dir: str, config: AggregationConfig) -> st
     ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows)
     fp = fingerprint(ds, config)["fingerprint"]
     out = f"{cache_dir.rstrip('/')}/{ds.schema.name}-{fp[:16]}"
-    fs, path = fsspec.core.url_to_fs(out)
-    record = fmt.read_marker(fs, path)
-    if fmt.is_own_marker(record) and record.get("fingerprint") == fp and "shards" in record:
+    record = read_success(out)
+    if record is not None and record.get("fingerprint") == fp and "shards" in record:
+        fs, path = fsspec.core.url_to_fs(out)
         _, problems = fmt.check_shards(fs, path, record)
         if not problems:
             return out

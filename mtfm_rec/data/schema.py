@@ -340,8 +340,8 @@ def valid_name(name: Any) -> bool:
 
 
 def mangled_table_name(name: str) -> str:
-    """The parameter-safe name the model gives an embedding table (the same mangling as
-    ``mtfm_rec.model.tokenizer.table_name``: ``/`` -> ``__``, torch names may hold no ``/``)."""
+    """The parameter-safe name of an embedding table in the model (a KJT key or a
+    ``shared_embeddings`` name): ``/`` -> ``__``, since torch parameter names may hold no ``/``."""
     return "t__" + name.replace("/", "__")
 
 

@@ -81,10 +81,6 @@ class FlopCount:
     def train_step(self) -> int:
         return TRAIN_STEP_FACTOR * self.forward
 
-    @property
-    def train_step_padded(self) -> int:
-        return TRAIN_STEP_FACTOR * self.forward_padded
-
     def by_part(self) -> Dict[str, int]:
         """Forward FLOPs as ``{"tokenizer", "<kind>/projections", "<kind>/attention",
         "<kind>/attention_padded", "heads"}`` (layers of one kind summed)."""

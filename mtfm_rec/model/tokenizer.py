@@ -25,14 +25,8 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from mtfm_rec.data.batch import Batch
-from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.data.schema import DatasetSchema, mangled_table_name
 from mtfm_rec.model.config import ModelConfig
-
-
-def table_name(name: str) -> str:
-    """Parameter-safe name of an embedding table (a KJT key or a ``shared_embeddings`` name;
-    ``/`` would leak into parameter FQNs)."""
-    return "t__" + name.replace("/", "__")
 
 
 def make_embedding_collection(
@@ -42,7 +36,7 @@ def make_embedding_collection(
     a table between keys (``shared_embeddings``), sized by the declared vocabulary + 1."""
     tables = [
         EmbeddingConfig(
-            name=table_name(name),
+            name=mangled_table_name(name),
             embedding_dim=config.embedding_dim,
             num_embeddings=rows,
             feature_names=keys,

@@ -443,12 +443,9 @@ class MetricAccumulator:
             # Rank 0 alone computes; an error there must reach the others, who would otherwise
             # wait in the broadcast below forever.
             try:
-                problem = non_finite_report(rows, self.keys)
-                if problem is not None:
-                    raise NonFiniteError(problem)
+                metrics = metrics_from_arrays(rows, self.keys)  # refuses non-finite rows before any write
                 if predictions_path is not None:
                     write_predictions(predictions_path, rows, self.keys)
-                metrics = metrics_from_arrays(rows, self.keys)
             except Exception as exc:
                 if not _distributed(process_group):
                     raise

@@ -237,13 +237,9 @@ class _TrackedIterator:
         self.pending.append((state, int(batch.batch_size), flops))
         return batch
 
-    def pop(self) -> Tuple[Dict[str, Any], int]:
-        """Loader state after, and sample count of, the oldest batch not yet trained on."""
-        state, samples, _ = self.pop_counted()
-        return state, samples
-
-    def pop_counted(self) -> Tuple[Dict[str, Any], int, float]:
-        """:meth:`pop` and the batch's training-step FLOPs (NaN: not counted)."""
+    def pop(self) -> Tuple[Dict[str, Any], int, float]:
+        """Loader state after, sample count and training-step FLOPs (NaN: not counted) of the
+        oldest batch not yet trained on."""
         return self.pending.popleft()
 
 
@@ -528,7 +524,7 @@ class Trainer:
         while self.step < tcfg.max_steps and not stop:
             loss = self._train_step()
             loss_sum += loss
-            self._loader_state, samples, flops = self._iter.pop_counted()
+            self._loader_state, samples, flops = self._iter.pop()
             self.step += 1
             window_steps += 1
             window_samples += samples

@@ -161,12 +161,14 @@ def test_table_name_mangling_collisions_are_found() -> None:
 
 
 def test_mangling_matches_the_model() -> None:
-    from mtfm_rec.model.tokenizer import table_name
+    from mtfm_rec.model import ModelConfig
+    from mtfm_rec.model.tokenizer import make_embedding_collection
 
     raw = patched("scenarios.0.item_features", {"a_": 3, "item_id": 100})
     raw["shared_embeddings"] = {"item_": ["seq/orders/item_id", "exp/feed/item/item_id"]}
-    for name in DatasetSchema.from_dict(raw).embedding_tables():
-        assert sch.mangled_table_name(name) == table_name(name)
+    schema = DatasetSchema.from_dict(raw)
+    built = {t.name for t in make_embedding_collection(schema, ModelConfig()).embedding_configs()}
+    assert built == {sch.mangled_table_name(name) for name in schema.embedding_tables()}
 
 
 # ---------------------------------------------------------------- the YAML text itself
