@@ -12,4 +12,4 @@ sit side by side) and regenerates ``docs/BENCHMARKS.md`` from every JSON there.
 
 # Order of sections in docs/BENCHMARKS.md; a module that does not exist yet is skipped. "peak"
 # (the matmul peak, MFU's denominator) runs first; "model" reuses its fp32 measurement (cached).
-SUITES = ("peak", "aggregation", "model", "kernels", "cpu_path", "training")
+SUITES = ("peak", "aggregation", "model", "kernels", "cpu_path", "training", "quality")

@@ -13,7 +13,9 @@ import os
 import tempfile
 from typing import Any, Dict
 
-from mtfm_rec.bench.training import QUALITY_CONFIG, _job, _steady
+from mtfm_rec.bench.training import _steady, run_training_job
+
+CONFIG = "configs/mtfm_small.yaml"
 
 PATHS = (("prefix", "previous CPU path: padded PyTorch, reference Group LayerNorm"),
          ("cpp", "fused C++ kernel, one-hot Group LayerNorm, scatter-free gathers"))
@@ -28,11 +30,11 @@ def run(quick: bool) -> Dict[str, Any]:
         raw = os.path.join(tmp, "raw")
         generate(raw, num_users=users, num_days=days, seed=0)
         for backend, what in PATHS:
-            job = _job(
+            job = run_training_job(
                 raw, os.path.join(tmp, backend), 1,
                 [f"model.attention_backend={backend}", f"train.max_steps={steps}", "train.log_every=25",
                  "train.eval_every=0", "train.eval_splits=[]", "train.max_minutes=0"],
-                os.path.join(tmp, "cache"), config=QUALITY_CONFIG,
+                os.path.join(tmp, "cache"), config=CONFIG,
             )
             row = {
                 "backend": backend, "what": what,
@@ -52,7 +54,7 @@ def render(result: Dict[str, Any]) -> str:
     ds, rows = result["dataset"], result["rows"]
     base = next(r for r in rows if r["backend"] == "prefix")["samples_per_s"]
     lines = [
-        f"`{QUALITY_CONFIG}` on synthetic data ({ds['users']} users x {ds['days']} days, seed {ds['seed']}), "
+        f"`{CONFIG}` on synthetic data ({ds['users']} users x {ds['days']} days, seed {ds['seed']}), "
         f"{result['steps']} steps, 1 rank, batch 64; medians of the steady-state log windows. MFU: useful "
         "model FLOP/s over the fp32 matmul peak the job measured at its start.",
         "",

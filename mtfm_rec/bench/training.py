@@ -1,5 +1,5 @@
-"""Training benchmarks: throughput on 1 and 2 ranks, data-wait share, peak memory, and the
-synthetic "MTFM vs feature-only" AUC table.
+"""Training benchmarks: throughput on 1 and 2 ranks, data-wait share and peak memory (model
+quality is the ``quality`` suite).
 
 Every measurement is a real ``python -m mtfm_rec.train`` job (torchrun for 2 ranks) on a fresh
 synthetic dataset (``mtfm_rec.data.synthetic``), read back from the run directory
@@ -11,8 +11,6 @@ synthetic dataset (``mtfm_rec.data.synthetic``), read back from the run director
   ``model_gflops_per_s`` / ``mfu``: the trainer's ``perf/model_gflops_per_s`` and ``perf/mfu``
   (useful model FLOPs of ``mtfm_rec.model.flops`` over the matmul peak the job measured at its
   start, summed over its ranks), same windows.
-* Quality: MTFM and ``model.use_sequences=false`` (the same tokenizer, attention and heads on the
-  T tokens alone) trained with the same budget; test AUC / GAUC per scenario x task.
 """
 
 from __future__ import annotations
@@ -28,10 +26,9 @@ from typing import Any, Dict, List, Sequence
 from mtfm_rec.training.logger import read_log
 
 CONFIG = "configs/synthetic.yaml"  # throughput
-QUALITY_CONFIG = "configs/mtfm_small.yaml"  # MTFM vs feature-only, as the issue asks
 
 
-def _job(
+def run_training_job(
     raw: str, run_dir: str, nproc: int, overrides: Sequence[str], cache: str, config: str = CONFIG
 ) -> Dict[str, Any]:
     """Runs one training job; returns its fit summary, log series and test metrics."""
@@ -67,12 +64,9 @@ def _steady(series: List[Any]) -> float:
 
 def run(quick: bool) -> Dict[str, Any]:
     users, days = (300, 5) if quick else (1000, 6)
-    quality_users = 300 if quick else 3000
-    steps = 40 if quick else 600
     tput_steps = 30 if quick else 80
     out: Dict[str, Any] = {
         "dataset": {"generator": "mtfm_rec.data.synthetic", "users": users, "days": days},
-        "quality_dataset": {"generator": "mtfm_rec.data.synthetic", "users": quality_users, "days": days},
     }
     with tempfile.TemporaryDirectory() as tmp:
         from mtfm_rec.data.synthetic import generate
@@ -83,7 +77,7 @@ def run(quick: bool) -> Dict[str, Any]:
 
         throughput = []
         for nproc in (1, 2):
-            job = _job(
+            job = run_training_job(
                 raw, os.path.join(tmp, f"tput{nproc}"), nproc,
                 [f"train.max_steps={tput_steps}", "train.log_every=10", "train.eval_every=0", "train.eval_splits=[]",
                  "data.loader.batch_size=32", "train.max_minutes=0"],
@@ -106,19 +100,6 @@ def run(quick: bool) -> Dict[str, Any]:
                   f"{row['model_gflops_per_s']:.2f} model GFLOP/s, MFU {100 * row['mfu']:.2f} %", flush=True)
         out["throughput"] = throughput
 
-        quality_raw = os.path.join(tmp, "quality_raw")  # a fresh dataset, as the issue asks
-        generate(quality_raw, num_users=quality_users, num_days=days, seed=11)
-        quality = {}
-        for name, seq in (("MTFM", "true"), ("feature-only", "false")):
-            job = _job(
-                quality_raw, os.path.join(tmp, f"q_{name}"), 1,
-                [f"train.max_steps={steps}", "train.max_minutes=0", f"model.use_sequences={seq}", "train.log_every=25",
-                 "train.eval_every=0", "train.eval_splits=[test]"],
-                cache, config=QUALITY_CONFIG,
-            )
-            quality[name] = {"metrics": job["metrics"], "samples_seen": job["summary"]["samples_seen"]}
-        out["quality"] = quality
-        out["quality_steps"] = steps
     return out
 
 
@@ -155,26 +136,5 @@ def render(result: Dict[str, Any]) -> str:
             f"| {row['ranks']} | {row['batch_per_rank']} | {row['samples_per_s']:.1f} | "
             f"{100 * row['data_wait_share']:.1f} % | {row['peak_host_rss_gb']:.2f} | "
             f"{'-' if dev is None else f'{dev:.2f}'} |" + cells
-        )
-    quality = result["quality"]
-    keys = list(quality["MTFM"]["metrics"])
-    lines += [
-        "",
-        f"`{QUALITY_CONFIG}` with `data.raw=` a fresh synthetic dataset "
-        f"({result.get('quality_dataset', ds)['users']} users x {ds['days']} days): test AUC / GAUC after "
-        f"{result['quality_steps']} steps, same budget, same seed (feature-only = `model.use_sequences=false`):",
-        "",
-        "| scenario/task | MTFM AUC | feature-only AUC | MTFM GAUC | feature-only GAUC | n |",
-        "|---|---|---|---|---|---|",
-    ]
-
-    def fmt(v: Any) -> str:
-        return "-" if v is None else f"{v:.4f}"
-
-    for key in keys:
-        m, f = quality["MTFM"]["metrics"][key], quality["feature-only"]["metrics"].get(key, {})
-        lines.append(
-            f"| {key} | {fmt(m.get('auc'))} | {fmt(f.get('auc'))} | {fmt(m.get('gauc'))} | "
-            f"{fmt(f.get('gauc'))} | {m.get('count', 0)} |"
         )
     return "\n".join(lines) + "\n"

@@ -442,3 +442,24 @@ def exposure_columns(scenario: ScenarioSpec) -> List[str]:
 def sequence_columns(sequence: SequenceSpec) -> List[str]:
     """Column names of a normalised behaviour batch, in order."""
     return [USER_ID, TS] + list(sequence.features)
+
+
+def read_parquet_folder(root: str, folder: str) -> pa.Table:
+    """Every Parquet file of ``root/folder``, concatenated in file-name order, unvalidated.
+
+    For tools that need a folder's rows in their stored order (the synthetic generator's truth
+    files follow its exposure files row by row); training reads through :class:`RawReader`.
+
+    Raises:
+        FileNotFoundError: the folder is missing or holds no Parquet file.
+    """
+    fs, base = fsspec.core.url_to_fs(root)
+    path = f"{base.rstrip('/')}/{folder}"
+    files = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet")) if fs.isdir(path) else []
+    if not files:
+        raise FileNotFoundError(f"{root}/{folder}: no Parquet files there")
+    tables = []
+    for file in files:
+        with fs.open(file, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables)

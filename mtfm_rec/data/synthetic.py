@@ -34,11 +34,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Mapping, Optional
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 
+from mtfm_rec.data.reader import read_parquet_folder
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
-from mtfm_rec.data.writer import write_raw_dataset
+from mtfm_rec.data.writer import write_by_user, write_raw_dataset
 
 DAY = 86400
 LATENT_DIM = 8
@@ -70,6 +72,10 @@ class SyntheticConfig:
     start_ts: int = 1704067200  # 2024-01-01 00:00:00 UTC
     files_per_folder: int = 2
     seed: int = 0
+    # Declare dataset.yaml's shared_embeddings (sequence and exposure ids in one table). False is
+    # the alignment-free case of the paper: the model must learn that feed's `category` and the
+    # history's `category` mean the same (the quality benchmark's default).
+    shared_embeddings: bool = True
     # Per-scenario logit weights of taste . item and of an intent hit.
     taste_weight: Dict[str, float] = field(
         default_factory=lambda: {"feed": 1.2, "search": 0.7, "coupon": 1.5}
@@ -133,15 +139,7 @@ def build_schema(cfg: SyntheticConfig) -> DatasetSchema:
         ],
         # Global item and category ids are one id space in both sequences and in feed/coupon
         # items; search's poi_cat is a permutation on purpose, and scenario item ids are local.
-        shared_embeddings={
-            "item_id": ["seq/orders/item_id", "seq/clicks_rt/item_id"],
-            "category": [
-                "seq/orders/category",
-                "seq/clicks_rt/category",
-                "exp/feed/item/category",
-                "exp/coupon/item/category",
-            ],
-        },
+        shared_embeddings=_SHARED_EMBEDDINGS if cfg.shared_embeddings else {},
         extra={
             "recommended_valid_after": start + (cfg.num_days - 2) * DAY,
             "recommended_eval_after": start + (cfg.num_days - 1) * DAY,
@@ -151,6 +149,17 @@ def build_schema(cfg: SyntheticConfig) -> DatasetSchema:
             },
         },
     )
+
+
+_SHARED_EMBEDDINGS = {
+    "item_id": ["seq/orders/item_id", "seq/clicks_rt/item_id"],
+    "category": [
+        "seq/orders/category",
+        "seq/clicks_rt/category",
+        "exp/feed/item/category",
+        "exp/coupon/item/category",
+    ],
+}
 
 
 def _catalogue_ranges(num_items: int) -> Dict[str, tuple]:
@@ -169,8 +178,11 @@ class SyntheticData:
     """Generated tables plus the planted ground truth (never written to disk).
 
     ``truth[scenario]`` holds per-exposure arrays in row order: ``affinity`` (taste . item),
-    ``intent_hit`` (an intent action on the item's category strictly before the exposure) and
-    ``click_logit``.
+    ``intent_hit`` (an intent action on the item's category strictly before the exposure),
+    ``click_logit``, ``category`` (the item's global category; search's ``poi_cat`` is a
+    permutation of it), ``p_click`` and, where the scenario has an order task, ``p_order``
+    (the unconditional true probabilities the labels were drawn from). :func:`write_truth` writes
+    them beside the data.
     """
 
     schema: DatasetSchema
@@ -367,11 +379,16 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
         # Rows in time order (a request's slate in position order); truth follows the rows.
         by_time = np.lexsort((position, rows, ts))
         exposures[name] = _exposure_table(cols, schema.scenario(name)).take(by_time)
+        p_click = _sigmoid(click_logit)
         truth[name] = {
             "affinity": affinity[by_time],
             "intent_hit": intent_hit[by_time],
             "click_logit": click_logit[by_time],
+            "category": cat[by_time],
+            "p_click": p_click[by_time],
         }
+        if order_logit is not None:
+            truth[name]["p_order"] = (p_click * _sigmoid(order_logit))[by_time]
 
     # Behaviours. Orders: background over history days + exposure days, plus echoed orders.
     bg = world.background(cfg.orders_per_day, -cfg.history_days, n_days)
@@ -385,6 +402,42 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
         "clicks_rt": _behavior_table(*clicks, world.item_cat),
     }
     return SyntheticData(schema, exposures, behaviors, truth)
+
+
+TRUTH_DIR = "truth"
+TRUTH_COLUMNS = ("category", "p_click", "p_order", "affinity", "intent_hit")
+
+
+def write_truth(out: str, data: SyntheticData, files_per_folder: int) -> None:
+    """Writes the ground truth beside the data: ``out/truth/<scenario>/part-NNNNN.parquet``.
+
+    Each truth file holds the rows of the exposure file of the same name, in the same order
+    (``user_id``, ``ts``, ``request_id`` and the labels repeat them, so a reader can check the
+    alignment), plus :data:`TRUTH_COLUMNS` (``p_order`` only where the scenario has an order
+    task). The reader of the raw contract ignores the folder; nothing of it reaches a model.
+    """
+    fs, root = fsspec.core.url_to_fs(out)
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{TRUTH_DIR}"):
+        fs.rm(f"{root}/{TRUTH_DIR}", recursive=True)
+    for name, table in data.exposures.items():
+        cols = {c: table[c] for c in ("user_id", "ts", "request_id", *data.schema.scenario(name).tasks)}
+        for c in TRUTH_COLUMNS:
+            if c in data.truth[name]:
+                cols[c] = pa.array(data.truth[name][c])
+        write_by_user(fs, f"{root}/{TRUTH_DIR}/{name}", pa.table(cols), files_per_folder)
+
+
+def read_truth(root: str, scenario: str) -> pa.Table:
+    """The truth rows of ``scenario`` in the row order of its exposure files (sorted file names).
+
+    Raises:
+        FileNotFoundError: no truth for ``scenario`` (only this generator writes it).
+    """
+    try:
+        return read_parquet_folder(root, f"{TRUTH_DIR}/{scenario}")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{exc}; only datasets written by mtfm_rec.data.synthetic carry the truth") from None
 
 
 def _concat(parts: List[tuple]) -> tuple:
@@ -459,6 +512,7 @@ def generate(
         **overrides,  # type: ignore[arg-type]
     )
     data = simulate(cfg)
+    write_truth(out, data, cfg.files_per_folder)  # before the data: dataset.yaml, written last, covers both
     write_raw_dataset(out, data.schema, data.exposures, data.behaviors, cfg.files_per_folder)
     return data.schema
 
@@ -474,6 +528,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--history-days", type=int, default=14)
     parser.add_argument("--files-per-folder", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--alignment-free",
+        action="store_true",
+        help="declare no shared_embeddings: the model must align sequence and exposure ids itself",
+    )
     args = parser.parse_args(argv)
     t0 = time.time()
     cfg = SyntheticConfig(
@@ -485,8 +544,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         history_days=args.history_days,
         files_per_folder=args.files_per_folder,
         seed=args.seed,
+        shared_embeddings=not args.alignment_free,
     )
     data = simulate(cfg)
+    write_truth(args.out, data, cfg.files_per_folder)  # before the data: dataset.yaml, written last, covers both
     write_raw_dataset(args.out, data.schema, data.exposures, data.behaviors, cfg.files_per_folder)
     for kind, tables in (("exposures", data.exposures), ("behaviors", data.behaviors)):
         for name, table in tables.items():

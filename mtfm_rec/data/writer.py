@@ -36,11 +36,15 @@ def write_raw_dataset(
             fs.rm(f"{root}/{kind}", recursive=True)
     for kind, tables in (("exposures", exposures), ("behaviors", behaviors)):
         for name, table in tables.items():
-            folder = f"{root}/{kind}/{name}"
-            fs.makedirs(folder, exist_ok=True)
-            part = table["user_id"].to_numpy() % files_per_folder
-            for i in range(files_per_folder):
-                with fs.open(f"{folder}/part-{i:05d}.parquet", "wb") as fh:
-                    pq.write_table(table.filter(pa.array(part == i)), fh)
+            write_by_user(fs, f"{root}/{kind}/{name}", table, files_per_folder)
     with fs.open(f"{root}/dataset.yaml", "w") as fh:
         fh.write(schema.to_yaml())
+
+
+def write_by_user(fs: fsspec.AbstractFileSystem, folder: str, table: pa.Table, files: int) -> None:
+    """``table`` cut into ``folder/part-NNNNN.parquet`` by ``user_id mod files``, row order kept."""
+    fs.makedirs(folder, exist_ok=True)
+    part = table["user_id"].to_numpy() % files
+    for i in range(files):
+        with fs.open(f"{folder}/part-{i:05d}.parquet", "wb") as fh:
+            pq.write_table(table.filter(pa.array(part == i)), fh)

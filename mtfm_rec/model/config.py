@@ -13,6 +13,7 @@ PREFIX_BACKEND = "prefix"  # mtfm_rec.model.attention.prefix_hstu_attention (pad
 CPP_BACKEND = "cpp"  # mtfm_rec.kernels.hstu_attention.cpu: the fused C++ CPU kernel (jagged, prefix mask)
 # "auto" is resolved per forward from the device (mtfm_rec.model.attention.resolve_attention_backend):
 # the Triton kernels on CUDA, the fused C++ kernel on the CPU, so one config serves both.
+LOSS_AVERAGES = ("exposure", "task")  # model.loss_average; see mtfm_rec.model.heads
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "blocksparse", PREFIX_BACKEND, CPP_BACKEND)
 
 
@@ -34,6 +35,8 @@ class ModelConfig:
     tower_dim: int = 32
     dropout: float = 0.0
     task_weights: Dict[str, float] = field(default_factory=dict)  # "<scenario>/<task>" -> weight
+    # exposure: mean BCE over every labelled (exposure, task) | task: mean of per-task means (heads.py)
+    loss_average: str = "exposure"
     use_sequences: bool = True  # False: feature-only baseline (T tokens alone, no H/R)
     conditional_towers: bool = True  # funnel: tower k predicts p(task k | task k-1), see heads.py
     norm_eps: float = 1e-5
@@ -43,6 +46,8 @@ class ModelConfig:
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} unknown; choose one of {ATTENTION_BACKENDS}"
             )
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average={self.loss_average!r} unknown; choose one of {LOSS_AVERAGES}")
         if self.num_heads < 1 or self.num_kv_heads < 1:
             raise ValueError(
                 f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1"

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from mtfm_rec.training.schedule import LR_DECAYS
+
 DENSE_PARALLEL = ("ddp", "fsdp")
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "adagrad", "rowwise_adagrad", "sgd")
 RESUME_MODES = ("auto", "never")
@@ -43,6 +45,11 @@ class TrainConfig:
     # adam | adagrad | rowwise_adagrad | sgd
     embedding_optimizer: str = "auto"
     embedding_lr: Optional[float] = None  # None: lr for adam/sgd, 0.01 for the adagrads
+    # schedule of every lr (dense and embedding; mtfm_rec/training/schedule.py): linear warm-up
+    # over lr_warmup_steps, then none | cosine | linear decay to lr_min_ratio * lr at max_steps
+    lr_warmup_steps: int = 0
+    lr_decay: str = "none"
+    lr_min_ratio: float = 0.1
     max_steps: int = 1000  # optimizer steps (global batches)
     max_minutes: float = 0.0  # wall-clock budget for fit() (0 = none); stops at a step boundary
     seed: int = 0
@@ -84,6 +91,12 @@ class TrainConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.early_stopping_metric not in ("auc", "gauc", "logloss"):
             raise ValueError(f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        if self.lr_warmup_steps < 0 or not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(
+                f"lr_warmup_steps must be >= 0 and lr_min_ratio in [0, 1], got {self.lr_warmup_steps}, {self.lr_min_ratio}"
+            )
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
         if not (self.peak_gflops >= 0 and math.isfinite(self.peak_gflops)):

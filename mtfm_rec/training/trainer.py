@@ -50,6 +50,7 @@ from mtfm_rec.training.config import RESUME_MODES
 from mtfm_rec.training.logger import RunLogger, plot_curves
 from mtfm_rec.training.metrics import NonFiniteError
 from mtfm_rec.training.run_lock import RunDirLockedError, RunLock
+from mtfm_rec.training.schedule import LRSchedule
 from mtfm_rec.training.sharding import (
     DistInfo,
     copy_full_state,
@@ -308,6 +309,7 @@ class Trainer:
         copy_full_state(self.model, init_state)
         del init_state
         self.optimizer = make_optimizer(self.model, tcfg)
+        self.schedule = LRSchedule(self.optimizer, tcfg.max_steps, tcfg.lr_warmup_steps, tcfg.lr_decay, tcfg.lr_min_ratio)
         if tcfg.sharding.print_plan:
             log0(self.info, f"sharding plan ({self.info.world_size} rank(s), {self.info.backend}):")
             log0(self.info, describe_plan(self.plan))
@@ -522,6 +524,7 @@ class Trainer:
         run_samples, run_wait, run_eval = 0, 0.0, 0.0
         stop = self.stopped_early
         while self.step < tcfg.max_steps and not stop:
+            lr_factor = self.schedule.apply(self.step + 1) if self.schedule.active else 1.0
             loss = self._train_step()
             loss_sum += loss
             self._loader_state, samples, flops = self._iter.pop()
@@ -556,6 +559,7 @@ class Trainer:
                     "perf/samples_per_s": global_samples / max(elapsed, 1e-9),
                     "perf/data_wait_share": wait / max(elapsed, 1e-9),
                     "train/samples_seen": self.samples_seen,
+                    "train/lr_factor": lr_factor,
                 }
                 scalars.update(utilisation(global_flops, elapsed, peak))
                 run_flops += global_flops

@@ -87,8 +87,9 @@ def test_permuting_a_samples_targets_permutes_its_scores(schema, backend: str) -
     assert not torch.allclose(a, a[perm])  # the permutation is not trivially invisible
 
 
-def test_mixed_schemas_outputs_and_loss(schema) -> None:
-    model = make_model(schema)
+@pytest.mark.parametrize("average", ["exposure", "task"])
+def test_mixed_schemas_outputs_and_loss(schema, average: str) -> None:
+    model = make_model(schema, loss_average=average)
     batch = random_batch(schema, 5, seed=9)
     loss, out = model(batch)
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -102,7 +103,10 @@ def test_mixed_schemas_outputs_and_loss(schema) -> None:
         y, m = batch.labels[s.name], batch.label_mask[s.name].float()
         bce = -(y * p.log() + (1 - y) * (1 - p).log()) * m
         for t in range(len(s.tasks)):
-            if m[:, t].sum() > 0:
+            if average == "exposure":  # every labelled (exposure, task) weighs the same
+                expected_loss = expected_loss + bce[:, t].sum()
+                weight += float(m[:, t].sum())
+            elif m[:, t].sum() > 0:  # every present scenario x task weighs the same
                 expected_loss = expected_loss + bce[:, t].sum() / m[:, t].sum()
                 weight += 1.0
     torch.testing.assert_close(loss, expected_loss / weight, rtol=1e-4, atol=1e-6)
@@ -110,11 +114,18 @@ def test_mixed_schemas_outputs_and_loss(schema) -> None:
 
 def test_task_weights_are_applied_and_checked(schema) -> None:
     batch = random_batch(schema, 4, seed=9)
-    loss_1, out = make_model(schema)(batch)
-    loss_w, _ = make_model(schema, task_weights={"sc0/click": 3.0})(batch)
+    loss_1, out = make_model(schema, loss_average="task")(batch)
+    loss_w, _ = make_model(schema, task_weights={"sc0/click": 3.0}, loss_average="task")(batch)
     parts = {k[5:]: v for k, v in out.items() if k.startswith("loss/")}
     expected = (sum(parts.values()) + 2.0 * parts["sc0/click"]) / (len(parts) + 2.0)
     torch.testing.assert_close(loss_w, expected, rtol=1e-5, atol=1e-6)
+    # per exposure: a weight w on a task counts each of its labels w times
+    counts = {f"{s.name}/{t}": float(batch.label_mask[s.name][:, i].sum())
+              for s in schema.scenarios for i, t in enumerate(s.tasks)}
+    loss_e, _ = make_model(schema, task_weights={"sc0/click": 3.0})(batch)
+    num = sum(parts[k] * counts[k] * (3.0 if k == "sc0/click" else 1.0) for k in parts)
+    den = sum(counts[k] * (3.0 if k == "sc0/click" else 1.0) for k in parts)
+    torch.testing.assert_close(loss_e, num / den, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(loss_1, loss_w)
     with pytest.raises(ValueError, match="sc0/clicks"):
         make_model(schema, task_weights={"sc0/clicks": 2.0})

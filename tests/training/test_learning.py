@@ -1,9 +1,10 @@
-"""The trainer learns: reading the behaviour sequence beats the feature-only model.
+"""The trainer learns, and MTFM learns what the data holds.
 
 The fast version uses the stand-in model on the stand-in data, whose click label is planted in
-the user's order history (see standins.py). The real one trains ``configs/mtfm_small.yaml``
-against ``model.use_sequences=false`` on a fresh synthetic dataset (about two minutes on 2 CPU
-cores); the longer comparison over every scenario x task is in docs/BENCHMARKS.md.
+the user's order history (see standins.py). The real one trains ``configs/mtfm_small.yaml`` on
+a fresh alignment-free synthetic dataset with known truth and holds it to the logistic
+regression with hand-made history features and to the Bayes-optimal AUC
+(``mtfm_rec.bench.references``); the full-size comparison is docs/BENCHMARKS.md ("quality").
 """
 
 from __future__ import annotations
@@ -52,26 +53,38 @@ def test_sequence_model_beats_feature_only_on_planted_history(tmp_path) -> None:
     assert with_seq["b/click"] > without["b/click"] + 0.1, (with_seq, without)
 
 
-def test_mtfm_small_beats_feature_only_on_fresh_synthetic_data(tmp_path) -> None:
+def test_mtfm_small_learns_more_than_the_hand_made_history_regression(tmp_path) -> None:
+    """On alignment-free data with known truth, MTFM must read the sequences better than a
+    logistic regression on the exposure features plus two hand-made history features does, and
+    never score above the Bayes-optimal AUC (that would be a leak)."""
+    from mtfm_rec.bench.references import reference_metrics
     from mtfm_rec.data.synthetic import generate
 
     raw = str(tmp_path / "raw")
-    generate(raw, num_users=1000, num_days=6, seed=11)
-    aucs = {}
-    for seq in ("true", "false"):
-        cfg = load_config(
-            os.path.join(REPO, "configs", "mtfm_small.yaml"),
-            COMMON + [f"data.raw={raw}", f"data.cache_dir={tmp_path}/cache", f"train.run_dir={tmp_path}/{seq}",
-                      "train.max_steps=200", "train.max_minutes=0", "train.eval_every=0", "train.eval_splits=[]",
-                      f"model.use_sequences={seq}"],
-        )
-        trainer = Trainer(cfg)
-        try:
-            trainer.fit()
-            aucs[seq] = trainer.evaluate("test")
-        finally:
-            trainer.close()
-    # feed is the large scenario (about 7k test exposures); measured: click .604 vs .575,
-    # order .636 vs .606. The sparse coupon scenario is too small at this scale to separate.
-    for key in ("feed/click", "feed/order"):
-        assert aucs["true"][key]["auc"] > aucs["false"][key]["auc"] + 0.01, (key, aucs)
+    generate(raw, num_users=USERS, num_days=DAYS, seed=11, shared_embeddings=False)
+    references = reference_metrics(raw)
+    cfg = load_config(
+        os.path.join(REPO, "configs", "mtfm_small.yaml"),
+        COMMON + [f"data.raw={raw}", f"data.cache_dir={tmp_path}/cache", f"train.run_dir={tmp_path}/mtfm",
+                  f"train.max_steps={STEPS}", "train.max_minutes=0", "train.eval_splits=[]"],
+    )
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+        mtfm = trainer.evaluate("test")
+    finally:
+        trainer.close()
+    for key, floor in FLOORS.items():
+        auc, lr, bayes = mtfm[key]["auc"], references["lr_history"][key]["auc"], references["bayes"][key]["auc"]
+        assert auc < bayes + 0.01, f"{key}: MTFM {auc:.4f} above Bayes {bayes:.4f}: a leak ({mtfm})"
+        assert auc > lr + floor, f"{key}: MTFM {auc:.4f} vs LR + history {lr:.4f} (needs > +{floor}); {mtfm}"
+
+
+# The smallest scale at which MTFM clears the regression (docs/TRAINING.md, "Model quality"):
+# 10,000 users x 10 days, 3000 steps (2.4 epochs), about 5.5 minutes on 2 CPU cores. Measured
+# with seed 11: feed click .7620 vs .7459 (Bayes .8050), feed order .7946 vs .7689 (.8345); search
+# .7621 vs .7622 and coupon (2,400 test exposures) .739 / .753 vs .748 / .753 are level with it at
+# this scale, so only feed is held to a margin here (with fewer training days MTFM is below the
+# regression even on feed: 6,000 users x 5 days gave .728 vs .744).
+USERS, DAYS, STEPS = 10000, 10, 3000
+FLOORS = {"feed/click": 0.005, "feed/order": 0.005}

@@ -1,0 +1,84 @@
+"""Model quality against known optima: MTFM beside Bayes and two logistic regressions.
+
+On a fresh alignment-free synthetic dataset with known truth (``mtfm_rec.data.synthetic``,
+30,000 users x 10 days, no ``shared_embeddings``: the model must learn that the exposures'
+category columns mean what the history's do), per scenario x task on the test day:
+
+* ``bayes``, ``lr_features``, ``lr_history``: :mod:`mtfm_rec.bench.references`;
+* ``mtfm``: ``configs/mtfm_small.yaml`` with ``train.max_steps`` raised to what 15 minutes of
+  training on 2 CPU cores hold (the same ~2.7 epochs the config's 1000 steps are of 3,000 users;
+  ``train.max_minutes=15`` guards the budget);
+* the target of issue 10: ``max(lr_history + 0.03, (lr_history + bayes) / 2)``.
+
+The feature-only model is left out (``lr_features`` is that bar); ``mtfm_rec.bench.training``
+measures throughput.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict
+
+from mtfm_rec.bench.references import reference_metrics
+from mtfm_rec.bench.training import run_training_job
+
+CONFIG = "configs/mtfm_small.yaml"
+MARGIN = 0.03  # above the hand-made-feature regression
+
+
+def target_auc(lr_history: float, bayes: float) -> float:
+    """The AUC issue 10 asks of MTFM: 0.03 above the regression and half way to Bayes."""
+    return max(lr_history + MARGIN, (lr_history + bayes) / 2.0)
+
+
+def run(quick: bool) -> Dict[str, Any]:
+    users, days = (400, 5) if quick else (30000, 10)
+    steps, minutes = (60, 0) if quick else (10000, 15)
+    out: Dict[str, Any] = {"dataset": {"generator": "mtfm_rec.data.synthetic", "users": users, "days": days,
+                                       "shared_embeddings": False, "seed": 11}, "config": CONFIG}
+    with tempfile.TemporaryDirectory() as tmp:
+        from mtfm_rec.data.synthetic import generate
+
+        raw = os.path.join(tmp, "raw")
+        generate(raw, num_users=users, num_days=days, seed=11, shared_embeddings=False)
+        out.update(reference_metrics(raw))
+        print("[bench.quality] references done", flush=True)
+        job = run_training_job(
+            raw, os.path.join(tmp, "mtfm"), 1,
+            [f"train.max_steps={steps}", f"train.max_minutes={minutes}", "train.eval_splits=[test]", "train.log_every=250"],
+            os.path.join(tmp, "cache"), config=CONFIG,
+        )
+        out["mtfm"] = job["metrics"]  # metrics.json: the test split
+        out["mtfm_summary"] = {k: job["summary"].get(k) for k in ("step", "samples_seen", "seconds", "samples_per_s")}
+        out["mtfm_overrides"] = [f"train.max_steps={steps}", f"train.max_minutes={minutes}"]
+        print(f"[bench.quality] MTFM done: {out['mtfm_summary']}", flush=True)
+    return out
+
+
+def render(result: Dict[str, Any]) -> str:
+    ds = result["dataset"]
+    s = result["mtfm_summary"]
+    lines = [
+        f"Alignment-free synthetic data with known truth ({ds['users']} users x {ds['days']} days, "
+        f"seed {ds['seed']}, `{ds['generator']}`, no `shared_embeddings`), test day. MTFM: `{result['config']}` "
+        f"with {' '.join(f'`{o}`' for o in result['mtfm_overrides'])} ({s['step']} steps, {s['samples_seen']} samples, "
+        f"{s['seconds']:.0f} s of "
+        "training on this machine). References: `mtfm_rec.bench.references` (Bayes = the true probabilities; "
+        "LR = logistic regression on the exposure features, + the two hand-made history features). "
+        f"Target: max(LR+history + {MARGIN}, half way from it to Bayes).",
+        "",
+        "| scenario/task | Bayes | LR features | LR + history | MTFM | target | met | gap closed | n |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, bayes in result["bayes"].items():
+        lr, mtfm = result["lr_history"][key]["auc"], result["mtfm"][key]["auc"]
+        target = target_auc(lr, bayes["auc"])
+        closed = (mtfm - lr) / (bayes["auc"] - lr)
+        lines.append(
+            f"| {key} | {bayes['auc']:.4f} | {result['lr_features'][key]['auc']:.4f} | {lr:.4f} | "
+            f"**{mtfm:.4f}** | {target:.4f} | "
+            f"{'yes' if mtfm >= target else 'no'} | {100 * closed:.0f} % | {bayes['count']} |"
+        )
+    return "\n".join(lines) + "\n"
+

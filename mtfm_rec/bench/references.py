@@ -1,0 +1,245 @@
+"""Reference scores for a synthetic dataset with known truth: Bayes and two logistic regressions.
+
+    python -m mtfm_rec.bench.references data/q3k            # prints the table, writes nothing
+
+On a dataset written by ``mtfm_rec.data.synthetic`` (which stores the true probability of every
+label under ``truth/``), the test split (``ts >= recommended_eval_after``) is scored three ways,
+per scenario x task, with the trainer's exact AUC / GAUC (``compute_key_metrics``):
+
+* ``bayes``: the true probabilities. No model can beat them in expectation; a model above them
+  by more than noise reads something it should not (a leak).
+* ``lr_features``: a logistic regression on the exposure's own features (every categorical
+  column one-hot, every dense column standardised), trained on the train split
+  (``ts < recommended_valid_after``) with its L2 strength chosen on the valid split.
+* ``lr_history``: the same plus two hand-made history features, the bar of issue 10:
+  ``history_share``, the share of the user's last ``max_len`` history actions before the window
+  in the candidate's category, and ``realtime_hit``, whether a real-time action earlier the same
+  window (``ts`` strictly smaller) had the candidate's category. The candidate's category is
+  the generator's global one (search's ``poi_cat`` is a permutation of it): an engineer who
+  builds these features knows the mapping; MTFM must learn it.
+
+Both regressions see only what the model sees (nothing after the exposure's ``ts``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Mapping, Tuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from mtfm_rec.data.reader import read_parquet_folder
+from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
+from mtfm_rec.data.synthetic import read_truth
+from mtfm_rec.training.metrics import compute_key_metrics
+
+REFERENCES = ("bayes", "lr_features", "lr_history")
+L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3)  # per-sample mean penalty; chosen on the valid split
+WINDOW_SECONDS = 86400  # the aggregation default: one sample = one user-day
+
+
+def _aligned(root: str, scenario: ScenarioSpec) -> Tuple[pa.Table, pa.Table]:
+    """The scenario's exposures and truth, row-aligned (checked on the repeated columns)."""
+    exposures = read_parquet_folder(root, f"exposures/{scenario.name}")
+    truth = read_truth(root, scenario.name)
+    for column in ("user_id", "ts", "request_id", *scenario.tasks):
+        if not exposures[column].equals(truth[column]):
+            raise ValueError(
+                f"{root}: truth/{scenario.name} does not follow exposures/{scenario.name} row by row "
+                f"(column {column!r} differs); regenerate the dataset"
+            )
+    return exposures, truth
+
+
+class HistoryFeatures:
+    """The two hand-made features of every exposure, from the shared behaviour sequences."""
+
+    def __init__(self, root: str, schema: DatasetSchema, num_categories: int) -> None:
+        self.num_categories = num_categories
+        history = [q for q in schema.sequences if q.kind == "history"]
+        realtime = [q for q in schema.sequences if q.kind == "realtime"]
+        self.max_len = history[0].max_len
+        self.history = self._by_user(read_parquet_folder(root, f"behaviors/{history[0].name}"))
+        self.realtime = self._by_user(read_parquet_folder(root, f"behaviors/{realtime[0].name}"))
+
+    @staticmethod
+    def _by_user(table: pa.Table) -> Dict[str, np.ndarray]:
+        user, ts, cat = (table[c].to_numpy().astype(np.int64) for c in ("user_id", "ts", "category"))
+        order = np.lexsort((ts, user))
+        return {"user": user[order], "ts": ts[order], "category": cat[order]}
+
+    def history_share(self, user: np.ndarray, window_start: np.ndarray, category: np.ndarray) -> np.ndarray:
+        """Share of the last ``max_len`` history actions with ``ts < window_start`` in ``category``."""
+        h = self.history
+        onehot = np.zeros((len(h["user"]) + 1, self.num_categories), np.int32)
+        onehot[np.arange(1, len(h["user"]) + 1), h["category"]] = 1
+        cum = np.cumsum(onehot, axis=0)  # cum[i] = counts over the first i actions
+        keys, queries = _sort_keys(h["user"], h["ts"], user, window_start)
+        end = np.searchsorted(keys, queries, side="left")  # first action at or after window_start
+        start = np.maximum(np.searchsorted(h["user"], user, side="left"), end - self.max_len)
+        total = end - start
+        hits = cum[end, category] - cum[start, category]
+        return np.where(total > 0, hits / np.maximum(total, 1), 0.0)
+
+    def realtime_hit(self, user: np.ndarray, ts: np.ndarray, window_start: np.ndarray, category: np.ndarray) -> np.ndarray:
+        """1 where a real-time action of ``category`` has ``window_start <= ts' < ts``."""
+        r = self.realtime
+        group = r["user"] * self.num_categories + r["category"]
+        order = np.lexsort((r["ts"], group))
+        q_group = user * self.num_categories + category
+        n = len(user)
+        keys, queries = _sort_keys(
+            group[order], r["ts"][order], np.concatenate([q_group, q_group]), np.concatenate([ts, window_start])
+        )
+        below = np.searchsorted(keys, queries, side="left")  # actions strictly before each bound
+        return (below[:n] > below[n:]).astype(np.float64)
+
+
+def _sort_keys(group: np.ndarray, ts: np.ndarray, q_group: np.ndarray, q_ts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(group, ts) pairs of actions sorted by them and of queries as one comparable int64 each."""
+    present = [a for a in (ts, q_ts) if a.size]
+    t0 = min((int(a.min()) for a in present), default=0)
+    span = max((int(a.max()) for a in present), default=0) - t0 + 1
+    top = max((int(a.max()) + 1 for a in (group, q_group) if a.size), default=1)
+    if top * span >= 2**62:
+        raise OverflowError(f"(group, ts) keys do not fit in int64: {top} groups x {span} ticks")
+    return group * span + (ts - t0), q_group * span + (q_ts - t0)
+
+
+def _design(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(one-hot column index [n, c] int64, dense values [n, d] float64, column count) of the
+    exposure's own features: each categorical column gets its own id range, nulls one more id."""
+    index, offset = [], 0
+    for _, column, _ in scenario.categorical():
+        col = exposures[column].combine_chunks()
+        values = col.fill_null(-1).to_numpy().astype(np.int64)
+        _, dense_id = np.unique(values, return_inverse=True)
+        index.append(offset + dense_id)
+        offset += int(dense_id.max(initial=0)) + 1
+    dense = [exposures[c].to_numpy().astype(np.float64) for c in scenario.dense_features]
+    dense_arr = np.stack(dense, axis=1) if dense else np.zeros((exposures.num_rows, 0))
+    return np.stack(index, axis=1), dense_arr, offset
+
+
+def fit_logistic(
+    onehot: np.ndarray, dense: np.ndarray, num_ids: int, labels: np.ndarray, split: np.ndarray
+) -> np.ndarray:
+    """Test-split probabilities of an L2 logistic regression trained on split 0.
+
+    Args:
+        onehot: [n, c] column ids into one weight vector of ``num_ids`` entries.
+        dense: [n, d] dense inputs, standardised here with the train split's moments.
+        labels: [n] 0/1.
+        split: [n] 0 train, 1 valid (chooses the L2 strength by log loss), 2 test.
+    """
+    train = split == 0
+    mean, std = dense[train].mean(axis=0), dense[train].std(axis=0) + 1e-6
+    x_dense = torch.from_numpy((dense - mean) / std)
+    ids = torch.from_numpy(onehot)
+    y = torch.from_numpy(labels.astype(np.float64))
+    best: Tuple[float, np.ndarray] = (float("inf"), np.zeros(0))
+    for l2 in L2_GRID:
+        weights = _lbfgs(ids[train], x_dense[train], y[train], num_ids, l2)
+        logits = _logits(ids, x_dense, weights).numpy()
+        valid = split == 1
+        p = np.clip(1.0 / (1.0 + np.exp(-logits[valid])), 1e-7, 1 - 1e-7)
+        loss = float(-np.mean(labels[valid] * np.log(p) + (1 - labels[valid]) * np.log(1 - p)))
+        if loss < best[0]:
+            best = (loss, 1.0 / (1.0 + np.exp(-logits[split == 2])))
+    return best[1]
+
+
+def _logits(ids: torch.Tensor, dense: torch.Tensor, w: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    table, linear, bias = w
+    return table[ids].sum(dim=1) + dense @ linear + bias
+
+
+def _lbfgs(ids: torch.Tensor, dense: torch.Tensor, y: torch.Tensor, num_ids: int, l2: float) -> Tuple[torch.Tensor, ...]:
+    w = (
+        torch.zeros(num_ids, dtype=torch.float64, requires_grad=True),
+        torch.zeros(dense.shape[1], dtype=torch.float64, requires_grad=True),
+        torch.zeros((), dtype=torch.float64, requires_grad=True),
+    )
+    opt = torch.optim.LBFGS(w, lr=1.0, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(_logits(ids, dense, w), y)
+        loss = loss + l2 * (w[0].pow(2).sum() + w[1].pow(2).sum())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return tuple(t.detach() for t in w)
+
+
+def reference_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``{reference: {"<scenario>/<task>": metrics}}`` on the test split of a synthetic dataset.
+
+    Runs on one torch thread: the regressions are many small gathers, which extra threads only
+    slow down (measured 5.5 s on one thread against 117 s on two busy cores, 600 users).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _reference_metrics(root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
+    schema = DatasetSchema.load(f"{root.rstrip('/')}/dataset.yaml")
+    valid_after = int(schema.extra["recommended_valid_after"])
+    eval_after = int(schema.extra["recommended_eval_after"])
+    num_categories = int(schema.extra["generator"]["num_categories"])
+    history = HistoryFeatures(root, schema, num_categories)
+    out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in REFERENCES}
+    for scenario in schema.scenarios:
+        exposures, truth = _aligned(root, scenario)
+        user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
+        category = truth["category"].to_numpy().astype(np.int64)
+        window_start = ts - np.mod(ts, WINDOW_SECONDS)
+        split = np.where(ts >= eval_after, 2, np.where(ts >= valid_after, 1, 0))
+        onehot, dense, num_ids = _design(exposures, scenario)
+        hand_made = np.stack(
+            [history.history_share(user, window_start, category), history.realtime_hit(user, ts, window_start, category)],
+            axis=1,
+        )
+        test = split == 2
+        for task in scenario.tasks:
+            key = f"{scenario.name}/{task}"
+            labels = exposures[task].to_numpy().astype(np.int8)
+            scores = {
+                "bayes": truth[f"p_{task}"].to_numpy()[test],
+                "lr_features": fit_logistic(onehot, dense, num_ids, labels, split),
+                "lr_history": fit_logistic(onehot, np.concatenate([dense, hand_made], axis=1), num_ids, labels, split),
+            }
+            for name, score in scores.items():
+                out[name][key] = compute_key_metrics(score, labels[test], user[test], key=key)
+    return out
+
+
+def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], columns: List[str]) -> str:
+    keys = list(next(iter(metrics.values())))
+    lines = ["| scenario/task | " + " | ".join(f"{c} AUC" for c in columns) + " | test n |",
+             "|---" * (len(columns) + 2) + "|"]
+    for key in keys:
+        aucs = " | ".join(f"{metrics[c][key]['auc']:.4f}" for c in columns)
+        lines.append(f"| {key} | {aucs} | {metrics[columns[0]][key]['count']} |")
+    return "\n".join(lines)
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("root", help="a dataset written by mtfm_rec.data.synthetic")
+    args = parser.parse_args(argv)
+    metrics = reference_metrics(args.root)
+    print(format_table(metrics, list(REFERENCES)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

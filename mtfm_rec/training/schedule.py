@@ -1,0 +1,66 @@
+"""Learning-rate schedule: linear warm-up, then constant, cosine or linear decay to a floor.
+
+::
+
+    factor(step)   1 |      ______________                constant
+                     |     /              ``--..__        cosine / linear
+                     |    /                       ``--..  min_ratio
+                     0 +---+--------------------------+--> step
+                       0  warmup                  max_steps
+
+Every parameter group of the optimizer (the dense Adam and the fused embedding optimizer of
+TorchRec alike) gets ``base_lr * factor(step)``: TorchRec's fused optimizers copy their group's
+``lr`` into the FBGEMM kernel at every ``zero_grad`` / ``step``, so the update fused into the
+backward pass follows the schedule too. The schedule is a pure function of the step, so a resumed
+run continues it exactly and a checkpoint needs nothing of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, List
+
+LR_DECAYS = ("none", "cosine", "linear")
+
+
+def lr_factor(step: int, max_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> float:
+    """The multiplier of the base learning rates for optimizer step ``step`` (1-based)."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return step / warmup_steps
+    if decay == "none" or max_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+class LRSchedule:
+    """Sets every parameter group's ``lr`` from the base values it had when this was built.
+
+    Args:
+        optimizer: any optimizer with ``param_groups`` (a TorchRec ``CombinedOptimizer`` lists
+            the groups of all its parts).
+        max_steps / warmup_steps / decay / min_ratio: see :func:`lr_factor`.
+    """
+
+    def __init__(self, optimizer: Any, max_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> None:
+        if decay not in LR_DECAYS:
+            raise ValueError(f"lr decay {decay!r} unknown; choose one of {LR_DECAYS}")
+        self.optimizer = optimizer
+        self.base_lrs: List[float] = [float(g["lr"]) for g in optimizer.param_groups]
+        self.max_steps, self.warmup_steps, self.decay, self.min_ratio = max_steps, warmup_steps, decay, min_ratio
+
+    @property
+    def active(self) -> bool:
+        return self.warmup_steps > 0 or self.decay != "none"
+
+    def apply(self, step: int) -> float:
+        """Sets the learning rates of optimizer step ``step``; returns the factor."""
+        factor = lr_factor(step, self.max_steps, self.warmup_steps, self.decay, self.min_ratio)
+        # looked up each time: a plain torch optimizer's load_state_dict replaces its group dicts
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.base_lrs):
+            raise ValueError(f"the optimizer has {len(groups)} parameter groups, the schedule was built for {len(self.base_lrs)}")
+        for group, base in zip(groups, self.base_lrs):
+            group["lr"] = base * factor
+        return factor
