@@ -515,10 +515,15 @@ def generate(
         seed=seed,
         **overrides,  # type: ignore[arg-type]
     )
+    return _simulate_and_write(out, cfg).schema
+
+
+def _simulate_and_write(out: str, cfg: SyntheticConfig) -> SyntheticData:
+    """Draws the dataset of ``cfg`` and writes it with its truth under ``out``."""
     data = simulate(cfg)
     write_truth(out, data, cfg.files_per_folder)  # before the data: dataset.yaml, written last, covers both
     write_raw_dataset(out, data.schema, data.exposures, data.behaviors, cfg.files_per_folder)
-    return data.schema
+    return data
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -550,9 +555,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         seed=args.seed,
         shared_embeddings=not args.alignment_free,
     )
-    data = simulate(cfg)
-    write_truth(args.out, data, cfg.files_per_folder)  # before the data: dataset.yaml, written last, covers both
-    write_raw_dataset(args.out, data.schema, data.exposures, data.behaviors, cfg.files_per_folder)
+    data = _simulate_and_write(args.out, cfg)
     for kind, tables in (("exposures", data.exposures), ("behaviors", data.behaviors)):
         for name, table in tables.items():
             print(f"{kind}/{name}: {table.num_rows:,} rows")
