@@ -8,8 +8,10 @@ Takes the prefix-encoded dynamic mask of ``mtfm_rec.model.mask`` (per query: key
     v [total_kv, G, Dv]
 
 Semantics: those of ``reference.hstu_attention_reference`` (tested equal, every gradient). Nothing
-padded or masked is computed and the backward recomputes the scores, so time and memory follow
-the visible (query, key) pairs, not ``B x max_len^2``.
+padded or masked is computed, so time follows the visible (query, key) pairs, not
+``B x max_len^2``; a training forward keeps the attention weights for the backward within a memory
+budget (:data:`MAX_SAVED_WEIGHTS_BYTES`), beyond which the backward recomputes them and memory is
+O(inputs).
 
 The extension is compiled on first use with the machine's C++ compiler
 (``torch.utils.cpp_extension.load``, ``-O3 -fopenmp`` and ``-march=native``) into
@@ -62,7 +64,8 @@ def extension() -> Any:
     bin_dir = os.path.dirname(sys.executable)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math"]
+    # 512-bit vectors for the score loops (gcc prefers 256 on AVX-512 CPUs): ~10 % of fwd+bwd here
+    flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math", "-mprefer-vector-width=512"]
     try:
         return load(
             name="mtfm_hstu_cpu", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
@@ -75,23 +78,37 @@ def extension() -> Any:
         ) from exc
 
 
+# The forward keeps the attention weights and their derivative factors (8 bytes per computed
+# (query, head, key) entry) for a backward without the score GEMM and the sigmoids, while they fit
+# in this budget; beyond it the backward recomputes them. Both give the same gradients (the same
+# arithmetic), so the budget trades memory for time only. Measured (docs/KERNELS.md): ~10 % of
+# fwd+bwd where it fits, but a loss above ~32 MiB, where every call faults in fresh pages (glibc
+# returns blocks that large to the system on free) and writing them costs more than the GEMM saved.
+MAX_SAVED_WEIGHTS_BYTES = 32 << 20
+
+
 class _HSTUCpu(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
         kv_offsets: torch.Tensor, q_prefix: torch.Tensor, q_self_local: torch.Tensor, alpha: float,
+        max_saved_bytes: int,
     ) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local)
+        out, saved = extension().forward(
+            q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, alpha, any(ctx.needs_input_grad[:3]),
+            max_saved_bytes,
+        )
+        ctx.save_for_backward(q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, saved)
         ctx.alpha = alpha
-        return extension().forward(q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, alpha)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Any, ...]:  # type: ignore[override]
-        q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local = ctx.saved_tensors
+        q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, saved = ctx.saved_tensors
         dq, dk, dv = extension().backward(
-            grad_out.contiguous(), q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, ctx.alpha
+            grad_out.contiguous(), q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, ctx.alpha, saved
         )
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def hstu_attention_cpu(
@@ -103,14 +120,19 @@ def hstu_attention_cpu(
     q_prefix: torch.Tensor,
     q_self_local: torch.Tensor,
     alpha: float,
+    max_saved_bytes: int = MAX_SAVED_WEIGHTS_BYTES,
 ) -> torch.Tensor:
-    """HSTU attention with the prefix-encoded mask (module docstring); returns ``[total_q, H, Dv]``."""
+    """HSTU attention with the prefix-encoded mask (module docstring); returns ``[total_q, H, Dv]``.
+
+    ``max_saved_bytes``: the budget for the weights a training forward keeps for its backward
+    (:data:`MAX_SAVED_WEIGHTS_BYTES`; 0 recomputes them in the backward).
+    """
     if q.device.type != "cpu":
         raise RuntimeError(f"attention backend 'cpp' runs on the CPU, got {q.device.type} tensors")
     dtype = q.dtype
     f32 = [t.float().contiguous() for t in (q, k, v)]
     ints = [t.to(torch.int64).contiguous() for t in (q_offsets, kv_offsets, q_prefix, q_self_local)]
-    out = _HSTUCpu.apply(*f32, *ints, float(alpha))
+    out = _HSTUCpu.apply(*f32, *ints, float(alpha), int(max_saved_bytes))
     return out.to(dtype)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtfm_rec.kernels.hstu_attention import hstu_attention_reference
-from mtfm_rec.kernels.hstu_attention.cpu import hstu_attention_cpu
+from mtfm_rec.kernels.hstu_attention.cpu import MAX_SAVED_WEIGHTS_BYTES, hstu_attention_cpu
 from mtfm_rec.model.examples import demo_schema, random_batch
 from mtfm_rec.model.mask import AttentionLayout, build_layout
 
@@ -29,7 +29,10 @@ def _queries(layout: AttentionLayout, target: bool):
     return ref, (layout.full_prefix, layout.full_self_local)
 
 
-def _both(layout: AttentionLayout, target: bool, heads: int, kv_heads: int, dim: int, dim_v: int, seed: int):
+def _both(
+    layout: AttentionLayout, target: bool, heads: int, kv_heads: int, dim: int, dim_v: int, seed: int,
+    max_saved_bytes: int = MAX_SAVED_WEIGHTS_BYTES,
+):
     gen = torch.Generator().manual_seed(seed)
     n_q = layout.num_targets if target else layout.num_tokens
     leaves = [
@@ -48,7 +51,9 @@ def _both(layout: AttentionLayout, target: bool, heads: int, kv_heads: int, dim:
                 max_q, layout.max_tokens, 0.37,
             )
         else:
-            out = hstu_attention_cpu(q, k, v, q_off, layout.token_offsets, q_prefix, q_self_local, 0.37)
+            out = hstu_attention_cpu(
+                q, k, v, q_off, layout.token_offsets, q_prefix, q_self_local, 0.37, max_saved_bytes
+            )
         if n_q == 0:  # no query: the reference returns a constant, there is nothing to differentiate
             results.append((out.detach(), torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)))
             continue
@@ -68,16 +73,41 @@ def _both(layout: AttentionLayout, target: bool, heads: int, kv_heads: int, dim:
     target=st.booleans(),
     ts_pool=st.sampled_from([0, 4]),
     seed=st.integers(0, 2**16),
+    save_weights=st.booleans(),
 )
 def test_cpp_kernel_matches_reference_forward_and_gradients(
-    batch_size, max_seq, max_exposures, kv_heads, dim, dim_v, target, ts_pool, seed
+    batch_size, max_seq, max_exposures, kv_heads, dim, dim_v, target, ts_pool, seed, save_weights
 ) -> None:
+    """Both backwards: from the weights the forward saved, and recomputing them (a zero budget)."""
     batch = random_batch(
         SCHEMA, batch_size, seq_len=(0, max_seq), exposures=(0, max_exposures), seed=seed, ts_pool=ts_pool
     )
-    want, got = _both(build_layout(batch), target, 4, kv_heads, dim, dim_v, seed)
+    budget = MAX_SAVED_WEIGHTS_BYTES if save_weights else 0
+    want, got = _both(build_layout(batch), target, 4, kv_heads, dim, dim_v, seed, budget)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_cpp_kernel_saves_weights_only_for_training_and_within_the_budget() -> None:
+    from mtfm_rec.kernels.hstu_attention.cpu import extension
+
+    layout = build_layout(random_batch(SCHEMA, 4, seq_len=(8, 20), exposures=(2, 6), seed=3))
+    (q_off, *_), (q_prefix, q_self_local) = _queries(layout, False)
+    q, k = torch.randn(layout.num_tokens, 2, 8), torch.randn(layout.num_tokens, 1, 8)
+    ops, mask = extension(), (q_off, layout.token_offsets, q_prefix, q_self_local)
+    out, saved = ops.forward(q, k, k, *mask, 0.5, True, 1 << 30)
+    assert saved.shape[0] == 2 and saved.shape[1] > 0
+    # p beyond each row's prefix and d there are 0; the visible weights are those of the output
+    assert saved.shape[1] >= int(q_prefix.clamp(min=0).sum()) * 2
+    assert ops.forward(q, k, k, *mask, 0.5, False, 1 << 30)[1].numel() == 0  # inference keeps nothing
+    assert ops.forward(q, k, k, *mask, 0.5, True, saved.numel() * 4 - 1)[1].numel() == 0  # over budget
+    go = torch.randn_like(out)
+    with pytest.raises(RuntimeError, match="saved weights do not match this layout"):
+        ops.backward(go, q, k, k, *mask, 0.5, saved[:, 1:].contiguous())
+    from_saved = ops.backward(go, q, k, k, *mask, 0.5, saved)
+    recomputed = ops.backward(go, q, k, k, *mask, 0.5, torch.empty(0, 0))
+    for a, b in zip(from_saved, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_cpp_kernel_keeps_the_input_dtype_and_refuses_other_devices() -> None:
@@ -109,4 +139,4 @@ def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> Non
     }
     for rule, a in bad.items():
         with pytest.raises(RuntimeError, match=rule):
-            ops.forward(q, k, k, a["q_offsets"], a["kv_offsets"], a["q_prefix"], a["q_self_local"], 0.5)
+            ops.forward(q, k, k, a["q_offsets"], a["kv_offsets"], a["q_prefix"], a["q_self_local"], 0.5, True, 1 << 20)

@@ -17,8 +17,10 @@
 // any of its queries sees: keys beyond it are never touched, so R and T query blocks skip most of
 // the masked area and nothing is padded across samples. The products are BLAS GEMMs on strided
 // views of q, k, v (no copies); the mask, SiLU, 1/n and, in the backward, the SiLU derivative are
-// one vectorised pass over the block's scores. The backward recomputes the scores instead of
-// saving them, so memory is O(inputs), not O(B x L^2).
+// one vectorised pass over the block's scores. A training forward keeps each block's weights and
+// their derivative factors (within the caller's byte budget) so the backward needs neither the
+// score GEMM nor the sigmoids; above the budget the backward recomputes them and memory stays
+// O(inputs), not O(B x L^2).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -91,18 +93,29 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   sgemm_(&trb, &tra, &N, &M, &K, &one, b, &LDB, a, &LDA, &beta, c, &LDC);
 }
 
-// Built with -ffast-math so the score loops vectorise through glibc's vector expf; the clamp keeps
-// exp finite, which -ffast-math assumes (sigmoid(+-80) is 1 and 1.8e-35, as in float32 anyway).
-inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-std::min(80.f, std::max(-80.f, z)))); }
+// exp(x) as 2^n 2^f (n = round(x log2 e), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial:
+// relative error ~1e-7, float32's own), inline and branch-free so the score loops vectorise with no
+// call per vector (glibc's vector expf, reached through -ffast-math, spilled the loop's registers
+// around every call: 15 % slower). The clamp keeps 2^n a normal float; sigmoid(+-87) is 1 and
+// 1.6e-38 as in float32 anyway.
+inline float exp_approx(float x) {
+  x = std::min(87.f, std::max(-87.f, x));
+  const float t = x * 1.44269504f;
+  const float n = std::floor(t + 0.5f), f = (t - n) * 0.693147181f;
+  float p = 1.f / 720.f;
+  p = p * f + 1.f / 120.f;
+  p = p * f + 1.f / 24.f;
+  p = p * f + 1.f / 6.f;
+  p = p * f + 0.5f;
+  p = p * f + 1.f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
 
-// The queries of one block: where each sees, and the block's key range.
-struct Block {
-  // first query (global), matrix rows (queries x hr), prefix keys [0, kmax) read, heads per query:
-  // with G = 1 the H heads of a query are adjacent rows of q ([Tq * H, D]), so all heads go through
-  // one GEMM (hr = H); otherwise one head at a time (hr = 1, rows strided by H * D).
-  int64_t q0, rows, kmax, hr;
-  int64_t query(int64_t row) const { return q0 + row / hr; }
-};
+inline float sigmoid(float z) { return 1.f / (1.f + exp_approx(-z)); }
 
 struct Mask {
   const int64_t *prefix, *self;
@@ -116,19 +129,61 @@ struct Mask {
     const int64_t n = visible_prefix(i) + (self_key(i) >= 0 ? 1 : 0);
     return 1.f / static_cast<float>(std::max<int64_t>(1, n));
   }
-  Block block(int64_t q0, int64_t q1, int64_t hr) const {
-    int64_t kmax = 0;
-    for (int64_t i = q0; i < q1; ++i) kmax = std::max(kmax, visible_prefix(i));  // self keys: apart
-    return {q0, (q1 - q0) * hr, kmax, hr};
-  }
 };
 
-// scores [rows, kmax] of the prefix keys -> attention weights p = silu(alpha s) / n on each row's
-// visible prefix, 0 beyond it. With dp (the gradient w.r.t. p), also dp -> the gradient w.r.t. s.
-void weights(const Mask& mask, const Block& blk, float alpha, float* s, float* dp) {
+// The queries of one block of one (sample, key-value group) item: where each sees, the block's
+// key range, and where its saved weights go.
+struct Block {
+  // item, first key row of the sample, first query (global), matrix rows (queries x hr), prefix
+  // keys [0, kmax) read, heads per matrix row: with G = 1 the H heads of a query are adjacent rows
+  // of q ([Tq * H, D]), so all heads go through one GEMM (hr = H); otherwise one head at a time
+  // (hr = 1, rows strided by H * D). saved: first float of its weights in the saved buffer.
+  int64_t item, kv0, q0, rows, kmax, hr, saved;
+  Mask mask;
+  int64_t query(int64_t row) const { return q0 + row / hr; }
+  int64_t area() const { return rows * kmax; }
+};
+
+// Every block of a call, in item order. A pure function of the layout, so the backward rebuilds
+// exactly the forward's blocks and finds each block's saved weights at the same offset.
+struct Plan {
+  std::vector<Block> blocks;
+  std::vector<int64_t> item_first;  // item i's blocks: [item_first[i], item_first[i + 1])
+  int64_t saved_floats = 0;         // one weights buffer: sum over blocks and head steps of rows x kmax
+};
+
+Plan make_plan(const Dims& dm, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+               const at::Tensor& q_prefix, const at::Tensor& q_self_local) {
+  const int64_t B = q_offsets.size(0) - 1;
+  const int64_t *qo = q_offsets.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
+  const int64_t *pre = q_prefix.data_ptr<int64_t>(), *self = q_self_local.data_ptr<int64_t>();
+  const int64_t hr = dm.G == 1 ? dm.H : 1, head_steps = dm.r / hr;
+  Plan plan;
+  for (int64_t item = 0; item < B * dm.G; ++item) {
+    plan.item_first.push_back(static_cast<int64_t>(plan.blocks.size()));
+    const int64_t b = item / dm.G;
+    const Mask mask{pre, self, ko[b + 1] - ko[b]};
+    for (int64_t q0 = qo[b]; q0 < qo[b + 1]; q0 += kQueryBlock) {
+      const int64_t q1 = std::min(q0 + kQueryBlock, qo[b + 1]);
+      int64_t kmax = 0;
+      for (int64_t i = q0; i < q1; ++i) kmax = std::max(kmax, mask.visible_prefix(i));  // self keys: apart
+      plan.blocks.push_back({item, ko[b], q0, (q1 - q0) * hr, kmax, hr, plan.saved_floats, mask});
+      plan.saved_floats += head_steps * plan.blocks.back().area();
+    }
+  }
+  plan.item_first.push_back(static_cast<int64_t>(plan.blocks.size()));
+  return plan;
+}
+
+// In place over a block's prefix scores s [rows, kmax]: s -> the attention weights
+// p = silu(alpha s) / n on each row's visible prefix, 0 beyond it. With dp (the gradient w.r.t. p),
+// also dp -> the gradient w.r.t. s (the backward without saved weights). With d (the forward that
+// saves), d = dp/ds's factor inv_n * alpha * silu'(alpha s), 0 beyond the prefix, so the backward
+// needs no scores: ds = dp * d.
+void weights(const Block& blk, float alpha, float* s, float* dp, float* d) {
   for (int64_t r = 0; r < blk.rows; ++r) {
-    const int64_t i = blk.query(r), pre = mask.visible_prefix(i);
-    const float inv_n = mask.inv_n(i);
+    const int64_t i = blk.query(r), pre = blk.mask.visible_prefix(i), tail = blk.kmax - pre;
+    const float inv_n = blk.mask.inv_n(i);
     float* srow = s + r * blk.kmax;
     if (dp) {
       float* drow = dp + r * blk.kmax;
@@ -138,7 +193,16 @@ void weights(const Mask& mask, const Block& blk, float alpha, float* s, float* d
         srow[j] = z * sg * inv_n;
         drow[j] *= inv_n * sg * (1.f + z * (1.f - sg)) * alpha;
       }
-      std::memset(drow + pre, 0, sizeof(float) * (blk.kmax - pre));
+      std::memset(drow + pre, 0, sizeof(float) * tail);
+    } else if (d) {
+      float* drow = d + r * blk.kmax;
+#pragma omp simd
+      for (int64_t j = 0; j < pre; ++j) {
+        const float z = alpha * srow[j], sg = sigmoid(z);
+        srow[j] = z * sg * inv_n;
+        drow[j] = inv_n * sg * (1.f + z * (1.f - sg)) * alpha;
+      }
+      std::memset(drow + pre, 0, sizeof(float) * tail);
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < pre; ++j) {
@@ -146,7 +210,7 @@ void weights(const Mask& mask, const Block& blk, float alpha, float* s, float* d
         srow[j] = z * sigmoid(z) * inv_n;
       }
     }
-    std::memset(srow + pre, 0, sizeof(float) * (blk.kmax - pre));
+    std::memset(srow + pre, 0, sizeof(float) * tail);
   }
 }
 
@@ -172,7 +236,8 @@ struct Views {
 // The T tokens' own keys, apart from the prefix GEMMs: one dot product per query, so the masked
 // T x T block (only its diagonal is visible) is never computed. Forward: out += p * v_self;
 // backward (v.go set): dv_self += p * go, dq += ds * k_self, dk_self += ds * q.
-void self_keys(const Mask& mask, const Block& blk, float alpha, const Dims& dm, const Views& w) {
+void self_keys(const Block& blk, float alpha, const Dims& dm, const Views& w) {
+  const Mask& mask = blk.mask;
   for (int64_t r = 0; r < blk.rows; ++r) {
     const int64_t i = blk.query(r), self = mask.self_key(i);
     if (self < 0) continue;
@@ -192,91 +257,121 @@ void self_keys(const Mask& mask, const Block& blk, float alpha, const Dims& dm, 
   }
 }
 
-// Calls fn(b, g, h, kv0, mask, block, s, dp) for every (sample, group) item in parallel and, inside
-// it in order, every query block and head (or, with G = 1, all heads at once from h = 0).
+// Calls fn(block, h, s, dp, saved) for every (sample, group) item in parallel and, inside it in
+// order, every query block and head (or, with G = 1, all heads at once from h = 0): s and dp are
+// the thread's scratch of the block's size, saved the offset of this head's weights in the saved
+// buffer.
 template <typename Fn>
-void for_each_block(const Dims& dm, const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
-                    const at::Tensor& q_prefix, const at::Tensor& q_self_local, Fn fn) {
-  const int64_t B = q_offsets.size(0) - 1;
-  const int64_t *qo = q_offsets.data_ptr<int64_t>(), *ko = kv_offsets.data_ptr<int64_t>();
-  const int64_t *pre = q_prefix.data_ptr<int64_t>(), *self = q_self_local.data_ptr<int64_t>();
-  at::parallel_for(0, B * dm.G, 1, [&](int64_t begin, int64_t end) {
+void for_each_block(const Dims& dm, const Plan& plan, Fn fn) {
+  const int64_t items = static_cast<int64_t>(plan.item_first.size()) - 1;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s, dp;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / dm.G, g = item % dm.G;
-      const Mask mask{pre, self, ko[b + 1] - ko[b]};
-      const int64_t hr = dm.G == 1 ? dm.H : 1, h_step = hr == 1 ? 1 : dm.H;
-      for (int64_t q0 = qo[b]; q0 < qo[b + 1]; q0 += kQueryBlock) {
-        const Block blk = mask.block(q0, std::min(q0 + kQueryBlock, qo[b + 1]), hr);
-        s.resize(static_cast<size_t>(blk.rows * blk.kmax));
-        dp.resize(static_cast<size_t>(blk.rows * blk.kmax));
-        for (int64_t h = g * dm.r; h < (g + 1) * dm.r; h += h_step) fn(b, g, h, ko[b], mask, blk, s.data(), dp.data());
+      const int64_t g = item % dm.G;
+      for (int64_t bi = plan.item_first[item]; bi < plan.item_first[item + 1]; ++bi) {
+        const Block& blk = plan.blocks[bi];
+        s.resize(static_cast<size_t>(blk.area()));
+        dp.resize(static_cast<size_t>(blk.area()));
+        const int64_t h_step = blk.hr == 1 ? 1 : dm.H;
+        for (int64_t h = g * dm.r, step = 0; h < (g + 1) * dm.r; h += h_step, ++step)
+          fn(blk, g, h, s.data(), dp.data(), blk.saved + step * blk.area());
       }
     }
   });
 }
 
+Views views(const Dims& dm, const Block& blk, int64_t g, int64_t h, const float* q, const float* k,
+            const float* v, const float* go, float* out, float* dq, float* dk, float* dv) {
+  const int64_t qoff = blk.q0 * dm.H + h, koff = blk.kv0 * dm.G + g;
+  const int64_t hs = dm.H / blk.hr;  // row stride of q / out in heads
+  auto at = [](auto* base, int64_t off) { return base ? base + off : nullptr; };
+  return {q + qoff * dm.D, k + koff * dm.D, v + koff * dm.Dv, at(go, qoff * dm.Dv), at(out, qoff * dm.Dv),
+          at(dq, qoff * dm.D), at(dk, koff * dm.D), at(dv, koff * dm.Dv),
+          hs * dm.D, dm.G * dm.D, dm.G * dm.Dv, hs * dm.Dv};
+}
+
+void zero_rows(float* x, int64_t rows, int64_t ld, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r) std::memset(x + r * ld, 0, sizeof(float) * width);
+}
+
 }  // namespace
 
-at::Tensor hstu_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
-                            const at::Tensor& q_prefix, const at::Tensor& q_self_local, double alpha) {
+// Returns {out, saved}. saved: the weights p and the factors d of every block ([2, floats]) when
+// save_weights and they fit in max_saved_bytes, for a backward without the score GEMM and the
+// sigmoids; else empty, and the backward recomputes them (the same arithmetic: equal gradients).
+std::vector<at::Tensor> hstu_cpu_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& q_offsets, const at::Tensor& kv_offsets,
+                                         const at::Tensor& q_prefix, const at::Tensor& q_self_local, double alpha,
+                                         bool save_weights, int64_t max_saved_bytes) {
   const Dims dm = dims_of(q, k, v);
   check_layout(q, k, q_offsets, kv_offsets, q_prefix, q_self_local);
-  auto out = at::zeros({q.size(0), dm.H, dm.Dv}, q.options());
+  const Plan plan = make_plan(dm, q_offsets, kv_offsets, q_prefix, q_self_local);
+  const bool save = save_weights && plan.saved_floats * 2 * static_cast<int64_t>(sizeof(float)) <= max_saved_bytes;
+  auto saved = at::empty({save ? 2 : 0, save ? plan.saved_floats : 0}, q.options());
+  auto out = at::empty({q.size(0), dm.H, dm.Dv}, q.options());  // every row is written (GEMM or zero_rows)
   const float a = static_cast<float>(alpha);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for_each_block(dm, q_offsets, kv_offsets, q_prefix, q_self_local,
-                 [&](int64_t, int64_t g, int64_t h, int64_t kv0, const Mask& mask, const Block& blk, float* s, float*) {
-    const int64_t qoff = blk.q0 * dm.H + h, koff = kv0 * dm.G + g;
-    const int64_t hs = dm.H / blk.hr;  // row stride of q / out in heads
-    const Views w{qp + qoff * dm.D, kp + koff * dm.D, vp + koff * dm.Dv, nullptr, op + qoff * dm.Dv,
-                  nullptr, nullptr, nullptr, hs * dm.D, dm.G * dm.D, dm.G * dm.Dv, hs * dm.Dv};
-    if (blk.kmax > 0) {  // else the rows stay 0 but for their self keys
-      gemm(false, true, blk.rows, blk.kmax, dm.D, w.q, w.ldq, w.k, w.ldk, 0.f, s, blk.kmax);
-      weights(mask, blk, a, s, nullptr);
-      gemm(false, false, blk.rows, dm.Dv, blk.kmax, s, blk.kmax, w.v, w.ldv, 0.f, w.out, w.ldo);
+  float *p_saved = save ? saved.data_ptr<float>() : nullptr, *d_saved = save ? p_saved + plan.saved_floats : nullptr;
+  for_each_block(dm, plan, [&](const Block& blk, int64_t g, int64_t h, float* s, float*, int64_t off) {
+    const Views w = views(dm, blk, g, h, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), nullptr,
+                          out.data_ptr<float>(), nullptr, nullptr, nullptr);
+    if (blk.kmax > 0) {
+      float* p = save ? p_saved + off : s;
+      gemm(false, true, blk.rows, blk.kmax, dm.D, w.q, w.ldq, w.k, w.ldk, 0.f, p, blk.kmax);
+      weights(blk, a, p, nullptr, save ? d_saved + off : nullptr);
+      gemm(false, false, blk.rows, dm.Dv, blk.kmax, p, blk.kmax, w.v, w.ldv, 0.f, w.out, w.ldo);
+    } else {  // the rows stay 0 but for their self keys
+      zero_rows(w.out, blk.rows, w.ldo, dm.Dv);
     }
-    self_keys(mask, blk, a, dm, w);
+    self_keys(blk, a, dm, w);
   });
-  return out;
+  return {out, saved};
 }
 
 std::vector<at::Tensor> hstu_cpu_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& q_offsets,
                                           const at::Tensor& kv_offsets, const at::Tensor& q_prefix,
-                                          const at::Tensor& q_self_local, double alpha) {
+                                          const at::Tensor& q_self_local, double alpha, const at::Tensor& saved) {
   const Dims dm = dims_of(q, k, v);
   check_layout(q, k, q_offsets, kv_offsets, q_prefix, q_self_local);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({q.size(0), dm.H, dm.Dv}), "grad_out: shape of the output");
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == at::kFloat, "grad_out: contiguous float32");
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  const Plan plan = make_plan(dm, q_offsets, kv_offsets, q_prefix, q_self_local);
+  const bool use_saved = saved.numel() > 0;
+  TORCH_CHECK(!use_saved || (saved.dim() == 2 && saved.size(0) == 2 && saved.size(1) == plan.saved_floats &&
+                             saved.is_contiguous() && saved.scalar_type() == at::kFloat),
+              "hstu_cpu: saved weights do not match this layout (forward and backward layouts differ)");
+  auto dq = at::empty_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);  // dq rows: GEMM or zero_rows
   const float a = static_cast<float>(alpha);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float* gp = grad_out.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  for_each_block(dm, q_offsets, kv_offsets, q_prefix, q_self_local,
-                 [&](int64_t, int64_t g, int64_t h, int64_t kv0, const Mask& mask, const Block& blk, float* s,
-                     float* dp) {
-    const int64_t qoff = blk.q0 * dm.H + h, koff = kv0 * dm.G + g;
-    const Views w{qp + qoff * dm.D, kp + koff * dm.D, vp + koff * dm.Dv, gp + qoff * dm.Dv, nullptr,
-                  dqp + qoff * dm.D, dkp + koff * dm.D, dvp + koff * dm.Dv,
-                  dm.H / blk.hr * dm.D, dm.G * dm.D, dm.G * dm.Dv, dm.H / blk.hr * dm.Dv};
+  const float* p_saved = use_saved ? saved.data_ptr<float>() : nullptr;
+  const float* d_saved = use_saved ? p_saved + plan.saved_floats : nullptr;
+  for_each_block(dm, plan, [&](const Block& blk, int64_t g, int64_t h, float* s, float* dp, int64_t off) {
+    const Views w = views(dm, blk, g, h, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                          grad_out.data_ptr<float>(), nullptr, dq.data_ptr<float>(), dk.data_ptr<float>(),
+                          dv.data_ptr<float>());
     if (blk.kmax > 0) {
-      gemm(false, true, blk.rows, blk.kmax, dm.D, w.q, w.ldq, w.k, w.ldk, 0.f, s, blk.kmax);      // scores
-      gemm(false, true, blk.rows, blk.kmax, dm.Dv, w.go, w.ldo, w.v, w.ldv, 0.f, dp, blk.kmax);   // d weights
-      weights(mask, blk, a, s, dp);                                                                // p, d scores
-      gemm(true, false, blk.kmax, dm.Dv, blk.rows, s, blk.kmax, w.go, w.ldo, 1.f, w.dv, w.ldv);
+      gemm(false, true, blk.rows, blk.kmax, dm.Dv, w.go, w.ldo, w.v, w.ldv, 0.f, dp, blk.kmax);  // d weights
+      const float* p = s;
+      if (use_saved) {  // d scores = d weights x the saved factors
+        p = p_saved + off;
+        const float* d = d_saved + off;
+#pragma omp simd
+        for (int64_t j = 0; j < blk.area(); ++j) dp[j] *= d[j];
+      } else {  // recompute the scores, then p and d scores
+        gemm(false, true, blk.rows, blk.kmax, dm.D, w.q, w.ldq, w.k, w.ldk, 0.f, s, blk.kmax);
+        weights(blk, a, s, dp, nullptr);
+      }
+      gemm(true, false, blk.kmax, dm.Dv, blk.rows, p, blk.kmax, w.go, w.ldo, 1.f, w.dv, w.ldv);
       gemm(false, false, blk.rows, dm.D, blk.kmax, dp, blk.kmax, w.k, w.ldk, 0.f, w.dq, w.ldq);
       gemm(true, false, blk.kmax, dm.D, blk.rows, dp, blk.kmax, w.q, w.ldq, 1.f, w.dk, w.ldk);
+    } else {
+      zero_rows(w.dq, blk.rows, w.ldq, dm.D);
     }
-    self_keys(mask, blk, a, dm, w);  // after the dq GEMM, which overwrites the rows
+    self_keys(blk, a, dm, w);  // after the dq GEMM, which overwrites the rows
   });
   return {dq, dk, dv};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &hstu_cpu_forward, "fused HSTU attention forward (CPU, float32)");
+  m.def("forward", &hstu_cpu_forward, "fused HSTU attention forward (CPU, float32): {out, saved weights}");
   m.def("backward", &hstu_cpu_backward, "fused HSTU attention backward (CPU, float32)");
 }
