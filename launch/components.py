@@ -20,7 +20,6 @@ from typing import Dict, List, Optional
 import torchx.specs as specs
 from torchx.components.dist import ddp
 
-
 # torchrun env var that gives every (re)started worker group a store of its own; see train().
 RESTART_SAFE_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
@@ -103,8 +102,10 @@ def _add_torchrun_flags(role: specs.Role, flags: List[str]) -> None:
     """
     args = role.args
     if role.entrypoint != "bash" or len(args) != 2 or args[0] != "-c" or not args[1].startswith("torchrun "):
-        raise RuntimeError(f"dist.ddp built an unexpected command {role.entrypoint} {args}: cannot add {flags}")
-    role.args = ["-c", "torchrun " + shlex.join(flags) + args[1][len("torchrun"):]]
+        raise RuntimeError(
+            f"dist.ddp built an unexpected command {role.entrypoint} {args}: cannot add {flags}"
+        )
+    role.args = ["-c", "torchrun " + shlex.join(flags) + args[1][len("torchrun") :]]
 
 
 def _nproc(j: str) -> int:

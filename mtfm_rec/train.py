@@ -114,8 +114,15 @@ def known_errors() -> Tuple[Type[BaseException], ...]:
     from mtfm_rec.training.trainer import EmptySplitError, NonFiniteError, RunDirLockedError
 
     return (
-        ConfigError, EmptySplitError, NonFiniteError, RunDirLockedError, CheckpointError,
-        DataContractError, SchemaError, AggregationError, LoaderError,
+        ConfigError,
+        EmptySplitError,
+        NonFiniteError,
+        RunDirLockedError,
+        CheckpointError,
+        DataContractError,
+        SchemaError,
+        AggregationError,
+        LoaderError,
     )
 
 

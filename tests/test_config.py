@@ -66,10 +66,17 @@ def test_split_boundaries_must_be_ordered() -> None:
 
 def test_unknown_eval_split_is_refused_at_load() -> None:
     # was refused by the loader only after the whole training had run
-    with pytest.raises(ConfigError, match=r"config\.train: eval_splits: \['tset'\] not among the splits "
-                       r"\['train', 'valid', 'test', 'all'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"config\.train: eval_splits: \['tset'\] not among the splits "
+        r"\['train', 'valid', 'test', 'all'\]",
+    ):
         load_config(None, ["train.eval_splits=[test, tset]"])
-    assert load_config(None, ["train.eval_splits=[valid, test, all]"]).train.eval_splits == ["valid", "test", "all"]
+    assert load_config(None, ["train.eval_splits=[valid, test, all]"]).train.eval_splits == [
+        "valid",
+        "test",
+        "all",
+    ]
 
 
 def test_eval_splits_are_the_loaders_splits() -> None:

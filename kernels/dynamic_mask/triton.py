@@ -31,9 +31,20 @@ def _configs() -> List[triton.Config]:
 @triton.autotune(configs=_configs(), key=["LEN_BUCKET"])
 @triton.jit
 def _dynamic_mask_kernel(
-    Mask, q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts,
-    max_q_len, max_kv_len, stride_mb, stride_mq,
-    LEN_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Mask,
+    q_offsets,
+    kv_offsets,
+    q_ts,
+    q_self,
+    kv_kind,
+    kv_ts,
+    max_q_len,
+    max_kv_len,
+    stride_mb,
+    stride_mq,
+    LEN_BUCKET,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -81,14 +92,22 @@ def dynamic_mask_triton(
         return mask.view(torch.bool)
     ts_dtype = torch.promote_types(q_ts.dtype, kv_ts.dtype)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(max_q_len, meta["BLOCK_M"]), triton.cdiv(max_kv_len, meta["BLOCK_N"]), batch
+        triton.cdiv(max_q_len, meta["BLOCK_M"]),
+        triton.cdiv(max_kv_len, meta["BLOCK_N"]),
+        batch,
     )
     _dynamic_mask_kernel[grid](
         mask,
-        q_offsets.to(torch.int64).contiguous(), kv_offsets.to(torch.int64).contiguous(),
-        q_ts.to(ts_dtype).contiguous(), q_self.to(torch.int64).contiguous(),
-        kv_kind.to(torch.int8).contiguous(), kv_ts.to(ts_dtype).contiguous(),
-        max_q_len, max_kv_len, mask.stride(0), mask.stride(1),
+        q_offsets.to(torch.int64).contiguous(),
+        kv_offsets.to(torch.int64).contiguous(),
+        q_ts.to(ts_dtype).contiguous(),
+        q_self.to(torch.int64).contiguous(),
+        kv_kind.to(torch.int8).contiguous(),
+        kv_ts.to(ts_dtype).contiguous(),
+        max_q_len,
+        max_kv_len,
+        mask.stride(0),
+        mask.stride(1),
         LEN_BUCKET=triton.next_power_of_2(max(1, max_kv_len)),
     )
     return mask.view(torch.bool)

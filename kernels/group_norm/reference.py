@@ -1,10 +1,10 @@
 """Group LayerNorm (paper eq. 6, 10): LayerNorm over features with per-group affine parameters.
 
-    x       [N, D]   jagged tokens of a batch
-    group   [N]      int64 group of each token (which history / real-time sequence, which scenario)
-    weight  [G, D], bias [G, D]
+x       [N, D]   jagged tokens of a batch
+group   [N]      int64 group of each token (which history / real-time sequence, which scenario)
+weight  [G, D], bias [G, D]
 
-    y[i] = (x[i] - mean(x[i])) / sqrt(var(x[i]) + eps) * weight[group[i]] + bias[group[i]]
+y[i] = (x[i] - mean(x[i])) / sqrt(var(x[i]) + eps) * weight[group[i]] + bias[group[i]]
 """
 
 from __future__ import annotations

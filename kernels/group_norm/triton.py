@@ -29,17 +29,27 @@ def _configs() -> List[triton.Config]:
     if _interpreted():
         return [triton.Config({"BLOCK_ROWS": 4}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_ROWS": r}, num_warps=w)
-        for r, w in ((1, 4), (4, 4), (8, 8), (16, 8), (32, 16))
+        triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r, w in ((1, 4), (4, 4), (8, 8), (16, 8), (32, 16))
     ]
 
 
 @triton.autotune(configs=_configs(), key=["BLOCK_D"])
 @triton.jit
 def _gln_fwd_kernel(
-    X, Group, W, B, Y, Mean, Rstd,
-    N, D, stride_xn, stride_yn, eps,
-    BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    X,
+    Group,
+    W,
+    B,
+    Y,
+    Mean,
+    Rstd,
+    N,
+    D,
+    stride_xn,
+    stride_yn,
+    eps,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -62,9 +72,22 @@ def _gln_fwd_kernel(
 @triton.autotune(configs=_configs(), key=["BLOCK_D"], reset_to_zero=["DW", "DB"])
 @triton.jit
 def _gln_bwd_kernel(
-    DY, X, Group, W, Mean, Rstd, DX, DW, DB,
-    N, D, stride_dyn, stride_xn, stride_dxn,
-    BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    DY,
+    X,
+    Group,
+    W,
+    Mean,
+    Rstd,
+    DX,
+    DW,
+    DB,
+    N,
+    D,
+    stride_dyn,
+    stride_xn,
+    stride_dxn,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
@@ -117,15 +140,30 @@ def group_layer_norm_fwd(
         return y, mean, rstd
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_ROWS"]),)  # noqa: E731
     _gln_fwd_kernel[grid](
-        x, group, weight, bias, y, mean, rstd, n, d, x.stride(0), y.stride(0), eps,
+        x,
+        group,
+        weight,
+        bias,
+        y,
+        mean,
+        rstd,
+        n,
+        d,
+        x.stride(0),
+        y.stride(0),
+        eps,
         BLOCK_D=triton.next_power_of_2(d),
     )
     return y, mean, rstd
 
 
 def group_layer_norm_bwd(
-    dy: torch.Tensor, x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor,
-    mean: torch.Tensor, rstd: torch.Tensor,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    group: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias)."""
     n, d = x.shape
@@ -136,7 +174,20 @@ def group_layer_norm_bwd(
     if n > 0:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_ROWS"]),)  # noqa: E731
         _gln_bwd_kernel[grid](
-            dy, x, group, weight, mean, rstd, dx, dw, db, n, d, dy.stride(0), x.stride(0), dx.stride(0),
+            dy,
+            x,
+            group,
+            weight,
+            mean,
+            rstd,
+            dx,
+            dw,
+            db,
+            n,
+            d,
+            dy.stride(0),
+            x.stride(0),
+            dx.stride(0),
             BLOCK_D=triton.next_power_of_2(d),
         )
     return dx, dw.to(weight.dtype), db.to(weight.dtype)
@@ -173,5 +224,7 @@ def group_layer_norm_triton(
     """
     _check(x)
     if weight.shape != bias.shape or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight/bias must be [G, {x.shape[-1]}], got {tuple(weight.shape)}, {tuple(bias.shape)}")
+        raise ValueError(
+            f"weight/bias must be [G, {x.shape[-1]}], got {tuple(weight.shape)}, {tuple(bias.shape)}"
+        )
     return _GroupLayerNormFunction.apply(x, group, weight, bias, float(eps))

@@ -121,7 +121,9 @@ def _chunks(offsets: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tens
     per = (lengths + block - 1) // block
     sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=offsets.device), per)
     first = torch.cumsum(per, 0) - per
-    start = offsets[:-1][sample] + (torch.arange(sample.numel(), device=offsets.device) - first[sample]) * block
+    start = (
+        offsets[:-1][sample] + (torch.arange(sample.numel(), device=offsets.device) - first[sample]) * block
+    )
     rows = start[:, None] + torch.arange(block, device=offsets.device)[None, :]
     rows = torch.where(rows < offsets[1:][sample][:, None], rows, torch.full_like(rows, -1))
     return sample, rows, start

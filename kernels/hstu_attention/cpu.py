@@ -68,8 +68,12 @@ def extension() -> Any:
     flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math", "-mprefer-vector-width=512"]
     try:
         return load(
-            name="mtfm_hstu_cpu", sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            build_directory=_build_dir(), verbose=False,
+            name="mtfm_hstu_cpu",
+            sources=[_SOURCE],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            build_directory=_build_dir(),
+            verbose=False,
         )
     except Exception as exc:  # a missing compiler or ninja: say what to install, never fall back silently
         raise RuntimeError(
@@ -90,12 +94,27 @@ MAX_SAVED_WEIGHTS_BYTES = 32 << 20
 class _HSTUCpu(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
-        kv_offsets: torch.Tensor, q_prefix: torch.Tensor, q_self_local: torch.Tensor, alpha: float,
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_offsets: torch.Tensor,
+        kv_offsets: torch.Tensor,
+        q_prefix: torch.Tensor,
+        q_self_local: torch.Tensor,
+        alpha: float,
         max_saved_bytes: int,
     ) -> torch.Tensor:
         out, saved = extension().forward(
-            q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, alpha, any(ctx.needs_input_grad[:3]),
+            q,
+            k,
+            v,
+            q_offsets,
+            kv_offsets,
+            q_prefix,
+            q_self_local,
+            alpha,
+            any(ctx.needs_input_grad[:3]),
             max_saved_bytes,
         )
         ctx.save_for_backward(q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, saved)

@@ -45,7 +45,9 @@ def _pad(x: torch.Tensor, offsets: torch.Tensor, max_len: int, fill: float = 0) 
 def _unpad(x: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
     """Padded [B, max_len, ...] -> jagged [total, ...]."""
     lengths = offsets[1:] - offsets[:-1]
-    sample = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths, output_size=total)
+    sample = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=x.device), lengths, output_size=total
+    )
     pos = torch.arange(total, device=x.device) - offsets[sample]
     return x[sample, pos]
 

@@ -78,7 +78,13 @@ def _mm(a, b, UPCAST: tl.constexpr):
 
 @triton.jit
 def _visible(
-    kind, kts, k_rows, qts, qself, m_valid, n_valid,
+    kind,
+    kts,
+    k_rows,
+    qts,
+    qself,
+    m_valid,
+    n_valid,
 ):
     """[BLOCK_M, BLOCK_N] dynamic mask: H keys to all, R keys to later queries, T keys to self."""
     vis = (kind == 0)[None, :] | ((kind == 1)[None, :] & (kts[None, :] < qts[:, None]))
@@ -107,7 +113,8 @@ def _load_tile(base, rows, stride_row, valid, cols, n_cols):
     rows outside the sample and padded columns read 0."""
     return tl.load(
         base + rows[:, None] * stride_row + cols[None, :],
-        mask=valid[:, None] & (cols[None, :] < n_cols), other=0.0,
+        mask=valid[:, None] & (cols[None, :] < n_cols),
+        other=0.0,
     )
 
 
@@ -142,14 +149,37 @@ def _dscore(s, dp, vis, alpha):
 @triton.autotune(configs=_fwd_configs(), key=["LEN_BUCKET", "BLOCK_D", "BLOCK_DV"], reset_to_zero=["Stats"])
 @triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, Out, NVis, Stats,
-    q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts,
-    stride_qn, stride_qh, stride_kn, stride_kg, stride_vn, stride_vg, stride_on, stride_oh,
-    alpha, D, DV,
+    Q,
+    K,
+    V,
+    Out,
+    NVis,
+    Stats,
+    q_offsets,
+    kv_offsets,
+    q_ts,
+    q_self,
+    kv_kind,
+    kv_ts,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kg,
+    stride_vn,
+    stride_vg,
+    stride_on,
+    stride_oh,
+    alpha,
+    D,
+    DV,
     HEADS_PER_GROUP: tl.constexpr,
-    LEN_BUCKET, COUNT_TILES: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LEN_BUCKET,
+    COUNT_TILES: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -193,14 +223,41 @@ def _hstu_fwd_kernel(
 @triton.autotune(configs=_bwd_configs(), key=["LEN_BUCKET", "BLOCK_D", "BLOCK_DV"])
 @triton.jit
 def _hstu_bwd_dkdv_kernel(
-    Q, K, V, DO, NVis, DK, DV_,
-    q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts,
-    stride_qn, stride_qh, stride_kn, stride_kg, stride_vn, stride_vg, stride_don, stride_doh,
-    stride_dkn, stride_dkg, stride_dvn, stride_dvg,
-    alpha, D, DV,
-    HEADS_PER_GROUP: tl.constexpr, LEN_BUCKET,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    NVis,
+    DK,
+    DV_,
+    q_offsets,
+    kv_offsets,
+    q_ts,
+    q_self,
+    kv_kind,
+    kv_ts,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kg,
+    stride_vn,
+    stride_vg,
+    stride_don,
+    stride_doh,
+    stride_dkn,
+    stride_dkg,
+    stride_dvn,
+    stride_dvg,
+    alpha,
+    D,
+    DV,
+    HEADS_PER_GROUP: tl.constexpr,
+    LEN_BUCKET,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
@@ -242,14 +299,38 @@ def _hstu_bwd_dkdv_kernel(
 @triton.autotune(configs=_bwd_configs(), key=["LEN_BUCKET", "BLOCK_D", "BLOCK_DV"])
 @triton.jit
 def _hstu_bwd_dq_kernel(
-    Q, K, V, DO, NVis, DQ,
-    q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts,
-    stride_qn, stride_qh, stride_kn, stride_kg, stride_vn, stride_vg, stride_don, stride_doh,
-    stride_dqn, stride_dqh,
-    alpha, D, DV,
-    HEADS_PER_GROUP: tl.constexpr, LEN_BUCKET,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    NVis,
+    DQ,
+    q_offsets,
+    kv_offsets,
+    q_ts,
+    q_self,
+    kv_kind,
+    kv_ts,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kg,
+    stride_vn,
+    stride_vg,
+    stride_don,
+    stride_doh,
+    stride_dqn,
+    stride_dqh,
+    alpha,
+    D,
+    DV,
+    HEADS_PER_GROUP: tl.constexpr,
+    LEN_BUCKET,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -307,8 +388,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def _meta(
-    q_offsets: torch.Tensor, kv_offsets: torch.Tensor, q_ts: torch.Tensor, q_self: torch.Tensor,
-    kv_kind: torch.Tensor, kv_ts: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    q_ts: torch.Tensor,
+    q_self: torch.Tensor,
+    kv_kind: torch.Tensor,
+    kv_ts: torch.Tensor,
 ) -> Tuple[torch.Tensor, ...]:
     # Timestamps are compared in one dtype; offsets/rows as int64 for 64-bit pointer arithmetic.
     ts_dtype = torch.promote_types(q_ts.dtype, kv_ts.dtype)
@@ -323,8 +408,13 @@ def _meta(
 
 
 def hstu_attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    meta: Tuple[torch.Tensor, ...], max_q_len: int, max_kv_len: int, alpha: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: Tuple[torch.Tensor, ...],
+    max_q_len: int,
+    max_kv_len: int,
+    alpha: float,
     stats: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (out [total_q, H, Dv], n_visible [total_q] fp32). ``stats`` (int32 [2]) receives
@@ -341,13 +431,30 @@ def hstu_attention_fwd(
     counter = torch.zeros(2, device=q.device, dtype=torch.int32)
     grid = lambda meta_: (triton.cdiv(max_q_len, meta_["BLOCK_M"]), num_heads, batch)  # noqa: E731
     _hstu_fwd_kernel[grid](
-        q, k, v, out, n_vis, counter, *meta,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        alpha, dim, dim_v,
+        q,
+        k,
+        v,
+        out,
+        n_vis,
+        counter,
+        *meta,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        alpha,
+        dim,
+        dim_v,
         HEADS_PER_GROUP=num_heads // num_kv_heads,
-        LEN_BUCKET=_bucket(max_kv_len), COUNT_TILES=stats is not None,
-        BLOCK_D=_block(dim), BLOCK_DV=_block(dim_v), UPCAST=_interpreted(),
+        LEN_BUCKET=_bucket(max_kv_len),
+        COUNT_TILES=stats is not None,
+        BLOCK_D=_block(dim),
+        BLOCK_DV=_block(dim_v),
+        UPCAST=_interpreted(),
     )
     if stats is not None:
         stats += counter.to(stats.device, stats.dtype)
@@ -355,8 +462,15 @@ def hstu_attention_fwd(
 
 
 def hstu_attention_bwd(
-    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_vis: torch.Tensor,
-    meta: Tuple[torch.Tensor, ...], max_q_len: int, max_kv_len: int, alpha: float,
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n_vis: torch.Tensor,
+    meta: Tuple[torch.Tensor, ...],
+    max_q_len: int,
+    max_kv_len: int,
+    alpha: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv) for ``do`` = d loss / d out."""
     q_offsets = meta[0]
@@ -370,24 +484,58 @@ def hstu_attention_bwd(
     if total_q == 0 or batch == 0 or max_q_len == 0 or max_kv_len == 0:
         return dq, dk, dv
     common = dict(
-        HEADS_PER_GROUP=num_heads // num_kv_heads, LEN_BUCKET=_bucket(max_kv_len),
-        BLOCK_D=_block(dim), BLOCK_DV=_block(dim_v), UPCAST=_interpreted(),
+        HEADS_PER_GROUP=num_heads // num_kv_heads,
+        LEN_BUCKET=_bucket(max_kv_len),
+        BLOCK_D=_block(dim),
+        BLOCK_DV=_block(dim_v),
+        UPCAST=_interpreted(),
     )
     strides = (
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        do.stride(0), do.stride(1),
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        do.stride(0),
+        do.stride(1),
     )
     grid_kv = lambda meta_: (triton.cdiv(max_kv_len, meta_["BLOCK_N"]), num_kv_heads, batch)  # noqa: E731
     _hstu_bwd_dkdv_kernel[grid_kv](
-        q, k, v, do, n_vis, dk, dv, *meta, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        alpha, dim, dim_v, **common,
+        q,
+        k,
+        v,
+        do,
+        n_vis,
+        dk,
+        dv,
+        *meta,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        alpha,
+        dim,
+        dim_v,
+        **common,
     )
     grid_q = lambda meta_: (triton.cdiv(max_q_len, meta_["BLOCK_M"]), num_heads, batch)  # noqa: E731
     _hstu_bwd_dq_kernel[grid_q](
-        q, k, v, do, n_vis, dq, *meta, *strides,
-        dq.stride(0), dq.stride(1),
-        alpha, dim, dim_v, **common,
+        q,
+        k,
+        v,
+        do,
+        n_vis,
+        dq,
+        *meta,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
+        alpha,
+        dim,
+        dim_v,
+        **common,
     )
     return dq, dk, dv
 

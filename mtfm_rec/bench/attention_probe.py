@@ -49,7 +49,9 @@ def candidate_categories(batch: Batch, feature: str = CATEGORY) -> torch.Tensor:
     return _ids_by_row(batch, batch.target_positions, "exp/{}/item/" + feature)
 
 
-def _weights(layer: TargetAttentionLayer, x: torch.Tensor, layout: AttentionLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+def _weights(
+    layer: TargetAttentionLayer, x: torch.Tensor, layout: AttentionLayout
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per T query the [max_tokens] mean-over-heads weights, and the key rows they belong to)."""
     backend = resolve_attention_backend(layer.backend, x.device)
     x_norm = layer._norm_in(x, layout.token_group, backend)
@@ -60,7 +62,9 @@ def _weights(layer: TargetAttentionLayer, x: torch.Tensor, layout: AttentionLayo
     start = layout.token_offsets[sample]
     cols = torch.arange(layout.max_tokens)
     key_rows = (start[:, None] + cols[None, :]).clamp(max=layout.num_tokens - 1)
-    visible = (cols[None, :] < layout.target_prefix[:, None]) | (cols[None, :] == layout.target_self_local[:, None])
+    visible = (cols[None, :] < layout.target_prefix[:, None]) | (
+        cols[None, :] == layout.target_self_local[:, None]
+    )
     kk = k[key_rows].repeat_interleave(r, dim=2)  # [T, L, H, D]
     scores = torch.einsum("thd,tlhd->tlh", q, kk)
     n = visible.sum(dim=1).clamp(min=1).to(scores.dtype)
@@ -77,7 +81,10 @@ def probe(model: torch.nn.Module, batches: List[Batch], feature: str = CATEGORY)
     layers = [m for m in dense.hta.layers if isinstance(m, TargetAttentionLayer)]
     sums: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
     captured: Dict[int, Tuple[torch.Tensor, AttentionLayout]] = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a)) for i, layer in enumerate(layers)]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: captured.__setitem__(i, a))
+        for i, layer in enumerate(layers)
+    ]
     try:
         for batch in batches:
             with torch.no_grad():
@@ -116,8 +123,15 @@ def main(argv: List[str] | None = None) -> int:
     from mtfm_rec.config import load_config
     from mtfm_rec.training.trainer import Trainer
 
-    cfg = load_config(os.path.join(args.run_dir, "config.yaml"), ["train.resume=auto", "train.progress_bar=false",
-                                                                  "train.tensorboard=false", "train.sharding.print_plan=false"])
+    cfg = load_config(
+        os.path.join(args.run_dir, "config.yaml"),
+        [
+            "train.resume=auto",
+            "train.progress_bar=false",
+            "train.tensorboard=false",
+            "train.sharding.print_plan=false",
+        ],
+    )
     trainer = Trainer(cfg)
     try:
         trainer.maybe_resume()

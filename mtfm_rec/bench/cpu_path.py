@@ -11,18 +11,20 @@ left out).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import math
+import os
 import statistics
+import tempfile
 from typing import Any, Dict, List
 
 from mtfm_rec.bench.training import run_training_job
 
 CONFIG = "configs/mtfm_small.yaml"
 
-PATHS = (("prefix", "previous CPU path: padded PyTorch, reference Group LayerNorm"),
-         ("cpp", "fused C++ kernel, one-hot Group LayerNorm, scatter-free gathers"))
+PATHS = (
+    ("prefix", "previous CPU path: padded PyTorch, reference Group LayerNorm"),
+    ("cpp", "fused C++ kernel, one-hot Group LayerNorm, scatter-free gathers"),
+)
 
 
 ROUNDS = 2  # alternating rounds: a neighbour's load on the shared machine hits both paths alike
@@ -35,18 +37,31 @@ def _median(points: List[Any]) -> float:
 
 def _job(raw: str, tmp: str, backend: str, steps: int, rnd: int) -> Dict[str, Any]:
     return run_training_job(
-        raw, os.path.join(tmp, f"{backend}-{rnd}"), 1,
-        [f"model.attention_backend={backend}", f"train.max_steps={steps}", "train.log_every=25",
-         "train.eval_every=0", "train.eval_splits=[]", "train.max_minutes=0"],
-        os.path.join(tmp, "cache"), config=CONFIG,
+        raw,
+        os.path.join(tmp, f"{backend}-{rnd}"),
+        1,
+        [
+            f"model.attention_backend={backend}",
+            f"train.max_steps={steps}",
+            "train.log_every=25",
+            "train.eval_every=0",
+            "train.eval_splits=[]",
+            "train.max_minutes=0",
+        ],
+        os.path.join(tmp, "cache"),
+        config=CONFIG,
     )
 
 
 def run(quick: bool) -> Dict[str, Any]:
     users, days, steps = (600, 4, 60) if quick else (3000, 10, 200)
     rounds = 1 if quick else ROUNDS
-    out: Dict[str, Any] = {"dataset": {"users": users, "days": days, "seed": 0}, "steps": steps, "rounds": rounds,
-                           "rows": []}
+    out: Dict[str, Any] = {
+        "dataset": {"users": users, "days": days, "seed": 0},
+        "steps": steps,
+        "rounds": rounds,
+        "rows": [],
+    }
     series: Dict[str, Dict[str, List[Any]]] = {b: {"samples": [], "gflops": [], "mfu": []} for b, _ in PATHS}
     summaries: Dict[str, List[Dict[str, Any]]] = {b: [] for b, _ in PATHS}
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +81,8 @@ def run(quick: bool) -> Dict[str, Any]:
     for backend, what in PATHS:
         s = series[backend]
         row = {
-            "backend": backend, "what": what,
+            "backend": backend,
+            "what": what,
             "samples_per_s": _median(s["samples"]),
             "model_gflops_per_s": _median(s["gflops"]),
             "mfu": _median(s["mfu"]),
@@ -74,8 +90,10 @@ def run(quick: bool) -> Dict[str, Any]:
             "peak_host_rss_gb": max(j.get("peak_host_rss_gb", math.nan) for j in summaries[backend]),
         }
         out["rows"].append(row)
-        print(f"[bench.cpu_path] {backend}: {row['samples_per_s']:.1f} samples/s, MFU {100 * row['mfu']:.2f} %",
-              flush=True)
+        print(
+            f"[bench.cpu_path] {backend}: {row['samples_per_s']:.1f} samples/s, MFU {100 * row['mfu']:.2f} %",
+            flush=True,
+        )
     return out
 
 

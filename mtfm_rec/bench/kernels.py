@@ -46,9 +46,14 @@ def _attention_batch(
         q=torch.randn(q_rows.numel(), heads, dim, generator=gen) * 0.5,
         k=torch.randn(batch * n, kv_heads, dim, generator=gen) * 0.5,
         v=torch.randn(batch * n, kv_heads, dim, generator=gen),
-        q_offsets=q_offsets, kv_offsets=kv_offsets, q_ts=kv_ts[q_rows],
+        q_offsets=q_offsets,
+        kv_offsets=kv_offsets,
+        q_ts=kv_ts[q_rows],
         q_self=torch.where(is_t[q_rows], q_rows, torch.full_like(q_rows, -1)),
-        kv_kind=kv_kind, kv_ts=kv_ts, max_q_len=lt if target else n, max_kv_len=n,
+        kv_kind=kv_kind,
+        kv_ts=kv_ts,
+        max_q_len=lt if target else n,
+        max_kv_len=n,
     )
     for name in "qkv":
         args[name] = args[name].to(dtype)
@@ -88,7 +93,9 @@ def _time(fn: Callable[[], Any], device: str, reps: int, warmup: int) -> float:
     return _summary(samples, device)
 
 
-def _time_fwd_bwd(forward: Callable[[], torch.Tensor], device: str, reps: int, warmup: int) -> Tuple[float, float]:
+def _time_fwd_bwd(
+    forward: Callable[[], torch.Tensor], device: str, reps: int, warmup: int
+) -> Tuple[float, float]:
     """Seconds of the training forward and of forward + backward, timed in the same steps (so
     the forward is always the part of its step it really was)."""
     clock = _clock(device)
@@ -199,15 +206,24 @@ def _cpp(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
     from mtfm_rec.kernels.hstu_attention.cpu import hstu_attention_cpu
     from mtfm_rec.model.mask import jagged_to_padded_index, visible_prefix
 
-    q_off, kv_off, max_q, max_kv = args["q_offsets"], args["kv_offsets"], args["max_q_len"], args["max_kv_len"]
+    q_off, kv_off, max_q, max_kv = (
+        args["q_offsets"],
+        args["kv_offsets"],
+        args["max_q_len"],
+        args["max_kv_len"],
+    )
     q_pad = jagged_to_padded_index(q_off, args["q"].shape[0], max_q)
     kv_pad = jagged_to_padded_index(kv_off, args["k"].shape[0], max_kv)
-    prefix = visible_prefix(kv_off, args["kv_kind"], args["kv_ts"], args["q_ts"], q_off, max_kv, max_q, kv_pad, q_pad)
+    prefix = visible_prefix(
+        kv_off, args["kv_kind"], args["kv_ts"], args["q_ts"], q_off, max_kv, max_q, kv_pad, q_pad
+    )
     q_start = torch.repeat_interleave(kv_off[:-1], q_off[1:] - q_off[:-1], output_size=args["q"].shape[0])
     self_local = torch.where(args["q_self"] >= 0, args["q_self"] - q_start, args["q_self"])
 
     def run(a: Dict[str, Any]) -> torch.Tensor:
-        return hstu_attention_cpu(a["q"], a["k"], a["v"], q_off, kv_off, prefix, self_local, a["q"].shape[-1] ** -0.5)
+        return hstu_attention_cpu(
+            a["q"], a["k"], a["v"], q_off, kv_off, prefix, self_local, a["q"].shape[-1] ** -0.5
+        )
 
     return run
 
@@ -235,7 +251,9 @@ def _flex(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
     self_local = (args["q_self"] - args["kv_offsets"][:-1].repeat_interleave(lq)).view(batch, lq)
 
     def mask_mod(b, h, qi, kj):
-        return (kind[b, kj] == 0) | ((kind[b, kj] == 1) & (kts[b, kj] < qts[b, qi])) | (self_local[b, qi] == kj)
+        return (
+            (kind[b, kj] == 0) | ((kind[b, kj] == 1) & (kts[b, kj] < qts[b, qi])) | (self_local[b, qi] == kj)
+        )
 
     block_mask = create_block_mask(mask_mod, batch, None, lq, lk, device=args["q"].device)
     compiled = torch.compile(flex_attention)
@@ -287,8 +305,11 @@ def _attention(device: str, quick: bool) -> List[Dict[str, Any]]:
     heads, kv_heads, dim = (8, 2, 64) if cuda else (4, 2, 32)
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
-    shapes = [(target, n, max(1, (16384 if cuda else 2048) // n)) for target in (False, True)
-              for n in _attention_sizes(cuda, quick)]
+    shapes = [
+        (target, n, max(1, (16384 if cuda else 2048) // n))
+        for target in (False, True)
+        for n in _attention_sizes(cuda, quick)
+    ]
     for target, n, batch in shapes:
         variant = "target" if target else "full"
         # CPU: one fwd+bwd of the padded reference at N = 8192 takes tens of seconds
@@ -306,16 +327,32 @@ def _attention(device: str, quick: bool) -> List[Dict[str, Any]]:
             from mtfm_rec.kernels.hstu_attention.triton import hstu_attention_triton
 
             hstu_attention_triton(**args, tile_stats=stats)
-            rows.append({"variant": variant, "n": n, "batch": batch, "impl": "triton: tiles computed / visited",
-                         "tiles": stats.tolist()})
+            rows.append(
+                {
+                    "variant": variant,
+                    "n": n,
+                    "batch": batch,
+                    "impl": "triton: tiles computed / visited",
+                    "tiles": stats.tolist(),
+                }
+            )
         else:
             from mtfm_rec.kernels.hstu_attention.blocksparse import hstu_attention_blocksparse
 
             st: Dict[str, int] = {}
             hstu_attention_blocksparse(**args, stats=st)
-            label = "blocksparse: chunk pairs kept / total" + (" (ran the dense reference)" if st["dense"] else "")
-            rows.append({"variant": variant, "n": n, "batch": batch, "impl": label,
-                         "tiles": [st["pairs_kept"], st["pairs_total"]]})
+            label = "blocksparse: chunk pairs kept / total" + (
+                " (ran the dense reference)" if st["dense"] else ""
+            )
+            rows.append(
+                {
+                    "variant": variant,
+                    "n": n,
+                    "batch": batch,
+                    "impl": label,
+                    "tiles": [st["pairs_kept"], st["pairs_total"]],
+                }
+            )
     if not cuda:
         # A second pass, after every timing: fixing glibc's mmap threshold (what makes the resident
         # set measurable) also makes every large allocation fault in fresh pages, which would
@@ -341,7 +378,7 @@ def _group_norm(device: str, quick: bool) -> List[Dict[str, Any]]:
     bias = torch.randn(groups, d, generator=gen).to(device, dtype)
     reps, warmup = (20, 3) if cuda else (5, 1)
     rows = []
-    for name in (["reference", "triton"] if cuda else ["reference"]):
+    for name in ["reference", "triton"] if cuda else ["reference"]:
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
 
         def forward() -> torch.Tensor:
@@ -350,7 +387,9 @@ def _group_norm(device: str, quick: bool) -> List[Dict[str, Any]]:
             return group_layer_norm(xs, group, ws, bs, backend=name)
 
         f, both = _time_fwd_bwd(forward, device, reps, warmup)
-        rows.append({"impl": name, "n": n, "d": d, "groups": groups, "fwd_ms": f * 1e3, "fwd_bwd_ms": both * 1e3})
+        rows.append(
+            {"impl": name, "n": n, "d": d, "groups": groups, "fwd_ms": f * 1e3, "fwd_bwd_ms": both * 1e3}
+        )
     return rows
 
 
@@ -401,11 +440,20 @@ def plot(result: Dict[str, Any], path: str) -> None:
         for row_i, (key, label) in enumerate((("fwd_bwd_ms", "fwd+bwd ms"), ("peak_mib", "peak MiB"))):
             ax = axes[row_i][col]
             for i, impl in enumerate(dict.fromkeys(r["impl"] for r in rows)):  # one colour per impl
-                points = [(r["n"], r[key]) for r in rows if r["impl"] == impl and r["variant"] == variant
-                          and r.get(key) is not None]
+                points = [
+                    (r["n"], r[key])
+                    for r in rows
+                    if r["impl"] == impl and r["variant"] == variant and r.get(key) is not None
+                ]
                 if points:
                     ns, values = zip(*points)
-                    ax.plot(ns, values, marker="o", color=f"C{i}", label=impl.replace(f" ({SOFTMAX})", " (softmax)"))
+                    ax.plot(
+                        ns,
+                        values,
+                        marker="o",
+                        color=f"C{i}",
+                        label=impl.replace(f" ({SOFTMAX})", " (softmax)"),
+                    )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("N tokens per sample")
@@ -460,7 +508,16 @@ def render(result: Dict[str, Any]) -> str:
     lines += ["", "### HSTU attention", ""]
     if result.get("plot"):
         lines += [f"![attention time and memory against N]({result['plot']})", ""]
-    header = ("variant", "N", "batch", "implementation", "fwd ms", "fwd+bwd ms", "fwd+bwd vs reference", "peak MiB")
+    header = (
+        "variant",
+        "N",
+        "batch",
+        "implementation",
+        "fwd ms",
+        "fwd+bwd ms",
+        "fwd+bwd vs reference",
+        "peak MiB",
+    )
     lines.append(_row(*header))
     lines.append(_row(*["---"] * 8))
     rows = result["attention"]
@@ -469,7 +526,9 @@ def render(result: Dict[str, Any]) -> str:
         key = (r["variant"], r["n"], r["batch"], r["impl"])
         if "tiles" in r:
             kept, total = r["tiles"]
-            lines.append(_row(*key, f"{kept} / {total} ({100 * kept / max(total, 1):.0f}% computed)", "", "", ""))
+            lines.append(
+                _row(*key, f"{kept} / {total} ({100 * kept / max(total, 1):.0f}% computed)", "", "", "")
+            )
         elif "error" in r:
             lines.append(_row(*key, r["error"], "", "", ""))
         else:
@@ -487,6 +546,9 @@ def render(result: Dict[str, Any]) -> str:
     for r in result["dynamic_mask"]:
         lines.append(_row(r["impl"], r["n"], r["batch"], _fmt(r["ms"])))
     if not gpu:
-        lines += ["", "Group LayerNorm and dynamic mask: only the references run on the CPU (their Triton kernels "
-                      "need a GPU to be timed)."]
+        lines += [
+            "",
+            "Group LayerNorm and dynamic mask: only the references run on the CPU (their Triton kernels "
+            "need a GPU to be timed).",
+        ]
     return "\n".join(lines) + "\n"

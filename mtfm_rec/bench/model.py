@@ -52,9 +52,15 @@ def _worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     schema = long_history_schema()
     batch = fixed_size_batch(schema, sizes["batch"], sizes["history"], sizes["realtime"], sizes["targets"])
     config = ModelConfig(
-        embedding_dim=16, d_model=sizes["d_model"], tokenizer_hidden=[sizes["d_model"]],
-        num_blocks=spec["blocks"], target_layers_per_block=spec["k"], full_layers_per_block=spec["p"],
-        num_heads=HEADS, num_kv_heads=spec["g"], attention_backend=spec["backend"],
+        embedding_dim=16,
+        d_model=sizes["d_model"],
+        tokenizer_hidden=[sizes["d_model"]],
+        num_blocks=spec["blocks"],
+        target_layers_per_block=spec["k"],
+        full_layers_per_block=spec["p"],
+        num_heads=HEADS,
+        num_kv_heads=spec["g"],
+        attention_backend=spec["backend"],
     )
     model = MTFM(schema, config)
     params = [p for p in model.parameters()]
@@ -100,21 +106,31 @@ def run(quick: bool) -> Dict[str, Any]:
             spec = dict(k=k, p=p, blocks=blocks, g=g, backend="prefix", sizes=sizes)
             proc = subprocess.run(
                 [sys.executable, "-m", "mtfm_rec.bench.model", "--worker", json.dumps(spec)],
-                capture_output=True, text=True, check=False,
+                capture_output=True,
+                text=True,
+                check=False,
                 env={**os.environ, "OMP_NUM_THREADS": str(sizes["threads"])},
             )
             if proc.returncode:
                 raise RuntimeError(f"bench worker {spec} failed:\n{proc.stderr[-4000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             result.update(
-                name=f"({k}:{p})x{blocks}", k=k, p=p, blocks=blocks, heads=HEADS, kv_heads=g,
+                name=f"({k}:{p})x{blocks}",
+                k=k,
+                p=p,
+                blocks=blocks,
+                heads=HEADS,
+                kv_heads=g,
                 hta_gflops_per_s=result["hta_gflops_fwd_bwd"] / result["step_s"],
                 model_gflops_per_s=result["model_gflops_fwd_bwd"] / result["step_s"],
             )
             result["mfu"] = result["model_gflops_per_s"] / peak
             rows.append(result)
-            print(f"[bench.model] {result['name']} G={g}: {result['samples_per_s']:.1f} samples/s, "
-                  f"step mem {result['step_mem_mib']:.0f} MiB, MFU {100 * result['mfu']:.1f} %", flush=True)
+            print(
+                f"[bench.model] {result['name']} G={g}: {result['samples_per_s']:.1f} samples/s, "
+                f"step mem {result['step_mem_mib']:.0f} MiB, MFU {100 * result['mfu']:.1f} %",
+                flush=True,
+            )
     base = next(r for r in rows if r["name"] == "(0:16)x1" and r["kv_heads"] == HEADS)
     hta = next(r for r in rows if r["name"] == "(3:1)x4" and r["kv_heads"] == 1)
     speedup = hta["samples_per_s"] / base["samples_per_s"]
@@ -170,7 +186,8 @@ def render(result: Dict[str, Any]) -> str:
         lines.append(
             f"| {r['name']} | {r['kv_heads']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} "
             f"| {r['speedup_vs_full']:.2f}x | {r['step_wall_s']:.2f} | {r['step_mem_mib']:.0f} | {r['step_mem_vs_full']:.2f}x "
-            f"| {r['peak_rss_mib']:.0f} | {r['hta_gflops_fwd_bwd']:.2f} | {r['hta_gflops_per_s']:.1f} |" + cells
+            f"| {r['peak_rss_mib']:.0f} | {r['hta_gflops_fwd_bwd']:.2f} | {r['hta_gflops_per_s']:.1f} |"
+            + cells
         )
     t = result["target"]
     lines += [

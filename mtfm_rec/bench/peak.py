@@ -34,7 +34,11 @@ def _sync(device: torch.device) -> None:
 
 
 def matmul_gflops(
-    dtype: str = "fp32", threads: Optional[int] = None, size: int = SIZE, reps: int = REPS, device: str = "cpu"
+    dtype: str = "fp32",
+    threads: Optional[int] = None,
+    size: int = SIZE,
+    reps: int = REPS,
+    device: str = "cpu",
 ) -> float:
     """Best GFLOP/s of a ``[size, size] @ [size, size]`` matmul (2 size^3 FLOPs) over ``reps`` runs,
     measured once per process for each set of arguments.
@@ -102,7 +106,9 @@ def run(quick: bool) -> Dict[str, Any]:
         gpu_size = TRAINER_SIZE["cuda"]
         for dtype in DTYPES:
             gflops = matmul_gflops(dtype, None, gpu_size, REPS, "cuda")
-            rows.append({"device": "cuda", "dtype": dtype, "threads": None, "size": gpu_size, "gflops": gflops})
+            rows.append(
+                {"device": "cuda", "dtype": dtype, "threads": None, "size": gpu_size, "gflops": gflops}
+            )
             print(f"[bench.peak] cuda {dtype}: {gflops:.1f} GFLOP/s", flush=True)
     return {"quick": quick, "reps": REPS, "load_average": load, "rows": rows}
 

@@ -35,8 +35,16 @@ def target_auc(lr_history: float, bayes: float) -> float:
 def run(quick: bool) -> Dict[str, Any]:
     users, days = (400, 5) if quick else (30000, 10)
     steps, minutes = (60, 0) if quick else (10000, 15)
-    out: Dict[str, Any] = {"dataset": {"generator": "mtfm_rec.data.synthetic", "users": users, "days": days,
-                                       "shared_embeddings": False, "seed": 11}, "config": CONFIG}
+    out: Dict[str, Any] = {
+        "dataset": {
+            "generator": "mtfm_rec.data.synthetic",
+            "users": users,
+            "days": days,
+            "shared_embeddings": False,
+            "seed": 11,
+        },
+        "config": CONFIG,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         from mtfm_rec.data.synthetic import generate
 
@@ -45,12 +53,22 @@ def run(quick: bool) -> Dict[str, Any]:
         out.update(reference_metrics(raw))
         print("[bench.quality] references done", flush=True)
         job = run_training_job(
-            raw, os.path.join(tmp, "mtfm"), 1,
-            [f"train.max_steps={steps}", f"train.max_minutes={minutes}", "train.eval_splits=[test]", "train.log_every=250"],
-            os.path.join(tmp, "cache"), config=CONFIG,
+            raw,
+            os.path.join(tmp, "mtfm"),
+            1,
+            [
+                f"train.max_steps={steps}",
+                f"train.max_minutes={minutes}",
+                "train.eval_splits=[test]",
+                "train.log_every=250",
+            ],
+            os.path.join(tmp, "cache"),
+            config=CONFIG,
         )
         out["mtfm"] = job["metrics"]  # metrics.json: the test split
-        out["mtfm_summary"] = {k: job["summary"].get(k) for k in ("step", "samples_seen", "seconds", "samples_per_s")}
+        out["mtfm_summary"] = {
+            k: job["summary"].get(k) for k in ("step", "samples_seen", "seconds", "samples_per_s")
+        }
         out["mtfm_overrides"] = [f"train.max_steps={steps}", f"train.max_minutes={minutes}"]
         print(f"[bench.quality] MTFM done: {out['mtfm_summary']}", flush=True)
     return out
@@ -81,4 +99,3 @@ def render(result: Dict[str, Any]) -> str:
             f"{'yes' if mtfm >= target else 'no'} | {100 * closed:.0f} % | {bayes['count']} |"
         )
     return "\n".join(lines) + "\n"
-

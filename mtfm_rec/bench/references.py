@@ -84,7 +84,9 @@ class HistoryFeatures:
         hits = cum[end, category] - cum[start, category]
         return np.where(total > 0, hits / np.maximum(total, 1), 0.0)
 
-    def realtime_hit(self, user: np.ndarray, ts: np.ndarray, window_start: np.ndarray, category: np.ndarray) -> np.ndarray:
+    def realtime_hit(
+        self, user: np.ndarray, ts: np.ndarray, window_start: np.ndarray, category: np.ndarray
+    ) -> np.ndarray:
         """1 where a real-time action of ``category`` has ``window_start <= ts' < ts``."""
         r = self.realtime
         group = r["user"] * self.num_categories + r["category"]
@@ -92,13 +94,18 @@ class HistoryFeatures:
         q_group = user * self.num_categories + category
         n = len(user)
         keys, queries = _sort_keys(
-            group[order], r["ts"][order], np.concatenate([q_group, q_group]), np.concatenate([ts, window_start])
+            group[order],
+            r["ts"][order],
+            np.concatenate([q_group, q_group]),
+            np.concatenate([ts, window_start]),
         )
         below = np.searchsorted(keys, queries, side="left")  # actions strictly before each bound
         return (below[:n] > below[n:]).astype(np.float64)
 
 
-def _sort_keys(group: np.ndarray, ts: np.ndarray, q_group: np.ndarray, q_ts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _sort_keys(
+    group: np.ndarray, ts: np.ndarray, q_group: np.ndarray, q_ts: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
     """(group, ts) pairs of actions sorted by them and of queries as one comparable int64 each."""
     present = [a for a in (ts, q_ts) if a.size]
     t0 = min((int(a.min()) for a in present), default=0)
@@ -157,7 +164,9 @@ def _logits(ids: torch.Tensor, dense: torch.Tensor, w: Tuple[torch.Tensor, ...])
     return table[ids].sum(dim=1) + dense @ linear + bias
 
 
-def _lbfgs(ids: torch.Tensor, dense: torch.Tensor, y: torch.Tensor, num_ids: int, l2: float) -> Tuple[torch.Tensor, ...]:
+def _lbfgs(
+    ids: torch.Tensor, dense: torch.Tensor, y: torch.Tensor, num_ids: int, l2: float
+) -> Tuple[torch.Tensor, ...]:
     w = (
         torch.zeros(num_ids, dtype=torch.float64, requires_grad=True),
         torch.zeros(dense.shape[1], dtype=torch.float64, requires_grad=True),
@@ -205,7 +214,10 @@ def _reference_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
         split = np.where(ts >= eval_after, 2, np.where(ts >= valid_after, 1, 0))
         onehot, dense, num_ids = _design(exposures, scenario)
         hand_made = np.stack(
-            [history.history_share(user, window_start, category), history.realtime_hit(user, ts, window_start, category)],
+            [
+                history.history_share(user, window_start, category),
+                history.realtime_hit(user, ts, window_start, category),
+            ],
             axis=1,
         )
         test = split == 2
@@ -215,7 +227,9 @@ def _reference_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
             scores = {
                 "bayes": truth[f"p_{task}"].to_numpy()[test],
                 "lr_features": fit_logistic(onehot, dense, num_ids, labels, split),
-                "lr_history": fit_logistic(onehot, np.concatenate([dense, hand_made], axis=1), num_ids, labels, split),
+                "lr_history": fit_logistic(
+                    onehot, np.concatenate([dense, hand_made], axis=1), num_ids, labels, split
+                ),
             }
             for name, score in scores.items():
                 out[name][key] = compute_key_metrics(score, labels[test], user[test], key=key)
@@ -224,8 +238,10 @@ def _reference_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
 
 def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], columns: List[str]) -> str:
     keys = list(next(iter(metrics.values())))
-    lines = ["| scenario/task | " + " | ".join(f"{c} AUC" for c in columns) + " | test n |",
-             "|---" * (len(columns) + 2) + "|"]
+    lines = [
+        "| scenario/task | " + " | ".join(f"{c} AUC" for c in columns) + " | test n |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
     for key in keys:
         aucs = " | ".join(f"{metrics[c][key]['auc']:.4f}" for c in columns)
         lines.append(f"| {key} | {aucs} | {metrics[columns[0]][key]['count']} |")

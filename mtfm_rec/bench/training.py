@@ -33,14 +33,29 @@ def run_training_job(
 ) -> Dict[str, Any]:
     """Runs one training job; returns its fit summary, log series and test metrics."""
     base = [
-        "--config", config, f"data.raw={raw}", f"data.cache_dir={cache}", f"train.run_dir={run_dir}",
-        "train.resume=never", "train.progress_bar=false", "train.tensorboard=false", "train.plots=false",
+        "--config",
+        config,
+        f"data.raw={raw}",
+        f"data.cache_dir={cache}",
+        f"train.run_dir={run_dir}",
+        "train.resume=never",
+        "train.progress_bar=false",
+        "train.tensorboard=false",
+        "train.plots=false",
         "train.sharding.print_plan=false",
     ]
     if nproc == 1:
         cmd = [sys.executable, "-m", "mtfm_rec.train"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "mtfm_rec.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "mtfm_rec.train",
+        ]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // nproc)))
     env["PYTHONWARNINGS"] = "ignore"
@@ -78,26 +93,39 @@ def run(quick: bool) -> Dict[str, Any]:
         throughput = []
         for nproc in (1, 2):
             job = run_training_job(
-                raw, os.path.join(tmp, f"tput{nproc}"), nproc,
-                [f"train.max_steps={tput_steps}", "train.log_every=10", "train.eval_every=0", "train.eval_splits=[]",
-                 "data.loader.batch_size=32", "train.max_minutes=0"],
+                raw,
+                os.path.join(tmp, f"tput{nproc}"),
+                nproc,
+                [
+                    f"train.max_steps={tput_steps}",
+                    "train.log_every=10",
+                    "train.eval_every=0",
+                    "train.eval_splits=[]",
+                    "data.loader.batch_size=32",
+                    "train.max_minutes=0",
+                ],
                 cache,
             )
             s = job["summary"]
-            throughput.append({
-                "ranks": nproc,
-                "batch_per_rank": 32,
-                "samples_per_s": _steady(job["log"].get("perf/samples_per_s", [])),
-                "data_wait_share": _steady(job["log"].get("perf/data_wait_share", [])),
-                "model_gflops_per_s": _steady(job["log"].get("perf/model_gflops_per_s", [])),
-                "mfu": _steady(job["log"].get("perf/mfu", [])),
-                "peak_gflops": s.get("peak_gflops"),
-                "peak_host_rss_gb": s.get("peak_host_rss_gb"),
-                "peak_device_memory_gb": s.get("peak_device_memory_gb"),
-            })
+            throughput.append(
+                {
+                    "ranks": nproc,
+                    "batch_per_rank": 32,
+                    "samples_per_s": _steady(job["log"].get("perf/samples_per_s", [])),
+                    "data_wait_share": _steady(job["log"].get("perf/data_wait_share", [])),
+                    "model_gflops_per_s": _steady(job["log"].get("perf/model_gflops_per_s", [])),
+                    "mfu": _steady(job["log"].get("perf/mfu", [])),
+                    "peak_gflops": s.get("peak_gflops"),
+                    "peak_host_rss_gb": s.get("peak_host_rss_gb"),
+                    "peak_device_memory_gb": s.get("peak_device_memory_gb"),
+                }
+            )
             row = throughput[-1]
-            print(f"[bench.training] {nproc} rank(s): {row['samples_per_s']:.1f} samples/s, "
-                  f"{row['model_gflops_per_s']:.2f} model GFLOP/s, MFU {100 * row['mfu']:.2f} %", flush=True)
+            print(
+                f"[bench.training] {nproc} rank(s): {row['samples_per_s']:.1f} samples/s, "
+                f"{row['model_gflops_per_s']:.2f} model GFLOP/s, MFU {100 * row['mfu']:.2f} %",
+                flush=True,
+            )
         out["throughput"] = throughput
 
     return out

@@ -110,9 +110,7 @@ def user_partition(user_id: np.ndarray, num_partitions: int) -> np.ndarray:
     return (z % np.uint64(num_partitions)).astype(np.int64)
 
 
-def _count_before(
-    a_user: np.ndarray, a_ts: np.ndarray, q_user: np.ndarray, q_ts: np.ndarray
-) -> np.ndarray:
+def _count_before(a_user: np.ndarray, a_ts: np.ndarray, q_user: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
     """For actions sorted by (user, ts), how many are lexicographically < each (q_user, q_ts).
 
     A merge sort of actions and queries (queries before equal actions) followed by a running
@@ -125,9 +123,7 @@ def _count_before(
     if n == 0:
         return np.zeros(m, np.int64)
     is_action = np.concatenate([np.ones(n, np.int8), np.zeros(m, np.int8)])
-    order = np.lexsort(
-        (is_action, np.concatenate([a_ts, q_ts]), np.concatenate([a_user, q_user]))
-    )
+    order = np.lexsort((is_action, np.concatenate([a_ts, q_ts]), np.concatenate([a_user, q_user])))
     sorted_action = is_action[order].astype(np.int64)
     before = np.cumsum(sorted_action) - sorted_action
     out = np.empty(n + m, np.int64)
@@ -143,9 +139,7 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(
-        pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type)
-    )
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
 
 
 # -------------------------------------------------------------------- stats
@@ -221,8 +215,7 @@ class AggregationStats:
         lines += [f"actions[{k}]: {v}" for k, v in self.actions_per_sequence.items()]
         lines.append(f"bad rows:           {self.bad_rows}")
         lines += [
-            f"  {d['file']}: column {d['column']!r}: {d['rule']}: {d['rows']}"
-            for d in self.bad_rows_detail
+            f"  {d['file']}: column {d['column']!r}: {d['rule']}: {d['rows']}" for d in self.bad_rows_detail
         ]
         lines.append(
             f"shards: {self.num_shards}, {self.seconds:.1f} s "
@@ -389,7 +382,9 @@ def build_partition(task: _Task) -> Dict[str, Any]:
             lo = np.searchsorted(a_user, s_user, side="left")
         else:
             both = _count_before(
-                a_user, a_ts, np.concatenate([s_user, s_user]),
+                a_user,
+                a_ts,
+                np.concatenate([s_user, s_user]),
                 np.concatenate([s_start - task.lookback_ticks, s_end]),
             )
             lo, end = both[:n_samples], both[n_samples:]
@@ -415,9 +410,7 @@ def build_partition(task: _Task) -> Dict[str, Any]:
     }
 
 
-def _check_window_sizes(
-    new: np.ndarray, users: np.ndarray, starts: np.ndarray, w: int, limit: int
-) -> None:
+def _check_window_sizes(new: np.ndarray, users: np.ndarray, starts: np.ndarray, w: int, limit: int) -> None:
     """Raises AggregationError when a user-window (runs starting at ``new``) exceeds ``limit``."""
     first = np.flatnonzero(new)
     sizes = np.diff(np.append(first, len(new)))
@@ -538,7 +531,10 @@ def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[_
     os.makedirs(shard_dir)
     tps = schema.ticks_per_second
     chunk = config.max_exposures_per_sample
-    window_ticks, lookback_ticks = config.window_seconds * tps, realtime_lookback_seconds(config, schema) * tps
+    window_ticks, lookback_ticks = (
+        config.window_seconds * tps,
+        realtime_lookback_seconds(config, schema) * tps,
+    )
     if window_ticks + lookback_ticks > TS_MAX:
         raise AggregationError(
             f"window_seconds={config.window_seconds} plus the real-time lookback of {lookback_ticks // tps} s is "
@@ -602,8 +598,11 @@ def _output_location(raw: str, out: str) -> Tuple[fsspec.AbstractFileSystem, str
     out_fs, out_path = _resolve(out)
     if type(raw_fs) is type(out_fs) and (_within(out_path, raw_path) or _within(raw_path, out_path)):
         how = (
-            "the same directory as" if out_path == raw_path
-            else "inside" if _within(out_path, raw_path) else "a parent of"
+            "the same directory as"
+            if out_path == raw_path
+            else "inside"
+            if _within(out_path, raw_path)
+            else "a parent of"
         )
         raise AggregationError(
             f"output directory {out} (--out) is {how} the raw dataset {raw} (--raw): writing "
@@ -753,9 +752,7 @@ def main(argv: Optional[Sequence[str]] = None) -> AggregationStats:
     )
     parser.add_argument("--raw", required=True, help="raw dataset root (path or fsspec URL)")
     parser.add_argument("--out", required=True, help="output dataset directory")
-    parser.add_argument(
-        "overrides", nargs="*", help="AggregationConfig fields, e.g. window_seconds=3600"
-    )
+    parser.add_argument("overrides", nargs="*", help="AggregationConfig fields, e.g. window_seconds=3600")
     args = parser.parse_args(argv)
     config = from_dict(AggregationConfig, apply_overrides({}, args.overrides), "aggregation")
     stats = aggregate(args.raw, args.out, config)

@@ -255,9 +255,8 @@ def collate(
         else torch.zeros(0, dtype=torch.int32),
     )
     target_offsets = np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64)
-    target_rows = (
-        np.repeat(token_offsets[:-1] + n_hist + n_real, n_targets)
-        + _rank_within_sample(_sample_of(n_targets), n_targets)
+    target_rows = np.repeat(token_offsets[:-1] + n_hist + n_real, n_targets) + _rank_within_sample(
+        _sample_of(n_targets), n_targets
     )
     return Batch(
         sparse_features=sparse,

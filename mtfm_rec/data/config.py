@@ -42,7 +42,13 @@ class AggregationConfig:
         Raises:
             ValueError: (a ``ConfigError`` when built by ``mtfm_rec.config.from_dict``).
         """
-        for key in ("window_seconds", "num_partitions", "num_workers", "read_batch_rows", "output_row_group_size"):
+        for key in (
+            "window_seconds",
+            "num_partitions",
+            "num_workers",
+            "read_batch_rows",
+            "output_row_group_size",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"aggregation.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_exposures_per_sample is not None and self.max_exposures_per_sample < 1:
@@ -50,7 +56,9 @@ class AggregationConfig:
                 f"aggregation.max_exposures_per_sample must be >= 1 (or unset), got {self.max_exposures_per_sample}"
             )
         if self.realtime_lookback_seconds is not None and self.realtime_lookback_seconds < 0:
-            raise ValueError(f"aggregation.realtime_lookback_seconds must be >= 0, got {self.realtime_lookback_seconds}")
+            raise ValueError(
+                f"aggregation.realtime_lookback_seconds must be >= 0, got {self.realtime_lookback_seconds}"
+            )
         for key in ("window_seconds", "realtime_lookback_seconds"):
             value = getattr(self, key)
             if value is not None and value > MAX_DURATION_SECONDS:
@@ -58,7 +66,9 @@ class AggregationConfig:
                     f"aggregation.{key} must be at most 2**31 s (68 years; window arithmetic stays in int64), got {value}"
                 )
         if self.start_method not in START_METHODS:
-            raise ValueError(f"aggregation.start_method must be one of {START_METHODS}, got {self.start_method!r}")
+            raise ValueError(
+                f"aggregation.start_method must be one of {START_METHODS}, got {self.start_method!r}"
+            )
 
 
 @dataclass

@@ -188,8 +188,7 @@ def _list_units(
 def _unreadable(path: str, row_group: int, exc: Exception) -> LoaderError:
     """The error for a shard that fails to open or read (pyarrow's own names no file)."""
     return LoaderError(
-        f"{path} row group {row_group}: unreadable ({type(exc).__name__}: {exc}); "
-        "re-run the aggregation"
+        f"{path} row group {row_group}: unreadable ({type(exc).__name__}: {exc}); re-run the aggregation"
     )
 
 
@@ -371,17 +370,14 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
             counts = [n for _, _, n in raw_units]
         else:
             key = hashlib.sha256(
-                json.dumps([fingerprint, split, eval_after, valid_after, self.schema.to_dict()])
-                .encode()
+                json.dumps([fingerprint, split, eval_after, valid_after, self.schema.to_dict()]).encode()
             ).hexdigest()
             counts = _cached_counts(
                 index_cache_dir,
                 key,
                 lambda: _prescan(fs, raw_units, self.schema, split, eval_after, valid_after),
             )
-        self.units: List[Unit] = [
-            Unit(p, rg, n, c) for (p, rg, n), c in zip(raw_units, counts)
-        ]
+        self.units: List[Unit] = [Unit(p, rg, n, c) for (p, rg, n), c in zip(raw_units, counts)]
         self.num_samples = sum(u.count for u in self.units)  # T: samples of the split
 
     # ---------------------------------------------------------------- sizes
@@ -407,9 +403,7 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.units))
         return order[[self.units[i].count > 0 for i in order]]
 
-    def stream_plan(
-        self, epoch: int, stream: int, num_streams: int
-    ) -> Tuple[np.ndarray, np.ndarray]:
+    def stream_plan(self, epoch: int, stream: int, num_streams: int) -> Tuple[np.ndarray, np.ndarray]:
         """The samples of one worker stream, before shuffling.
 
         Returns:
@@ -518,9 +512,7 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         inverse = np.empty(len(order), np.int64)
         inverse[order] = np.arange(len(order))
         table = grouped.take(pa.array(inverse))  # back to the shuffled order
-        _, exposure_keep = split_masks(
-            table, self.schema, self.split, self.eval_after, self.valid_after
-        )
+        _, exposure_keep = split_masks(table, self.schema, self.split, self.eval_after, self.valid_after)
         batch = collate(table, self.schema, exposure_keep)
         if pad.any():
             pad_rows = torch.from_numpy(pad)
@@ -710,16 +702,13 @@ class ResumableLoader:
         if self.batches_in_epoch < n:
             self.dataset.epoch = self.epoch
             self.dataset.start_batch = self.batches_in_epoch
-            loader = build_dataloader(
-                self.dataset, self.num_workers, self.prefetch_factor, self.pin_memory
-            )
+            loader = build_dataloader(self.dataset, self.num_workers, self.prefetch_factor, self.pin_memory)
             for batch in loader:
                 self.batches_in_epoch += 1  # counted before the consumer sees it
                 yield batch
             if self.batches_in_epoch != n:
                 raise RuntimeError(
-                    f"loader yielded {self.batches_in_epoch} batches in epoch {self.epoch}, "
-                    f"expected {n}"
+                    f"loader yielded {self.batches_in_epoch} batches in epoch {self.epoch}, expected {n}"
                 )
         self.epoch, self.batches_in_epoch = self.epoch + 1, 0
 
@@ -767,9 +756,7 @@ class ResumableLoader:
         the same fraction of it (global samples consumed), which is approximate, not exact.
         """
         if state.get("version") != STATE_VERSION:
-            raise LoaderError(
-                f"loader state version {state.get('version')}, expected {STATE_VERSION}"
-            )
+            raise LoaderError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
         mine = self._identity_fields()
         resharded = state.get("resharded_from")
         if resharded is not None:

@@ -102,8 +102,7 @@ class BadRows:
 
     def to_list(self) -> List[Dict[str, object]]:
         return [
-            {"file": p, "column": c, "rule": r, "rows": n}
-            for (p, c, r), n in sorted(self.counts.items())
+            {"file": p, "column": c, "rule": r, "rows": n} for (p, c, r), n in sorted(self.counts.items())
         ]
 
     def report(self) -> str:
@@ -365,9 +364,7 @@ class RawDataset:
                 if out.num_rows:
                     yield self._display(path), out
 
-    def _keys(
-        self, path: str, batch: pa.RecordBatch, row0: int
-    ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    def _keys(self, path: str, batch: pa.RecordBatch, row0: int) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
         keep = np.ones(batch.num_rows, dtype=bool)
         cols: Dict[str, np.ndarray] = {}
         for column in (USER_ID, TS):
@@ -407,8 +404,13 @@ class RawDataset:
         return _record_batch(cols, keep)
 
     def _labels(
-        self, path: str, scenario: ScenarioSpec, batch: pa.RecordBatch, row0: int,
-        keep: np.ndarray, cols: Dict[str, np.ndarray],
+        self,
+        path: str,
+        scenario: ScenarioSpec,
+        batch: pa.RecordBatch,
+        row0: int,
+        keep: np.ndarray,
+        cols: Dict[str, np.ndarray],
     ) -> None:
         """``label/<task>`` columns (null -> -1): each 0/1, and in funnel order (tasks as listed
         in dataset.yaml) a 1 needs no earlier 0; a null earlier label is unknown, not a 0."""

@@ -151,9 +151,7 @@ class DatasetSchema:
     @property
     def token_groups(self) -> List[str]:
         """Names of the Group LayerNorm groups, index = group id."""
-        return [f"seq/{s.name}" for s in self.ordered_sequences] + [
-            f"exp/{s.name}" for s in self.scenarios
-        ]
+        return [f"seq/{s.name}" for s in self.ordered_sequences] + [f"exp/{s.name}" for s in self.scenarios]
 
     def sequence_group(self, name: str) -> int:
         return [s.name for s in self.ordered_sequences].index(name)
@@ -363,7 +361,11 @@ class _Checker:
         return SchemaError(f"{self.source}: {where}: {rule}")
 
     def keys(
-        self, where: str, raw: Mapping[Any, Any], allowed: Sequence[str], required: Sequence[str] = (),
+        self,
+        where: str,
+        raw: Mapping[Any, Any],
+        allowed: Sequence[str],
+        required: Sequence[str] = (),
         extension: bool = False,
     ) -> None:
         """Refuses a non-string or unknown key (naming the nearest valid one) and a missing one."""
@@ -397,7 +399,9 @@ class _Checker:
     def integer(self, where: str, value: Any, minimum: Optional[int] = None) -> int:
         ok = isinstance(value, int) and not isinstance(value, bool)  # YAML true is no int
         if not ok or (minimum is not None and value < minimum):
-            want = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+            want = {None: "an int", 0: "a non-negative int", 1: "a positive int"}.get(
+                minimum, f"an int >= {minimum}"
+            )
             raise self.fail(where, f"must be {want}, {_got(value)}")
         return value
 
@@ -430,8 +434,13 @@ class _Checker:
             ok = isinstance(size, int) and not isinstance(size, bool) and size >= 1
             if not ok:
                 raise self.fail(f"{where}.{column}", f"vocabulary size must be a positive int, {_got(size)}")
-            self.at_most(f"{where}.{column}", size, MAX_VOCABULARY_SIZE, "2**63 - 2 (ids and table rows are int64)",
-                         "vocabulary size ")
+            self.at_most(
+                f"{where}.{column}",
+                size,
+                MAX_VOCABULARY_SIZE,
+                "2**63 - 2 (ids and table rows are int64)",
+                "vocabulary size ",
+            )
             out[column] = size
         return out
 
@@ -516,7 +525,9 @@ def _shared_embeddings(check: _Checker, value: Any, schema: DatasetSchema) -> Di
         check.name("shared_embeddings", table)
         where = f"shared_embeddings.{table}"
         if not isinstance(keys, list) or len(keys) < 2:
-            raise check.fail(where, "must list at least two feature keys (seq/<q>/<f> or exp/<s>/<group>/<f>)")
+            raise check.fail(
+                where, "must list at least two feature keys (seq/<q>/<f> or exp/<s>/<group>/<f>)"
+            )
         for key in keys:
             if not isinstance(key, str) or key not in sizes:
                 raise check.fail(where, f"{key!r} is not a declared feature key; known: {sorted(sizes)}")
@@ -524,7 +535,9 @@ def _shared_embeddings(check: _Checker, value: Any, schema: DatasetSchema) -> Di
                 raise check.fail(where, f"{key!r} is already shared in table {seen[key]!r}")
             seen[key] = table
         if len({sizes[k] for k in keys}) > 1:
-            raise check.fail(where, f"keys of one table need one vocabulary size, got {[sizes[k] - 1 for k in keys]}")
+            raise check.fail(
+                where, f"keys of one table need one vocabulary size, got {[sizes[k] - 1 for k in keys]}"
+            )
         out[table] = list(keys)
     return out
 
@@ -587,4 +600,3 @@ def fold_ids(values: np.ndarray, size: int, null_mask: np.ndarray | None = None)
     if null_mask is not None and null_mask.any():
         out = np.where(null_mask, size, out)
     return out
-

@@ -441,7 +441,9 @@ def read_truth(root: str, scenario: str) -> pa.Table:
     try:
         return read_parquet_folder(root, f"{TRUTH_DIR}/{scenario}")
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc}; only datasets written by mtfm_rec.data.synthetic carry the truth") from None
+        raise FileNotFoundError(
+            f"{exc}; only datasets written by mtfm_rec.data.synthetic carry the truth"
+        ) from None
 
 
 def _concat(parts: List[tuple]) -> tuple:

@@ -164,46 +164,88 @@ class _HSTULayer(nn.Module):
         return k.reshape(shape), v.reshape(shape)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout, target: bool, backend: str
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layout: AttentionLayout,
+        target: bool,
+        backend: str,
     ) -> torch.Tensor:
         if target:
             q_offsets, q_ts, q_self, max_q = (
-                layout.target_offsets, layout.target_ts, layout.target_rows, layout.max_targets,
+                layout.target_offsets,
+                layout.target_ts,
+                layout.target_rows,
+                layout.max_targets,
             )
             q_pad, q_prefix, q_self_local = (
-                layout.target_pad_index, layout.target_prefix, layout.target_self_local,
+                layout.target_pad_index,
+                layout.target_prefix,
+                layout.target_self_local,
             )
         else:
             q_offsets, q_ts, q_self, max_q = (
-                layout.token_offsets, layout.token_ts, layout.full_self, layout.max_tokens,
+                layout.token_offsets,
+                layout.token_ts,
+                layout.full_self,
+                layout.max_tokens,
             )
             q_pad, q_prefix, q_self_local = (
-                layout.token_pad_index, layout.full_prefix, layout.full_self_local,
+                layout.token_pad_index,
+                layout.full_prefix,
+                layout.full_self_local,
             )
         if backend == CPP_BACKEND:
             from mtfm_rec.kernels.hstu_attention.cpu import hstu_attention_cpu
 
-            out = hstu_attention_cpu(q, k, v, q_offsets, layout.token_offsets, q_prefix, q_self_local, self.alpha)
+            out = hstu_attention_cpu(
+                q, k, v, q_offsets, layout.token_offsets, q_prefix, q_self_local, self.alpha
+            )
         elif backend == PREFIX_BACKEND:
             out = prefix_hstu_attention(
-                q, k, v, q_pad, layout.token_pad_index, q_prefix, q_self_local,
-                layout.batch_size, max_q, layout.max_tokens, self.alpha,
+                q,
+                k,
+                v,
+                q_pad,
+                layout.token_pad_index,
+                q_prefix,
+                q_self_local,
+                layout.batch_size,
+                max_q,
+                layout.max_tokens,
+                self.alpha,
             )
         else:
             out = hstu_attention(
-                q, k, v, q_offsets, layout.token_offsets, q_ts, q_self, layout.token_kind,
-                layout.token_ts, max_q, layout.max_tokens, self.alpha, backend,
+                q,
+                k,
+                v,
+                q_offsets,
+                layout.token_offsets,
+                q_ts,
+                q_self,
+                layout.token_kind,
+                layout.token_ts,
+                max_q,
+                layout.max_tokens,
+                self.alpha,
+                backend,
             )
         return out.reshape(out.shape[0], -1)
 
     def _output(
         self, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor, group: torch.Tensor, backend: str
     ) -> torch.Tensor:
-        a = group_layer_norm(a, group, self.out_norm_weight, self.out_norm_bias, self.eps, norm_backend(backend))
+        a = group_layer_norm(
+            a, group, self.out_norm_weight, self.out_norm_bias, self.eps, norm_backend(backend)
+        )
         return x + self.dropout(self.f2(a * u))
 
     def _norm_in(self, x: torch.Tensor, group: torch.Tensor, backend: str) -> torch.Tensor:
-        return group_layer_norm(x, group, self.in_norm_weight, self.in_norm_bias, self.eps, norm_backend(backend))
+        return group_layer_norm(
+            x, group, self.in_norm_weight, self.in_norm_bias, self.eps, norm_backend(backend)
+        )
 
 
 class FullAttentionLayer(_HSTULayer):

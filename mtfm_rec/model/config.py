@@ -28,7 +28,9 @@ class ModelConfig:
     num_heads: int = 4  # H query heads
     num_kv_heads: int = 1  # G key-value heads (GQA); H % G == 0
     head_dim: int = 0  # per-head dim of Q/K/V/U; 0 -> d_model // num_heads
-    attention_backend: str = "auto"  # auto (Triton on CUDA, cpp on CPU) | cpp | reference | triton | blocksparse | prefix
+    attention_backend: str = (
+        "auto"  # auto (Triton on CUDA, cpp on CPU) | cpp | reference | triton | blocksparse | prefix
+    )
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64
@@ -49,9 +51,7 @@ class ModelConfig:
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average={self.loss_average!r} unknown; choose one of {LOSS_AVERAGES}")
         if self.num_heads < 1 or self.num_kv_heads < 1:
-            raise ValueError(
-                f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1"
-            )
+            raise ValueError(f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be divisible by num_kv_heads={self.num_kv_heads} "

@@ -37,7 +37,12 @@ def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:
             "sequences": [
                 {"name": "orders", "kind": "history", "max_len": 64, "features": {"item": vocab, "cat": 9}},
                 {"name": "views", "kind": "history", "max_len": 64, "features": {"item": vocab}},
-                {"name": "clicks_rt", "kind": "realtime", "max_len": 64, "features": {"item": vocab, "cat": 9}},
+                {
+                    "name": "clicks_rt",
+                    "kind": "realtime",
+                    "max_len": 64,
+                    "features": {"item": vocab, "cat": 9},
+                },
             ],
             "scenarios": scenarios,
         }
@@ -96,7 +101,9 @@ def random_table(
             per.setdefault(fmt.exp_request_id(s.name), []).append([-1] * n)
             per.setdefault(fmt.exp_split(s.name), []).append([-1] * n)
             for g, c, size in s.categorical():
-                per.setdefault(fmt.exp_feature(s.name, g, c), []).append(rng.integers(0, size + 1, size=n).tolist())
+                per.setdefault(fmt.exp_feature(s.name, g, c), []).append(
+                    rng.integers(0, size + 1, size=n).tolist()
+                )
             for c in s.dense_features:
                 per.setdefault(fmt.exp_dense(s.name, c), []).append(rng.exponential(10.0, size=n).tolist())
             funnel = np.cumprod(rng.random((n, len(s.tasks))) < 0.5, axis=1).astype(np.int64)
@@ -149,8 +156,10 @@ def fixed_size_batch(
     per = [targets // n_sc + (1 if i < targets % n_sc else 0) for i in range(n_sc)]
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
     for q in schema.sequences:
-        n = history // max(1, len(schema.history_sequences)) if q.is_history else realtime // max(
-            1, len(schema.realtime_sequences)
+        n = (
+            history // max(1, len(schema.history_sequences))
+            if q.is_history
+            else realtime // max(1, len(schema.realtime_sequences))
         )
         lo, hi = (0, 1000) if q.is_history else (500, 2000)
         cols[fmt.seq_ts(q.name)] = [sorted(rng.integers(lo, hi, n).tolist()) for _ in range(batch_size)]
@@ -161,13 +170,23 @@ def fixed_size_batch(
         cols[fmt.exp_request_id(s.name)] = [[-1] * n] * batch_size
         cols[fmt.exp_split(s.name)] = [[-1] * n] * batch_size
         for g, c, size in s.categorical():
-            cols[fmt.exp_feature(s.name, g, c)] = [rng.integers(0, size, n).tolist() for _ in range(batch_size)]
+            cols[fmt.exp_feature(s.name, g, c)] = [
+                rng.integers(0, size, n).tolist() for _ in range(batch_size)
+            ]
         for c in s.dense_features:
             cols[fmt.exp_dense(s.name, c)] = [rng.random(n).tolist() for _ in range(batch_size)]
         for t in s.tasks:
             cols[fmt.exp_label(s.name, t)] = [rng.integers(0, 2, n).tolist() for _ in range(batch_size)]
     arrow = fmt.arrow_schema(schema)
-    return collate(pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in arrow}, schema=arrow), schema)
+    return collate(
+        pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in arrow}, schema=arrow), schema
+    )
 
 
-__all__: Sequence[str] = ["demo_schema", "random_table", "random_batch", "long_history_schema", "fixed_size_batch"]
+__all__: Sequence[str] = [
+    "demo_schema",
+    "random_table",
+    "random_batch",
+    "long_history_schema",
+    "fixed_size_batch",
+]

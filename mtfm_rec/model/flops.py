@@ -138,8 +138,15 @@ def visible_pairs(batch: Batch, use_sequences: bool = True) -> Tuple[int, int]:
         return t, t
     pad = jagged_to_padded_index(batch.token_offsets, n, batch.max_tokens)
     prefix = visible_prefix(
-        batch.token_offsets, batch.token_kind, batch.token_ts, batch.token_ts, batch.token_offsets,
-        batch.max_tokens, batch.max_tokens, pad, pad,
+        batch.token_offsets,
+        batch.token_kind,
+        batch.token_ts,
+        batch.token_ts,
+        batch.token_offsets,
+        batch.max_tokens,
+        batch.max_tokens,
+        pad,
+        pad,
     )
     return int(prefix.sum()) + t, int(prefix[batch.target_rows].sum()) + t
 

@@ -74,8 +74,8 @@ class _Towers(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(num_tasks, hidden))
         self.w2 = nn.Parameter(torch.empty(num_tasks, hidden))
         self.b2 = nn.Parameter(torch.zeros(num_tasks))
-        nn.init.uniform_(self.w1, -in_dim**-0.5, in_dim**-0.5)
-        nn.init.uniform_(self.w2, -hidden**-0.5, hidden**-0.5)
+        nn.init.uniform_(self.w1, -(in_dim**-0.5), in_dim**-0.5)
+        nn.init.uniform_(self.w2, -(hidden**-0.5), hidden**-0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[n, num_tasks, in_dim]`` -> logits ``[n, num_tasks]``."""

@@ -127,12 +127,26 @@ def build_layout(batch: Batch) -> AttentionLayout:
     target_pad = jagged_to_padded_index(batch.target_offsets, t, batch.max_targets)
     target_ts = batch.token_ts[batch.target_rows]
     full_prefix = visible_prefix(
-        offsets, batch.token_kind, batch.token_ts, batch.token_ts, offsets,
-        batch.max_tokens, batch.max_tokens, token_pad, token_pad,
+        offsets,
+        batch.token_kind,
+        batch.token_ts,
+        batch.token_ts,
+        offsets,
+        batch.max_tokens,
+        batch.max_tokens,
+        token_pad,
+        token_pad,
     )
     target_prefix = visible_prefix(
-        offsets, batch.token_kind, batch.token_ts, target_ts, batch.target_offsets,
-        batch.max_tokens, batch.max_targets, token_pad, target_pad,
+        offsets,
+        batch.token_kind,
+        batch.token_ts,
+        target_ts,
+        batch.target_offsets,
+        batch.max_tokens,
+        batch.max_targets,
+        token_pad,
+        target_pad,
     )
     return AttentionLayout(
         token_offsets=offsets,

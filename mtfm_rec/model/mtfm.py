@@ -67,7 +67,12 @@ class MTFMDense(nn.Module):
         for name, z in raw.items():
             log_p[name], log_q[name] = funnel_log_probs(z.float(), self.config.conditional_towers)
         loss, parts = multi_task_loss(
-            log_p, log_q, batch.labels, batch.label_mask, self.task_names, self.task_weights(),
+            log_p,
+            log_q,
+            batch.labels,
+            batch.label_mask,
+            self.task_names,
+            self.task_weights(),
             self.config.loss_average,
         )
         out: Dict[str, torch.Tensor] = {}

@@ -359,7 +359,8 @@ def _own_dcp_files(directory: str, rank: int) -> List[str]:
 def _manifest_files(directory: str) -> List[str]:
     """Every file of a checkpoint directory but the manifest itself."""
     return sorted(
-        n for n in os.listdir(directory)
+        n
+        for n in os.listdir(directory)
         if not n.startswith(COMPLETE) and os.path.isfile(os.path.join(directory, n))
     )
 
@@ -441,7 +442,9 @@ def verify_checkpoint(path: str, process_group: Optional[dist.ProcessGroup] = No
             mine.append(f"{COMPLETE}: the manifest is of step {manifest.get('step')}, not {name.group(1)}")
     problems = sorted({p for part in _all_gather(mine, process_group) for p in part})
     if legacy and not problems and rank == 0:
-        logger.warning("%s has no manifest (written before checkpoints were checksummed): loading it unverified", path)
+        logger.warning(
+            "%s has no manifest (written before checkpoints were checksummed): loading it unverified", path
+        )
     return problems
 
 
@@ -589,7 +592,9 @@ def save_checkpoint(
         state["optim"] = _optim_state(model, optimizer)
     try:
         dcp.save(
-            state, storage_writer=dcp.FileSystemWriter(tmp), process_group=process_group,
+            state,
+            storage_writer=dcp.FileSystemWriter(tmp),
+            process_group=process_group,
             no_dist=_dcp_no_dist(process_group),
         )
     except (Exception, CheckpointException) as exc:  # DCP raises on every rank alike
@@ -602,9 +607,7 @@ def save_checkpoint(
         hashed["files"] = _digest_files(tmp, _own_dcp_files(tmp, rank))
     except OSError as exc:
         hashed["error"] = exc
-    gathered = _gather_to_rank0(
-        {"rank_state": rank_state, "rng": get_rng_state(), **hashed}, process_group
-    )
+    gathered = _gather_to_rank0({"rank_state": rank_state, "rng": get_rng_state(), **hashed}, process_group)
 
     def finish() -> None:
         assert gathered is not None
@@ -617,7 +620,12 @@ def save_checkpoint(
 
 
 def _finish_save(
-    root: str, step: int, final: str, tmp: str, gathered: List[Dict[str, Any]], has_optimizer: bool,
+    root: str,
+    step: int,
+    final: str,
+    tmp: str,
+    gathered: List[Dict[str, Any]],
+    has_optimizer: bool,
     metadata: Optional[Dict[str, Any]],
 ) -> None:
     """Rank 0's part of a save: side files, manifest, rename, ``COMPLETE``; on any failure the
@@ -628,14 +636,22 @@ def _finish_save(
             if part["error"] is not None:
                 raise part["error"]
         world = len(gathered)
-        _write_json(os.path.join(tmp, "ranks.json"), {"world_size": world, "states": [g["rank_state"] for g in gathered]})
+        _write_json(
+            os.path.join(tmp, "ranks.json"),
+            {"world_size": world, "states": [g["rank_state"] for g in gathered]},
+        )
         buffer = io.BytesIO()
         torch.save([g["rng"] for g in gathered], buffer)
         _write_bytes(os.path.join(tmp, "rng.pt"), buffer.getvalue())
         _write_json(
             os.path.join(tmp, "meta.json"),
-            {"format_version": FORMAT_VERSION, "step": int(step), "world_size": world,
-             "has_optimizer": has_optimizer, "metadata": metadata or {}},
+            {
+                "format_version": FORMAT_VERSION,
+                "step": int(step),
+                "world_size": world,
+                "has_optimizer": has_optimizer,
+                "metadata": metadata or {},
+            },
         )
         files: Dict[str, Any] = {}
         for part in gathered:
@@ -700,12 +716,16 @@ def _write_error(final: str, root: str, exc: BaseException, what: str = "checkpo
     else:
         reason, hint = f"{type(cause).__name__}: {cause}", ""
     return CheckpointWriteError(
-        f"{what} {final} was not written: {reason}. Its partial files were removed and {kept}.{hint}", final, code
+        f"{what} {final} was not written: {reason}. Its partial files were removed and {kept}.{hint}",
+        final,
+        code,
     )
 
 
 def _on_rank0(
-    fn: Callable[[], None], pg: Optional[dist.ProcessGroup], error: Callable[[BaseException], CheckpointWriteError]
+    fn: Callable[[], None],
+    pg: Optional[dist.ProcessGroup],
+    error: Callable[[BaseException], CheckpointWriteError],
 ) -> None:
     """Runs ``fn`` on rank 0; if it fails, every rank raises the same :class:`CheckpointWriteError`
     (rather than rank 0 alone, with the others left waiting in the next collective)."""
@@ -811,7 +831,9 @@ def load_checkpoint(
                 _init_keyed_optimizer_state(optimizer)
             state["optim"] = _optim_state(model, optimizer)
         dcp.load(
-            state, storage_reader=dcp.FileSystemReader(path), process_group=process_group,
+            state,
+            storage_reader=dcp.FileSystemReader(path),
+            process_group=process_group,
             no_dist=_dcp_no_dist(process_group),
         )
         if _is_dmp(model):
@@ -862,7 +884,9 @@ class CheckpointManager:
         mode: ``"max"`` (AUC) or ``"min"`` (logloss).
     """
 
-    def __init__(self, root: str, keep_last: int = 3, best_metric: Optional[str] = None, mode: str = "max") -> None:
+    def __init__(
+        self, root: str, keep_last: int = 3, best_metric: Optional[str] = None, mode: str = "max"
+    ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.root, self.keep_last, self.best_metric, self.mode = root, keep_last, best_metric, mode
@@ -906,8 +930,11 @@ class CheckpointManager:
         if path is not None:
             step = int(read_checkpoint_info(path)["step"])
             best_file = os.path.join(self.root, "BEST")
-            _on_rank0(lambda: self._rewind_best(step), process_group,
-                      lambda e: _write_error(best_file, self.root, e, "the record"))
+            _on_rank0(
+                lambda: self._rewind_best(step),
+                process_group,
+                lambda e: _write_error(best_file, self.root, e, "the record"),
+            )
         return path
 
     def _rewind_best(self, step: int) -> None:
@@ -924,18 +951,29 @@ class CheckpointManager:
         best: Optional[Dict[str, Any]] = None
         for saved, ckpt in list_checkpoints(self.root):
             try:
-                metric = read_checkpoint_info(ckpt).get("metadata", {}).get("metric") if saved <= step else None
+                metric = (
+                    read_checkpoint_info(ckpt).get("metadata", {}).get("metric") if saved <= step else None
+                )
             except (OSError, ValueError):  # unverified older checkpoint: not a candidate
                 metric = None
             if metric and metric.get("value") is not None and self._better(metric["value"], best):
-                best = {"name": os.path.basename(ckpt), "step": saved, "metric": self.best_metric,
-                        "value": metric["value"]}
+                best = {
+                    "name": os.path.basename(ckpt),
+                    "step": saved,
+                    "metric": self.best_metric,
+                    "value": metric["value"],
+                }
         if best is None:
             os.remove(path)
         else:
             _write_json(path, best)
-        logger.warning("%s: step %s is after the resumed step %d; best is now %s", path, record.get("step"), step,
-                       f"step {best['step']}" if best else "none")
+        logger.warning(
+            "%s: step %s is after the resumed step %d; best is now %s",
+            path,
+            record.get("step"),
+            step,
+            f"step {best['step']}" if best else "none",
+        )
 
     def _better(self, value: float, old: Optional[Dict[str, Any]]) -> bool:
         if not math.isfinite(value):  # a NaN/inf score is never the best, whoever calls
@@ -961,15 +999,24 @@ class CheckpointManager:
         if metric_value is not None:
             meta["metric"] = {"name": self.best_metric, "value": metric_value}
         path = save_checkpoint(
-            self.root, step, model, optimizer,
-            rank_state=rank_state, metadata=meta, process_group=process_group,
+            self.root,
+            step,
+            model,
+            optimizer,
+            rank_state=rank_state,
+            metadata=meta,
+            process_group=process_group,
         )
 
         def record_best_and_prune() -> None:
             nonlocal best
             if metric_value is not None and self._better(metric_value, best):
-                best = {"name": os.path.basename(path), "step": step, "metric": self.best_metric,
-                        "value": metric_value}
+                best = {
+                    "name": os.path.basename(path),
+                    "step": step,
+                    "metric": self.best_metric,
+                    "value": metric_value,
+                }
                 _write_json(os.path.join(self.root, "BEST"), best)
                 best["path"] = path
             if self.keep_last > 0:
@@ -977,5 +1024,9 @@ class CheckpointManager:
 
         # The checkpoint itself is complete here; BEST (written atomically) may not be.
         best_file = os.path.join(self.root, "BEST")
-        _on_rank0(record_best_and_prune, process_group, lambda e: _write_error(best_file, self.root, e, "the record"))
+        _on_rank0(
+            record_best_and_prune,
+            process_group,
+            lambda e: _write_error(best_file, self.root, e, "the record"),
+        )
         return path

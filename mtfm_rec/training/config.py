@@ -90,7 +90,9 @@ class TrainConfig:
         if self.device not in DEVICES:  # anything else would silently train on the CPU
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.early_stopping_metric not in ("auc", "gauc", "logloss"):
-            raise ValueError(f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}")
+            raise ValueError(
+                f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}"
+            )
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.lr_warmup_steps < 0 or not 0.0 <= self.lr_min_ratio <= 1.0:
@@ -100,7 +102,9 @@ class TrainConfig:
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
         if not (self.peak_gflops >= 0 and math.isfinite(self.peak_gflops)):
-            raise ValueError(f"peak_gflops must be a finite number >= 0 (0 = measured at start), got {self.peak_gflops!r}")
+            raise ValueError(
+                f"peak_gflops must be a finite number >= 0 (0 = measured at start), got {self.peak_gflops!r}"
+            )
         unknown = [s for s in self.eval_splits if s not in EVAL_SPLITS]
         if unknown:
             raise ValueError(f"eval_splits: {unknown} not among the splits {list(EVAL_SPLITS)}")

@@ -87,7 +87,12 @@ class RunLogger:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-            logger.warning("%s: dropped %d rows of steps after %d (or cut short) left by an earlier run", path, dropped, step)
+            logger.warning(
+                "%s: dropped %d rows of steps after %d (or cut short) left by an earlier run",
+                path,
+                dropped,
+                step,
+            )
         self._open_csv()
         if self._tb is not None:  # already writing: the purge needs a new writer
             self._tb.close()

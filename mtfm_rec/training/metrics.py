@@ -257,8 +257,11 @@ def metrics_from_arrays(
     problem = non_finite_report(rows, keys)
     if problem is not None:
         raise NonFiniteError(problem)
-    empty = {"score": np.zeros(0, np.float32), "label": np.zeros(0, np.int8),
-             "user_id": np.zeros(0, np.int64)}
+    empty = {
+        "score": np.zeros(0, np.float32),
+        "label": np.zeros(0, np.int8),
+        "user_id": np.zeros(0, np.int64),
+    }
     return {
         k: compute_key_metrics(r["score"], r["label"], r["user_id"], key=k)
         for k in keys
@@ -307,7 +310,9 @@ class MetricAccumulator:
             self.tasks.setdefault(scenario, []).append(task)
         self.save_predictions = save_predictions
         self.flush_every = max(1, flush_every)
-        self._pending: List[Tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+        self._pending: List[
+            Tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
+        ] = []
         self._rows: Dict[str, _Rows] = {k: _Rows() for k in self.keys}
 
     def reset(self) -> None:
@@ -339,14 +344,16 @@ class MetricAccumulator:
         num_tasks = len(self.tasks[scenario])
         if scores.dim() != 2 or scores.shape[1] != num_tasks:
             raise ValueError(f"{scenario}: scores must be [n, {num_tasks}], got {tuple(scores.shape)}")
-        self._pending.append((
-            scenario,
-            scores.detach(),
-            labels.detach(),
-            mask.detach(),
-            user_id.detach(),
-            ts.detach() if (ts is not None and self.save_predictions) else None,
-        ))
+        self._pending.append(
+            (
+                scenario,
+                scores.detach(),
+                labels.detach(),
+                mask.detach(),
+                user_id.detach(),
+                ts.detach() if (ts is not None and self.save_predictions) else None,
+            )
+        )
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -392,7 +399,9 @@ class MetricAccumulator:
         self.flush()
         return {k: self._rows[k].arrays() for k in self.keys}
 
-    def gather(self, process_group: Optional[dist.ProcessGroup] = None) -> Optional[Dict[str, Dict[str, np.ndarray]]]:
+    def gather(
+        self, process_group: Optional[dist.ProcessGroup] = None
+    ) -> Optional[Dict[str, Dict[str, np.ndarray]]]:
         """All ranks' rows, concatenated in rank order, on rank 0 (None on other ranks).
 
         Collective over ``process_group`` when torch.distributed is initialised.
@@ -471,7 +480,9 @@ def _distributed(process_group: Optional[dist.ProcessGroup]) -> bool:
 
 
 # ---------------------------------------------------------------------------- predictions I/O
-def predictions_table(rows: Mapping[str, Mapping[str, np.ndarray]], keys: Optional[Sequence[str]] = None) -> pa.Table:
+def predictions_table(
+    rows: Mapping[str, Mapping[str, np.ndarray]], keys: Optional[Sequence[str]] = None
+) -> pa.Table:
     """Rows per key -> one table (scenario, task, user_id, ts, label, score), keys in order."""
     keys = list(keys) if keys is not None else list(rows)
     scen, task, cols = [], [], {c: [] for c in ("user_id", "ts", "label", "score")}
@@ -494,7 +505,9 @@ def predictions_table(rows: Mapping[str, Mapping[str, np.ndarray]], keys: Option
     return table.replace_schema_metadata({_KEYS_METADATA: json.dumps(keys).encode()})
 
 
-def write_predictions(path: str, rows: Mapping[str, Mapping[str, np.ndarray]], keys: Optional[Sequence[str]] = None) -> None:
+def write_predictions(
+    path: str, rows: Mapping[str, Mapping[str, np.ndarray]], keys: Optional[Sequence[str]] = None
+) -> None:
     """Writes rows as parquet, atomically (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
@@ -526,7 +539,9 @@ def metrics_from_predictions(
     )
     encoded = joined.combine_chunks().dictionary_encode() if table.num_rows else None
     present = [str(k) for k in encoded.dictionary.to_pylist()] if encoded is not None else []
-    key_index = encoded.indices.to_numpy(zero_copy_only=False) if encoded is not None else np.zeros(0, np.int64)
+    key_index = (
+        encoded.indices.to_numpy(zero_copy_only=False) if encoded is not None else np.zeros(0, np.int64)
+    )
     if keys is None:
         keys = present
     score = table.column("score").to_numpy().astype(np.float32)  # a null score reads as NaN: refused

@@ -71,7 +71,9 @@ class LockHolder:
         return datetime.datetime.fromtimestamp(self.since).astimezone().isoformat(timespec="seconds")
 
     def to_json(self) -> str:
-        return json.dumps({"host": self.host, "pid": self.pid, "since": self.since, "since_local": self.since_local})
+        return json.dumps(
+            {"host": self.host, "pid": self.pid, "since": self.since, "since_local": self.since_local}
+        )
 
     def describe(self) -> str:
         return f"host {self.host}, pid {self.pid}, since {self.since_local}"
@@ -208,9 +210,11 @@ class RunLock:
         """A fresh locked lock file in place of one held for a dead local process; else raises."""
         if holder is None or not holder.is_dead_local_process():
             who = holder.describe() if holder is not None else "an unknown holder (no host/pid recorded)"
-            same = " (this process: another Trainer on this run_dir was not closed)" if (
-                holder is not None and holder.pid == os.getpid() and holder.host == socket.gethostname()
-            ) else ""
+            same = (
+                " (this process: another Trainer on this run_dir was not closed)"
+                if (holder is not None and holder.pid == os.getpid() and holder.host == socket.gethostname())
+                else ""
+            )
             raise RunDirLockedError(
                 f"{self.run_dir} is in use by another training: {who}{same}; lock file {self.path}. "
                 "Wait for it to finish or stop it, or use another train.run_dir"
@@ -228,4 +232,3 @@ class RunLock:
             "gone; processes it forked still held the file)"
         )
         return fd
-

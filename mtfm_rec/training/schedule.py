@@ -43,12 +43,19 @@ class LRSchedule:
         max_steps / warmup_steps / decay / min_ratio: see :func:`lr_factor`.
     """
 
-    def __init__(self, optimizer: Any, max_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> None:
+    def __init__(
+        self, optimizer: Any, max_steps: int, warmup_steps: int, decay: str, min_ratio: float
+    ) -> None:
         if decay not in LR_DECAYS:
             raise ValueError(f"lr decay {decay!r} unknown; choose one of {LR_DECAYS}")
         self.optimizer = optimizer
         self.base_lrs: List[float] = [float(g["lr"]) for g in optimizer.param_groups]
-        self.max_steps, self.warmup_steps, self.decay, self.min_ratio = max_steps, warmup_steps, decay, min_ratio
+        self.max_steps, self.warmup_steps, self.decay, self.min_ratio = (
+            max_steps,
+            warmup_steps,
+            decay,
+            min_ratio,
+        )
 
     @property
     def active(self) -> bool:
@@ -60,7 +67,9 @@ class LRSchedule:
         # looked up each time: a plain torch optimizer's load_state_dict replaces its group dicts
         groups = self.optimizer.param_groups
         if len(groups) != len(self.base_lrs):
-            raise ValueError(f"the optimizer has {len(groups)} parameter groups, the schedule was built for {len(self.base_lrs)}")
+            raise ValueError(
+                f"the optimizer has {len(groups)} parameter groups, the schedule was built for {len(self.base_lrs)}"
+            )
         for group, base in zip(groups, self.base_lrs):
             group["lr"] = base * factor
         return factor

@@ -126,9 +126,7 @@ def _matches(pattern: str, name: str) -> bool:
     return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
 
 
-def plan_sharding(
-    model: nn.Module, info: DistInfo, cfg: ShardingConfig, batch_size: int
-) -> ShardingPlan:
+def plan_sharding(model: nn.Module, info: DistInfo, cfg: ShardingConfig, batch_size: int) -> ShardingPlan:
     """Runs TorchRec's planner over the whole job (collective: every rank gets the same plan)."""
     topology = Topology(
         world_size=info.world_size,
@@ -207,7 +205,9 @@ def resolve_embedding_optimizer(cfg: TrainConfig, device: torch.device) -> Tuple
     if name == "auto":
         name = "adam" if device.type == "cuda" else "adagrad"
     if name == "adam" and device.type != "cuda":
-        raise ValueError("train.embedding_optimizer=adam needs a GPU (FBGEMM has no fused CPU Adam); use auto or adagrad")
+        raise ValueError(
+            "train.embedding_optimizer=adam needs a GPU (FBGEMM has no fused CPU Adam); use auto or adagrad"
+        )
     lr = cfg.embedding_lr
     if lr is None:
         lr = cfg.lr if name in ("adam", "sgd") else 0.01

@@ -27,13 +27,25 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import itertools
+import json
 import math
 import os
 import random
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+)
 
 import numpy as np
 import torch
@@ -163,10 +175,18 @@ def describe_time_range(
         with fs.open(path, "rb") as fh:
             table = pq.read_table(fh, columns=columns)
         for s in schema.scenarios:
-            ts = pc.list_flatten(table.column(fmt.exp_ts(s.name))).to_numpy(zero_copy_only=False).astype(np.int64)
+            ts = (
+                pc.list_flatten(table.column(fmt.exp_ts(s.name)))
+                .to_numpy(zero_copy_only=False)
+                .astype(np.int64)
+            )
             if not len(ts):
                 continue
-            raw = pc.list_flatten(table.column(fmt.exp_split(s.name))).to_numpy(zero_copy_only=False).astype(np.int8)
+            raw = (
+                pc.list_flatten(table.column(fmt.exp_split(s.name)))
+                .to_numpy(zero_copy_only=False)
+                .astype(np.int8)
+            )
             lo = int(ts.min()) if lo is None else min(lo, int(ts.min()))
             hi = int(ts.max()) if hi is None else max(hi, int(ts.max()))
             counts += np.bincount(exposure_split(ts, raw, eval_after, valid_after), minlength=3)[:3]
@@ -309,7 +329,9 @@ class Trainer:
         copy_full_state(self.model, init_state)
         del init_state
         self.optimizer = make_optimizer(self.model, tcfg)
-        self.schedule = LRSchedule(self.optimizer, tcfg.max_steps, tcfg.lr_warmup_steps, tcfg.lr_decay, tcfg.lr_min_ratio)
+        self.schedule = LRSchedule(
+            self.optimizer, tcfg.max_steps, tcfg.lr_warmup_steps, tcfg.lr_decay, tcfg.lr_min_ratio
+        )
         if tcfg.sharding.print_plan:
             log0(self.info, f"sharding plan ({self.info.world_size} rank(s), {self.info.backend}):")
             log0(self.info, describe_plan(self.plan))
@@ -346,7 +368,10 @@ class Trainer:
                     raise
                 error = ("RunDirLockedError", str(exc))
             except OSError as exc:
-                error = ("ConfigError", f"train.run_dir={self.run_dir!r}: cannot take the run lock there: {exc}")
+                error = (
+                    "ConfigError",
+                    f"train.run_dir={self.run_dir!r}: cannot take the run lock there: {exc}",
+                )
         if self.info.world_size > 1:  # the others must not go on without rank 0's lock
             box: List[Optional[Tuple[str, str]]] = [error]
             dist.broadcast_object_list(box, src=0)
@@ -384,13 +409,18 @@ class Trainer:
         for key in ("eval_after", "valid_after"):
             if getattr(dcfg, key) is None and schema.extra.get(f"recommended_{key}") is not None:
                 setattr(dcfg, key, int(schema.extra[f"recommended_{key}"]))
-                log0(self.info, f"data.{key} unset: using the dataset's recommended_{key}={getattr(dcfg, key)}")
+                log0(
+                    self.info, f"data.{key} unset: using the dataset's recommended_{key}={getattr(dcfg, key)}"
+                )
                 filled.append(key)
         try:
             check_split_boundaries(dcfg.eval_after, dcfg.valid_after, _filled_note(filled))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        log0(self.info, f"data: {dcfg.raw} -> {dataset_dir}; eval_after={dcfg.eval_after} valid_after={dcfg.valid_after}")
+        log0(
+            self.info,
+            f"data: {dcfg.raw} -> {dataset_dir}; eval_after={dcfg.eval_after} valid_after={dcfg.valid_after}",
+        )
         return schema, dataset_dir
 
     def _default_loader(self, split: str) -> Loader:
@@ -425,7 +455,9 @@ class Trainer:
                 f"data.loader.batch_size={dcfg.loader.batch_size}"
             )
         if self.dataset_dir is not None:
-            parts.append(describe_time_range(self.dataset_dir, self.schema, dcfg.eval_after, dcfg.valid_after))
+            parts.append(
+                describe_time_range(self.dataset_dir, self.schema, dcfg.eval_after, dcfg.valid_after)
+            )
         else:
             parts.append("the data's time range is unknown here (a custom loader_fn)")
         return "; ".join(parts)
@@ -507,13 +539,19 @@ class Trainer:
         start_step = self.step
         self.model.train()
         self._iter = _TrackedIterator(
-            self.train_loader, lambda: self._split_report("train", loader=self.train_loader), self._count_flops
+            self.train_loader,
+            lambda: self._split_report("train", loader=self.train_loader),
+            self._count_flops,
         )
         self._pipeline = self._make_pipeline() if tcfg.pipeline else None
         self._feed: Iterator[Batch] = self._iter
         if self.step >= tcfg.max_steps:
             log0(self.info, f"already at step {self.step} >= max_steps={tcfg.max_steps}: nothing to train")
-        peak = self._global_peak_gflops() if self._count_flops is not None and self.step < tcfg.max_steps else math.nan
+        peak = (
+            self._global_peak_gflops()
+            if self._count_flops is not None and self.step < tcfg.max_steps
+            else math.nan
+        )
         pbar = self._progress_bar()
         device = self.info.device
         loss_sum = torch.zeros((), device=device)
@@ -566,7 +604,9 @@ class Trainer:
                 self.logger.log(self.step, scalars)
                 if pbar is not None:
                     mfu = {"mfu": f"{100 * scalars['perf/mfu']:.2f}%"} if "perf/mfu" in scalars else {}
-                    pbar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}", **mfu)
+                    pbar.set_postfix(
+                        loss=f"{mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}", **mfu
+                    )
                 loss_sum.zero_()
                 window_steps, window_samples, window_first, window_flops = 0, 0, self.step + 1, 0.0
                 t_window, wait_window, eval_window = now, self._iter.wait_s, 0.0
@@ -582,7 +622,9 @@ class Trainer:
             elif tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last and not stop:
                 self.save_checkpoint()
         if window_steps:  # stopped between log steps (early stopping): count the samples
-            stats = torch.cat([torch.tensor([float(window_samples), window_flops], device=device), loss_sum.reshape(1)])
+            stats = torch.cat(
+                [torch.tensor([float(window_samples), window_flops], device=device), loss_sum.reshape(1)]
+            )
             dist.all_reduce(stats)
             global_samples, window_flops, total_loss = (float(x) for x in stats.cpu())
             run_flops += window_flops
@@ -626,7 +668,9 @@ class Trainer:
             return
         self.logger.log(self.step, {"train/loss": mean_loss})  # the record shows where it broke
         latest = self.checkpoints.latest()
-        kept = f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written before it"
+        kept = (
+            f"the newest checkpoint, {latest}, is kept" if latest else "no checkpoint was written before it"
+        )
         steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
         raise NonFiniteError(
             f"train/loss is {mean_loss} at step {self.step}: the training loss became non-finite in {steps} "
@@ -693,7 +737,14 @@ class Trainer:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=tcfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        return tqdm(
+            total=tcfg.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> float:
@@ -702,7 +753,9 @@ class Trainer:
         tcfg = self.config.train
         metrics = self.evaluate("valid")
         if not any(m.get("count", 0) for m in metrics.values()):
-            raise EmptySplitError(self._split_report("valid", "has no labelled exposures") + self._validation_note())
+            raise EmptySplitError(
+                self._split_report("valid", "has no labelled exposures") + self._validation_note()
+            )
         summary = summarize(metrics)
         self.logger.log(self.step, {f"valid/{k}": v for k, v in summary.items()})
         key = tcfg.early_stopping_metric
@@ -710,7 +763,11 @@ class Trainer:
         score = -value if key == "logloss" else value
         log0(self.info, f"valid @ step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
         if math.isnan(score):  # undefined, not bad: never the best, and no evidence for stopping
-            needs = "a user with positive and negative labels" if key == "gauc" else "positive and negative labels"
+            needs = (
+                "a user with positive and negative labels"
+                if key == "gauc"
+                else "positive and negative labels"
+            )
             log0(
                 self.info,
                 f"valid {key} is NaN at step {self.step} (undefined for every scenario/task: it needs {needs}): "
@@ -742,7 +799,9 @@ class Trainer:
         try:
             for batch in self._loader_fn(split):
                 batch = batch.to(self.info.device, non_blocking=True)
-                with torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16):
+                with torch.autocast(
+                    self.info.device.type, dtype=torch.bfloat16, enabled=self.config.train.bf16
+                ):
                     _, out = self.model(batch)
                 acc.update_batch(batch, {s: out[s].float() for s in scenarios})
         finally:
@@ -776,7 +835,10 @@ class Trainer:
         tcfg = self.config.train
         mode = "min" if tcfg.early_stopping_metric == "logloss" else "max"
         return CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"), tcfg.keep_checkpoints, f"valid/{tcfg.early_stopping_metric}", mode
+            os.path.join(self.run_dir, "checkpoints"),
+            tcfg.keep_checkpoints,
+            f"valid/{tcfg.early_stopping_metric}",
+            mode,
         )
 
     def save_checkpoint(self, metric_value: Optional[float] = None) -> str:
@@ -790,7 +852,12 @@ class Trainer:
             "model_identity": self._model_identity(),
         }
         path = self.checkpoints.save(
-            self.step, self.model, self.optimizer, rank_state=self._loader_state, metadata=meta, metric_value=metric_value
+            self.step,
+            self.model,
+            self.optimizer,
+            rank_state=self._loader_state,
+            metadata=meta,
+            metric_value=metric_value,
         )
         self._saved_step = self.step
         return path
@@ -892,7 +959,10 @@ class Trainer:
         if best is None:
             return None
         load_checkpoint(best["path"], self.model, None, restore_rng=False)
-        log0(self.info, f"loaded the best validation model: step {best['step']} ({best['metric']} {best['value']:.4f})")
+        log0(
+            self.info,
+            f"loaded the best validation model: step {best['step']} ({best['metric']} {best['value']:.4f})",
+        )
         return int(best["step"])
 
     # ------------------------------------------------------------------ teardown

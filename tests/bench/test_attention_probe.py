@@ -18,8 +18,19 @@ FEATURE = "cat"  # demo_schema's category: in orders, clicks_rt and the items of
 
 def _model(schema):
     torch.manual_seed(0)
-    cfg = ModelConfig(embedding_dim=8, d_model=32, tokenizer_hidden=[32], num_blocks=1, target_layers_per_block=2,
-                      full_layers_per_block=1, num_heads=4, num_kv_heads=2, num_experts=2, expert_dim=16, tower_dim=8)
+    cfg = ModelConfig(
+        embedding_dim=8,
+        d_model=32,
+        tokenizer_hidden=[32],
+        num_blocks=1,
+        target_layers_per_block=2,
+        full_layers_per_block=1,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=2,
+        expert_dim=16,
+        tower_dim=8,
+    )
     return MTFM(schema, cfg).eval()
 
 
@@ -53,7 +64,11 @@ def test_weights_match_a_per_query_loop() -> None:
     r = layer.num_heads // layer.num_kv_heads
     for t in range(len(layout.target_rows)):
         b = int(torch.searchsorted(layout.target_offsets, torch.tensor(t), right=True)) - 1
-        start, prefix, own = int(layout.token_offsets[b]), int(layout.target_prefix[t]), int(layout.target_self_local[t])
+        start, prefix, own = (
+            int(layout.token_offsets[b]),
+            int(layout.target_prefix[t]),
+            int(layout.target_self_local[t]),
+        )
         visible = list(range(prefix)) + ([own] if own >= prefix else [])
         expected = torch.zeros(layout.max_tokens)
         for j in visible:

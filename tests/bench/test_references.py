@@ -152,7 +152,9 @@ def test_sort_keys_order_like_group_ts_pairs() -> None:
     same_group = group[:, None] == q_group[None, :]
     pair_less = (group[:, None] < q_group[None, :]) | (same_group & (ts[:, None] < q_ts[None, :]))
     np.testing.assert_array_equal(keys[:, None] < queries[None, :], pair_less)
-    np.testing.assert_array_equal(keys[:, None] == queries[None, :], same_group & (ts[:, None] == q_ts[None, :]))
+    np.testing.assert_array_equal(
+        keys[:, None] == queries[None, :], same_group & (ts[:, None] == q_ts[None, :])
+    )
 
 
 def test_sort_keys_refuse_keys_beyond_int64() -> None:

@@ -123,14 +123,19 @@ def random_demo_tables(
     hp = base(n)
     hp.update(
         request_id=pa.array(rng.integers(0, 50, n).astype(np.int64), mask=rng.random(n) < 0.1),
-        city=ids(n, 6), shop=ids(n, 12), dist=ids(n, 3),
+        city=ids(n, 6),
+        shop=ids(n, 12),
+        dist=ids(n, 3),
         price=pa.array(rng.random(n), mask=rng.random(n) < 0.05),
-        click=labels(n), order=labels(n),
+        click=labels(n),
+        order=labels(n),
     )
     # Funnel (contract): order = 1 needs click != 0, so a known click = 0 clears the order.
     click0 = pc.fill_null(hp["click"], 1).to_numpy() == 0
     order = pc.fill_null(hp["order"], 0).to_numpy()
-    hp["order"] = pa.array(np.where(click0, 0, order), mask=hp["order"].is_null().to_numpy(zero_copy_only=False))
+    hp["order"] = pa.array(
+        np.where(click0, 0, order), mask=hp["order"].is_null().to_numpy(zero_copy_only=False)
+    )
     out["exposures"]["hp"] = split_files(hp)
     m = n // 2
     food = base(m)
@@ -174,6 +179,6 @@ def memory_root() -> Any:
     root = f"memory://mtfm-test-{uuid.uuid4().hex}"
     yield root
     fs = fsspec.filesystem("memory")
-    path = root[len("memory://"):]
+    path = root[len("memory://") :]
     if fs.exists(path):
         fs.rm(path, recursive=True)

@@ -108,23 +108,67 @@ def _parquet_bytes(table: pa.Table, row_group_size: Optional[int] = None) -> byt
 # Values a mutation may put into a column, by what the column is (anything may go anywhere too):
 # id/label/split extremes, the int64 and uint64 ends, the ts safe range's ends, non-finite
 # floats and the float32 limits.
-IDS = (-1, -2**31 - 1, 2**31, 2**63 - 1, -2**63, 2**63, 2**64 - 1)
+IDS = (-1, -(2**31) - 1, 2**31, 2**63 - 1, -(2**63), 2**63, 2**64 - 1)
 VALUES: Dict[str, Tuple[Any, ...]] = {
-    "ts": (2**62 - 1, 2**62, -2**62, -2**62 - 1, 2**63 - 1, -2**63, 2**63, 2**64 - 1, 0),
+    "ts": (2**62 - 1, 2**62, -(2**62), -(2**62) - 1, 2**63 - 1, -(2**63), 2**63, 2**64 - 1, 0),
     "label": (-1, 2, 3, 0, 1, 255, 2**63),
     "split": (-1, 3, 0, 1, 2, 2**63),
-    "dense": (float("nan"), float("inf"), float("-inf"), 3.4028234663852886e38, 3.5e38, -1e39, 1e-45,
-              -0.0, 2**64 - 1, -2**63),
+    "dense": (
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+        3.4028234663852886e38,
+        3.5e38,
+        -1e39,
+        1e-45,
+        -0.0,
+        2**64 - 1,
+        -(2**63),
+    ),
     "id": IDS,
 }
 EXTREMES: Tuple[Any, ...] = tuple(dict.fromkeys(v for pool in VALUES.values() for v in pool))
 CASTS = (
-    "string", "binary", "float64", "float32", "float16", "bool", "list", "struct", "null",
-    "timestamp", "decimal", "uint64", "int8", "int32", "dictionary",
+    "string",
+    "binary",
+    "float64",
+    "float32",
+    "float16",
+    "bool",
+    "list",
+    "struct",
+    "null",
+    "timestamp",
+    "decimal",
+    "uint64",
+    "int8",
+    "int32",
+    "dictionary",
 )
 YAML_VALUES: Tuple[Any, ...] = (
-    "abc", "", "1", "ms", "realtime", "a.b", "__x", 0, -1, 1, 10**30, 2**63, True, False, None,
-    [], [1], ["click"], {}, {"a": 1}, {"click": 2}, 1.5, float("nan"),
+    "abc",
+    "",
+    "1",
+    "ms",
+    "realtime",
+    "a.b",
+    "__x",
+    0,
+    -1,
+    1,
+    10**30,
+    2**63,
+    True,
+    False,
+    None,
+    [],
+    [1],
+    ["click"],
+    {},
+    {"a": 1},
+    {"click": 2},
+    1.5,
+    float("nan"),
 )
 # ... and by the type of the value they replace (sizes, max_len, names, lists, mappings)
 YAML_LIKE: Dict[type, Tuple[Any, ...]] = {
@@ -134,21 +178,65 @@ YAML_LIKE: Dict[type, Tuple[Any, ...]] = {
     dict: ({}, {"a": 1}, {"a": 0}, {1: 1}, [], "x", None),
 }
 YAML_TEXTS: Tuple[bytes, ...] = (
-    b"", b"null\n", b"[]\n", b"42\n", b"---\na: 1\n---\nb: 2\n", b"!!python/object/apply:os.system ['true']\n",
-    b"a: &x [*x]\n", b"{", b"\t- x\n", b"\x00\x01", b"\xef\xbb\xbfname: demo\n",
+    b"",
+    b"null\n",
+    b"[]\n",
+    b"42\n",
+    b"---\na: 1\n---\nb: 2\n",
+    b"!!python/object/apply:os.system ['true']\n",
+    b"a: &x [*x]\n",
+    b"{",
+    b"\t- x\n",
+    b"\x00\x01",
+    b"\xef\xbb\xbfname: demo\n",
 )
 YAML_INSERTS: Tuple[bytes, ...] = (
-    b":", b"- ", b"\t", b"&a ", b"*a", b"{", b"[", b"\"", b"'", b"#", b"\n", b"  ", b"%", b"!!binary ",
-    b"? ", b"<<: *a\n", b"\xff", b"\xc3(", "\u00e9".encode("latin-1"), b"\x00",
+    b":",
+    b"- ",
+    b"\t",
+    b"&a ",
+    b"*a",
+    b"{",
+    b"[",
+    b'"',
+    b"'",
+    b"#",
+    b"\n",
+    b"  ",
+    b"%",
+    b"!!binary ",
+    b"? ",
+    b"<<: *a\n",
+    b"\xff",
+    b"\xc3(",
+    "\u00e9".encode("latin-1"),
+    b"\x00",
 )
 STRAY_PATHS = (
-    "exposures/hp/notes.txt", "exposures/hp/_SUCCESS", "exposures/hp/.part-0.parquet.crc",
-    "exposures/hp/part-9.parquet", "exposures/hp/sub.parquet", "exposures/stray/part-0.parquet",
-    "behaviors/_tmp/part-0.parquet", "behaviors/.hidden/x.parquet", "stray.parquet",
-    "exposures/README", "exposures/food", "behaviors", "dataset.yml", "dataset.yaml",
+    "exposures/hp/notes.txt",
+    "exposures/hp/_SUCCESS",
+    "exposures/hp/.part-0.parquet.crc",
+    "exposures/hp/part-9.parquet",
+    "exposures/hp/sub.parquet",
+    "exposures/stray/part-0.parquet",
+    "behaviors/_tmp/part-0.parquet",
+    "behaviors/.hidden/x.parquet",
+    "stray.parquet",
+    "exposures/README",
+    "exposures/food",
+    "behaviors",
+    "dataset.yml",
+    "dataset.yaml",
 )
 STRAY_CONTENTS = ("empty", "garbage", "magic", "magic_pair", "copy", "dir", "link", "dangling_link")
-FOLDERS = ("exposures", "behaviors", "exposures/hp", "exposures/food", "behaviors/orders", "behaviors/clicks_rt")
+FOLDERS = (
+    "exposures",
+    "behaviors",
+    "exposures/hp",
+    "exposures/food",
+    "behaviors/orders",
+    "behaviors/clicks_rt",
+)
 _rows = st.one_of(st.just("all"), st.lists(st.integers(0, 64), min_size=1, max_size=3).map(tuple))
 
 
@@ -175,8 +263,24 @@ def _table_mutation(draw: Callable[..., Any], base: Base) -> Mutation:
     # the column first (each name as likely), then a file holding it
     column = draw(st.sampled_from(sorted({c for cols in base.columns.values() for c in cols})))
     path = draw(st.sampled_from([p for p in base.parquet_files if column in base.columns[p]]))
-    kind = draw(st.sampled_from(("drop", "rename", "duplicate", "cast", "null", "set", "set", "set",
-                                 "funnel", "empty", "row_groups", "swap")))
+    kind = draw(
+        st.sampled_from(
+            (
+                "drop",
+                "rename",
+                "duplicate",
+                "cast",
+                "null",
+                "set",
+                "set",
+                "set",
+                "funnel",
+                "empty",
+                "row_groups",
+                "swap",
+            )
+        )
+    )
     args: Tuple[Any, ...] = ()
     if kind == "rename":
         args = (draw(st.sampled_from([column.upper(), column + "_x"] + base.columns[path])),)
@@ -219,7 +323,9 @@ def _yaml_mutation(draw: Callable[..., Any], base: Base) -> Mutation:
     if kind == "rename":
         path = draw(st.sampled_from([p for p in base.yaml_paths if isinstance(p[-1], str)]))
         key = str(path[-1])
-        new = draw(st.sampled_from([key + "s", key[:-1], key.upper(), "x_" + key, 1, True, None] + base.yaml_keys))
+        new = draw(
+            st.sampled_from([key + "s", key[:-1], key.upper(), "x_" + key, 1, True, None] + base.yaml_keys)
+        )
         return Mutation("yaml_rename", path, (new,))
     if kind == "delete":
         return Mutation("yaml_delete", draw(st.sampled_from(base.yaml_paths)))
@@ -230,7 +336,9 @@ def _yaml_mutation(draw: Callable[..., Any], base: Base) -> Mutation:
     if kind == "duplicate":
         return Mutation("yaml_duplicate", YAML, (draw(st.integers(0, 200)),))
     if kind == "insert":
-        return Mutation("yaml_insert", YAML, (draw(st.integers(0, 1 << 12)), draw(st.sampled_from(YAML_INSERTS))))
+        return Mutation(
+            "yaml_insert", YAML, (draw(st.integers(0, 1 << 12)), draw(st.sampled_from(YAML_INSERTS)))
+        )
     return Mutation("yaml_replace", YAML, (draw(st.sampled_from(YAML_TEXTS)),))
 
 
@@ -258,7 +366,7 @@ def materialise(files: Files, root: str) -> None:
             continue
         os.makedirs(os.path.dirname(target), exist_ok=True)
         if isinstance(content, str) and content.startswith(LINK):
-            os.symlink(os.path.join(root, content[len(LINK):]), target)
+            os.symlink(os.path.join(root, content[len(LINK) :]), target)
             continue
         with open(target, "wb") as fh:
             fh.write(content)  # type: ignore[arg-type]
@@ -492,7 +600,7 @@ def _duplicate_line(text: bytes, n: int) -> bytes:
     i = hits[n % len(hits)]
     indent, dash, key, value = _KEY_LINE.match(lines[i]).groups()  # type: ignore[union-attr]
     copy_line = indent + (b"  " if dash else b"") + key + b": " + value
-    return b"\n".join(lines[: i + 1] + [copy_line] + lines[i + 1:])
+    return b"\n".join(lines[: i + 1] + [copy_line] + lines[i + 1 :])
 
 
 def _insert(text: bytes, at: int, what: bytes) -> bytes:

@@ -47,7 +47,11 @@ def read_out(out: str) -> pa.Table:
 def raw_rows(root: str, kind: str, name: str) -> List[Dict[str, Any]]:
     """Rows of a raw folder in contract order (sorted files, then rows), as normalised dicts."""
     ds = RawDataset(root, skip_bad_rows=True)
-    it = ds.iter_scenario(ds.schema.scenario(name)) if kind == "exp" else ds.iter_sequence(ds.schema.sequence(name))
+    it = (
+        ds.iter_scenario(ds.schema.scenario(name))
+        if kind == "exp"
+        else ds.iter_sequence(ds.schema.sequence(name))
+    )
     rows: List[Dict[str, Any]] = []
     for _, batch in it:
         rows += batch.to_pylist()
@@ -80,9 +84,7 @@ def assert_matches_reference(root: str, out: str, window: int, lookback: int) ->
     assert len(set(keys)) == len(keys)
     # Expected samples: distinct (user, window) over all scenarios' exposures.
     exp_rows = {s.name: raw_rows(root, "exp", s.name) for s in schema.scenarios}
-    expected_keys = {
-        (r["user_id"], r["ts"] // window * window) for rows in exp_rows.values() for r in rows
-    }
+    expected_keys = {(r["user_id"], r["ts"] // window * window) for rows in exp_rows.values() for r in rows}
     assert set(keys) == expected_keys
     seq_rows = {q.name: raw_rows(root, "seq", q.name) for q in schema.sequences}
     for s in samples:
@@ -183,11 +185,11 @@ def test_random_small_datasets_match_reference(
         assert stats.samples_out == n
         assert stats.exposures_in == sum(len(t["ts"]) for v in tables["exposures"].values() for t in v)
     finally:
-        fsspec.filesystem("memory").rm(root[len("memory://"):], recursive=True)
+        fsspec.filesystem("memory").rm(root[len("memory://") :], recursive=True)
 
 
 def test_no_history_at_or_after_window_start_and_realtime_in_bounds(
-    demo: Tuple[str, str, AggregationConfig]
+    demo: Tuple[str, str, AggregationConfig],
 ) -> None:
     root, out, _ = demo
     schema = DatasetSchema.load(root)
@@ -215,9 +217,11 @@ def test_every_exposure_lands_in_exactly_one_sample(demo: Tuple[str, str, Aggreg
     stats = json.loads(open(os.path.join(out, fmt.STATS_FILE)).read())
     total = 0
     for sc in schema.scenarios:
-        cols = [("ts", fmt.exp_ts(sc.name))] + [
-            (f"{g}/{c}", fmt.exp_feature(sc.name, g, c)) for g, c, _ in sc.categorical()
-        ] + [(f"label/{t}", fmt.exp_label(sc.name, t)) for t in sc.tasks]
+        cols = (
+            [("ts", fmt.exp_ts(sc.name))]
+            + [(f"{g}/{c}", fmt.exp_feature(sc.name, g, c)) for g, c, _ in sc.categorical()]
+            + [(f"label/{t}", fmt.exp_label(sc.name, t)) for t in sc.tasks]
+        )
         cols += [(f"dense/{c}", fmt.exp_dense(sc.name, c)) for c in sc.dense_features]
         lengths = pa.compute.list_value_length(table.column(fmt.exp_ts(sc.name))).to_numpy()
         users = np.repeat(table.column("user_id").to_numpy(), lengths)
@@ -366,13 +370,26 @@ def test_millisecond_time_unit_scales_windows(
 ) -> None:
     schema = dict(demo_schema, time_unit="ms", sequences=[])
     exp = {
-        "hp": [{"user_id": [1, 1, 1], "ts": [0, 3_599_999, 3_600_000], "city": [0] * 3, "shop": [0] * 3,
-                "dist": [0] * 3, "price": [0.0] * 3, "click": [0] * 3, "order": [0] * 3}],
+        "hp": [
+            {
+                "user_id": [1, 1, 1],
+                "ts": [0, 3_599_999, 3_600_000],
+                "city": [0] * 3,
+                "shop": [0] * 3,
+                "dist": [0] * 3,
+                "price": [0.0] * 3,
+                "click": [0] * 3,
+                "order": [0] * 3,
+            }
+        ],
         "food": [{"user_id": [2], "ts": [-1], "shop": [0], "click": [1]}],
     }
     root = raw_writer(str(tmp_path / "raw"), schema, exp)
     agg.aggregate(root, str(tmp_path / "out"), config(window_seconds=3600))
-    got = {(r["user_id"], r["window_start"], r["window_end"]) for r in read_out(str(tmp_path / "out")).to_pylist()}
+    got = {
+        (r["user_id"], r["window_start"], r["window_end"])
+        for r in read_out(str(tmp_path / "out")).to_pylist()
+    }
     assert got == {(1, 0, 3_600_000), (1, 3_600_000, 7_200_000), (2, -3_600_000, 0)}  # floor
 
 

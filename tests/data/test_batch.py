@@ -22,8 +22,13 @@ SCHEMA = DatasetSchema.from_dict(
             {"name": "h2", "kind": "history", "max_len": 4, "features": {"item": 9}},
         ],
         "scenarios": [
-            {"name": "a", "user_features": {"city": 5}, "item_features": {"shop": 7},
-             "dense_features": ["d0", "d1"], "tasks": ["click", "order"]},
+            {
+                "name": "a",
+                "user_features": {"city": 5},
+                "item_features": {"shop": 7},
+                "dense_features": ["d0", "d1"],
+                "tasks": ["click", "order"],
+            },
             {"name": "b", "item_features": {"poi": 6}, "tasks": ["click"]},
         ],
     }
@@ -59,9 +64,7 @@ def make_table() -> pa.Table:
                 None if r is None else [t + 1000 * k for t in r] for r in ts_rows
             ]
         for k, c in enumerate(s.dense_features):
-            cols[fmt.exp_dense(s.name, c)] = [
-                None if r is None else [t / 10 + k for t in r] for r in ts_rows
-            ]
+            cols[fmt.exp_dense(s.name, c)] = [None if r is None else [t / 10 + k for t in r] for r in ts_rows]
     cols[fmt.exp_label("a", "click")] = [[1, 0], [], []]
     cols[fmt.exp_label("a", "order")] = [[1, -1], [], []]
     cols[fmt.exp_label("b", "click")] = [[-1], [0, 1, 1], None]

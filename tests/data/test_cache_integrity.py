@@ -144,7 +144,7 @@ def test_memory_url_replace_and_overlap(
     tables = demo_tables(seed=6, n_users=3, n_exposures=30, n_actions=30)
     root = raw_writer(f"{memory_root}/raw", demo_schema, tables["exposures"], tables["behaviors"])
     fs = fsspec.filesystem("memory")
-    base = memory_root[len("memory://"):]
+    base = memory_root[len("memory://") :]
     out = f"{memory_root}/out"
     agg.aggregate(root, out, config(num_partitions=3))
     stats = agg.aggregate(root, out, config(num_partitions=2))
@@ -186,6 +186,7 @@ def test_same_size_edit_with_mtime_kept_rebuilds_the_cache(
     assert second != first
     fresh = str(tmp_path / "fresh")
     agg.aggregate(root, fresh, config())
+
     def shards(d: str) -> Dict[str, bytes]:
         return {n: b for n, b in snapshot(d).items() if n.startswith("part-")}
 

@@ -35,15 +35,22 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from raw_mutations import Base, Mutation, apply, materialise, mutations
 
 from mtfm_rec.config import ConfigError, from_dict
 from mtfm_rec.data import aggregate as agg
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.config import AggregationConfig
 from mtfm_rec.data.loader import ShardedBatchDataset
-from mtfm_rec.data.reader import TS_MAX, TS_MIN, DataContractError, RawDataset, exposure_columns, sequence_columns
+from mtfm_rec.data.reader import (
+    TS_MAX,
+    TS_MIN,
+    DataContractError,
+    RawDataset,
+    exposure_columns,
+    sequence_columns,
+)
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SchemaError, SequenceSpec
-from raw_mutations import Base, Mutation, apply, materialise, mutations
 
 DOCUMENTED = (DataContractError, SchemaError, ConfigError)
 DEADLINE_S = 30  # per run; a normal one takes well under a second
@@ -80,7 +87,9 @@ def outcome(run: Callable[[], Any], root: str) -> Tuple[Any, Optional[Exception]
 
 
 # -------------------------------------------------------------------- the dataset
-AGG = dict(num_partitions=2, num_workers=1, progress=False, window_seconds=86400, realtime_lookback_seconds=None)
+AGG = dict(
+    num_partitions=2, num_workers=1, progress=False, window_seconds=86400, realtime_lookback_seconds=None
+)
 
 
 @pytest.fixture(scope="module")

@@ -55,9 +55,7 @@ SCHEMA = DatasetSchema.from_dict(
 )
 
 
-def make_table(
-    user_ids: Sequence[int], seed: int = 0, explicit_split: bool = False
-) -> pa.Table:
+def make_table(user_ids: Sequence[int], seed: int = 0, explicit_split: bool = False) -> pa.Table:
     """Aggregated rows with random shapes; user_id is unique and identifies the sample.
 
     Windows are ``[1000 + 100 k, 1100 + 100 k)`` for ``k = user_id % 7``; every row has at least
@@ -200,8 +198,9 @@ def test_stream_plans_partition_the_epoch(data_dir: str, pad: bool) -> None:
 def test_eval_ranks_disjoint_union_equal_batches(data_dir: str, workers: int) -> None:
     per_rank = []
     for rank in range(3):
-        ld = loader(data_dir, workers, split="all", rank=rank, world_size=3, batch_size=6,
-                    pad_to_equal_batches=True)
+        ld = loader(
+            data_dir, workers, split="all", rank=rank, world_size=3, batch_size=6, pad_to_equal_batches=True
+        )
         batches = list(ld)
         assert len(batches) == ld.num_batches() == 4  # ceil(ceil(60 / 3) / 6)
         assert all(b.batch_size == 6 for b in batches)
@@ -212,8 +211,7 @@ def test_eval_ranks_disjoint_union_equal_batches(data_dir: str, workers: int) ->
 
 
 def test_padding_samples_are_masked(data_dir: str) -> None:
-    ld = loader(data_dir, split="all", rank=1, world_size=2, batch_size=8,
-                pad_to_equal_batches=True)
+    ld = loader(data_dir, split="all", rank=1, world_size=2, batch_size=8, pad_to_equal_batches=True)
     batches = list(ld)
     assert len(batches) == 4  # 30 real samples per rank -> 32 slots
     assert sum(pad_count(b) for b in batches) == 2
@@ -231,8 +229,9 @@ def test_padding_wraps_when_fewer_samples_than_slots(tmp_path: Any) -> None:
     write_dataset(root, [2, 1], row_group_size=1)
     per_rank = []
     for rank in range(2):
-        (batch,) = list(loader(root, split="all", rank=rank, world_size=2, batch_size=4,
-                               pad_to_equal_batches=True))
+        (batch,) = list(
+            loader(root, split="all", rank=rank, world_size=2, batch_size=4, pad_to_equal_batches=True)
+        )
         assert batch.batch_size == 4
         per_rank.append(real_ids(batch))
     assert sorted(per_rank[0] + per_rank[1]) == [0, 1, 2]
@@ -243,8 +242,16 @@ def test_padding_wraps_when_fewer_samples_than_slots(tmp_path: Any) -> None:
 def test_train_mode_full_equal_batches_no_overlap(data_dir: str, world: int) -> None:
     seen: List[int] = []
     for rank in range(world):
-        ld = loader(data_dir, 2 if world == 1 else 0, split="all", rank=rank, world_size=world,
-                    batch_size=4, shuffle=True, shuffle_buffer=8)
+        ld = loader(
+            data_dir,
+            2 if world == 1 else 0,
+            split="all",
+            rank=rank,
+            world_size=world,
+            batch_size=4,
+            shuffle=True,
+            shuffle_buffer=8,
+        )
         batches = list(ld)
         assert len(batches) == ld.num_batches() == (60 // world) // 4
         assert all(b.batch_size == 4 and pad_count(b) == 0 for b in batches)
@@ -253,8 +260,9 @@ def test_train_mode_full_equal_batches_no_overlap(data_dir: str, world: int) -> 
 
 
 def test_two_workers_no_overlap_no_loss(data_dir: str) -> None:
-    ld = loader(data_dir, 2, split="all", batch_size=7, pad_to_equal_batches=True, shuffle=True,
-                shuffle_buffer=5)
+    ld = loader(
+        data_dir, 2, split="all", batch_size=7, pad_to_equal_batches=True, shuffle=True, shuffle_buffer=5
+    )
     ids = [u for b in ld for u in real_ids(b)]
     assert sorted(ids) == list(range(60))
 
@@ -300,8 +308,15 @@ def test_resume_yields_exactly_the_rest(data_dir: str, workers: int) -> None:
 
 
 def test_resume_eval_mode_mid_epoch(data_dir: str) -> None:
-    kwargs = dict(split="all", batch_size=4, rank=0, world_size=2, pad_to_equal_batches=True,
-                  shuffle=True, shuffle_buffer=6)
+    kwargs = dict(
+        split="all",
+        batch_size=4,
+        rank=0,
+        world_size=2,
+        pad_to_equal_batches=True,
+        shuffle=True,
+        shuffle_buffer=6,
+    )
     reference = epoch_ids(loader(data_dir, 2, **kwargs))
     first = loader(data_dir, 2, **kwargs)
     it = iter(first)
@@ -348,8 +363,15 @@ def test_split_filtering(tmp_path: Any, split: str, explicit: bool) -> None:
     code = {"train": 0, "valid": 1, "test": 2}[split]
     expected = expected_exposures(tables, code, eval_after, valid_after)
     assert 0 < len(expected) < 33  # the split drops some samples entirely
-    ld = loader(root, split=split, batch_size=2, eval_after=eval_after, valid_after=valid_after,
-                pad_to_equal_batches=True, index_cache_dir=str(tmp_path / "cache"))
+    ld = loader(
+        root,
+        split=split,
+        batch_size=2,
+        eval_after=eval_after,
+        valid_after=valid_after,
+        pad_to_equal_batches=True,
+        index_cache_dir=str(tmp_path / "cache"),
+    )
     got: Dict[int, int] = {}
     for b in ld:
         for i, u in enumerate(b.user_id.tolist()):
@@ -362,8 +384,15 @@ def test_split_filtering(tmp_path: Any, split: str, explicit: bool) -> None:
             assert ((t_ts >= lo) & (t_ts < hi)).all()
     assert got == expected
     assert os.listdir(tmp_path / "cache")  # the pre-scan was cached
-    again = loader(root, split=split, batch_size=2, eval_after=eval_after, valid_after=valid_after,
-                   pad_to_equal_batches=True, index_cache_dir=str(tmp_path / "cache"))
+    again = loader(
+        root,
+        split=split,
+        batch_size=2,
+        eval_after=eval_after,
+        valid_after=valid_after,
+        pad_to_equal_batches=True,
+        index_cache_dir=str(tmp_path / "cache"),
+    )
     assert again.dataset.num_samples == len(expected)
 
 

@@ -69,7 +69,9 @@ def assert_contract_error(exc: DataContractError, file_part: str, column: Any, r
     assert str(pickle.loads(pickle.dumps(exc))) == msg  # survives a worker process boundary
 
 
-def test_normalised_exposures_fold_ids_and_mark_missing(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+def test_normalised_exposures_fold_ids_and_mark_missing(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
     ds = RawDataset(write(raw_writer, str(tmp_path / "raw")))
     table = read_all(ds)
     assert table.column_names == rd.exposure_columns(ds.schema.scenarios[0])
@@ -216,9 +218,9 @@ def test_memory_url_reads_and_names_files_with_protocol(
     root = write(raw_writer, memory_root, exposures(click=[1, 0, 9]))
     ds = RawDataset(root, skip_bad_rows=True)
     assert read_all(ds).num_rows == 2
-    (path, _, _), = ds.bad_rows.counts
+    ((path, _, _),) = ds.bad_rows.counts
     assert path == f"{memory_root}/exposures/hp/part-0.parquet"
-    assert fsspec.filesystem("memory").exists(path[len("memory://"):])
+    assert fsspec.filesystem("memory").exists(path[len("memory://") :])
 
 
 def test_all_null_feature_column_folds_to_missing(raw_writer: Callable[..., str], tmp_path: Any) -> None:
@@ -265,7 +267,7 @@ def test_non_finite_dense_value_is_a_named_bad_row(
     ds = RawDataset(root, skip_bad_rows=True)
     table = read_all(ds)
     assert table.num_rows == 2 and np.isfinite(table.column("dense/price").to_numpy()).all()
-    (key, n), = ds.bad_rows.counts.items()
+    ((key, n),) = ds.bad_rows.counts.items()
     assert key[1:] == ("price", rd.RULE_NOT_FINITE) and n == 1
 
 
@@ -276,11 +278,15 @@ def test_dense_values_at_the_float32_limit_and_large_integers_are_read(
     table = read_all(RawDataset(write(raw_writer, str(tmp_path / "a"), _price([top, -top, 0.5]))))
     assert table.column("dense/price").to_pylist() == [top, -top, 0.5]
     # an integer dense column beyond 2**24 is rounded to float32 (pyarrow's cast used to raise)
-    table = read_all(RawDataset(write(raw_writer, str(tmp_path / "b"), _price([2**24 + 1, 3, None], pa.int64()))))
+    table = read_all(
+        RawDataset(write(raw_writer, str(tmp_path / "b"), _price([2**24 + 1, 3, None], pa.int64())))
+    )
     assert table.column("dense/price").to_pylist() == [2.0**24, 3.0, 0.0]
 
 
-@pytest.mark.parametrize("ts, row", [([30, 2**62, 20], 1), ([-(2**62) - 1, 10, 20], 0), ([30, 10, 2**63 - 1], 2)])
+@pytest.mark.parametrize(
+    "ts, row", [([30, 2**62, 20], 1), ([-(2**62) - 1, 10, 20], 0), ([30, 10, 2**63 - 1], 2)]
+)
 def test_ts_outside_the_safe_range_is_a_named_bad_row(
     raw_writer: Callable[..., str], tmp_path: Any, ts: List[int], row: int
 ) -> None:
@@ -293,7 +299,9 @@ def test_ts_outside_the_safe_range_is_a_named_bad_row(
     assert read_all(ds).num_rows == 2 and ds.bad_rows.total == 1
 
 
-def test_behaviour_ts_outside_the_safe_range_is_refused(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+def test_behaviour_ts_outside_the_safe_range_is_refused(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
     # a far-past action whose window arithmetic would wrap: it could land in any window's history
     root = write(raw_writer, str(tmp_path / "raw"), behaviors={"orders": [dict(ORDERS, ts=[5, -(2**63)])]})
     ds = RawDataset(root)
@@ -321,7 +329,9 @@ def test_uint64_values_that_would_wrap_are_a_named_bad_row(
 
 
 def test_uint64_values_that_fit_are_read_as_int64(raw_writer: Callable[..., str], tmp_path: Any) -> None:
-    hp = exposures(user_id=pa.array([2**63 - 1, 2, 1], pa.uint64()), shop=pa.array([0, 4, 2**63 - 1], pa.uint64()))
+    hp = exposures(
+        user_id=pa.array([2**63 - 1, 2, 1], pa.uint64()), shop=pa.array([0, 4, 2**63 - 1], pa.uint64())
+    )
     beh = {"orders": [dict(ORDERS, item=pa.array([3, 2**63 - 1], pa.uint64()))]}
     ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), hp, behaviors=beh))
     table = read_all(ds)
@@ -331,7 +341,9 @@ def test_uint64_values_that_fit_are_read_as_int64(raw_writer: Callable[..., str]
     assert seq.column("item").to_pylist() == [3, (2**63 - 1) % 10]
 
 
-def test_uint64_behaviour_feature_that_would_wrap_is_refused(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+def test_uint64_behaviour_feature_that_would_wrap_is_refused(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
     beh = {"orders": [dict(ORDERS, item=pa.array([3, 2**63], pa.uint64()))]}
     ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), behaviors=beh))
     with pytest.raises(DataContractError) as err:
@@ -352,7 +364,9 @@ def test_funnel_violation_is_a_named_bad_row(raw_writer: Callable[..., str], tmp
     assert {k[1:]: n for k, n in ds.bad_rows.counts.items()} == {("order", rd.RULE_FUNNEL): 1}
 
 
-def test_funnel_is_checked_across_an_unknown_middle_task(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+def test_funnel_is_checked_across_an_unknown_middle_task(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
     schema = copy.deepcopy(SCHEMA)
     schema["scenarios"][0]["tasks"] = ["click", "order", "pay"]
     hp = exposures(click=[0, 1, 1], order=[None, None, 0], pay=[1, 1, 0])
@@ -363,7 +377,9 @@ def test_funnel_is_checked_across_an_unknown_middle_task(raw_writer: Callable[..
     assert "(row 0;" in str(err.value)
 
 
-def test_a_row_with_a_nan_and_a_broken_funnel_counts_once(raw_writer: Callable[..., str], tmp_path: Any) -> None:
+def test_a_row_with_a_nan_and_a_broken_funnel_counts_once(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
     hp = exposures(price=[float("nan"), 1.0, 2.0], click=[0, 0, 1], order=[1, 0, 1])
     ds = RawDataset(write(raw_writer, str(tmp_path / "raw"), hp), skip_bad_rows=True)
     assert read_all(ds).num_rows == 2

@@ -15,7 +15,12 @@ RAW = {
         {"name": "orders", "kind": "history", "max_len": 16, "features": {"item_id": 100, "cat": 5}},
     ],
     "scenarios": [
-        {"name": "hp", "user_features": {"city": 4}, "item_features": {"shop": 9}, "tasks": ["click", "order"]},
+        {
+            "name": "hp",
+            "user_features": {"city": 4},
+            "item_features": {"shop": 9},
+            "tasks": ["click", "order"],
+        },
         {"name": "food", "item_features": {"shop": 3}, "dense_features": ["price"], "tasks": ["click"]},
     ],
 }
@@ -49,10 +54,22 @@ def test_yaml_round_trip_keeps_extras() -> None:
     [
         ({"time_unit": "h"}, "time_unit: must be one of"),
         ({"scenarios": []}, "scenarios: at least one scenario"),
-        ({"sequences": [{"name": "x", "kind": "past", "max_len": 3, "features": {"a": 2}}]}, r"sequences\.x\.kind: must be one of"),
-        ({"sequences": [{"name": "x", "kind": "history", "max_len": 0, "features": {"a": 2}}]}, r"max_len: must be a positive int"),
-        ({"scenarios": [{"name": "s", "item_features": {"a": -1}, "tasks": ["c"]}]}, r"item_features\.a: vocabulary size"),
-        ({"scenarios": [{"name": "s", "item_features": {"a": 2}, "tasks": []}]}, r"tasks: a scenario needs at least one task"),
+        (
+            {"sequences": [{"name": "x", "kind": "past", "max_len": 3, "features": {"a": 2}}]},
+            r"sequences\.x\.kind: must be one of",
+        ),
+        (
+            {"sequences": [{"name": "x", "kind": "history", "max_len": 0, "features": {"a": 2}}]},
+            r"max_len: must be a positive int",
+        ),
+        (
+            {"scenarios": [{"name": "s", "item_features": {"a": -1}, "tasks": ["c"]}]},
+            r"item_features\.a: vocabulary size",
+        ),
+        (
+            {"scenarios": [{"name": "s", "item_features": {"a": 2}, "tasks": []}]},
+            r"tasks: a scenario needs at least one task",
+        ),
         ({"scenarios": [{"name": "s", "item_features": {"ts": 2}, "tasks": ["c"]}]}, "reserved column names"),
     ],
 )
@@ -83,7 +100,10 @@ def test_shared_embeddings_group_keys_into_one_table() -> None:
         ({"x": ["seq/orders/item_id"]}, "at least two feature keys"),
         ({"x": ["seq/orders/item_id", "seq/orders/nope"]}, "'seq/orders/nope' is not a declared feature key"),
         ({"x": ["seq/orders/item_id", "exp/hp/item/shop"]}, r"one vocabulary size, got \[100, 9\]"),
-        ({"x": ["seq/orders/item_id", "seq/rt/item_id"], "y": ["seq/rt/item_id", "seq/orders/item_id"]}, "already shared"),
+        (
+            {"x": ["seq/orders/item_id", "seq/rt/item_id"], "y": ["seq/rt/item_id", "seq/orders/item_id"]},
+            "already shared",
+        ),
     ],
 )
 def test_bad_shared_embeddings_name_the_table(shared: dict, message: str) -> None:

@@ -68,10 +68,22 @@ def test_the_valid_schema_loads(tmp_path: Any) -> None:
     "path, delete, message",
     [
         ("time_units", "time_unit", "time_units: unknown key (did you mean 'time_unit'?"),
-        ("scenarios.0.user_feature", "user_features", "scenarios.feed.user_feature: unknown key (did you mean 'user_features'?"),
+        (
+            "scenarios.0.user_feature",
+            "user_features",
+            "scenarios.feed.user_feature: unknown key (did you mean 'user_features'?",
+        ),
         ("scenarios.0.task", "", "scenarios.feed.task: unknown key (did you mean 'tasks'?"),
-        ("sequences.0.max_length", "max_len", "sequences.orders.max_length: unknown key (did you mean 'max_len'?"),
-        ("recomended_eval_after", "", "recomended_eval_after: unknown key (did you mean 'recommended_eval_after'?"),
+        (
+            "sequences.0.max_length",
+            "max_len",
+            "sequences.orders.max_length: unknown key (did you mean 'max_len'?",
+        ),
+        (
+            "recomended_eval_after",
+            "",
+            "recomended_eval_after: unknown key (did you mean 'recommended_eval_after'?",
+        ),
     ],
 )
 def test_unknown_keys_name_the_place_and_the_nearest_valid_key(
@@ -91,20 +103,52 @@ def test_a_missing_required_key_is_named(tmp_path: Any) -> None:
     [
         ("sequences.0.max_len", True, "sequences.orders.max_len: must be a positive int, got bool True"),
         ("sequences.0.max_len", "8", "sequences.orders.max_len: must be a positive int, got str '8'"),
-        ("sequences.0.features.item_id", True, "sequences.orders.features.item_id: vocabulary size must be a positive int, got bool True"),
-        ("sequences.0.kind", ["history"], "sequences.orders.kind: must be one of ('history', 'realtime'), got list"),
-        ("scenarios.0.tasks", "click", "scenarios.feed.tasks: must be a list of task (0/1 label column) names, got str 'click'"),
-        ("scenarios.0.dense_features", "price", "scenarios.feed.dense_features: must be a list of float column names, got str 'price'"),
-        ("scenarios.0.user_features", ["city"], "scenarios.feed.user_features: must map column -> vocabulary size, got list"),
+        (
+            "sequences.0.features.item_id",
+            True,
+            "sequences.orders.features.item_id: vocabulary size must be a positive int, got bool True",
+        ),
+        (
+            "sequences.0.kind",
+            ["history"],
+            "sequences.orders.kind: must be one of ('history', 'realtime'), got list",
+        ),
+        (
+            "scenarios.0.tasks",
+            "click",
+            "scenarios.feed.tasks: must be a list of task (0/1 label column) names, got str 'click'",
+        ),
+        (
+            "scenarios.0.dense_features",
+            "price",
+            "scenarios.feed.dense_features: must be a list of float column names, got str 'price'",
+        ),
+        (
+            "scenarios.0.user_features",
+            ["city"],
+            "scenarios.feed.user_features: must map column -> vocabulary size, got list",
+        ),
         ("scenarios", {"feed": {}}, "scenarios: must be a list of scenario mappings, got dict"),
         ("sequences", "orders", "sequences: must be a list of sequence mappings, got str 'orders'"),
         ("time_unit", 1, "time_unit: must be a string, got int 1"),
         ("name", 7, "name: a name must be a string, got int 7"),
-        ("recommended_eval_after", "2000-01-01", "recommended_eval_after: must be an int, got str '2000-01-01'"),
+        (
+            "recommended_eval_after",
+            "2000-01-01",
+            "recommended_eval_after: must be an int, got str '2000-01-01'",
+        ),
         ("recommended_eval_after", True, "recommended_eval_after: must be an int, got bool True"),
-        ("recommended_realtime_lookback_seconds", -1, "recommended_realtime_lookback_seconds: must be a non-negative int, got int -1"),
+        (
+            "recommended_realtime_lookback_seconds",
+            -1,
+            "recommended_realtime_lookback_seconds: must be a non-negative int, got int -1",
+        ),
         ("recipe", 3, "recipe: must be a string, got int 3"),
-        ("shared_embeddings", ["item_id"], "shared_embeddings: must map table name -> list of feature keys, got list"),
+        (
+            "shared_embeddings",
+            ["item_id"],
+            "shared_embeddings: must map table name -> list of feature keys, got list",
+        ),
     ],
 )
 def test_values_are_type_checked(tmp_path: Any, path: str, value: Any, message: str) -> None:
@@ -119,14 +163,28 @@ def test_values_are_type_checked(tmp_path: Any, path: str, value: Any, message: 
         ("scenarios.0.name", "_feed", "scenarios[0].name: '_feed' is not a valid name"),
         ("sequences.0.name", "a__b", "sequences[0].name: 'a__b' is not a valid name"),
         ("sequences.0.name", "a/b", "sequences[0].name: 'a/b' is not a valid name"),
-        ("scenarios.0.user_features", {"ci.ty": 4}, "scenarios.feed.user_features: 'ci.ty' is not a valid name"),
+        (
+            "scenarios.0.user_features",
+            {"ci.ty": 4},
+            "scenarios.feed.user_features: 'ci.ty' is not a valid name",
+        ),
         ("scenarios.0.tasks", ["click", "or der"], "scenarios.feed.tasks[1]: 'or der' is not a valid name"),
-        ("scenarios.0.dense_features", ["p__x"], "scenarios.feed.dense_features[0]: 'p__x' is not a valid name"),
-        ("shared_embeddings", {"t.x": ["seq/orders/item_id", "exp/feed/item/item_id"]}, "shared_embeddings: 't.x' is not a valid name"),
+        (
+            "scenarios.0.dense_features",
+            ["p__x"],
+            "scenarios.feed.dense_features[0]: 'p__x' is not a valid name",
+        ),
+        (
+            "shared_embeddings",
+            {"t.x": ["seq/orders/item_id", "exp/feed/item/item_id"]},
+            "shared_embeddings: 't.x' is not a valid name",
+        ),
         ("name", "../elsewhere", "name: '../elsewhere' is not a valid name"),
     ],
 )
-def test_names_follow_the_documented_character_set(tmp_path: Any, path: str, value: Any, message: str) -> None:
+def test_names_follow_the_documented_character_set(
+    tmp_path: Any, path: str, value: Any, message: str
+) -> None:
     msg = refused(tmp_path, patched(path, value), message)
     assert (sch.DATASET_NAME_RULE if path == "name" else sch.NAME_RULE) in msg
 
@@ -210,7 +268,9 @@ def test_a_recursive_alias_is_refused(tmp_path: Any) -> None:
 
 def test_non_utf8_bytes_are_a_schema_error(tmp_path: Any) -> None:
     text = yaml.safe_dump(RAW, sort_keys=False).encode().replace(b"name: demo", b"name: d\xe9mo")
-    with pytest.raises(SchemaError, match=r"dataset\.yaml: not UTF-8 text \(byte 7: invalid continuation byte\)"):
+    with pytest.raises(
+        SchemaError, match=r"dataset\.yaml: not UTF-8 text \(byte 7: invalid continuation byte\)"
+    ):
         load_text(tmp_path, text)
 
 
@@ -233,16 +293,34 @@ def test_non_printable_characters_are_a_schema_error(tmp_path: Any, char: str) -
     "path, value, message",
     [
         # fold_ids takes ids mod the size in int64 and the table has size + 1 rows
-        ("sequences.0.features.item_id", 2**63 - 1, "sequences.orders.features.item_id: vocabulary size 9223372036854775807 is above 2**63 - 2"),
-        ("scenarios.0.user_features.city", 10**30, "scenarios.feed.user_features.city: vocabulary size 1000000000000000000000000000000 is above 2**63 - 2"),
+        (
+            "sequences.0.features.item_id",
+            2**63 - 1,
+            "sequences.orders.features.item_id: vocabulary size 9223372036854775807 is above 2**63 - 2",
+        ),
+        (
+            "scenarios.0.user_features.city",
+            10**30,
+            "scenarios.feed.user_features.city: vocabulary size 1000000000000000000000000000000 is above 2**63 - 2",
+        ),
         # aggregation keeps the last max_len actions with int64 arithmetic
         ("sequences.0.max_len", 2**63, "sequences.orders.max_len: 9223372036854775808 is above 2**63 - 1"),
         # the R window reaches lookback before the window start; ts lives in [-2**62, 2**62)
-        ("recommended_realtime_lookback_seconds", 2**62 + 1, "recommended_realtime_lookback_seconds: 4611686018427387905 s is more than 2**62 ticks"),
-        ("recommended_realtime_lookback_seconds", 10**30, "recommended_realtime_lookback_seconds: 1000000000000000000000000000000 s is more than 2**62 ticks"),
+        (
+            "recommended_realtime_lookback_seconds",
+            2**62 + 1,
+            "recommended_realtime_lookback_seconds: 4611686018427387905 s is more than 2**62 ticks",
+        ),
+        (
+            "recommended_realtime_lookback_seconds",
+            10**30,
+            "recommended_realtime_lookback_seconds: 1000000000000000000000000000000 s is more than 2**62 ticks",
+        ),
     ],
 )
-def test_sizes_and_durations_must_fit_the_int64_arithmetic(tmp_path: Any, path: str, value: Any, message: str) -> None:
+def test_sizes_and_durations_must_fit_the_int64_arithmetic(
+    tmp_path: Any, path: str, value: Any, message: str
+) -> None:
     refused(tmp_path, patched(path, value), message)
 
 

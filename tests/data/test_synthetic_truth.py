@@ -166,7 +166,8 @@ def test_alignment_free_schema_has_no_shared_tables() -> None:
     assert free.sparse_feature_sizes() == shared.sparse_feature_sizes()
     tables = _tables(shared)
     assert sorted(tables["category"]) == sorted(
-        ["seq/orders/category", "seq/clicks_rt/category"] + [f"exp/{s}/item/category" for s in ("feed", "coupon")]
+        ["seq/orders/category", "seq/clicks_rt/category"]
+        + [f"exp/{s}/item/category" for s in ("feed", "coupon")]
     )
     assert sorted(tables["item_id"]) == ["seq/clicks_rt/item_id", "seq/orders/item_id"]
     assert "exp/search/item/poi_cat" not in tables["category"]  # a permutation: never shared

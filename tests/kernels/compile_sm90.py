@@ -45,7 +45,14 @@ def _compile(kernel, types: Dict[str, str], consts: Dict[str, object], num_warps
 
 
 def main(first_only: bool) -> None:
-    meta = {"q_offsets": "*i64", "kv_offsets": "*i64", "q_ts": "*i64", "q_self": "*i64", "kv_kind": "*i8", "kv_ts": "*i64"}
+    meta = {
+        "q_offsets": "*i64",
+        "kv_offsets": "*i64",
+        "q_ts": "*i64",
+        "q_self": "*i64",
+        "kv_kind": "*i8",
+        "kv_ts": "*i64",
+    }
     for dt in ("bf16", "fp32"):
         att = {n: f"*{dt}" for n in ("Q", "K", "V", "Out", "DO", "DK", "DV_", "DQ")}
         att.update(meta, NVis="*fp32", Stats="*i32", alpha="fp32")
@@ -55,7 +62,9 @@ def main(first_only: bool) -> None:
             for cfg in configs[:1] if first_only else configs:
                 consts = dict(cfg.kwargs, HEADS_PER_GROUP=2, BLOCK_D=64, BLOCK_DV=64, UPCAST=False, **extra)
                 k = _compile(kernel, att, consts, cfg.num_warps, cfg.num_stages)
-                print(f"{_jit(kernel).__name__} {dt} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: shared {k.metadata.shared}")
+                print(
+                    f"{_jit(kernel).__name__} {dt} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: shared {k.metadata.shared}"
+                )
         gln = {n: f"*{dt}" for n in ("X", "W", "B", "Y", "DY", "DX")}
         gln.update(Group="*i64", Mean="*fp32", Rstd="*fp32", DW="*fp32", DB="*fp32", eps="fp32")
         for cfg in gn._configs()[:1] if first_only else gn._configs():

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 from hypothesis import given, settings
-
 from jagged_inputs import MASK_KEYS, attention_cases, build_batch
+
 from mtfm_rec.kernels.dynamic_mask import BACKENDS, dynamic_mask, dynamic_mask_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -19,7 +19,9 @@ def _mask_args(spec, device="cpu"):
     return {k: case[k] for k in MASK_KEYS}
 
 
-@pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)")
+@pytest.mark.skipif(
+    not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)"
+)
 @settings(max_examples=20, deadline=None)
 @given(attention_cases(max_block=20))
 def test_triton_equals_reference_interpreted(spec):

@@ -13,7 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtfm_rec.kernels.group_norm import BACKENDS, group_layer_norm, group_layer_norm_onehot, group_layer_norm_reference
+from mtfm_rec.kernels.group_norm import (
+    BACKENDS,
+    group_layer_norm,
+    group_layer_norm_onehot,
+    group_layer_norm_reference,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(
@@ -97,7 +102,10 @@ def test_dispatcher_rules(monkeypatch):
     with pytest.raises(ValueError, match="unknown"):
         group_layer_norm(x, group, weight, bias, backend="nope")
     torch.testing.assert_close(
-        group_layer_norm(x, group, weight, bias), group_layer_norm_reference(x, group, weight, bias), atol=0, rtol=0
+        group_layer_norm(x, group, weight, bias),
+        group_layer_norm_reference(x, group, weight, bias),
+        atol=0,
+        rtol=0,
     )
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA"):

@@ -14,9 +14,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jagged_inputs import attention_cases, build_batch
 
 from mtfm_rec.kernels.hstu_attention import BACKENDS, hstu_attention, hstu_attention_reference
-from jagged_inputs import attention_cases, build_batch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -49,7 +49,9 @@ def _run(fn: Callable, case: Dict[str, object], grad_out: torch.Tensor | None = 
     return (out.detach(),) + grads, grad_out
 
 
-def _assert_close(got: Tuple[torch.Tensor, ...], want: Tuple[torch.Tensor, ...], atol: float, rtol: float) -> None:
+def _assert_close(
+    got: Tuple[torch.Tensor, ...], want: Tuple[torch.Tensor, ...], atol: float, rtol: float
+) -> None:
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, name
         torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")

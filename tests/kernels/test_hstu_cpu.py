@@ -30,7 +30,13 @@ def _queries(layout: AttentionLayout, target: bool):
 
 
 def _both(
-    layout: AttentionLayout, target: bool, heads: int, kv_heads: int, dim: int, dim_v: int, seed: int,
+    layout: AttentionLayout,
+    target: bool,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    dim_v: int,
+    seed: int,
     max_saved_bytes: int = MAX_SAVED_WEIGHTS_BYTES,
 ):
     gen = torch.Generator().manual_seed(seed)
@@ -47,8 +53,18 @@ def _both(
         q, k, v = (t.clone().requires_grad_() for t in leaves)
         if impl == "reference":
             out = hstu_attention_reference(
-                q, k, v, q_off, layout.token_offsets, q_ts, q_self, layout.token_kind, layout.token_ts,
-                max_q, layout.max_tokens, 0.37,
+                q,
+                k,
+                v,
+                q_off,
+                layout.token_offsets,
+                q_ts,
+                q_self,
+                layout.token_kind,
+                layout.token_ts,
+                max_q,
+                layout.max_tokens,
+                0.37,
             )
         else:
             out = hstu_attention_cpu(
@@ -118,7 +134,9 @@ def test_cpp_kernel_keeps_the_input_dtype_and_refuses_other_devices() -> None:
     out = hstu_attention_cpu(q, k, k, q_off, layout.token_offsets, q_prefix, q_self_local, 0.5)
     assert out.dtype == torch.bfloat16 and out.shape == (layout.num_tokens, 2, 8)
     with pytest.raises(RuntimeError, match="runs on the CPU, got meta tensors"):
-        hstu_attention_cpu(q.to("meta"), k.to("meta"), k.to("meta"), q_off, layout.token_offsets, q_prefix, q_self_local, 0.5)
+        hstu_attention_cpu(
+            q.to("meta"), k.to("meta"), k.to("meta"), q_off, layout.token_offsets, q_prefix, q_self_local, 0.5
+        )
 
 
 def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> None:
@@ -129,7 +147,9 @@ def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> Non
     n = layout.num_tokens
     q, k = torch.randn(n, 2, 8), torch.randn(n, 1, 8)
     ops = extension()
-    args = dict(q_offsets=q_off, kv_offsets=layout.token_offsets, q_prefix=q_prefix, q_self_local=q_self_local)
+    args = dict(
+        q_offsets=q_off, kv_offsets=layout.token_offsets, q_prefix=q_prefix, q_self_local=q_self_local
+    )
     bad = {
         "one entry per query row": dict(args, q_prefix=q_prefix[:-1]),
         "must be >= 0": dict(args, q_prefix=torch.where(q_prefix > 0, -q_prefix, q_prefix)),
@@ -139,4 +159,6 @@ def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> Non
     }
     for rule, a in bad.items():
         with pytest.raises(RuntimeError, match=rule):
-            ops.forward(q, k, k, a["q_offsets"], a["kv_offsets"], a["q_prefix"], a["q_self_local"], 0.5, True, 1 << 20)
+            ops.forward(
+                q, k, k, a["q_offsets"], a["kv_offsets"], a["q_prefix"], a["q_self_local"], 0.5, True, 1 << 20
+            )

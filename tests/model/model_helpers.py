@@ -6,20 +6,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterable, List
 
-import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model import MTFM, ModelConfig
-from mtfm_rec.model.examples import demo_schema
 
 
 def small_config(**overrides: object) -> ModelConfig:
     base = dict(
-        embedding_dim=8, d_model=32, tokenizer_hidden=[32], num_blocks=1, target_layers_per_block=1,
-        full_layers_per_block=1, num_heads=4, num_kv_heads=2, num_experts=3, expert_dim=16, tower_dim=8,
+        embedding_dim=8,
+        d_model=32,
+        tokenizer_hidden=[32],
+        num_blocks=1,
+        target_layers_per_block=1,
+        full_layers_per_block=1,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=3,
+        expert_dim=16,
+        tower_dim=8,
     )
     base.update(overrides)
     return ModelConfig(**base)  # type: ignore[arg-type]

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import small_config
 
 from mtfm_rec.kernels.hstu_attention import hstu_attention_reference
 from mtfm_rec.model import ModelConfig
 from mtfm_rec.model.attention import FullAttentionLayer, TargetAttentionLayer, prefix_hstu_attention
 from mtfm_rec.model.examples import random_batch
 from mtfm_rec.model.mask import build_layout
-
-from model_helpers import small_config
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
@@ -31,12 +30,31 @@ def test_prefix_attention_equals_kernel_reference(schema, num_kv_heads: int, tar
         q_args = (layout.token_offsets, layout.token_ts, layout.full_self, layout.max_tokens)
         p_args = (layout.token_pad_index, layout.full_prefix, layout.full_self_local, layout.max_tokens)
     ref = hstu_attention_reference(
-        q, k, v, q_args[0], layout.token_offsets, q_args[1], q_args[2], layout.token_kind,
-        layout.token_ts, q_args[3], layout.max_tokens, 0.3,
+        q,
+        k,
+        v,
+        q_args[0],
+        layout.token_offsets,
+        q_args[1],
+        q_args[2],
+        layout.token_kind,
+        layout.token_ts,
+        q_args[3],
+        layout.max_tokens,
+        0.3,
     )
     ours = prefix_hstu_attention(
-        q, k, v, p_args[0], layout.token_pad_index, p_args[1], p_args[2],
-        layout.batch_size, p_args[3], layout.max_tokens, 0.3,
+        q,
+        k,
+        v,
+        p_args[0],
+        layout.token_pad_index,
+        p_args[1],
+        p_args[2],
+        layout.batch_size,
+        p_args[3],
+        layout.max_tokens,
+        0.3,
     )
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
@@ -78,7 +96,9 @@ def test_gqa_layer_matches_expanded_kv_heads(schema, num_kv_heads: int) -> None:
     uq = 2 * h * d_head
 
     def expand(t: torch.Tensor) -> torch.Tensor:  # [G*D, ...] -> [H*D, ...], head i reads group i // r
-        return t.view(g, d_head, *t.shape[1:]).repeat_interleave(h // g, dim=0).reshape(h * d_head, *t.shape[1:])
+        return (
+            t.view(g, d_head, *t.shape[1:]).repeat_interleave(h // g, dim=0).reshape(h * d_head, *t.shape[1:])
+        )
 
     k_w, v_w = w[uq : uq + g * d_head], w[uq + g * d_head :]
     k_b, v_b = b[uq : uq + g * d_head], b[uq + g * d_head :]

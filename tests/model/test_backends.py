@@ -16,16 +16,18 @@ from typing import Dict, Tuple
 
 import pytest
 import torch
+from model_helpers import make_model
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.model import MTFM
 from mtfm_rec.model.examples import random_batch
-from model_helpers import make_model
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _loss_scores_grads(model: MTFM, batch: Batch) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+def _loss_scores_grads(
+    model: MTFM, batch: Batch
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss, out = model(batch)
     loss.backward()
@@ -57,7 +59,9 @@ def _assert_backend_matches_reference(schema, backend: str, device: str, rtol: f
         torch.testing.assert_close(grads[name], ref_grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)")
+@pytest.mark.skipif(
+    not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)"
+)
 def test_triton_path_matches_reference_loss_and_every_gradient_interpreted(schema) -> None:
     _assert_backend_matches_reference(schema, "triton", "cpu", rtol=1e-4, atol=1e-5)
 
@@ -81,7 +85,12 @@ def test_auto_is_triton_on_cuda_and_the_cpp_kernel_elsewhere() -> None:
     assert resolve_attention_backend("auto", torch.device("cpu")) == "cpp"
     assert resolve_attention_backend("reference", torch.device("cuda")) == "reference"
     # the norm that goes with each: the one-hot CPU norm with cpp; prefix keeps the reference norm
-    assert [norm_backend(b) for b in ("cpp", "prefix", "triton", "reference")] == ["onehot", "auto", "triton", "reference"]
+    assert [norm_backend(b) for b in ("cpp", "prefix", "triton", "reference")] == [
+        "onehot",
+        "auto",
+        "triton",
+        "reference",
+    ]
 
 
 def test_unknown_backend_is_refused_by_the_config() -> None:

@@ -15,7 +15,13 @@ def test_config_builds_and_runs(schema, path: str) -> None:
     cfg = load_config(path, ["data.raw=/nonexistent"])
     if path.endswith("paper.yaml"):
         m = cfg.model  # the paper's sizes (4.1.3)
-        assert (m.d_model, m.num_blocks, m.target_layers_per_block, m.num_heads, m.num_kv_heads) == (768, 4, 3, 3, 1)
+        assert (m.d_model, m.num_blocks, m.target_layers_per_block, m.num_heads, m.num_kv_heads) == (
+            768,
+            4,
+            3,
+            3,
+            1,
+        )
     torch.manual_seed(0)
     model = MTFM(schema, cfg.model)
     assert len(model.dense.hta.layers) == cfg.model.num_blocks * (

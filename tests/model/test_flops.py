@@ -7,6 +7,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 import torch
+from model_helpers import small_config
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -18,22 +19,36 @@ from mtfm_rec.model import MTFM, ModelConfig
 from mtfm_rec.model.examples import fixed_size_batch, random_batch
 from mtfm_rec.model.flops import layer_flops, model_flops, visible_pairs
 
-from model_helpers import small_config
-
 TINY_SCHEMA = DatasetSchema.from_dict(
     {
         "name": "tiny",
         "time_unit": "s",
-        "sequences": [{"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 20, "cat": 5}}],
+        "sequences": [
+            {"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 20, "cat": 5}}
+        ],
         "scenarios": [
-            {"name": "feed", "user_features": {"city": 5}, "item_features": {"item": 20},
-             "dense_features": ["price"], "tasks": ["click", "order"]},
+            {
+                "name": "feed",
+                "user_features": {"city": 5},
+                "item_features": {"item": 20},
+                "dense_features": ["price"],
+                "tasks": ["click", "order"],
+            },
         ],
     }
 )
 TINY_CONFIG = ModelConfig(
-    embedding_dim=4, d_model=8, tokenizer_hidden=[6], num_blocks=1, target_layers_per_block=1,
-    full_layers_per_block=1, num_heads=2, num_kv_heads=1, num_experts=2, expert_dim=3, tower_dim=5,
+    embedding_dim=4,
+    d_model=8,
+    tokenizer_hidden=[6],
+    num_blocks=1,
+    target_layers_per_block=1,
+    full_layers_per_block=1,
+    num_heads=2,
+    num_kv_heads=1,
+    num_experts=2,
+    expert_dim=3,
+    tower_dim=5,
 )
 
 
@@ -67,12 +82,24 @@ def test_visible_pairs_equal_the_reference_mask(schema, ts_pool: int) -> None:
     batch = random_batch(schema, 6, seq_len=(0, 9), exposures=(0, 4), seed=5, ts_pool=ts_pool)
     n_self = torch.where(batch.token_kind.to(torch.int64) == TOKEN_TARGET, torch.arange(batch.num_tokens), -1)
     full = dynamic_mask_padded(
-        batch.token_offsets, batch.token_offsets, batch.token_ts, n_self, batch.token_kind, batch.token_ts,
-        batch.max_tokens, batch.max_tokens,
+        batch.token_offsets,
+        batch.token_offsets,
+        batch.token_ts,
+        n_self,
+        batch.token_kind,
+        batch.token_ts,
+        batch.max_tokens,
+        batch.max_tokens,
     )
     target = dynamic_mask_padded(
-        batch.target_offsets, batch.token_offsets, batch.token_ts[batch.target_rows], batch.target_rows,
-        batch.token_kind, batch.token_ts, batch.max_targets, batch.max_tokens,
+        batch.target_offsets,
+        batch.token_offsets,
+        batch.token_ts[batch.target_rows],
+        batch.target_rows,
+        batch.token_kind,
+        batch.token_ts,
+        batch.max_targets,
+        batch.max_tokens,
     )
     assert visible_pairs(batch) == (int(full.sum()), int(target.sum()))
     t = int(batch.target_rows.numel())
@@ -97,11 +124,14 @@ def test_count_equals_flop_counter_mode_on_the_padded_reference(schema, use_sequ
     measured = _measured(model, batch)
     assert measured["MTFM.dense.tokenizer"] == count.tokenizer
     for i, layer in enumerate(count.layers):
-        assert measured[f"MTFM.dense.hta.layers.{i}"] == layer.projections + layer.attention_padded, layer.kind
+        assert measured[f"MTFM.dense.hta.layers.{i}"] == layer.projections + layer.attention_padded, (
+            layer.kind
+        )
     # the towers' output layer is an elementwise product and a sum in heads.py, which
     # FlopCounterMode does not see: 2 FLOPs per (exposure, task, tower unit)
     tower_out = sum(
-        2 * int(batch.target_positions[s.name].numel()) * len(s.tasks) * config.tower_dim for s in schema.scenarios
+        2 * int(batch.target_positions[s.name].numel()) * len(s.tasks) * config.tower_dim
+        for s in schema.scenarios
     )
     assert measured["MTFM.dense.heads"] == count.heads - tower_out
     assert measured["Global"] == count.forward_padded - tower_out
@@ -162,13 +192,28 @@ def test_trainer_logs_model_flops_and_mfu(schema, tmp_path) -> None:
     from mtfm_rec.training.trainer import Trainer
 
     batches = [random_batch(schema, 4, seq_len=(1, 8), exposures=(1, 3), seed=s) for s in range(3)]
-    config = load_config(None, [
-        f"train.run_dir={tmp_path}/run", "train.max_steps=4", "train.log_every=2", "train.eval_splits=[]",
-        "train.peak_gflops=1000", "train.progress_bar=false", "train.tensorboard=false", "train.plots=false",
-        "train.sharding.print_plan=false", "model.d_model=16", "model.num_blocks=1", "model.expert_dim=8",
-    ])
+    config = load_config(
+        None,
+        [
+            f"train.run_dir={tmp_path}/run",
+            "train.max_steps=4",
+            "train.log_every=2",
+            "train.eval_splits=[]",
+            "train.peak_gflops=1000",
+            "train.progress_bar=false",
+            "train.tensorboard=false",
+            "train.plots=false",
+            "train.sharding.print_plan=false",
+            "model.d_model=16",
+            "model.num_blocks=1",
+            "model.expert_dim=8",
+        ],
+    )
     trainer = Trainer(
-        config, model_fn=lambda s: MTFM(s, config.model), loader_fn=lambda split: _ListLoader(batches), schema=schema
+        config,
+        model_fn=lambda s: MTFM(s, config.model),
+        loader_fn=lambda split: _ListLoader(batches),
+        schema=schema,
     )
     try:
         summary = trainer.fit()

@@ -81,12 +81,24 @@ def test_prefix_encoding_matches_kernel_reference_mask() -> None:
         batch = random_batch(schema, 5, seed=seed, ts_pool=6)  # ties between R and T ts
         layout = build_layout(batch)
         ref_full = dynamic_mask_padded(
-            batch.token_offsets, batch.token_offsets, batch.token_ts,
-            layout.full_self, batch.token_kind, batch.token_ts, batch.max_tokens, batch.max_tokens,
+            batch.token_offsets,
+            batch.token_offsets,
+            batch.token_ts,
+            layout.full_self,
+            batch.token_kind,
+            batch.token_ts,
+            batch.max_tokens,
+            batch.max_tokens,
         )
         assert torch.equal(dense_mask(layout, target_queries=False), ref_full)
         ref_target = dynamic_mask_padded(
-            batch.target_offsets, batch.token_offsets, layout.target_ts,
-            batch.target_rows, batch.token_kind, batch.token_ts, batch.max_targets, batch.max_tokens,
+            batch.target_offsets,
+            batch.token_offsets,
+            layout.target_ts,
+            batch.target_rows,
+            batch.token_kind,
+            batch.token_ts,
+            batch.max_targets,
+            batch.max_tokens,
         )
         assert torch.equal(dense_mask(layout, target_queries=True), ref_target)

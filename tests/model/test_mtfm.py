@@ -8,20 +8,19 @@ from typing import Dict, List
 import pyarrow as pa
 import pytest
 import torch
+from model_helpers import exposure_scores, make_model, perturb_tokens, sample_rows
 
-from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import TOKEN_REALTIME, TOKEN_TARGET, collate
-from mtfm_rec.model import MTFM
 from mtfm_rec.model.examples import random_batch, random_table
 from mtfm_rec.model.heads import funnel_log_probs
-
-from model_helpers import exposure_scores, make_model, perturb_tokens, sample_rows
 
 
 @pytest.mark.parametrize(
     "stack",
-    [dict(num_blocks=2, target_layers_per_block=1, full_layers_per_block=1, attention_backend="reference"),
-     dict(num_blocks=1, target_layers_per_block=1, full_layers_per_block=2, attention_backend="prefix")],
+    [
+        dict(num_blocks=2, target_layers_per_block=1, full_layers_per_block=1, attention_backend="reference"),
+        dict(num_blocks=1, target_layers_per_block=1, full_layers_per_block=2, attention_backend="prefix"),
+    ],
 )
 def test_target_score_ignores_later_realtime_and_other_targets(schema, stack: Dict[str, object]) -> None:
     """Changing R tokens with ts >= a T token's, and the other T tokens, leaves its score unchanged."""
@@ -34,8 +33,11 @@ def test_target_score_ignores_later_realtime_and_other_targets(schema, stack: Di
     for b in range(batch.batch_size):
         rows = sample_rows(batch, b)
         for i in [r for r in rows if kind[r] == TOKEN_TARGET][:2]:
-            hidden = [r for r in rows if r != i and (
-                kind[r] == TOKEN_TARGET or (kind[r] == TOKEN_REALTIME and ts[r] >= ts[i]))]
+            hidden = [
+                r
+                for r in rows
+                if r != i and (kind[r] == TOKEN_TARGET or (kind[r] == TOKEN_REALTIME and ts[r] >= ts[i]))
+            ]
             with torch.no_grad():
                 after = exposure_scores(model(perturb_tokens(batch, schema, hidden, seed=i))[1], batch)
             torch.testing.assert_close(after[i], base[i], rtol=0, atol=1e-6)
@@ -50,9 +52,17 @@ def test_target_score_depends_on_earlier_realtime(schema) -> None:
     model = make_model(schema, num_blocks=1, target_layers_per_block=1, full_layers_per_block=0)
     batch = random_batch(schema, 3, seq_len=(2, 8), exposures=(1, 3), seed=2)
     kind, ts = batch.token_kind.tolist(), batch.token_ts.tolist()
-    i = next(r for r in range(batch.num_tokens) if kind[r] == TOKEN_TARGET and any(
-        kind[j] == TOKEN_REALTIME and ts[j] < ts[r] for j in sample_rows(batch, int(
-            torch.searchsorted(batch.token_offsets, torch.tensor(r), right=True)) - 1)))
+    i = next(
+        r
+        for r in range(batch.num_tokens)
+        if kind[r] == TOKEN_TARGET
+        and any(
+            kind[j] == TOKEN_REALTIME and ts[j] < ts[r]
+            for j in sample_rows(
+                batch, int(torch.searchsorted(batch.token_offsets, torch.tensor(r), right=True)) - 1
+            )
+        )
+    )
     b = int(torch.searchsorted(batch.token_offsets, torch.tensor(i), right=True)) - 1
     earlier = [j for j in sample_rows(batch, b) if kind[j] == TOKEN_REALTIME and ts[j] < ts[i]]
     with torch.no_grad():
@@ -68,7 +78,9 @@ def _permute_sample_exposures(table: pa.Table, scenario: str, sample: int, perm:
             col = table.column(name).to_pylist()
             col[sample] = [col[sample][p] for p in perm]
             index = table.column_names.index(name)
-            table = table.set_column(index, table.schema.field(index), pa.array(col, type=table.schema.field(index).type))
+            table = table.set_column(
+                index, table.schema.field(index), pa.array(col, type=table.schema.field(index).type)
+            )
     return table
 
 
@@ -120,8 +132,11 @@ def test_task_weights_are_applied_and_checked(schema) -> None:
     expected = (sum(parts.values()) + 2.0 * parts["sc0/click"]) / (len(parts) + 2.0)
     torch.testing.assert_close(loss_w, expected, rtol=1e-5, atol=1e-6)
     # per exposure: a weight w on a task counts each of its labels w times
-    counts = {f"{s.name}/{t}": float(batch.label_mask[s.name][:, i].sum())
-              for s in schema.scenarios for i, t in enumerate(s.tasks)}
+    counts = {
+        f"{s.name}/{t}": float(batch.label_mask[s.name][:, i].sum())
+        for s in schema.scenarios
+        for i, t in enumerate(s.tasks)
+    }
     loss_e, _ = make_model(schema, task_weights={"sc0/click": 3.0})(batch)
     num = sum(parts[k] * counts[k] * (3.0 if k == "sc0/click" else 1.0) for k in parts)
     den = sum(counts[k] * (3.0 if k == "sc0/click" else 1.0) for k in parts)
@@ -157,8 +172,15 @@ def test_sample_with_one_scenario_and_batch_independence(schema) -> None:
 
 @pytest.mark.parametrize("k,p", [(0, 16), (16, 0)])
 def test_extreme_stacks_build_and_run(schema, k: int, p: int) -> None:
-    model = make_model(schema, d_model=16, num_heads=2, num_kv_heads=1, num_blocks=1,
-                       target_layers_per_block=k, full_layers_per_block=p)
+    model = make_model(
+        schema,
+        d_model=16,
+        num_heads=2,
+        num_kv_heads=1,
+        num_blocks=1,
+        target_layers_per_block=k,
+        full_layers_per_block=p,
+    )
     kinds = model.dense.hta.kinds
     assert len(kinds) == 16 and kinds.count("target") == k
     loss, _ = model(random_batch(schema, 3, seed=1))
@@ -229,7 +251,9 @@ def test_dense_forward_reads_no_tensor_value_on_the_host(schema, backend: str, u
     batch = random_batch(schema, 3, seed=4)
     emb = model.embedding_collection(batch.sparse_features)
     meta = torch.device("meta")
-    emb_meta = {k: JaggedTensor(values=v.values().to(meta), lengths=v.lengths().to(meta)) for k, v in emb.items()}
+    emb_meta = {
+        k: JaggedTensor(values=v.values().to(meta), lengths=v.lengths().to(meta)) for k, v in emb.items()
+    }
     loss, out = model.dense.to(meta)(emb_meta, batch.to(meta))
     assert loss.device == meta and loss.shape == ()
     assert out["sc2"].shape == batch.labels["sc2"].shape

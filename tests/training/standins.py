@@ -24,16 +24,26 @@ from mtfm_rec.data.schema import DatasetSchema
 
 # Overrides that keep a test's training run quiet: no progress bar, TensorBoard, plots or plan.
 QUIET = [
-    "train.progress_bar=false", "train.tensorboard=false", "train.plots=false", "train.sharding.print_plan=false",
+    "train.progress_bar=false",
+    "train.tensorboard=false",
+    "train.plots=false",
+    "train.sharding.print_plan=false",
 ]
 
 SCHEMA = DatasetSchema.from_dict(
     {
         "name": "standin",
         "time_unit": "s",
-        "sequences": [{"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 50, "cat": 5}}],
+        "sequences": [
+            {"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 50, "cat": 5}}
+        ],
         "scenarios": [
-            {"name": "a", "user_features": {"u": 20}, "item_features": {"item": 50}, "tasks": ["click", "buy"]},
+            {
+                "name": "a",
+                "user_features": {"u": 20},
+                "item_features": {"item": 50},
+                "tasks": ["click", "buy"],
+            },
             {"name": "b", "item_features": {"item": 50, "cat": 5}, "tasks": ["click"]},
         ],
     }
@@ -50,14 +60,18 @@ def make_table(num_users: int = 256, seed: int = 0) -> pa.Table:
         cols[fmt.USER_ID].append(u)
         cols[fmt.WINDOW_START].append(1000)
         cols[fmt.WINDOW_END].append(2000)
-        cols.setdefault(fmt.seq_ts("orders"), []).append(sorted(int(t) for t in rng.integers(0, 999, len(hist))))
+        cols.setdefault(fmt.seq_ts("orders"), []).append(
+            sorted(int(t) for t in rng.integers(0, 999, len(hist)))
+        )
         cols.setdefault(fmt.seq_feature("orders", "item"), []).append(hist)
         cols.setdefault(fmt.seq_feature("orders", "cat"), []).append([i % 5 for i in hist])
         for s in SCHEMA.scenarios:
             n = int(rng.integers(1, 4))
             items = rng.integers(0, 50, size=n)
             click = ((items % 5 == taste) | (rng.random(n) < 0.1)).astype(np.int8)
-            cols.setdefault(fmt.exp_ts(s.name), []).append(sorted(int(t) for t in rng.integers(1000, 2000, n)))
+            cols.setdefault(fmt.exp_ts(s.name), []).append(
+                sorted(int(t) for t in rng.integers(1000, 2000, n))
+            )
             cols.setdefault(fmt.exp_request_id(s.name), []).append([-1] * n)
             cols.setdefault(fmt.exp_split(s.name), []).append([-1] * n)
             for g, c, _ in s.categorical():
@@ -146,14 +160,21 @@ class StandinModel(nn.Module):
     def __init__(self, schema: DatasetSchema = SCHEMA, dim: int = 8, use_sequences: bool = True) -> None:
         super().__init__()
         sizes = schema.sparse_feature_sizes()
-        self.keys = {s.name: [f"exp/{s.name}/{g}/{c}" for g, c, _ in s.categorical()] for s in schema.scenarios}
+        self.keys = {
+            s.name: [f"exp/{s.name}/{g}/{c}" for g, c, _ in s.categorical()] for s in schema.scenarios
+        }
         self.use_sequences = use_sequences
         # history and exposure categories share one table: their product reveals the taste
         cats = [k for k in sizes if k.endswith("/cat")]
         self.match_keys = {
-            s: f"exp/{s}/item/cat" if f"exp/{s}/item/cat" in sizes else f"exp/{s}/item/item" for s in self.keys
+            s: f"exp/{s}/item/cat" if f"exp/{s}/item/cat" in sizes else f"exp/{s}/item/item"
+            for s in self.keys
         }
-        tables = [EmbeddingConfig(name="cat_table", num_embeddings=sizes[cats[0]], embedding_dim=dim, feature_names=cats)]
+        tables = [
+            EmbeddingConfig(
+                name="cat_table", num_embeddings=sizes[cats[0]], embedding_dim=dim, feature_names=cats
+            )
+        ]
         tables += [
             EmbeddingConfig(name=k.replace("/", "__"), num_embeddings=n, embedding_dim=dim, feature_names=[k])
             for k, n in sizes.items()
@@ -162,7 +183,9 @@ class StandinModel(nn.Module):
         self.embedding_collection = EmbeddingCollection(tables=tables, device=torch.device("cpu"))
         self.towers = nn.ModuleDict(
             {
-                s.name: nn.Sequential(nn.Linear(dim * (len(self.keys[s.name]) + 2), 16), nn.ReLU(), nn.Linear(16, len(s.tasks)))
+                s.name: nn.Sequential(
+                    nn.Linear(dim * (len(self.keys[s.name]) + 2), 16), nn.ReLU(), nn.Linear(16, len(s.tasks))
+                )
                 for s in schema.scenarios
             }
         )
@@ -172,11 +195,19 @@ class StandinModel(nn.Module):
         emb = self.embedding_collection(batch.sparse_features)
         seq = emb["seq/orders/cat"]
         x = _exposure_inputs(
-            emb, seq.values(), seq.lengths(), batch.exposure_sample, self.keys, self.match_keys, self.use_sequences
+            emb,
+            seq.values(),
+            seq.lengths(),
+            batch.exposure_sample,
+            self.keys,
+            self.match_keys,
+            self.use_sequences,
         )
         return self._heads(x, batch.labels, batch.label_mask)
 
-    def _heads(self, x: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], mask: Dict[str, torch.Tensor]):
+    def _heads(
+        self, x: Dict[str, torch.Tensor], labels: Dict[str, torch.Tensor], mask: Dict[str, torch.Tensor]
+    ):
         total = torch.zeros(())
         count = torch.zeros(())
         preds = {}

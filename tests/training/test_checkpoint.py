@@ -50,8 +50,12 @@ def test_plain_round_trip_restores_params_optimizer_rng(tmp_path) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     _train_plain(model, opt, 3)
     path = save_checkpoint(
-        str(tmp_path), 3, model, opt,
-        rank_state={"samples_seen": 48, "epoch": 0}, metadata={"best_auc": 0.7, "config": {"lr": 0.01}},
+        str(tmp_path),
+        3,
+        model,
+        opt,
+        rank_state={"samples_seen": 48, "epoch": 0},
+        metadata={"best_auc": 0.7, "config": {"lr": 0.01}},
     )
     expected_draws = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     ref_params = {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,8 +153,10 @@ class _Model(torch.nn.Module):
 
         super().__init__()
         self.ec = EmbeddingCollection(
-            tables=[EmbeddingConfig(name=t, embedding_dim=DIM, num_embeddings=n, feature_names=[f"f_{t}"])
-                    for t, n in TABLES.items()],
+            tables=[
+                EmbeddingConfig(name=t, embedding_dim=DIM, num_embeddings=n, feature_names=[f"f_{t}"])
+                for t, n in TABLES.items()
+            ],
             device=device,
         )
         self.dense = torch.nn.Linear(DIM, 1)
@@ -193,7 +199,9 @@ def _train_dmp(dmp: torch.nn.Module, opt: Any, steps: int, seed: int) -> None:
     for _ in range(steps):
         values = [torch.randint(0, n, (6,), generator=g) for n in TABLES.values()]
         kjt = KeyedJaggedTensor(
-            keys=[f"f_{t}" for t in TABLES], values=torch.cat(values), lengths=torch.ones(12, dtype=torch.int32)
+            keys=[f"f_{t}" for t in TABLES],
+            values=torch.cat(values),
+            lengths=torch.ones(12, dtype=torch.int32),
         )
         dmp(kjt).backward()
         opt.step()
@@ -203,7 +211,11 @@ def _train_dmp(dmp: torch.nn.Module, opt: Any, steps: int, seed: int) -> None:
 def _local(v: Any) -> Any:
     """This rank's part of a value: ("shards", size, [(offsets, tensor)]) or ("full", value)."""
     if isinstance(v, ShardedTensor):
-        return ("shards", tuple(v.size()), [(s.metadata.shard_offsets, s.tensor.detach().clone()) for s in v.local_shards()])
+        return (
+            "shards",
+            tuple(v.size()),
+            [(s.metadata.shard_offsets, s.tensor.detach().clone()) for s in v.local_shards()],
+        )
     if isinstance(v, DTensor):
         return ("full", v.full_tensor())
     return ("full", v.detach().clone() if isinstance(v, torch.Tensor) else v)
@@ -265,7 +277,10 @@ def _two_rank_main(rank: int, port: int, tmp: str) -> None:
         }
         _train_dmp(dmp, opt, 2, seed=2)
         save_checkpoint(
-            os.path.join(tmp, "ckpt2"), 5, dmp, opt,
+            os.path.join(tmp, "ckpt2"),
+            5,
+            dmp,
+            opt,
             rank_state={"samples_seen": 10 * (rank + 1), "epoch": 0, "file_offset": rank},
             metadata={"best": {"valid/auc": 0.61}},
         )
@@ -289,8 +304,11 @@ def _damaged_on_two_ranks(root: str, dmp: torch.nn.Module, opt: Any) -> Dict[str
             with open(os.path.join(newest, name), "r+b") as fh:
                 fh.write(b"\0" * 16)
     dist.barrier()
-    return {"manifest_files": sorted(manifest["files"]), "problems": verify_checkpoint(newest),
-            "selected": select_checkpoint(root)}
+    return {
+        "manifest_files": sorted(manifest["files"]),
+        "problems": verify_checkpoint(newest),
+        "selected": select_checkpoint(root),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +363,9 @@ def test_one_rank_checkpoint_loads_on_two_ranks(resharded: Dict[str, Any]) -> No
 def test_two_rank_checkpoint_loads_on_one_rank(resharded: Dict[str, Any]) -> None:
     ref2 = resharded["two"][0]["ref2"]
     _assert_same(resharded["two"][1]["ref2"], ref2)  # both ranks saw the same full state
-    assert not torch.equal(ref2["model/ec.embeddings.t0.weight"], resharded["ref1"]["model/ec.embeddings.t0.weight"])
+    assert not torch.equal(
+        ref2["model/ec.embeddings.t0.weight"], resharded["ref1"]["model/ec.embeddings.t0.weight"]
+    )
     _assert_same(resharded["state3"], ref2)
     state = resharded["ckpt3"]
     assert state.step == 5 and state.saved_world_size == 2 and state.samples_seen == 30
@@ -363,7 +383,9 @@ def test_two_rank_checkpoint_loads_on_one_rank(resharded: Dict[str, Any]) -> Non
 def test_two_ranks_hash_their_own_files_and_agree_on_a_damaged_checkpoint(resharded: Dict[str, Any]) -> None:
     one, two = resharded["two"]
     # each rank's data file is in the manifest (hashed by the rank that wrote it)
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.json", "ranks.json", "rng.pt"} <= set(one["manifest_files"])
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.json", "ranks.json", "rng.pt"} <= set(
+        one["manifest_files"]
+    )
     # each rank checked a share of the files; the gathered problems, on both ranks, name them all
     assert one["problems"] == two["problems"]
     assert [p.split(":")[0] for p in one["problems"]] == one["manifest_files"]
@@ -388,7 +410,9 @@ def _one_rank_group_main(rank: int, port: int, tmp: str) -> None:
         path = save_checkpoint(os.path.join(tmp, "one"), 2, dmp, opt, rank_state={"samples_seen": 4})
         _train_dmp(dmp, opt, 1, seed=4)
         load_checkpoint(path, dmp, opt)
-        torch.save({"calls": calls, "before": before, "after": _full_state(dmp, opt)}, os.path.join(tmp, "one.pt"))
+        torch.save(
+            {"calls": calls, "before": before, "after": _full_state(dmp, opt)}, os.path.join(tmp, "one.pt")
+        )
     finally:
         dcp.save, dcp.load = save, load
         dist.destroy_process_group()

@@ -71,11 +71,23 @@ def _overwrite(text: str) -> Callable[[str], None]:
 # damage name -> (file to damage, what to do to it, the problem line expected)
 DAMAGES: Dict[str, tuple] = {
     "distcp deleted": (_distcp, os.remove, r"__0_0\.distcp: missing"),
-    "distcp truncated": (_distcp, _truncate, r"__0_0\.distcp: size differs \(manifest \d+ bytes, on disk 100\)"),
+    "distcp truncated": (
+        _distcp,
+        _truncate,
+        r"__0_0\.distcp: size differs \(manifest \d+ bytes, on disk 100\)",
+    ),
     "4 KB flipped": (_distcp, _flip_4k, r"__0_0\.distcp: checksum differs"),
     ".metadata deleted": (lambda p: os.path.join(p, ".metadata"), os.remove, r"\.metadata: missing"),
-    "meta.json broken": (lambda p: os.path.join(p, "meta.json"), _overwrite("{broken"), r"meta\.json: size differs"),
-    "manifest broken": (lambda p: os.path.join(p, COMPLETE), _overwrite('{"files": '), r"COMPLETE: manifest unreadable"),
+    "meta.json broken": (
+        lambda p: os.path.join(p, "meta.json"),
+        _overwrite("{broken"),
+        r"meta\.json: size differs",
+    ),
+    "manifest broken": (
+        lambda p: os.path.join(p, COMPLETE),
+        _overwrite('{"files": '),
+        r"COMPLETE: manifest unreadable",
+    ),
 }
 
 
@@ -94,7 +106,11 @@ def test_manifest_lists_every_file_with_size_and_sha256(two_checkpoints) -> None
     manifest = read_manifest(p2)
     assert manifest is not None and manifest["step"] == 2
     on_disk = sorted(n for n in os.listdir(p2) if n != COMPLETE)
-    assert sorted(manifest["files"]) == on_disk == [".metadata", "__0_0.distcp", "meta.json", "ranks.json", "rng.pt"]
+    assert (
+        sorted(manifest["files"])
+        == on_disk
+        == [".metadata", "__0_0.distcp", "meta.json", "ranks.json", "rng.pt"]
+    )
     for name, entry in manifest["files"].items():
         assert entry["size"] == os.path.getsize(os.path.join(p2, name))
         assert entry["sha256"] == ckpt._sha256(os.path.join(p2, name))
@@ -102,7 +118,9 @@ def test_manifest_lists_every_file_with_size_and_sha256(two_checkpoints) -> None
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_newest_checkpoint_is_reported_and_the_newest_good_one_resumes(two_checkpoints, damage, caplog) -> None:
+def test_damaged_newest_checkpoint_is_reported_and_the_newest_good_one_resumes(
+    two_checkpoints, damage, caplog
+) -> None:
     root, p1, p2, first_state = two_checkpoints
     target, act, problem = DAMAGES[damage]
     act(target(p2))
@@ -113,8 +131,9 @@ def test_damaged_newest_checkpoint_is_reported_and_the_newest_good_one_resumes(t
     with caplog.at_level(logging.WARNING, logger="mtfm_rec.training.checkpoint"):
         chosen = select_checkpoint(root)
     assert chosen == p1
-    assert any("step_2 fails verification" in r.message and re.search(problem, r.message)
-               for r in caplog.records), caplog.text
+    assert any(
+        "step_2 fails verification" in r.message and re.search(problem, r.message) for r in caplog.records
+    ), caplog.text
     # set aside, files kept: no longer the latest, never pruned
     assert os.path.isdir(f"{p2}.damaged") and not os.path.exists(p2)
     assert latest_checkpoint(root) == p1
@@ -128,7 +147,9 @@ def test_no_checkpoint_verifies_raises_listing_each_and_keeps_them(two_checkpoin
     root, p1, p2, _ = two_checkpoints
     os.remove(_distcp(p1))
     _flip_4k(_distcp(p2))
-    with pytest.raises(CheckpointCorruptError, match=r"no checkpoint under .* verifies.*not restarted from step 0") as err:
+    with pytest.raises(
+        CheckpointCorruptError, match=r"no checkpoint under .* verifies.*not restarted from step 0"
+    ) as err:
         select_checkpoint(root)
     assert "step_2: __0_0.distcp: checksum differs" in str(err.value)
     assert "step_1: __0_0.distcp: missing" in str(err.value)
@@ -170,16 +191,21 @@ def test_disk_full_in_dcp_write_names_the_checkpoint_and_keeps_earlier_ones(tmp_
     root = str(tmp_path)
     save_checkpoint(root, 1, _model(1))
     monkeypatch.setattr(dcp_fs, "_write_item", _disk_full)  # every tensor write of DCP
-    with pytest.raises(CheckpointWriteError, match=r"checkpoint .*step_2 was not written: the disk is full "
-                       r"\(No space left on device; \d+ bytes free .*earlier checkpoints are intact "
-                       r"\(newest: .*step_1\)") as err:
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"checkpoint .*step_2 was not written: the disk is full "
+        r"\(No space left on device; \d+ bytes free .*earlier checkpoints are intact "
+        r"\(newest: .*step_1\)",
+    ) as err:
         save_checkpoint(root, 2, _model(2))
     assert err.value.errno == errno.ENOSPC and err.value.path == os.path.join(root, "step_2")
     _assert_only_step_1(root)
 
 
 @pytest.mark.parametrize("file", ["rng.pt", "meta.json", COMPLETE])
-def test_disk_full_in_side_files_or_manifest_leaves_no_partial_checkpoint(tmp_path, monkeypatch, file) -> None:
+def test_disk_full_in_side_files_or_manifest_leaves_no_partial_checkpoint(
+    tmp_path, monkeypatch, file
+) -> None:
     root = str(tmp_path)
     mgr = CheckpointManager(root, keep_last=3, best_metric="valid/auc")
     mgr.save(1, _model(1), metric_value=0.6)
@@ -222,7 +248,14 @@ def test_resume_from_drops_later_rows_and_purges_tensorboard(tmp_path) -> None:
     resumed.close()
     rows = _csv_rows(run)
     assert rows[0] == ["step", "tag", "value", "time"]
-    assert [(int(r[0]), float(r[2])) for r in rows[1:]] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 4), (5, 5), (6, 6)]
+    assert [(int(r[0]), float(r[2])) for r in rows[1:]] == [
+        (1, 0.1),
+        (2, 0.2),
+        (3, 0.3),
+        (4, 4),
+        (5, 5),
+        (6, 6),
+    ]
     assert read_log(run)["train/loss"] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 4.0), (5, 5.0), (6, 6.0)]
     events = EventAccumulator(os.path.join(run, "tb"))
     events.Reload()
@@ -236,8 +269,12 @@ def test_trainer_skips_a_damaged_checkpoint_and_logs_each_step_once(tmp_path, ca
     table = make_table(128, seed=1)
     run = f"{tmp_path}/run"
     common = QUIET + [
-        f"train.run_dir={run}", "train.eval_splits=[]", "data.loader.batch_size=16", "train.log_every=1",
-        "train.checkpoint_every=2", "train.keep_checkpoints=5",
+        f"train.run_dir={run}",
+        "train.eval_splits=[]",
+        "data.loader.batch_size=16",
+        "train.log_every=1",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=5",
     ]
 
     def fit(max_steps: int) -> Trainer:

@@ -28,13 +28,25 @@ def _env() -> Dict[str, str]:
     return env
 
 
-def run_job(tmp_path: Any, name: str, nproc: int, *overrides: str, env: Dict[str, str] = {}) -> Dict[str, Any]:
+def run_job(
+    tmp_path: Any, name: str, nproc: int, *overrides: str, env: Dict[str, str] = {}
+) -> Dict[str, Any]:
     out = str(tmp_path / f"{name}.json")
     if nproc == 1:
         cmd = [sys.executable, WORKER, out]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER, out]
-    proc = subprocess.run(cmd + list(overrides), env={**_env(), **env}, capture_output=True, text=True, timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            WORKER,
+            out,
+        ]
+    proc = subprocess.run(
+        cmd + list(overrides), env={**_env(), **env}, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(out) as fh:
         return json.load(fh)
@@ -72,7 +84,9 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(
     np.testing.assert_allclose(l1, l2, atol=5e-3)
 
 
-def test_killed_run_resumes_to_the_same_parameters_and_samples(one_rank_run: Dict[str, Any], tmp_path: Any) -> None:
+def test_killed_run_resumes_to_the_same_parameters_and_samples(
+    one_rank_run: Dict[str, Any], tmp_path: Any
+) -> None:
     full = one_rank_run
     # "killed" after 3 steps (its last checkpoint is step 3), then resumed to 6.
     run_job(tmp_path, "part1", 1, f"train.run_dir={tmp_path}/part", "train.max_steps=3")
@@ -90,7 +104,14 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run: Dict[str, Any], t
     # Resume the 2-rank run on 1 rank: right after loading, the model must give exactly the
     # 2-rank run's test metrics; then it trains on, with the sample count carried over.
     run_dir = two_rank_run["run_dir"]
-    one = run_job(tmp_path, "reshard", 1, f"train.run_dir={run_dir}", "train.max_steps=6", env={"WORKER_EVAL_AT_RESUME": "1"})
+    one = run_job(
+        tmp_path,
+        "reshard",
+        1,
+        f"train.run_dir={run_dir}",
+        "train.max_steps=6",
+        env={"WORKER_EVAL_AT_RESUME": "1"},
+    )
     assert one["resumed_step"] == 4
     for key, m in two_rank_run["test"].items():
         assert one["test_at_resume"][key]["count"] == m["count"]
@@ -99,14 +120,22 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run: Dict[str, Any], t
     assert one["step"] == 6 and one["samples_seen"] == 6 * 16
 
 
-def test_fsdp2_and_table_wise_plan_match_ddp_and_row_wise(two_rank_run: Dict[str, Any], tmp_path: Any) -> None:
+def test_fsdp2_and_table_wise_plan_match_ddp_and_row_wise(
+    two_rank_run: Dict[str, Any], tmp_path: Any
+) -> None:
     # Same data, same initial values (copied into whatever shards the plan makes): FSDP2
     # (reduce-scatter) with table-wise tables gives the losses of DDP (all-reduce) with the
     # planner's row-wise tables, up to float reduction order. Validation passes between steps
     # (which take the model out of the pipeline and back) must not change a thing either.
     fsdp = run_job(
-        tmp_path, "fsdp", 2, f"train.run_dir={tmp_path}/run", "train.max_steps=4", "train.dense_parallel=fsdp",
-        "train.sharding.sharding_types=[table_wise]", "train.eval_every=1",
+        tmp_path,
+        "fsdp",
+        2,
+        f"train.run_dir={tmp_path}/run",
+        "train.max_steps=4",
+        "train.dense_parallel=fsdp",
+        "train.sharding.sharding_types=[table_wise]",
+        "train.eval_every=1",
     )
     assert "table_wise" in fsdp["plan"] and "row_wise" not in fsdp["plan"]
     assert "row_wise" in two_rank_run["plan"]
@@ -115,7 +144,9 @@ def test_fsdp2_and_table_wise_plan_match_ddp_and_row_wise(two_rank_run: Dict[str
 
 
 def test_bf16_autocast_trains_close_to_fp32(one_rank_run: Dict[str, Any], tmp_path: Any) -> None:
-    bf16 = run_job(tmp_path, "bf16", 1, f"train.run_dir={tmp_path}/run", "train.max_steps=2", "train.bf16=true")
+    bf16 = run_job(
+        tmp_path, "bf16", 1, f"train.run_dir={tmp_path}/run", "train.max_steps=2", "train.bf16=true"
+    )
     # bf16 matmuls (8-bit mantissa) move the first loss by ~1e-3, not more than 1e-2
     assert _losses(bf16)[0] == pytest.approx(_losses(one_rank_run)[0], abs=1e-2)
     assert all(math.isfinite(v) for v in _losses(bf16))
@@ -126,8 +157,15 @@ def test_early_stopping_on_validation_keeps_the_best_step(tmp_path: Any) -> None
     # With zero learning rates validation never improves after its first pass: patience 1 stops
     # at the second validation (step 4) and the best step stays the first (step 2).
     result = run_job(
-        tmp_path, "early", 1, f"train.run_dir={tmp_path}/run", "train.max_steps=20", "train.eval_every=2",
-        "train.early_stopping_patience=1", "train.lr=0", "train.embedding_lr=0",
+        tmp_path,
+        "early",
+        1,
+        f"train.run_dir={tmp_path}/run",
+        "train.max_steps=20",
+        "train.eval_every=2",
+        "train.early_stopping_patience=1",
+        "train.lr=0",
+        "train.embedding_lr=0",
     )
     assert result["step"] == 4 and result["samples_seen"] == 4 * 16
     assert result["best"]["step"] == 2

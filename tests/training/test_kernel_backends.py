@@ -31,11 +31,21 @@ def _train_losses(tmp_path, raw: str, backend: str, steps: int, batch_size: int 
     cfg = load_config(
         os.path.join(REPO, "configs", "synthetic.yaml"),
         [
-            f"data.raw={raw}", f"data.cache_dir={tmp_path}/cache", f"train.run_dir={tmp_path}/{backend}",
-            f"data.loader.batch_size={batch_size}", "data.loader.shuffle_buffer=0", f"train.max_steps={steps}",
-            "train.max_minutes=0", "train.eval_every=0", "train.eval_splits=[]", "train.log_every=1",
-            "train.resume=never", "train.deterministic=true", "train.save_predictions=false",
-            f"model.attention_backend={backend}", *QUIET,
+            f"data.raw={raw}",
+            f"data.cache_dir={tmp_path}/cache",
+            f"train.run_dir={tmp_path}/{backend}",
+            f"data.loader.batch_size={batch_size}",
+            "data.loader.shuffle_buffer=0",
+            f"train.max_steps={steps}",
+            "train.max_minutes=0",
+            "train.eval_every=0",
+            "train.eval_splits=[]",
+            "train.log_every=1",
+            "train.resume=never",
+            "train.deterministic=true",
+            "train.save_predictions=false",
+            f"model.attention_backend={backend}",
+            *QUIET,
         ],
     )
     trainer = Trainer(cfg)
@@ -46,7 +56,9 @@ def _train_losses(tmp_path, raw: str, backend: str, steps: int, batch_size: int 
     return [loss for _, loss in read_log(f"{tmp_path}/{backend}")["train/loss"]]
 
 
-@pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)")
+@pytest.mark.skipif(
+    not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (make test sets it)"
+)
 def test_same_config_trains_with_triton_and_reference_to_the_same_losses(tmp_path) -> None:
     from mtfm_rec.data.synthetic import generate
 

@@ -27,8 +27,15 @@ def _standin_auc(tmp_path, use_sequences: bool, steps: int) -> Dict[str, float]:
     table = make_table(512, seed=1)
     cfg = load_config(
         None,
-        COMMON + [f"train.run_dir={tmp_path}/{use_sequences}", f"train.max_steps={steps}", "train.lr=3e-3",
-                  "train.embedding_lr=0.1", "data.loader.batch_size=32", "train.eval_splits=[]"],
+        COMMON
+        + [
+            f"train.run_dir={tmp_path}/{use_sequences}",
+            f"train.max_steps={steps}",
+            "train.lr=3e-3",
+            "train.embedding_lr=0.1",
+            "data.loader.batch_size=32",
+            "train.eval_splits=[]",
+        ],
     )
     trainer = Trainer(
         cfg,
@@ -65,8 +72,15 @@ def test_mtfm_small_learns_more_than_the_hand_made_history_regression(tmp_path) 
     references = reference_metrics(raw)
     cfg = load_config(
         os.path.join(REPO, "configs", "mtfm_small.yaml"),
-        COMMON + [f"data.raw={raw}", f"data.cache_dir={tmp_path}/cache", f"train.run_dir={tmp_path}/mtfm",
-                  f"train.max_steps={STEPS}", "train.max_minutes=0", "train.eval_splits=[]"],
+        COMMON
+        + [
+            f"data.raw={raw}",
+            f"data.cache_dir={tmp_path}/cache",
+            f"train.run_dir={tmp_path}/mtfm",
+            f"train.max_steps={STEPS}",
+            "train.max_minutes=0",
+            "train.eval_splits=[]",
+        ],
     )
     trainer = Trainer(cfg)
     try:
@@ -75,7 +89,11 @@ def test_mtfm_small_learns_more_than_the_hand_made_history_regression(tmp_path) 
     finally:
         trainer.close()
     for key, floor in FLOORS.items():
-        auc, lr, bayes = mtfm[key]["auc"], references["lr_history"][key]["auc"], references["bayes"][key]["auc"]
+        auc, lr, bayes = (
+            mtfm[key]["auc"],
+            references["lr_history"][key]["auc"],
+            references["bayes"][key]["auc"],
+        )
         assert auc < bayes + 0.01, f"{key}: MTFM {auc:.4f} above Bayes {bayes:.4f}: a leak ({mtfm})"
         assert auc > lr + floor, f"{key}: MTFM {auc:.4f} vs LR + history {lr:.4f} (needs > +{floor}); {mtfm}"
 

@@ -119,14 +119,16 @@ def make_batches(seed: int, n_batches: int = 6) -> List[Dict[str, torch.Tensor]]
     for _ in range(n_batches):
         for scenario, tasks in (("feed", 2), ("search", 1)):
             n = int(torch.randint(0, 12, (1,), generator=g))
-            out.append({
-                "scenario": scenario,
-                "scores": (torch.randint(0, 20, (n, tasks), generator=g) / 19.0),
-                "labels": torch.randint(0, 2, (n, tasks), generator=g).float(),
-                "mask": torch.rand(n, tasks, generator=g) < 0.8,
-                "user_id": torch.randint(0, 6, (n,), generator=g),
-                "ts": torch.randint(0, 10**6, (n,), generator=g),
-            })
+            out.append(
+                {
+                    "scenario": scenario,
+                    "scores": (torch.randint(0, 20, (n, tasks), generator=g) / 19.0),
+                    "labels": torch.randint(0, 2, (n, tasks), generator=g).float(),
+                    "mask": torch.rand(n, tasks, generator=g) < 0.8,
+                    "user_id": torch.randint(0, 6, (n,), generator=g),
+                    "ts": torch.randint(0, 10**6, (n,), generator=g),
+                }
+            )
     return out
 
 
@@ -140,7 +142,8 @@ def equal_metrics(a: Dict, b: Dict) -> bool:
     if a.keys() != b.keys():
         return False
     return all(
-        a[k].keys() == b[k].keys() and all(
+        a[k].keys() == b[k].keys()
+        and all(
             (isinstance(a[k][m], float) and math.isnan(a[k][m]) and math.isnan(b[k][m])) or a[k][m] == b[k][m]
             for m in a[k]
         )
@@ -228,9 +231,13 @@ def test_two_ranks_equal_single_process(tmp_path) -> None:
 # ---------------------------------------------------------------- non-finite values
 def test_non_finite_scores_or_labels_are_refused_not_ranked() -> None:
     # NaN scores used to rank as ties (a diverged model's AUC read 1.0 or 0.5)
-    with pytest.raises(NonFiniteError, match=r"scenario/task \(unnamed\): 2 of 3 scores and 0 labels not finite"):
+    with pytest.raises(
+        NonFiniteError, match=r"scenario/task \(unnamed\): 2 of 3 scores and 0 labels not finite"
+    ):
         compute_key_metrics(np.array([np.nan, 0.5, np.inf]), np.array([1, 0, 1]), np.array([1, 1, 2]))
-    with pytest.raises(NonFiniteError, match=r"scenario/task feed/click: 0 of 2 scores and 1 labels not finite"):
+    with pytest.raises(
+        NonFiniteError, match=r"scenario/task feed/click: 0 of 2 scores and 1 labels not finite"
+    ):
         compute_key_metrics(np.array([0.1, 0.5]), np.array([np.nan, 1.0]), np.array([1, 1]), key="feed/click")
 
 
@@ -254,10 +261,16 @@ def test_accumulator_refuses_non_finite_values_and_writes_no_predictions(tmp_pat
 def test_predictions_with_a_null_or_nan_score_are_refused(tmp_path) -> None:
     import pyarrow as pa
 
-    table = pa.table({
-        "scenario": ["s", "s", "s"], "task": ["a", "a", "a"], "user_id": [1, 1, 2], "ts": [0, 0, 0],
-        "label": pa.array([1, 0, 1], pa.int8()), "score": pa.array([0.5, None, float("nan")], pa.float32()),
-    })
+    table = pa.table(
+        {
+            "scenario": ["s", "s", "s"],
+            "task": ["a", "a", "a"],
+            "user_id": [1, 1, 2],
+            "ts": [0, 0, 0],
+            "label": pa.array([1, 0, 1], pa.int8()),
+            "score": pa.array([0.5, None, float("nan")], pa.float32()),
+        }
+    )
     with pytest.raises(NonFiniteError, match=r"scenario/task s/a: 2 of 3 scores"):
         metrics_from_predictions(table)
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
-import re
 import textwrap
 import time
 from typing import Any, Iterator, List, Optional, Tuple
@@ -80,7 +80,9 @@ def make_trainer(run_dir: str, *overrides: str, **loader_kw: Any) -> Trainer:
 
 
 def checkpoint_steps(run_dir: str) -> List[int]:
-    return sorted(int(p.rsplit("_", 1)[1]) for p in glob.glob(f"{run_dir}/checkpoints/step_*") if p[-1].isdigit())
+    return sorted(
+        int(p.rsplit("_", 1)[1]) for p in glob.glob(f"{run_dir}/checkpoints/step_*") if p[-1].isdigit()
+    )
 
 
 # ---------------------------------------------------------------- non-finite training loss
@@ -88,12 +90,28 @@ def checkpoint_steps(run_dir: str) -> List[int]:
     "overrides, poison_from, message, kept, best",
     [
         # read every 2 steps; NaN from step 6 on (the 6th batch): seen at step 6, window 5-6
-        (["train.log_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=1", "train.eval_every=4"],
-         5, r"train/loss is nan at step 6: .* in steps 5-6 .*newest checkpoint, .*step_4, is kept", [4], 4),
+        (
+            [
+                "train.log_every=2",
+                "train.checkpoint_every=2",
+                "train.keep_checkpoints=1",
+                "train.eval_every=4",
+            ],
+            5,
+            r"train/loss is nan at step 6: .* in steps 5-6 .*newest checkpoint, .*step_4, is kept",
+            [4],
+            4,
+        ),
         # read every 100 steps, but a checkpoint step reads it too: NaN from step 5, seen at 6
         (["train.log_every=100", "train.checkpoint_every=3"], 4, r"at step 6: .* in steps 4-6", [3], None),
         # diverged from the first step: nothing was saved before, nothing is saved now
-        (["train.log_every=1"], 0, r"at step 1: .* in step 1 .*no checkpoint was written before it", [], None),
+        (
+            ["train.log_every=1"],
+            0,
+            r"at step 1: .* in step 1 .*no checkpoint was written before it",
+            [],
+            None,
+        ),
     ],
 )
 def test_nan_loss_stops_without_saving_the_diverged_state(
@@ -122,8 +140,12 @@ def test_nan_predictions_are_refused_by_evaluation(tmp_path) -> None:
             bias.fill_(float("nan"))  # scenario b's output layer: every b score is NaN
         with pytest.raises(NonFiniteError) as info:
             trainer.evaluate("test")
-        assert str(info.value).startswith("evaluating the test split at step 0: AUC/GAUC/logloss are not computed")
-        counts = re.findall(r"scenario/task (\S+): (\d+) of (\d+) scores and 0 labels not finite", str(info.value))
+        assert str(info.value).startswith(
+            "evaluating the test split at step 0: AUC/GAUC/logloss are not computed"
+        )
+        counts = re.findall(
+            r"scenario/task (\S+): (\d+) of (\d+) scores and 0 labels not finite", str(info.value)
+        )
         assert [key for key, _, _ in counts] == ["b/click"] and counts[0][1] == counts[0][2] != "0"
     finally:
         trainer.close()
@@ -177,12 +199,16 @@ def test_a_run_dir_that_cannot_be_locked_is_a_config_error_not_a_lock_conflict(t
         raise PermissionError(13, "Permission denied", os.path.join(self.run_dir, LOCK_NAME))
 
     monkeypatch.setattr(RunLock, "acquire", refuse)
-    with pytest.raises(ConfigError, match=r"train.run_dir='.*run': cannot take the run lock there: .*Permission denied"):
+    with pytest.raises(
+        ConfigError, match=r"train.run_dir='.*run': cannot take the run lock there: .*Permission denied"
+    ):
         make_trainer(f"{tmp_path}/run")
 
 
 def test_resume_from_a_missing_checkpoint_is_refused(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"train.resume='.*step_7' does not exist: pass a checkpoint directory"):
+    with pytest.raises(
+        ConfigError, match=r"train.resume='.*step_7' does not exist: pass a checkpoint directory"
+    ):
         make_trainer(f"{tmp_path}/run", f"train.resume={tmp_path}/run/checkpoints/step_7")
     os.makedirs(f"{tmp_path}/half/step_3")
     with pytest.raises(ConfigError, match=r"step_3' is not a complete checkpoint \(no COMPLETE marker\)"):
@@ -200,12 +226,17 @@ def test_cli_prints_one_named_error_line(tmp_path) -> None:
     path.write_text("x")
     out = subprocess.run(
         [sys.executable, "-m", "mtfm_rec.train", f"train.run_dir={path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("[train] error")]
-    assert lines == [f"[train] error: ConfigError: train.run_dir='{path}' is an existing file, not a directory: "
-                     "pass a directory (created if missing)"]
+    assert lines == [
+        f"[train] error: ConfigError: train.run_dir='{path}' is an existing file, not a directory: "
+        "pass a directory (created if missing)"
+    ]
     assert "Traceback" not in out.stderr
 
 
@@ -220,7 +251,9 @@ def ms_dataset(tmp_path_factory: Any) -> str:
     generate(raw, num_users=30, num_days=3, exposures_per_user_day=3.0, history_days=2, seed=3)
     for path in glob.glob(f"{raw}/**/*.parquet", recursive=True):
         table = pq.read_table(path)
-        table = table.set_column(table.schema.get_field_index("ts"), "ts", pc.multiply(table.column("ts"), 1000))
+        table = table.set_column(
+            table.schema.get_field_index("ts"), "ts", pc.multiply(table.column("ts"), 1000)
+        )
         pq.write_table(table, path)
     return raw
 
@@ -228,8 +261,15 @@ def ms_dataset(tmp_path_factory: Any) -> str:
 def _real_data_config(raw: str, tmp_path: Any, *overrides: str) -> Any:
     return load_config(
         None,
-        QUIET + [f"data.raw={raw}", f"data.cache_dir={os.path.dirname(raw)}/cache", f"train.run_dir={tmp_path}/run",
-                 "data.aggregation.progress=false", "data.aggregation.num_workers=1", *overrides],
+        QUIET
+        + [
+            f"data.raw={raw}",
+            f"data.cache_dir={os.path.dirname(raw)}/cache",
+            f"train.run_dir={tmp_path}/run",
+            "data.aggregation.progress=false",
+            "data.aggregation.num_workers=1",
+            *overrides,
+        ],
     )
 
 
@@ -237,8 +277,10 @@ def test_empty_training_split_names_the_time_range_and_the_boundaries(ms_dataset
     with pytest.raises(EmptySplitError) as info:
         Trainer(_real_data_config(ms_dataset, tmp_path))
     text = str(info.value)
-    assert text.startswith("the train split yields no batches: data.valid_after=1704153600, data.eval_after=1704240000 "
-                           "(train is ts < 1704153600)")
+    assert text.startswith(
+        "the train split yields no batches: data.valid_after=1704153600, data.eval_after=1704240000 "
+        "(train is ts < 1704153600)"
+    )
     assert "the aggregated exposures' ts run from 1704068" in text and "000 to 1704" in text
     assert "are they in a finer unit than s?" in text
     assert "these boundaries split them into train 0, valid 0, test" in text
@@ -247,18 +289,27 @@ def test_empty_training_split_names_the_time_range_and_the_boundaries(ms_dataset
 
 def test_recommended_boundary_after_the_given_one_is_refused(ms_dataset: str, tmp_path) -> None:
     cfg = _real_data_config(ms_dataset, tmp_path, "data.valid_after=1704240000")
-    with pytest.raises(ConfigError, match=r"data.valid_after=1704240000 must be earlier than data.eval_after=1704240000"
-                       r".*\(data.eval_after is the dataset's recommended_eval_after\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.valid_after=1704240000 must be earlier than data.eval_after=1704240000"
+        r".*\(data.eval_after is the dataset's recommended_eval_after\)",
+    ):
         Trainer(cfg)
 
 
 def test_time_range_counts_exposures_by_split(tmp_path) -> None:
-    columns = {fmt.exp_ts("a"): [[100, 250], [300]], fmt.exp_split("a"): [[-1, -1], [0]],  # 300: train by column
-               fmt.exp_ts("b"): [[], [50]], fmt.exp_split("b"): [[], [-1]]}
+    columns = {
+        fmt.exp_ts("a"): [[100, 250], [300]],
+        fmt.exp_split("a"): [[-1, -1], [0]],  # 300: train by column
+        fmt.exp_ts("b"): [[], [50]],
+        fmt.exp_split("b"): [[], [-1]],
+    }
     pq.write_table(pa.table(columns), str(tmp_path / "part-00000.parquet"))
     text = describe_time_range(str(tmp_path), SCHEMA, eval_after=200, valid_after=None)
-    assert text == ("the aggregated exposures' ts run from 50 to 300 (in s by dataset.yaml); these boundaries split "
-                    "them into train 3, valid 0, test 1 (1 of them by the split column)")
+    assert text == (
+        "the aggregated exposures' ts run from 50 to 300 (in s by dataset.yaml); these boundaries split "
+        "them into train 3, valid 0, test 1 (1 of them by the split column)"
+    )
 
 
 # ---------------------------------------------------------------- run directory lock
@@ -267,8 +318,11 @@ def test_run_lock_names_its_holder_and_is_released(tmp_path) -> None:
     record = json.loads((tmp_path / LOCK_NAME).read_text())
     assert (record["host"], record["pid"]) == (socket.gethostname(), os.getpid())
     assert abs(record["since"] - time.time()) < 60
-    with pytest.raises(RunDirLockedError, match=rf"is in use by another training: host {socket.gethostname()}, "
-                       rf"pid {os.getpid()}, since \d{{4}}-\d\d-\d\dT.* \(this process"):
+    with pytest.raises(
+        RunDirLockedError,
+        match=rf"is in use by another training: host {socket.gethostname()}, "
+        rf"pid {os.getpid()}, since \d{{4}}-\d\d-\d\dT.* \(this process",
+    ):
         RunLock(str(tmp_path)).acquire()
     first.release()
     first.release()  # idempotent
@@ -294,7 +348,9 @@ _HOLDER = textwrap.dedent(
 def _start_holder(run_dir: str, mode: str) -> Tuple[subprocess.Popen, int]:
     """A process holding ``run_dir``'s lock; returns it and the pid of the process that sleeps
     with the lock (the holder itself, or with ``fork-and-die`` its child)."""
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, run_dir, mode], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, run_dir, mode], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     word, pid = proc.stdout.readline().split()
     assert word == "ready"
@@ -354,7 +410,9 @@ def _locked_rank(rank: int, port: int, run_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        cfg = load_config(None, QUIET + [f"train.run_dir={run_dir}", "train.eval_splits=[]", "data.loader.batch_size=8"])
+        cfg = load_config(
+            None, QUIET + [f"train.run_dir={run_dir}", "train.eval_splits=[]", "data.loader.batch_size=8"]
+        )
         loader_fn = lambda split: StandinLoader(TABLE, split, 16, rank, 2)  # noqa: E731
         try:
             Trainer(cfg, model_fn=StandinModel, loader_fn=loader_fn, schema=SCHEMA)

@@ -31,20 +31,40 @@ CONFIG = [f"train.max_steps={MAX_STEPS}", "train.checkpoint_every=4", "train.log
 KILL = "1:11"
 RESUME_STEP = 8
 # what this job must not inherit from a surrounding one
-_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "WORKER_SIGKILL")
+_INHERITED = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "WORKER_SIGKILL",
+)
 
 
 def _torchrun(tmp: Any, name: str, env: Dict[str, str], max_restarts: int = 0) -> Tuple[Dict[str, Any], str]:
     """Runs worker.py on 2 ranks in ``tmp/name``; returns its result and the job's output."""
     out, run_dir = tmp / f"{name}.json", tmp / name
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", str(max_restarts), WORKER, str(out), f"train.run_dir={run_dir}", *CONFIG,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(max_restarts),
+        WORKER,
+        str(out),
+        f"train.run_dir={run_dir}",
+        *CONFIG,
     ]
     job_env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
     # as launch/components.py sets it: a fresh rendezvous store for the restarted attempt (the
     # shared one keeps the killed attempt's keys and a restarted rank may connect to a dead peer)
-    job_env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    job_env.update(
+        {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    )
     job_env.update(env)
     proc = subprocess.run(cmd, env=job_env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
@@ -65,7 +85,9 @@ def _final_checkpoint(run_dir: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, 
     def flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         for key, value in tree.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+            out.update(
+                flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
+            )
         return out
 
     with open(path / "meta.json") as fh, open(path / "ranks.json") as gh:
@@ -82,7 +104,10 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_uninterrupted_result(tmp_pat
     assert "exitcode: -9" in output and "local_rank: 1" in output, output[-4000:]
     assert (full["restart_count"], full["resumed_step"]) == (0, None)
     assert (killed["restart_count"], killed["resumed_step"]) == (1, RESUME_STEP)
-    assert f"resumed from {tmp_path / 'killed' / 'checkpoints' / f'step_{RESUME_STEP}'} (saved on 2 rank(s))" in output
+    assert (
+        f"resumed from {tmp_path / 'killed' / 'checkpoints' / f'step_{RESUME_STEP}'} (saved on 2 rank(s))"
+        in output
+    )
 
     assert killed["step"] == full["step"] == MAX_STEPS
     assert killed["samples_seen"] == full["samples_seen"] == MAX_STEPS * GLOBAL_BATCH
@@ -97,10 +122,16 @@ def test_sigkilled_rank_restarts_and_resumes_to_the_uninterrupted_result(tmp_pat
     assert any(k.startswith("optim.state.fused.") for k in tensors_full)  # the tables' optimizer
     for key, value in tensors_full.items():
         if isinstance(value, torch.Tensor):
-            np.testing.assert_allclose(tensors_killed[key].float().numpy(), value.float().numpy(), atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(
+                tensors_killed[key].float().numpy(), value.float().numpy(), atol=1e-6, err_msg=key
+            )
         else:
             assert tensors_killed[key] == value, key
-    assert meta_killed["metadata"]["samples_seen"] == meta_full["metadata"]["samples_seen"] == MAX_STEPS * GLOBAL_BATCH
+    assert (
+        meta_killed["metadata"]["samples_seen"]
+        == meta_full["metadata"]["samples_seen"]
+        == MAX_STEPS * GLOBAL_BATCH
+    )
     assert ranks_killed == ranks_full  # every rank's loader: the same epoch and batch
     for key, m in full["test"].items():
         assert killed["test"][key]["count"] == m["count"]

@@ -109,8 +109,9 @@ def test_schedule_survives_loading_an_optimizer_state() -> None:
     saved = copy.deepcopy(opt.state_dict())
     schedule.apply(2)
     opt.load_state_dict(saved)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * lr_factor(9, 10, 0, "cosine", 0.1),
-                                                                0.02 * lr_factor(9, 10, 0, "cosine", 0.1)])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(
+        [0.1 * lr_factor(9, 10, 0, "cosine", 0.1), 0.02 * lr_factor(9, 10, 0, "cosine", 0.1)]
+    )
     factor = schedule.apply(3)  # the loaded lr is overwritten from the bases, in the same groups
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * factor, 0.02 * factor])
 
@@ -124,7 +125,9 @@ def test_inactive_schedule_and_unknown_decay() -> None:
 
 
 def test_train_config_rejects_bad_schedule_settings() -> None:
-    with pytest.raises(ConfigError, match=r"lr_decay must be one of \('none', 'cosine', 'linear'\), got 'exp'"):
+    with pytest.raises(
+        ConfigError, match=r"lr_decay must be one of \('none', 'cosine', 'linear'\), got 'exp'"
+    ):
         load_config(None, ["train.lr_decay=exp"])
     with pytest.raises(ConfigError, match=r"lr_warmup_steps must be >= 0 .* got -1, 0\.1"):
         load_config(None, ["train.lr_warmup_steps=-1"])
@@ -142,8 +145,14 @@ def _trainer(run_dir: str, *overrides: str) -> Trainer:
     """The stand-in model and data in the real Trainer (one CPU rank)."""
     cfg = load_config(
         None,
-        QUIET + [f"train.run_dir={run_dir}", "train.eval_splits=[]", f"data.loader.batch_size={BATCH}",
-                 "train.resume=never", *overrides],
+        QUIET
+        + [
+            f"train.run_dir={run_dir}",
+            "train.eval_splits=[]",
+            f"data.loader.batch_size={BATCH}",
+            "train.resume=never",
+            *overrides,
+        ],
     )
     return Trainer(
         cfg,
@@ -187,8 +196,13 @@ def _deltas(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> 
 @pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
 def test_fused_embedding_and_dense_updates_stop_at_factor_zero(tmp_path, pipeline: bool) -> None:
     # linear decay to 0 at max_steps=4: the schedule itself gives 0 at step 4, 0.75 at step 1
-    trainer = _trainer(str(tmp_path), "train.max_steps=4", "train.lr_decay=linear", "train.lr_min_ratio=0",
-                       f"train.pipeline={str(pipeline).lower()}")
+    trainer = _trainer(
+        str(tmp_path),
+        "train.max_steps=4",
+        "train.lr_decay=linear",
+        "train.lr_min_ratio=0",
+        f"train.pipeline={str(pipeline).lower()}",
+    )
     try:
         _start(trainer)
         # 0 first (the kernel's lr from construction must not be used), up, then down again
@@ -212,8 +226,13 @@ def test_first_update_is_proportional_to_the_factor(tmp_path, pipeline: bool) ->
     # weight's change must be 3x in the first (a fused kernel on its own lr would give 1x).
     deltas = []
     for i, step in enumerate((1, 3)):
-        trainer = _trainer(str(tmp_path / str(i)), "train.max_steps=4", "train.lr_decay=linear",
-                           "train.lr_min_ratio=0", f"train.pipeline={str(pipeline).lower()}")
+        trainer = _trainer(
+            str(tmp_path / str(i)),
+            "train.max_steps=4",
+            "train.lr_decay=linear",
+            "train.lr_min_ratio=0",
+            f"train.pipeline={str(pipeline).lower()}",
+        )
         try:
             _start(trainer)
             assert trainer.schedule.apply(step) == pytest.approx(1 - step / 4)
@@ -257,8 +276,13 @@ def test_log_records_the_factor_of_each_logged_step(tmp_path) -> None:
 
 
 def test_resumed_run_continues_the_schedule(tmp_path) -> None:
-    full = _trainer(str(tmp_path / "full"), *SCHEDULE, "train.log_every=1", "train.checkpoint_every=3",
-                    "train.keep_checkpoints=0")
+    full = _trainer(
+        str(tmp_path / "full"),
+        *SCHEDULE,
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.keep_checkpoints=0",
+    )
     try:
         full.fit()
         full_emb, full_dense = _weights(full)
@@ -274,7 +298,10 @@ def test_resumed_run_continues_the_schedule(tmp_path) -> None:
         emb, dense = _weights(resumed)
     finally:
         resumed.close()
-    full_log, resumed_log = _logged_factors(str(tmp_path / "full")), _logged_factors(str(tmp_path / "resumed"))
+    full_log, resumed_log = (
+        _logged_factors(str(tmp_path / "full")),
+        _logged_factors(str(tmp_path / "resumed")),
+    )
     assert [s for s, _ in resumed_log] == [4, 5, 6]
     assert [v for _, v in resumed_log] == [v for s, v in full_log if s > 3]
     for step, value in resumed_log:  # log.csv keeps 6 significant digits

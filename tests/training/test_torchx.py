@@ -75,7 +75,9 @@ def test_component_refuses_a_dist_ddp_command_it_cannot_extend() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     role = specs.Role(name="train", image="img", entrypoint="python", args=["-m", "torch.distributed.run"])
-    with pytest.raises(RuntimeError, match=r"unexpected command python .*cannot add \['--max-restarts', '1'\]"):
+    with pytest.raises(
+        RuntimeError, match=r"unexpected command python .*cannot add \['--max-restarts', '1'\]"
+    ):
         module._add_torchrun_flags(role, ["--max-restarts", "1"])
 
 
@@ -85,16 +87,40 @@ def test_torchx_two_cpu_ranks_metrics_match_predictions(tmp_path) -> None:
     generate(raw, num_users=80, num_days=4, seed=3)
     run_dir = tmp_path / "run"
     env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")})
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+            "PATH": os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        }
+    )
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [
-        TORCHX, "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--rdzv_port", "29517",
-        "--script", "mtfm_rec/train.py", "--",
-        "--config", "configs/synthetic.yaml",
-        f"data.raw={raw}", f"data.cache_dir={tmp_path / 'cache'}", f"train.run_dir={run_dir}",
-        "data.loader.batch_size=8", "train.max_steps=4", "train.log_every=2", "train.eval_every=0",
-        "train.save_predictions=true", "train.progress_bar=false", "train.tensorboard=false",
+        TORCHX,
+        "run",
+        "-s",
+        "local_cwd",
+        "dist.ddp",
+        "-j",
+        "1x2",
+        "--rdzv_port",
+        "29517",
+        "--script",
+        "mtfm_rec/train.py",
+        "--",
+        "--config",
+        "configs/synthetic.yaml",
+        f"data.raw={raw}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.run_dir={run_dir}",
+        "data.loader.batch_size=8",
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.eval_every=0",
+        "train.save_predictions=true",
+        "train.progress_bar=false",
+        "train.tensorboard=false",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
@@ -102,7 +128,11 @@ def test_torchx_two_cpu_ranks_metrics_match_predictions(tmp_path) -> None:
 
     metrics = read_metrics_json(str(run_dir / "metrics.json"))
     recomputed = metrics_from_predictions(str(run_dir / "predictions.parquet"))
-    assert set(metrics) == set(recomputed) == {"feed/click", "feed/order", "search/click", "coupon/click", "coupon/order"}
+    assert (
+        set(metrics)
+        == set(recomputed)
+        == {"feed/click", "feed/order", "search/click", "coupon/click", "coupon/order"}
+    )
     for key, m in metrics.items():
         for name in ("auc", "gauc", "logloss", "count"):
             a, b = m[name], recomputed[key][name]

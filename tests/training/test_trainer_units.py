@@ -82,7 +82,9 @@ def test_train_config_rejects_unknown_choices() -> None:
     with pytest.raises(ConfigError, match="dense_parallel"):
         load_config(None, ["train.dense_parallel=zero3"])
     # "gpu" used to train on the CPU without a word
-    with pytest.raises(ConfigError, match=r"config\.train: device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"):
+    with pytest.raises(
+        ConfigError, match=r"config\.train: device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"
+    ):
         load_config(None, ["train.device=gpu"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(None, ["train.max_step=3"])
@@ -142,7 +144,10 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path) -> None:
 
     table = make_table(128, seed=1)
     common = QUIET + [
-        f"train.run_dir={tmp_path}/run", "train.max_steps=2", "train.eval_splits=[]", "data.loader.batch_size=16",
+        f"train.run_dir={tmp_path}/run",
+        "train.max_steps=2",
+        "train.eval_splits=[]",
+        "data.loader.batch_size=16",
     ]
 
     def trainer(*overrides: str) -> Trainer:

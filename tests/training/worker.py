@@ -24,13 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
+from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
 
 from mtfm_rec.config import load_config  # noqa: E402
 from mtfm_rec.data.batch import Batch  # noqa: E402
 from mtfm_rec.training.logger import read_log  # noqa: E402
 from mtfm_rec.training.sharding import describe_plan  # noqa: E402
 from mtfm_rec.training.trainer import Trainer  # noqa: E402
-from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -77,7 +77,9 @@ def full_parameters(trainer: Trainer) -> Dict[str, list]:
                 idx = tuple(slice(o, o + s) for o, s in zip(md.shard_offsets, md.shard_sizes))
                 full[idx] = shard.tensor.detach().float().cpu()
             value = full
-        out[key.replace("_dmp_wrapped_module.", "").replace("module.", "")] = value.detach().float().cpu().tolist()
+        out[key.replace("_dmp_wrapped_module.", "").replace("module.", "")] = (
+            value.detach().float().cpu().tolist()
+        )
     return out
 
 
@@ -113,13 +115,15 @@ def main() -> None:
         if os.environ.get("WORKER_EVAL_AT_RESUME"):
             result["test_at_resume"] = trainer.evaluate("test")
         summary = trainer.fit()
-        result.update({
-            "step": summary["step"],
-            "samples_seen": summary["samples_seen"],
-            "best": summary["best"],
-            "plan": describe_plan(trainer.plan),
-            "test": trainer.evaluate("test"),
-        })
+        result.update(
+            {
+                "step": summary["step"],
+                "samples_seen": summary["samples_seen"],
+                "best": summary["best"],
+                "plan": describe_plan(trainer.plan),
+                "test": trainer.evaluate("test"),
+            }
+        )
         if trainer.info.is_main:
             result["losses"] = read_log(trainer.run_dir).get("train/loss", [])
             if world == 1:

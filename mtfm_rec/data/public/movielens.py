@@ -201,6 +201,7 @@ def _vocab(values: Sequence[str]) -> Dict[str, int]:
 
 def _minmax(x: np.ndarray) -> np.ndarray:
     import numpy as np
+
     lo, hi = float(x.min()), float(x.max())
     return ((x - lo) / (hi - lo if hi > lo else 1.0)).astype(np.float32)
 
@@ -219,6 +220,7 @@ class _Encoded:
 
 def _encode(ml: MovieLens) -> _Encoded:
     import numpy as np
+
     genres = _vocab([g for gs in ml.movie_genres for g in gs])
     ages = sorted(set(ml.user_age.tolist()))
     zips = _vocab(ml.user_zip)
@@ -254,7 +256,6 @@ def _exposures(
     tasks: Sequence[str],
 ):
     """An exposure table over the ratings ``rows`` in their given order."""
-    import numpy as np
     import pyarrow as pa
 
     out = {
@@ -276,6 +277,7 @@ def _exposures(
 def swr_domain(ml: MovieLens) -> np.ndarray:
     """Per rating, the Scenario-Wise Rec age domain (0, 1, 2)."""
     import numpy as np
+
     age = ml.user_age[ml.rating_user]
     unknown = sorted(set(age.tolist()) - set(SWR_DOMAINS))
     if unknown:
@@ -311,6 +313,7 @@ def swr_split(num_rows: int) -> np.ndarray:
 def recipe_swr(ml: MovieLens):
     """Returns (schema, exposures, behaviours) for ``ml1m_swr``."""
     import numpy as np
+
     from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
 
     enc = _encode(ml)
@@ -370,7 +373,10 @@ def recipe_swr(ml: MovieLens):
                 + [f"exp/{s.name}/item/{f}" for s in scenarios]
                 for f in seq_sizes
             },
-            **{f: [f"exp/{s.name}/user/{f}" for s in scenarios] for f in ("uid", "gender", "occupation", "zip")},
+            **{
+                f: [f"exp/{s.name}/user/{f}" for s in scenarios]
+                for f in ("uid", "gender", "occupation", "zip")
+            },
         },
         extra={
             "recipe": "ml1m_swr",
@@ -387,6 +393,7 @@ def recipe_swr(ml: MovieLens):
 def genre_group(ml: MovieLens) -> np.ndarray:
     """Per movie, the index of its first genre's group in :data:`GENRE_GROUPS`."""
     import numpy as np
+
     lut = {g: i for i, gs in enumerate(GENRE_GROUPS.values()) for g in gs}
     unknown = sorted({gs[0] for gs in ml.movie_genres} - set(lut))
     if unknown:
@@ -397,6 +404,7 @@ def genre_group(ml: MovieLens) -> np.ndarray:
 def _earlier_count(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """Per row, how many rows of the same user have a strictly smaller ts (leak-free count)."""
     import numpy as np
+
     order = np.lexsort((ts, user))
     su, st = user[order], ts[order]
     n = len(order)
@@ -412,6 +420,7 @@ def _earlier_count(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
 def recipe_genre(ml: MovieLens):
     """Returns (schema, exposures, behaviours) for ``ml1m_genre``."""
     import numpy as np
+
     from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
 
     enc = _encode(ml)
