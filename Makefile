@@ -9,18 +9,19 @@ ML1M_GENRE := $(DATA_DIR)/ml1m_genre
 ML1M_SWR := $(DATA_DIR)/ml1m_swr
 PYTEST_ARGS ?=
 
-.PHONY: install data train test bench gpu-check clean help
+.PHONY: install data train test lint bench gpu-check clean help
 
 help:
 	@echo "make train   install if needed, build ml1m_genre, train configs/ml1m_genre.yaml, print AUC/GAUC"
 	@echo "make test    install if needed, run the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)"
+	@echo "make lint    install if needed, ruff check + ruff format --check + mypy (settings: pyproject.toml)"
 	@echo "make data    install if needed, build the MovieLens-1M recipes ml1m_swr and ml1m_genre"
 	@echo "make bench   install if needed, run the benchmarks, write/*.json and docs/BENCHMARKS.md"
 	@echo "make gpu-check GPU_PY=python   on a CUDA machine (docs/INSTALL.md): GPU parity tests,"
 	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
 # Re-installs only when a lock file or setup.py changes; a second run is a no-op.
-$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py kernels/hstu_attention/csrc/hstu_cpu.cpp
+$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py pyproject.toml kernels/hstu_attention/csrc/hstu_cpu.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
@@ -41,6 +42,11 @@ train: install
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) -m mtfm_rec.bench $(BENCH_ARGS)

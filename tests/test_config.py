@@ -30,6 +30,40 @@ def test_wrong_type_names_the_dotted_key() -> None:
         load_config(None, ["data.aggregation.window_seconds=1.5"])
 
 
+def test_enum_like_fields_are_literals_checked_at_load(tmp_path) -> None:
+    """A value outside a Literal field's choices names the file, the dotted key and the choices;
+    the checks of programmatic construction use the same tuples."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  early_stopping_metric: ndcg\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"c\.yaml\.train\.early_stopping_metric must be one of "
+        r"\('auc', 'gauc', 'logloss'\), got 'ndcg'",
+    ):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"config\.data\.aggregation\.start_method must be one of"):
+        load_config(None, ["data.aggregation.start_method=thread"])
+    with pytest.raises(
+        ConfigError, match=r"config\.train\.backend must be one of \('auto', 'gloo', 'nccl'\), got 'mpi'"
+    ):
+        load_config(None, ["train.backend=mpi"])
+    with pytest.raises(ConfigError, match=r"config\.train\.dense_parallel must be one of .*got True"):
+        load_config(None, ["train.dense_parallel=true"])  # YAML's true is not a choice
+    cfg = load_config(
+        None, ["train.lr_decay=cosine", "train.device=cpu", "data.aggregation.start_method=spawn"]
+    )
+    assert (cfg.train.lr_decay, cfg.train.device, cfg.data.aggregation.start_method) == (
+        "cosine",
+        "cpu",
+        "spawn",
+    )
+
+    from mtfm_rec.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"early_stopping_metric must be one of"):
+        TrainConfig(early_stopping_metric="ndcg")  # type: ignore[arg-type]
+
+
 def test_malformed_override() -> None:
     with pytest.raises(ConfigError, match="expected dotted.key=value"):
         load_config(None, ["train.lr"])

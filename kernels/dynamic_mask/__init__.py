@@ -2,42 +2,40 @@
 
 ``backend``: ``"auto"`` (Triton for CUDA tensors, the reference otherwise), ``"reference"``,
 ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). A forced backend that
-cannot run raises. The attention kernels do not use this op: they build the mask per tile.
+cannot run raises. The attention kernels do not use this op (they build the mask per tile), nor
+does training: it serves the kernel bench and the tests.
 """
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
+from mtfm_rec.kernels import triton_support
+from mtfm_rec.kernels.backends import MaskBackend, values
 from mtfm_rec.kernels.dynamic_mask.reference import dynamic_mask_reference
+from mtfm_rec.kernels.jagged import KeySet, QuerySet
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = values(MaskBackend)
 
 
 def dynamic_mask(
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
-    q_ts: torch.Tensor,
-    q_self: torch.Tensor,
-    kv_kind: torch.Tensor,
-    kv_ts: torch.Tensor,
-    max_q_len: int,
-    max_kv_len: int,
-    backend: str = "auto",
+    queries: QuerySet, keys: KeySet, backend: Union[MaskBackend, str] = MaskBackend.AUTO
 ) -> torch.Tensor:
-    """Padded dynamic mask [B, max_q_len, max_kv_len] (bool); arguments as ``hstu_attention``."""
+    """Padded dynamic mask [B, queries.max_len, keys.max_len] (bool); ``mtfm_rec.kernels.jagged``
+    states the rules."""
     if backend not in BACKENDS:
         raise ValueError(f"dynamic mask backend {backend!r} unknown; choose one of {BACKENDS}")
-    args = (q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts, max_q_len, max_kv_len)
-    if backend == "auto":
-        backend = "triton" if q_offsets.is_cuda else "reference"
-    if backend == "triton":
-        try:
-            from mtfm_rec.kernels.dynamic_mask.triton import dynamic_mask_triton
-        except ImportError as exc:
-            raise RuntimeError(f"dynamic mask backend 'triton' unavailable: {exc}") from exc
-        return dynamic_mask_triton(*args)
-    return dynamic_mask_reference(*args)
+    chosen = MaskBackend(backend)
+    if chosen is MaskBackend.AUTO:
+        chosen = MaskBackend.TRITON if queries.offsets.is_cuda else MaskBackend.REFERENCE
+    if chosen is MaskBackend.TRITON:
+        impl = triton_support.load(
+            "mtfm_rec.kernels.dynamic_mask.triton", "dynamic_mask_triton", "dynamic mask"
+        )
+        return impl(queries, keys)
+    return dynamic_mask_reference(queries, keys)
 
 
-__all__ = ["BACKENDS", "dynamic_mask", "dynamic_mask_reference"]
+__all__ = ["BACKENDS", "MaskBackend", "dynamic_mask", "dynamic_mask_reference"]

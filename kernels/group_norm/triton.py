@@ -13,20 +13,17 @@ Same contract as :func:`~mtfm_rec.kernels.group_norm.reference.group_layer_norm_
 
 from __future__ import annotations
 
-import os
 from typing import List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from mtfm_rec.kernels.triton_support import check_device, interpreted
 
 
 def _configs() -> List[triton.Config]:
-    if _interpreted():
+    if interpreted():
         return [triton.Config({"BLOCK_ROWS": 4}, num_warps=4)]
     return [
         triton.Config({"BLOCK_ROWS": r}, num_warps=w) for r, w in ((1, 4), (4, 4), (8, 8), (16, 8), (32, 16))
@@ -120,14 +117,6 @@ def _gln_bwd_kernel(
             tl.atomic_add(DB + gg * D + cols, pb, mask=c_mask)
 
 
-def _check(x: torch.Tensor) -> None:
-    if x.device.type != "cuda" and not _interpreted():
-        raise RuntimeError(
-            "the Triton group LayerNorm needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-            f"got {x.device}"
-        )
-
-
 def group_layer_norm_fwd(
     x: torch.Tensor, group: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,7 +184,7 @@ def group_layer_norm_bwd(
 
 class _GroupLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, weight, bias, eps):  # type: ignore[override]
+    def forward(ctx, x, group, weight, bias, eps):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         group = group.reshape(-1).to(torch.int64).contiguous()
@@ -206,7 +195,7 @@ class _GroupLayerNormFunction(torch.autograd.Function):
         return y.view(shape)
 
     @staticmethod
-    def backward(ctx, dy):  # type: ignore[override]
+    def backward(ctx, dy):
         x2, group, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = group_layer_norm_bwd(dy.reshape(x2.shape), x2, group, weight, mean, rstd)
         return dx.view(ctx.shape), None, dw, db, None
@@ -222,7 +211,7 @@ def group_layer_norm_triton(
         group: [N] int group of each token, in ``[0, G)``.
         weight, bias: [G, D] per-group affine parameters.
     """
-    _check(x)
+    check_device(x.device, "group LayerNorm")
     if weight.shape != bias.shape or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(
             f"weight/bias must be [G, {x.shape[-1]}], got {tuple(weight.shape)}, {tuple(bias.shape)}"

@@ -31,11 +31,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from mtfm_rec.kernels.hstu_attention.reference import (
-    KIND_HISTORY,
-    KIND_REALTIME,
-    hstu_attention_reference,
-)
+from mtfm_rec.kernels.hstu_attention.reference import heads_per_group, hstu_attention_reference, score_scale
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
 
 DEFAULT_BLOCK = 128
 # Above this fraction of computed chunk pairs the gathers cost more than the skipping saves
@@ -51,7 +48,7 @@ class _PairAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, inv_n, alpha):  # type: ignore[override]
+    def forward(ctx, q, k, v, mask, inv_n, alpha):
         pairs = mask.shape[0]
         s = torch.bmm(q, k.transpose(1, 2)).mul_(alpha)
         w = F.silu(s)
@@ -63,7 +60,7 @@ class _PairAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):  # type: ignore[override]
+    def backward(ctx, dout):
         q, k, v, mask, inv_n, s = ctx.saved_tensors
         pairs, _, c, ck = mask.shape
         do = (dout.view(pairs, -1, c, dout.shape[-1]) * inv_n).view(dout.shape)
@@ -88,13 +85,13 @@ class _Gather(torch.autograd.Function):
     (the stock backward) is an order of magnitude slower here."""
 
     @staticmethod
-    def forward(ctx, x, index):  # type: ignore[override]
+    def forward(ctx, x, index):
         ctx.save_for_backward(index)
         ctx.rows = x.shape[0]
         return x.index_select(0, index)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         order = torch.argsort(index, stable=True)
         lengths = torch.bincount(index, minlength=ctx.rows)
@@ -105,12 +102,12 @@ class _SortedSum(torch.autograd.Function):
     """Sums rows of x into ``rows`` slots by a non-decreasing ``index`` (backward: a gather)."""
 
     @staticmethod
-    def forward(ctx, x, index, rows):  # type: ignore[override]
+    def forward(ctx, x, index, rows):
         ctx.save_for_backward(index)
         return _segment_sum(x.contiguous(), torch.bincount(index, minlength=rows))
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (index,) = ctx.saved_tensors
         return grad.contiguous().index_select(0, index), None, None
 
@@ -148,14 +145,8 @@ def hstu_attention_blocksparse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
-    q_ts: torch.Tensor,
-    q_self: torch.Tensor,
-    kv_kind: torch.Tensor,
-    kv_ts: torch.Tensor,
-    max_q_len: int,
-    max_kv_len: int,
+    queries: QuerySet,
+    keys: KeySet,
     alpha: Optional[float] = None,
     block: int = DEFAULT_BLOCK,
     dense_above: float = DEFAULT_DENSE_ABOVE,
@@ -172,30 +163,26 @@ def hstu_attention_blocksparse(
     """
     total_q, num_heads, dim = q.shape
     num_kv_heads, dim_v = k.shape[1], v.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
-    r = num_heads // num_kv_heads
-    alpha = dim**-0.5 if alpha is None else float(alpha)
+    r = heads_per_group(q, k)
+    alpha = score_scale(q, alpha)
     out = q.new_zeros(total_q, num_heads, dim_v)
     if total_q == 0 or k.shape[0] == 0:
         return out
-    ts_dtype = torch.promote_types(q_ts.dtype, kv_ts.dtype)
-    q_ts, kv_ts = q_ts.to(ts_dtype), kv_ts.to(ts_dtype)
-    kv_kind = kv_kind.to(torch.int64)
+    ts_dtype = torch.promote_types(queries.ts.dtype, keys.ts.dtype)
 
     # ---- chunk summaries (O(N)) and the kept pairs
-    q_sample, q_rows, _ = _chunks(q_offsets.to(torch.int64), block)
-    k_sample, k_rows, k_start = _chunks(kv_offsets.to(torch.int64), block)
-    kind_c = _take(kv_kind, k_rows, -1)  # [Ck, block]
-    kts_c = _take(kv_ts, k_rows, 0)
-    qts_c = _take(q_ts, q_rows, 0)
-    self_c = _take(q_self.to(torch.int64), q_rows, -1)
+    q_sample, q_rows, _ = _chunks(queries.offsets.to(torch.int64), block)
+    k_sample, k_rows, k_start = _chunks(keys.offsets.to(torch.int64), block)
+    kind_c = _take(keys.kind.to(torch.int64), k_rows, -1)  # [Ck, block]
+    kts_c = _take(keys.ts.to(ts_dtype), k_rows, 0)
+    qts_c = _take(queries.ts.to(ts_dtype), q_rows, 0)
+    self_c = _take(queries.self_rows.to(torch.int64), q_rows, -1)
     if ts_dtype.is_floating_point:
         lo, hi = -float("inf"), float("inf")
     else:
         lo, hi = torch.iinfo(ts_dtype).min, torch.iinfo(ts_dtype).max
-    k_any_h = (kind_c == KIND_HISTORY).any(1)
-    k_min_r = torch.where(kind_c == KIND_REALTIME, kts_c, torch.full_like(kts_c, hi)).amin(1)
+    k_any_h = (kind_c == TokenKind.HISTORY).any(1)
+    k_min_r = torch.where(kind_c == TokenKind.REALTIME, kts_c, torch.full_like(kts_c, hi)).amin(1)
     q_max_ts = torch.where(q_rows >= 0, qts_c, torch.full_like(qts_c, lo)).amax(1)
     same = q_sample[:, None] == k_sample[None, :]
     keep = same & (k_any_h[None, :] | (k_min_r[None, :] < q_max_ts[:, None]))
@@ -213,9 +200,7 @@ def hstu_attention_blocksparse(
     if stats is not None:
         stats.update(pairs_total=pairs_total, pairs_kept=int(pq.numel()), dense=dense)
     if dense:
-        return hstu_attention_reference(
-            q, k, v, q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts, max_q_len, max_kv_len, alpha
-        )
+        return hstu_attention_reference(q, k, v, queries, keys, alpha)
     if pq.numel() == 0:
         # Nothing visible: zeros, still attached to the graph (zero gradients) like the reference.
         return out + (q.sum() + k.sum() + v.sum()) * 0
@@ -223,8 +208,8 @@ def hstu_attention_blocksparse(
     # ---- the pair mask [P, block, block] and the per-query visible count
     qr, kr = q_rows[pq], k_rows[pk]
     kind_p, kts_p = kind_c[pk], kts_c[pk]
-    vis = (kind_p == KIND_HISTORY)[:, None, :] | (
-        (kind_p == KIND_REALTIME)[:, None, :] & (kts_p[:, None, :] < qts_c[pq][:, :, None])
+    vis = (kind_p == TokenKind.HISTORY)[:, None, :] | (
+        (kind_p == TokenKind.REALTIME)[:, None, :] & (kts_p[:, None, :] < qts_c[pq][:, :, None])
     )
     vis = (vis | (kr[:, None, :] == self_c[pq][:, :, None])) & (qr >= 0)[:, :, None] & (kr >= 0)[:, None, :]
     n_vis = _segment_sum(vis.sum(-1).to(q.dtype), torch.bincount(pq, minlength=q_rows.shape[0]))

@@ -3,8 +3,8 @@
 Takes the prefix-encoded dynamic mask of ``mtfm_rec.model.mask`` (per query: keys
 ``[0, prefix)`` of its sample are visible, plus ``self_local`` for a T token) on jagged tensors::
 
-    q [total_q, H, D]   q_offsets  [B+1]   q_prefix, q_self_local [total_q]  (sample-local key indices)
-    k [total_kv, G, D]  kv_offsets [B+1]
+    q [total_q, H, D]   queries.offsets [B+1]   queries.prefix, queries.self_local [total_q]
+    k [total_kv, G, D]  keys.offsets [B+1]      (sample-local key indices)
     v [total_kv, G, Dv]
 
 Semantics: those of ``reference.hstu_attention_reference`` (tested equal, every gradient). Nothing
@@ -28,9 +28,12 @@ import hashlib
 import os
 import platform
 import sys
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
+
+from mtfm_rec.kernels.hstu_attention.reference import score_scale
+from mtfm_rec.kernels.jagged import KeySet, QuerySet
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "hstu_cpu.cpp")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,8 +80,8 @@ def extension() -> Any:
         )
     except Exception as exc:  # a missing compiler or ninja: say what to install, never fall back silently
         raise RuntimeError(
-            f"attention backend 'cpp': building {_SOURCE} failed ({type(exc).__name__}: {exc}); it needs g++ and "
-            "ninja (pip install ninja; apt-get install g++), see docs/INSTALL.md"
+            f"attention backend 'cpp': building {_SOURCE} failed ({type(exc).__name__}: {exc}); it needs "
+            "g++ and ninja (pip install ninja; apt-get install g++), see docs/INSTALL.md"
         ) from exc
 
 
@@ -93,7 +96,7 @@ MAX_SAVED_WEIGHTS_BYTES = 32 << 20
 
 class _HSTUCpu(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -122,7 +125,7 @@ class _HSTUCpu(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Any, ...]:
         q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, saved = ctx.saved_tensors
         dq, dk, dv = extension().backward(
             grad_out.contiguous(), q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local, ctx.alpha, saved
@@ -134,23 +137,27 @@ def hstu_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
-    q_prefix: torch.Tensor,
-    q_self_local: torch.Tensor,
-    alpha: float,
+    queries: QuerySet,
+    keys: KeySet,
+    alpha: Optional[float] = None,
     max_saved_bytes: int = MAX_SAVED_WEIGHTS_BYTES,
 ) -> torch.Tensor:
     """HSTU attention with the prefix-encoded mask (module docstring); returns ``[total_q, H, Dv]``.
 
-    ``max_saved_bytes``: the budget for the weights a training forward keeps for its backward
-    (:data:`MAX_SAVED_WEIGHTS_BYTES`; 0 recomputes them in the backward).
+    Args:
+        queries: with the prefix encoding (:meth:`QuerySet.with_prefix`).
+        keys: the keys (only ``offsets`` is read: the mask is in ``queries``).
+        alpha: score scale, default ``D ** -0.5``.
+        max_saved_bytes: the budget for the weights a training forward keeps for its backward
+            (:data:`MAX_SAVED_WEIGHTS_BYTES`; 0 recomputes them in the backward).
     """
+    q_prefix, q_self_local = queries.prefix_encoding("cpp")
     if q.device.type != "cpu":
         raise RuntimeError(f"attention backend 'cpp' runs on the CPU, got {q.device.type} tensors")
+    alpha = score_scale(q, alpha)
     dtype = q.dtype
     f32 = [t.float().contiguous() for t in (q, k, v)]
-    ints = [t.to(torch.int64).contiguous() for t in (q_offsets, kv_offsets, q_prefix, q_self_local)]
+    ints = [t.to(torch.int64).contiguous() for t in (queries.offsets, keys.offsets, q_prefix, q_self_local)]
     out = _HSTUCpu.apply(*f32, *ints, float(alpha), int(max_saved_bytes))
     return out.to(dtype)
 

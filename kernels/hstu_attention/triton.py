@@ -19,25 +19,23 @@ Design (see docs/KERNELS.md):
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from mtfm_rec.kernels.hstu_attention.reference import KIND_HISTORY, KIND_REALTIME
+from mtfm_rec.kernels.hstu_attention.reference import heads_per_group, score_scale
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
+from mtfm_rec.kernels.triton_support import check_device, interpreted
 
-# The kernels compare kinds with these literals (plain ints inline into the compiled code).
-assert (KIND_HISTORY, KIND_REALTIME) == (0, 1)
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Token kinds as compile-time constants: a jit function may read only constexpr globals.
+_HISTORY = tl.constexpr(int(TokenKind.HISTORY))
+_REALTIME = tl.constexpr(int(TokenKind.REALTIME))
 
 
 def _fwd_configs() -> List[triton.Config]:
-    if _interpreted():
+    if interpreted():
         # The interpreter is for correctness: small tiles so short test sequences span many.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
@@ -54,7 +52,7 @@ def _fwd_configs() -> List[triton.Config]:
 
 
 def _bwd_configs() -> List[triton.Config]:
-    if _interpreted():
+    if interpreted():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -87,7 +85,7 @@ def _visible(
     n_valid,
 ):
     """[BLOCK_M, BLOCK_N] dynamic mask: H keys to all, R keys to later queries, T keys to self."""
-    vis = (kind == 0)[None, :] | ((kind == 1)[None, :] & (kts[None, :] < qts[:, None]))
+    vis = (kind == _HISTORY)[None, :] | ((kind == _REALTIME)[None, :] & (kts[None, :] < qts[:, None]))
     vis = vis | (k_rows[None, :] == qself[:, None])
     return vis & m_valid[:, None] & n_valid[None, :]
 
@@ -378,32 +376,21 @@ def _bucket(n: int) -> int:
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError("q, k, v must be [total, heads, dim]")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"num_heads={q.shape[1]} is not divisible by num_kv_heads={k.shape[1]}")
-    if q.device.type != "cuda" and not _interpreted():
-        raise RuntimeError(
-            "the Triton HSTU attention needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-            f"got {q.device}"
-        )
+    heads_per_group(q, k)
+    check_device(q.device, "HSTU attention")
 
 
-def _meta(
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
-    q_ts: torch.Tensor,
-    q_self: torch.Tensor,
-    kv_kind: torch.Tensor,
-    kv_ts: torch.Tensor,
-) -> Tuple[torch.Tensor, ...]:
-    # Timestamps are compared in one dtype; offsets/rows as int64 for 64-bit pointer arithmetic.
-    ts_dtype = torch.promote_types(q_ts.dtype, kv_ts.dtype)
+def _meta(queries: QuerySet, keys: KeySet) -> Tuple[torch.Tensor, ...]:
+    """The kernels' metadata arguments ``(q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts)``:
+    timestamps in one dtype, offsets / rows as int64 for 64-bit pointer arithmetic."""
+    ts_dtype = torch.promote_types(queries.ts.dtype, keys.ts.dtype)
     return (
-        q_offsets.to(torch.int64).contiguous(),
-        kv_offsets.to(torch.int64).contiguous(),
-        q_ts.to(ts_dtype).contiguous(),
-        q_self.to(torch.int64).contiguous(),
-        kv_kind.to(torch.int8).contiguous(),
-        kv_ts.to(ts_dtype).contiguous(),
+        queries.offsets.to(torch.int64).contiguous(),
+        keys.offsets.to(torch.int64).contiguous(),
+        queries.ts.to(ts_dtype).contiguous(),
+        queries.self_rows.to(torch.int64).contiguous(),
+        keys.kind.to(torch.int8).contiguous(),
+        keys.ts.to(ts_dtype).contiguous(),
     )
 
 
@@ -454,7 +441,7 @@ def hstu_attention_fwd(
         COUNT_TILES=stats is not None,
         BLOCK_D=_block(dim),
         BLOCK_DV=_block(dim_v),
-        UPCAST=_interpreted(),
+        UPCAST=interpreted(),
     )
     if stats is not None:
         stats += counter.to(stats.device, stats.dtype)
@@ -488,7 +475,7 @@ def hstu_attention_bwd(
         LEN_BUCKET=_bucket(max_kv_len),
         BLOCK_D=_block(dim),
         BLOCK_DV=_block(dim_v),
-        UPCAST=_interpreted(),
+        UPCAST=interpreted(),
     )
     strides = (
         q.stride(0),
@@ -542,7 +529,7 @@ def hstu_attention_bwd(
 
 class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, meta, max_q_len, max_kv_len, alpha, stats):  # type: ignore[override]
+    def forward(ctx, q, k, v, meta, max_q_len, max_kv_len, alpha, stats):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out, n_vis = hstu_attention_fwd(q, k, v, meta, max_q_len, max_kv_len, alpha, stats)
         ctx.save_for_backward(q, k, v, n_vis, *meta)
@@ -550,7 +537,7 @@ class _HSTUAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, do):  # type: ignore[override]
+    def backward(ctx, do):
         q, k, v, n_vis, *meta = ctx.saved_tensors
         max_q_len, max_kv_len, alpha = ctx.shape
         dq, dk, dv = hstu_attention_bwd(do, q, k, v, n_vis, tuple(meta), max_q_len, max_kv_len, alpha)
@@ -561,14 +548,8 @@ def hstu_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
-    q_ts: torch.Tensor,
-    q_self: torch.Tensor,
-    kv_kind: torch.Tensor,
-    kv_ts: torch.Tensor,
-    max_q_len: int,
-    max_kv_len: int,
+    queries: QuerySet,
+    keys: KeySet,
     alpha: Optional[float] = None,
     tile_stats: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -582,6 +563,8 @@ def hstu_attention_triton(
         [total_q, H, Dv] in q's dtype.
     """
     _check(q, k, v)
-    alpha = q.shape[-1] ** -0.5 if alpha is None else float(alpha)
-    meta = _meta(q_offsets, kv_offsets, q_ts, q_self, kv_kind, kv_ts)
-    return _HSTUAttentionFunction.apply(q, k, v, meta, int(max_q_len), int(max_kv_len), alpha, tile_stats)
+    alpha = score_scale(q, alpha)
+    meta = _meta(queries, keys)
+    return _HSTUAttentionFunction.apply(
+        q, k, v, meta, int(queries.max_len), int(keys.max_len), alpha, tile_stats
+    )

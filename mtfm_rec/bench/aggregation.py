@@ -22,19 +22,28 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, TypedDict
 
-SYNTHETIC_FULL = {"num_users": 40000, "num_days": 7, "exposures_per_user_day": 12.0}
-SYNTHETIC_QUICK = {"num_users": 600, "num_days": 7, "exposures_per_user_day": 12.0}
+
+class SyntheticSizes(TypedDict):
+    """The ``mtfm_rec.data.synthetic.generate`` arguments that size the synthetic dataset."""
+
+    num_users: int
+    num_days: int
+    exposures_per_user_day: float
+
+
+SYNTHETIC_FULL: SyntheticSizes = {"num_users": 40000, "num_days": 7, "exposures_per_user_day": 12.0}
+SYNTHETIC_QUICK: SyntheticSizes = {"num_users": 600, "num_days": 7, "exposures_per_user_day": 12.0}
 
 
 def _child(raw: str, out: str, overrides: List[str]) -> None:
     """Runs one aggregation and prints its stats + rusage as JSON (the child side).
 
-    Overrides go through the CLI's parser (``mtfm_rec.config``, which loads no torch), so they are
+    Overrides go through the CLI's parser (``mtfm_rec.config_parsing``, which loads no torch), so they are
     typed and checked the same way.
     """
-    from mtfm_rec.config import apply_overrides, from_dict
+    from mtfm_rec.config_parsing import apply_overrides, from_dict
     from mtfm_rec.data.aggregate import aggregate
     from mtfm_rec.data.config import AggregationConfig
 
@@ -142,7 +151,8 @@ def render(result: Dict[str, Any]) -> str:
         "partitions; each run in a fresh process. Peak RSS: the driver (pass 1, merging) and the",
         "largest worker (pass 2, one partition at a time).",
         "",
-        "| dataset | exposures | actions | samples | exp./sample | time (read + build) | exposures/s | peak RSS driver / worker | T tokens p50/p99/max |",
+        "| dataset | exposures | actions | samples | exp./sample | time (read + build) | exposures/s"
+        " | peak RSS driver / worker | T tokens p50/p99/max |",
         "|---|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for name, d in result.get("datasets", {}).items():

@@ -17,13 +17,14 @@ import argparse
 import os
 import sys
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from mtfm_rec.data.batch import TOKEN_HISTORY, TOKEN_REALTIME, Batch
-from mtfm_rec.model.attention import TargetAttentionLayer, resolve_attention_backend
+from mtfm_rec.data.batch import Batch
+from mtfm_rec.kernels.jagged import TokenKind
+from mtfm_rec.model.attention import TargetAttentionLayer
 from mtfm_rec.model.mask import AttentionLayout
 
 CATEGORY = "category"
@@ -53,18 +54,16 @@ def _weights(
     layer: TargetAttentionLayer, x: torch.Tensor, layout: AttentionLayout
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per T query the [max_tokens] mean-over-heads weights, and the key rows they belong to)."""
-    backend = resolve_attention_backend(layer.backend, x.device)
-    x_norm = layer._norm_in(x, layout.token_group, backend)
+    x_norm = layer._norm_in(x, layout.token_group, layer.resolved_backend(x.device))
     k, _ = layer._kv(x_norm)
     _, q = layer._uq(x_norm[layout.target_rows])
     r = layer.num_heads // layer.num_kv_heads
-    sample = torch.searchsorted(layout.target_offsets, torch.arange(len(layout.target_rows)), right=True) - 1
-    start = layout.token_offsets[sample]
-    cols = torch.arange(layout.max_tokens)
+    prefix, self_local = layout.target.prefix_encoding("attention probe")
+    sample = torch.searchsorted(layout.target.offsets, torch.arange(len(layout.target_rows)), right=True) - 1
+    start = layout.keys.offsets[sample]
+    cols = torch.arange(layout.keys.max_len)
     key_rows = (start[:, None] + cols[None, :]).clamp(max=layout.num_tokens - 1)
-    visible = (cols[None, :] < layout.target_prefix[:, None]) | (
-        cols[None, :] == layout.target_self_local[:, None]
-    )
+    visible = (cols[None, :] < prefix[:, None]) | (cols[None, :] == self_local[:, None])
     kk = k[key_rows].repeat_interleave(r, dim=2)  # [T, L, H, D]
     scores = torch.einsum("thd,tlhd->tlh", q, kk)
     n = visible.sum(dim=1).clamp(min=1).to(scores.dtype)
@@ -77,7 +76,8 @@ def probe(model: torch.nn.Module, batches: List[Batch], feature: str = CATEGORY)
 
     Returns ``{"layer<i>/<scenario>/<H|R>/<same|other>": mean weight}`` (NaN where no such pair).
     """
-    dense = model.module.dense if hasattr(model, "module") else model.dense
+    owner: Any = model.module if hasattr(model, "module") else model  # DMP-wrapped or plain
+    dense = owner.dense
     layers = [m for m in dense.hta.layers if isinstance(m, TargetAttentionLayer)]
     sums: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0.0])
     captured: Dict[int, Tuple[torch.Tensor, AttentionLayout]] = {}
@@ -103,7 +103,7 @@ def probe(model: torch.nn.Module, batches: List[Batch], feature: str = CATEGORY)
                     same = key_cat[key_rows.clamp(min=0)] == cand[:, None]
                     for s, name in enumerate(names):
                         q_mask = (scenario_of[layout.target_rows] == s) & (cand >= 0)
-                        for kind_id, kind_name in ((TOKEN_HISTORY, "H"), (TOKEN_REALTIME, "R")):
+                        for kind_id, kind_name in ((TokenKind.HISTORY, "H"), (TokenKind.REALTIME, "R")):
                             base = valid_key & (kind == kind_id) & q_mask[:, None]
                             for tag, m in (("same", base & same), ("other", base & ~same)):
                                 acc = sums[f"layer{i}/{name}/{kind_name}/{tag}"]

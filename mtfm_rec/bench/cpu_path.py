@@ -102,16 +102,19 @@ def render(result: Dict[str, Any]) -> str:
     base = next(r for r in rows if r["backend"] == "prefix")["samples_per_s"]
     lines = [
         f"`{CONFIG}` on synthetic data ({ds['users']} users x {ds['days']} days, seed {ds['seed']}), "
-        f"{result['steps']} steps, 1 rank, batch 64, {result.get('rounds', 1)} alternating round(s) per path; medians "
+        f"{result['steps']} steps, 1 rank, batch 64, "
+        f"{result.get('rounds', 1)} alternating round(s) per path; medians "
         "of the steady-state log windows of all rounds. MFU: useful "
         "model FLOP/s over the fp32 matmul peak the job measured at its start.",
         "",
-        "| `model.attention_backend` | what | samples/s | vs prefix | model GFLOP/s | fp32 peak GFLOP/s | MFU | peak RSS (GiB) |",
+        "| `model.attention_backend` | what | samples/s | vs prefix | model GFLOP/s | fp32 peak GFLOP/s | MFU"
+        " | peak RSS (GiB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| `{r['backend']}` | {r['what']} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / base:.2f}x | "
+            f"| `{r['backend']}` | {r['what']} | {r['samples_per_s']:.0f} "
+            f"| {r['samples_per_s'] / base:.2f}x | "
             f"{r['model_gflops_per_s']:.1f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f} % | "
             f"{r['peak_host_rss_gb']:.2f} |"
         )

@@ -2,14 +2,16 @@
 
 On CUDA: the Triton kernels vs the PyTorch references, plus PyTorch's own attention with the same
 mask (SDPA with a boolean mask, FlexAttention with a ``mask_mod``) as *softmax* reference points.
-On the CPU: the reference vs the CPU fast path (``blocksparse``) and the compiled candidate
-(``flex.py``, full runs only); Triton under the interpreter is not a performance path and is not
-timed. Batches follow the MTFM layout (H oldest, then R by ts, then T; per sample N tokens,
-H : R : T = 2 : 1 : 1), in full (queries = all tokens) and target (queries = T) variants.
+On the CPU: the reference vs the CPU fast paths (``cpp``, ``blocksparse``) and the compiled
+candidate (``mtfm_rec.bench.flex_attention``, full runs only); Triton under the interpreter is not a
+performance path and is not timed. Batches follow the MTFM layout (H oldest, then R by ts, then T;
+per sample N tokens, H : R : T = 2 : 1 : 1), in full (queries = all tokens) and target (queries = T)
+variants.
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -18,11 +20,10 @@ import torch
 
 from mtfm_rec.kernels.dynamic_mask import dynamic_mask
 from mtfm_rec.kernels.group_norm import group_layer_norm
-from mtfm_rec.kernels.hstu_attention import hstu_attention
-from mtfm_rec.kernels.hstu_attention.reference import dynamic_mask_padded
+from mtfm_rec.kernels.hstu_attention import dynamic_mask_padded, hstu_attention
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
 
 SOFTMAX = "PyTorch attention, same mask, softmax"
-MASK_ARGS = ("q_offsets", "kv_offsets", "q_ts", "q_self", "kv_kind", "kv_ts", "max_q_len", "max_kv_len")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -35,29 +36,29 @@ def _attention_batch(
     # History spans [0, 2 lh), real-time [n, n + lr) by ts, exposures among the real-time tail.
     exposure_ts = n + lr // 2 + torch.randint(0, lr, (lt,), generator=gen)
     ts = torch.cat([torch.arange(lh) * 2, n + torch.arange(lr), exposure_ts])
-    kind = torch.cat([torch.zeros(lh), torch.ones(lr), torch.full((lt,), 2)]).to(torch.int8)
-    kv_ts, kv_kind = ts.repeat(batch), kind.repeat(batch)
-    kv_offsets = torch.arange(batch + 1, dtype=torch.int64) * n
-    rows = torch.arange(batch * n)
-    is_t = kv_kind == 2
+    kind = torch.cat(
+        [
+            torch.full((lh,), TokenKind.HISTORY),
+            torch.full((lr,), TokenKind.REALTIME),
+            torch.full((lt,), TokenKind.TARGET),
+        ]
+    ).to(torch.int8)
+    kv_ts, kv_kind = ts.repeat(batch).to(device), kind.repeat(batch).to(device)
+    kv_offsets = (torch.arange(batch + 1, dtype=torch.int64) * n).to(device)
+    rows = torch.arange(batch * n, device=device)
+    is_t = kv_kind == TokenKind.TARGET
     q_rows = rows[is_t] if target else rows
-    q_offsets = torch.arange(batch + 1, dtype=torch.int64) * (lt if target else n)
-    args = dict(
-        q=torch.randn(q_rows.numel(), heads, dim, generator=gen) * 0.5,
-        k=torch.randn(batch * n, kv_heads, dim, generator=gen) * 0.5,
-        v=torch.randn(batch * n, kv_heads, dim, generator=gen),
-        q_offsets=q_offsets,
-        kv_offsets=kv_offsets,
-        q_ts=kv_ts[q_rows],
-        q_self=torch.where(is_t[q_rows], q_rows, torch.full_like(q_rows, -1)),
-        kv_kind=kv_kind,
-        kv_ts=kv_ts,
-        max_q_len=lt if target else n,
-        max_kv_len=n,
-    )
-    for name in "qkv":
-        args[name] = args[name].to(dtype)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    q_offsets = (torch.arange(batch + 1, dtype=torch.int64) * (lt if target else n)).to(device)
+    q_self = torch.where(is_t[q_rows], q_rows, torch.full_like(q_rows, -1))
+    args: Dict[str, Any] = {
+        "q": torch.randn(q_rows.numel(), heads, dim, generator=gen) * 0.5,
+        "k": torch.randn(batch * n, kv_heads, dim, generator=gen) * 0.5,
+        "v": torch.randn(batch * n, kv_heads, dim, generator=gen),
+    }
+    args = {name: t.to(device, dtype) for name, t in args.items()}
+    args["queries"] = QuerySet.create(q_offsets, kv_ts[q_rows], q_self, lt if target else n)
+    args["keys"] = KeySet.create(kv_offsets, kv_kind, kv_ts, n)
+    return args
 
 
 # --------------------------------------------------------------------------- timing
@@ -203,38 +204,22 @@ def _padded(x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tenso
 
 def _cpp(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
     """The fused C++ kernel on the prefix encoding of the batch's mask (as the model builds it)."""
-    from mtfm_rec.kernels.hstu_attention.cpu import hstu_attention_cpu
-    from mtfm_rec.model.mask import jagged_to_padded_index, visible_prefix
-
-    q_off, kv_off, max_q, max_kv = (
-        args["q_offsets"],
-        args["kv_offsets"],
-        args["max_q_len"],
-        args["max_kv_len"],
-    )
-    q_pad = jagged_to_padded_index(q_off, args["q"].shape[0], max_q)
-    kv_pad = jagged_to_padded_index(kv_off, args["k"].shape[0], max_kv)
-    prefix = visible_prefix(
-        kv_off, args["kv_kind"], args["kv_ts"], args["q_ts"], q_off, max_kv, max_q, kv_pad, q_pad
-    )
-    q_start = torch.repeat_interleave(kv_off[:-1], q_off[1:] - q_off[:-1], output_size=args["q"].shape[0])
-    self_local = torch.where(args["q_self"] >= 0, args["q_self"] - q_start, args["q_self"])
+    queries = args["queries"].with_prefix(args["keys"])
 
     def run(a: Dict[str, Any]) -> torch.Tensor:
-        return hstu_attention_cpu(
-            a["q"], a["k"], a["v"], q_off, kv_off, prefix, self_local, a["q"].shape[-1] ** -0.5
-        )
+        return hstu_attention(a["q"], a["k"], a["v"], queries, a["keys"], backend="cpp")
 
     return run
 
 
 def _sdpa(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
-    mask = dynamic_mask_padded(*(args[k] for k in MASK_ARGS))[:, None]  # [B, 1, Lq, Lk]
+    mask = dynamic_mask_padded(args["queries"], args["keys"])[:, None]  # [B, 1, Lq, Lk]
 
     def run(a: Dict[str, Any]) -> torch.Tensor:
-        q = _padded(a["q"], a["q_offsets"], a["max_q_len"]).transpose(1, 2)
-        k = _padded(a["k"], a["kv_offsets"], a["max_kv_len"]).transpose(1, 2)
-        v = _padded(a["v"], a["kv_offsets"], a["max_kv_len"]).transpose(1, 2)
+        queries, keys = a["queries"], a["keys"]
+        q = _padded(a["q"], queries.offsets, queries.max_len).transpose(1, 2)
+        k = _padded(a["k"], keys.offsets, keys.max_len).transpose(1, 2)
+        v = _padded(a["v"], keys.offsets, keys.max_len).transpose(1, 2)
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     return run
@@ -243,25 +228,29 @@ def _sdpa(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
 def _flex(args: Dict[str, Any]) -> Callable[[Dict[str, Any]], torch.Tensor]:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    batch = args["q_offsets"].numel() - 1
-    lq, lk = args["max_q_len"], args["max_kv_len"]
-    kind = args["kv_kind"].view(batch, lk).to(torch.int32)
-    kts = args["kv_ts"].view(batch, lk)
-    qts = args["q_ts"].view(batch, lq)
-    self_local = (args["q_self"] - args["kv_offsets"][:-1].repeat_interleave(lq)).view(batch, lq)
+    queries, keys = args["queries"], args["keys"]
+    batch = keys.batch_size
+    lq, lk = queries.max_len, keys.max_len
+    kind = keys.kind.view(batch, lk).to(torch.int32)
+    kts = keys.ts.view(batch, lk)
+    qts = queries.ts.view(batch, lq)
+    self_local = (queries.self_rows - keys.offsets[:-1].repeat_interleave(lq)).view(batch, lq)
+    history, realtime = int(TokenKind.HISTORY), int(TokenKind.REALTIME)
 
     def mask_mod(b, h, qi, kj):
         return (
-            (kind[b, kj] == 0) | ((kind[b, kj] == 1) & (kts[b, kj] < qts[b, qi])) | (self_local[b, qi] == kj)
+            (kind[b, kj] == history)
+            | ((kind[b, kj] == realtime) & (kts[b, kj] < qts[b, qi]))
+            | (self_local[b, qi] == kj)
         )
 
     block_mask = create_block_mask(mask_mod, batch, None, lq, lk, device=args["q"].device)
     compiled = torch.compile(flex_attention)
 
     def run(a: Dict[str, Any]) -> torch.Tensor:
-        q = _padded(a["q"], a["q_offsets"], lq).transpose(1, 2)
-        k = _padded(a["k"], a["kv_offsets"], lk).transpose(1, 2)
-        v = _padded(a["v"], a["kv_offsets"], lk).transpose(1, 2)
+        q = _padded(a["q"], queries.offsets, lq).transpose(1, 2)
+        k = _padded(a["k"], keys.offsets, lk).transpose(1, 2)
+        v = _padded(a["v"], keys.offsets, lk).transpose(1, 2)
         return compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
 
     return run
@@ -276,7 +265,7 @@ def _attention_sizes(cuda: bool, quick: bool) -> List[int]:
 
 def _attention_impls(args: Dict[str, Any], n: int, cuda: bool, quick: bool) -> Dict[str, Callable]:
     """Name -> callable on the args dict, for the implementations measured at this size."""
-    score_bytes = (args["q_offsets"].numel() - 1) * args["q"].shape[1] * args["max_q_len"] * n * 4
+    score_bytes = args["keys"].batch_size * args["q"].shape[1] * args["queries"].max_len * n * 4
     dense_fits = score_bytes <= (4 << 30 if cuda else 1 << 30)  # the padded paths hold several [B,H,Lq,Lk]
     impls: Dict[str, Callable] = {}
     if dense_fits:
@@ -287,7 +276,7 @@ def _attention_impls(args: Dict[str, Any], n: int, cuda: bool, quick: bool) -> D
         impls["cpp"] = _cpp(args)
         impls["blocksparse"] = lambda a: hstu_attention(**a, backend="blocksparse")
         if not quick and n <= 1024:
-            from mtfm_rec.kernels.hstu_attention.flex import hstu_attention_compiled
+            from mtfm_rec.bench.flex_attention import hstu_attention_compiled
 
             impls["compiled (torch.compile, padded)"] = lambda a: hstu_attention_compiled(**a)
     if dense_fits:
@@ -381,7 +370,7 @@ def _group_norm(device: str, quick: bool) -> List[Dict[str, Any]]:
     for name in ["reference", "triton"] if cuda else ["reference"]:
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
 
-        def forward() -> torch.Tensor:
+        def forward(xs=xs, ws=ws, bs=bs, name=name) -> torch.Tensor:  # bound now: called in this iteration
             for t in (xs, ws, bs):
                 t.grad = None
             return group_layer_norm(xs, group, ws, bs, backend=name)
@@ -397,11 +386,11 @@ def _mask(device: str, quick: bool) -> List[Dict[str, Any]]:
     cuda = device == "cuda"
     n = 4096 if cuda else 1024
     args = _attention_batch(n, 4, 1, 1, 8, False, device, torch.float32)
-    margs = {k: args[k] for k in MASK_ARGS}
     reps, warmup = (20, 3) if cuda else (5, 1)
     rows = []
     for name in ["reference", "triton"] if cuda else ["reference"]:
-        ms = _time(lambda: dynamic_mask(**margs, backend=name), device, reps, warmup) * 1e3
+        build = functools.partial(dynamic_mask, args["queries"], args["keys"], backend=name)
+        ms = _time(build, device, reps, warmup) * 1e3
         rows.append({"impl": name, "n": n, "batch": 4, "ms": ms})
     return rows
 
@@ -487,19 +476,20 @@ def render(result: Dict[str, Any]) -> str:
         head = f"Device: **{result['device']}** (bf16). Targets: {targets}."
     else:
         head = (
-            f"Device: **CPU** ({result['threads']} thread, fp32). **GPU numbers were not measured: no GPU was "
-            "present.** The Triton kernels ran only under `TRITON_INTERPRET=1` for the parity tests, which is "
-            f"not a performance path, so the GPU targets ({targets}) are unverified. The CPU "
-            "is shared with other jobs: CPU times are process CPU time (single thread), minimum of 5 runs (2 from "
-            "N = 4096). Peak MiB on the CPU: the process's resident high-water mark above the inputs during one "
-            "fwd+bwd, measured in a second pass after the timings with glibc's mmap threshold fixed at 1 MiB so "
-            "freed tensors leave the resident set (docs/KERNELS.md)."
+            f"Device: **CPU** ({result['threads']} thread, fp32). **GPU numbers were not measured: no GPU "
+            "was present.** The Triton kernels ran only under `TRITON_INTERPRET=1` for the parity tests, "
+            f"which is not a performance path, so the GPU targets ({targets}) are unverified. The CPU "
+            "is shared with other jobs: CPU times are process CPU time (single thread), minimum of 5 runs "
+            "(2 from N = 4096). Peak MiB on the CPU: the process's resident high-water mark above the inputs "
+            "during one fwd+bwd, measured in a second pass after the timings with glibc's mmap threshold "
+            "fixed at 1 MiB so freed tensors leave the resident set (docs/KERNELS.md)."
         )
     lines = [
         head,
         "",
         "Batches: MTFM layout (H oldest, R by ts, T among the latest R; H:R:T = 2:1:1), N tokens per sample, "
-        f"batch = max(1, {'16384' if gpu else '2048'} // N) samples; full = all tokens query, target = T tokens query. "
+        f"batch = max(1, {'16384' if gpu else '2048'} // N) samples; full = all tokens query, "
+        "target = T tokens query. "
         f"`{SOFTMAX}` rows compute softmax attention with the same boolean mask, for scale only. "
         "fwd = the forward of a training step (autograd on), timed within the same steps as fwd+bwd.",
     ]

@@ -185,7 +185,8 @@ def render(result: Dict[str, Any]) -> str:
         cells = f" {r['model_gflops_fwd_bwd']:.2f} | {100 * r['mfu']:.1f} % |" if mfu else ""
         lines.append(
             f"| {r['name']} | {r['kv_heads']} | {r['samples_per_s']:.1f} | {r['tokens_per_s']:.0f} "
-            f"| {r['speedup_vs_full']:.2f}x | {r['step_wall_s']:.2f} | {r['step_mem_mib']:.0f} | {r['step_mem_vs_full']:.2f}x "
+            f"| {r['speedup_vs_full']:.2f}x | {r['step_wall_s']:.2f} | {r['step_mem_mib']:.0f} "
+            f"| {r['step_mem_vs_full']:.2f}x "
             f"| {r['peak_rss_mib']:.0f} | {r['hta_gflops_fwd_bwd']:.2f} | {r['hta_gflops_per_s']:.1f} |"
             + cells
         )

@@ -79,8 +79,10 @@ def render(result: Dict[str, Any]) -> str:
     s = result["mtfm_summary"]
     lines = [
         f"Alignment-free synthetic data with known truth ({ds['users']} users x {ds['days']} days, "
-        f"seed {ds['seed']}, `{ds['generator']}`, no `shared_embeddings`), test day. MTFM: `{result['config']}` "
-        f"with {' '.join(f'`{o}`' for o in result['mtfm_overrides'])} ({s['step']} steps, {s['samples_seen']} samples, "
+        f"seed {ds['seed']}, `{ds['generator']}`, no `shared_embeddings`), test day. "
+        f"MTFM: `{result['config']}` "
+        f"with {' '.join(f'`{o}`' for o in result['mtfm_overrides'])} "
+        f"({s['step']} steps, {s['samples_seen']} samples, "
         f"{s['seconds']:.0f} s of "
         "training on this machine). References: `mtfm_rec.bench.references` (Bayes = the true probabilities; "
         "LR = logistic regression on the exposure features, + the two hand-made history features). "

@@ -116,7 +116,7 @@ def _sort_keys(
     return group * span + (ts - t0), q_group * span + (q_ts - t0)
 
 
-def _design(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _design(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np.ndarray, int]:
     """(one-hot column index [n, c] int64, dense values [n, d] float64, column count) of the
     exposure's own features: each categorical column gets its own id range, nulls one more id."""
     index, offset = [], 0

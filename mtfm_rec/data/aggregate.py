@@ -67,7 +67,7 @@ from mtfm_rec.data.reader import (
     exposure_columns,
     sequence_columns,
 )
-from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
 
 # Without max_exposures_per_sample, a user-window with more exposures than this is refused: it
 # would be one sample of that many T tokens, and a batch pads every sample to its longest one
@@ -308,100 +308,169 @@ def _value_type(arrow: pa.Schema, name: str) -> pa.DataType:
     return arrow.field(name).type.value_type
 
 
-def build_partition(task: _Task) -> Dict[str, Any]:
-    """Builds and writes one shard; returns its token-count histograms and sizes."""
-    schema = DatasetSchema.from_dict(task.schema)
-    arrow = fmt.arrow_schema(schema)
-    w = task.window_ticks
-    scen = [
-        _load_spill(task.spill_dir, f"exp/{s.name}", task.partition, exposure_columns(s))
-        for s in schema.scenarios
-    ]
-    users = np.concatenate([c[USER_ID] for c in scen]).astype(np.int64)
-    ts_all = np.concatenate([c[TS] for c in scen]).astype(np.int64)
-    windows = np.floor_divide(ts_all, w)
-    # Samples = distinct (user, window) over all scenarios, sorted; sid maps rows to samples.
-    # Inside a window rows are in ts order (ties: scenario, then file and row order), so a
-    # window with more than max_exposures_per_sample exposures splits into consecutive chunks.
-    order = np.lexsort((ts_all, windows, users))
-    su, sw = users[order], windows[order]
-    new = np.ones(len(su), dtype=bool)
-    new[1:] = (su[1:] != su[:-1]) | (sw[1:] != sw[:-1])
-    if task.exposure_limit is not None:
-        _check_window_sizes(new, su, sw * w, w, task.exposure_limit)
-    if task.max_exposures_per_sample:
-        rank = np.arange(len(su)) - np.maximum.accumulate(np.where(new, np.arange(len(su)), 0))
-        new |= rank % task.max_exposures_per_sample == 0
-    sid = np.empty(len(su), np.int64)
-    sid[order] = np.cumsum(new) - 1
-    s_user, s_start = su[new], sw[new] * w
-    s_end = s_start + w
-    n_samples = len(s_user)
-    columns: Dict[str, pa.Array] = {
-        fmt.USER_ID: pa.array(s_user, pa.int64()),
-        fmt.WINDOW_START: pa.array(s_start, pa.int64()),
-        fmt.WINDOW_END: pa.array(s_end, pa.int64()),
-    }
+@dataclass
+class _Samples:
+    """The samples of one partition, in (user, window, chunk) order.
 
-    # ---- T: each scenario's part, joined column-wise on the sample index
+    Attributes:
+        user: [n] the user of each sample.
+        start: [n] its window start (dataset ticks).
+        end: [n] its window end (exclusive).
+        of_row: [rows] the sample of each exposure row, rows in the order the scenarios'
+            spills are concatenated (scenario, then file and row order).
+    """
+
+    user: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+    of_row: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def _assign_samples(exposure_spills: List[Dict[str, np.ndarray]], task: _Task) -> _Samples:
+    """Maps every exposure row to its sample: a distinct (user, window) of any scenario.
+
+    Inside a window rows are in ts order (ties: scenario, then file and row order), so a window
+    with more than ``max_exposures_per_sample`` exposures splits into consecutive chunks.
+
+    Raises:
+        AggregationError: a user-window above ``task.exposure_limit`` (unchunked runs).
+    """
+    window_ticks = task.window_ticks
+    users = np.concatenate([c[USER_ID] for c in exposure_spills]).astype(np.int64)
+    ts_all = np.concatenate([c[TS] for c in exposure_spills]).astype(np.int64)
+    windows = np.floor_divide(ts_all, window_ticks)
+    order = np.lexsort((ts_all, windows, users))
+    sorted_user, sorted_window = users[order], windows[order]
+    opens_sample = np.ones(len(sorted_user), dtype=bool)
+    opens_sample[1:] = (sorted_user[1:] != sorted_user[:-1]) | (sorted_window[1:] != sorted_window[:-1])
+    if task.exposure_limit is not None:
+        _check_window_sizes(
+            opens_sample, sorted_user, sorted_window * window_ticks, window_ticks, task.exposure_limit
+        )
+    if task.max_exposures_per_sample:
+        rows = np.arange(len(sorted_user))
+        rank = rows - np.maximum.accumulate(np.where(opens_sample, rows, 0))
+        opens_sample |= rank % task.max_exposures_per_sample == 0
+    of_row = np.empty(len(sorted_user), np.int64)
+    of_row[order] = np.cumsum(opens_sample) - 1
+    start = sorted_window[opens_sample] * window_ticks
+    return _Samples(user=sorted_user[opens_sample], start=start, end=start + window_ticks, of_row=of_row)
+
+
+def _exposure_column_names(scenario: ScenarioSpec) -> Dict[str, str]:
+    """Spill column -> shard list column of one scenario's T part."""
+    names = {
+        TS: fmt.exp_ts(scenario.name),
+        "request_id": fmt.exp_request_id(scenario.name),
+        "split": fmt.exp_split(scenario.name),
+    }
+    names.update({f"{g}/{c}": fmt.exp_feature(scenario.name, g, c) for g, c, _ in scenario.categorical()})
+    names.update({f"dense/{c}": fmt.exp_dense(scenario.name, c) for c in scenario.dense_features})
+    names.update({f"label/{t}": fmt.exp_label(scenario.name, t) for t in scenario.tasks})
+    return names
+
+
+def _target_columns(
+    schema: DatasetSchema,
+    arrow: pa.Schema,
+    exposure_spills: List[Dict[str, np.ndarray]],
+    samples: _Samples,
+    columns: Dict[str, pa.Array],
+) -> Tuple[np.ndarray, Dict[str, int]]:
+    """T: adds each scenario's part to ``columns``, joined column-wise on the sample index.
+
+    Returns:
+        (T tokens per sample, exposures read per scenario).
+    """
+    n_samples = len(samples)
     n_t = np.zeros(n_samples, np.int64)
     exposures: Dict[str, int] = {}
     base = 0
-    for s, cols in zip(schema.scenarios, scen):
+    for s, cols in zip(schema.scenarios, exposure_spills):
         n = len(cols[USER_ID])
-        s_sid = sid[base : base + n]
+        row_sample = samples.of_row[base : base + n]
         base += n
-        perm = np.lexsort((cols[TS], s_sid))  # stable: ts ties keep file then row order
-        counts = np.bincount(s_sid, minlength=n_samples)
+        perm = np.lexsort((cols[TS], row_sample))  # stable: ts ties keep file then row order
+        counts = np.bincount(row_sample, minlength=n_samples)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         n_t += counts
         exposures[s.name] = n
-        names = {
-            TS: fmt.exp_ts(s.name),
-            "request_id": fmt.exp_request_id(s.name),
-            "split": fmt.exp_split(s.name),
-        }
-        names.update({f"{g}/{c}": fmt.exp_feature(s.name, g, c) for g, c, _ in s.categorical()})
-        names.update({f"dense/{c}": fmt.exp_dense(s.name, c) for c in s.dense_features})
-        names.update({f"label/{t}": fmt.exp_label(s.name, t) for t in s.tasks})
-        for src, dst in names.items():
+        for src, dst in _exposure_column_names(s).items():
             columns[dst] = _list_array(offsets, cols[src][perm], _value_type(arrow, dst))
+    return n_t, exposures
 
-    # ---- H and R: each shared sequence, merged at user level
-    n_h = np.zeros(n_samples, np.int64)
-    n_r = np.zeros(n_samples, np.int64)
+
+def _sequence_slices(
+    seq: SequenceSpec, a_user: np.ndarray, a_ts: np.ndarray, samples: _Samples, lookback_ticks: int
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Per sample, (first action, number of actions) of ``seq`` among its actions sorted by
+    (user, ts): H keeps the last ``max_len`` before the window start, R the last ``max_len`` in
+    ``[start - lookback, end)``."""
+    if seq.is_history:
+        end = _count_before(a_user, a_ts, samples.user, samples.start)
+        lo = np.searchsorted(a_user, samples.user, side="left")
+    else:
+        both = _count_before(
+            a_user,
+            a_ts,
+            np.concatenate([samples.user, samples.user]),
+            np.concatenate([samples.start - lookback_ticks, samples.end]),
+        )
+        lo, end = both[: len(samples)], both[len(samples) :]
+    start = np.maximum(lo, end - seq.max_len)
+    return start, np.maximum(end - start, 0)
+
+
+def _sequence_columns(
+    task: _Task, schema: DatasetSchema, samples: _Samples, columns: Dict[str, pa.Array]
+) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
+    """H and R: adds each shared sequence to ``columns``, merged with the samples at user level.
+
+    Returns:
+        (H tokens per sample, R tokens per sample, actions read per sequence).
+    """
+    n_h = np.zeros(len(samples), np.int64)
+    n_r = np.zeros(len(samples), np.int64)
     actions: Dict[str, int] = {}
     for q in schema.sequences:
         cols = _load_spill(task.spill_dir, f"seq/{q.name}", task.partition, sequence_columns(q))
         a_user, a_ts = cols[USER_ID].astype(np.int64), cols[TS].astype(np.int64)
         actions[q.name] = len(a_user)
         perm = np.lexsort((a_ts, a_user))  # stable: ts ties keep file then row order
-        a_user, a_ts = a_user[perm], a_ts[perm]
-        if q.is_history:
-            end = _count_before(a_user, a_ts, s_user, s_start)
-            lo = np.searchsorted(a_user, s_user, side="left")
-        else:
-            both = _count_before(
-                a_user,
-                a_ts,
-                np.concatenate([s_user, s_user]),
-                np.concatenate([s_start - task.lookback_ticks, s_end]),
-            )
-            lo, end = both[:n_samples], both[n_samples:]
-        start = np.maximum(lo, end - q.max_len)
-        lengths = np.maximum(end - start, 0)
+        start, lengths = _sequence_slices(q, a_user[perm], a_ts[perm], samples, task.lookback_ticks)
         (n_h if q.is_history else n_r)[:] += lengths
         take = perm[_ranges(start, lengths)]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         columns[fmt.seq_ts(q.name)] = _list_array(offsets, cols[TS][take], pa.int64())
         for f in q.features:
             columns[fmt.seq_feature(q.name, f)] = _list_array(offsets, cols[f][take], pa.int64())
+    return n_h, n_r, actions
 
+
+def build_partition(task: _Task) -> Dict[str, Any]:
+    """Builds and writes one shard; returns its token-count histograms and sizes."""
+    schema = DatasetSchema.from_dict(task.schema)
+    arrow = fmt.arrow_schema(schema)
+    exposure_spills = [
+        _load_spill(task.spill_dir, f"exp/{s.name}", task.partition, exposure_columns(s))
+        for s in schema.scenarios
+    ]
+    samples = _assign_samples(exposure_spills, task)
+    columns: Dict[str, pa.Array] = {
+        fmt.USER_ID: pa.array(samples.user, pa.int64()),
+        fmt.WINDOW_START: pa.array(samples.start, pa.int64()),
+        fmt.WINDOW_END: pa.array(samples.end, pa.int64()),
+    }
+    n_t, exposures = _target_columns(schema, arrow, exposure_spills, samples, columns)
+    n_h, n_r, actions = _sequence_columns(task, schema, samples, columns)
     table = pa.Table.from_arrays([columns[name] for name in arrow.names], schema=arrow)
     pq.write_table(table, task.out_path, row_group_size=max(1, task.row_group_size))
     return {
         "partition": task.partition,
-        "samples": n_samples,
+        "samples": len(samples),
         "exposures": exposures,
         "actions": actions,
         "hist_h": np.bincount(n_h),
@@ -410,16 +479,19 @@ def build_partition(task: _Task) -> Dict[str, Any]:
     }
 
 
-def _check_window_sizes(new: np.ndarray, users: np.ndarray, starts: np.ndarray, w: int, limit: int) -> None:
-    """Raises AggregationError when a user-window (runs starting at ``new``) exceeds ``limit``."""
-    first = np.flatnonzero(new)
-    sizes = np.diff(np.append(first, len(new)))
+def _check_window_sizes(
+    opens_sample: np.ndarray, users: np.ndarray, starts: np.ndarray, window_ticks: int, limit: int
+) -> None:
+    """Raises AggregationError when a user-window (runs starting where ``opens_sample``) exceeds
+    ``limit``."""
+    first = np.flatnonzero(opens_sample)
+    sizes = np.diff(np.append(first, len(opens_sample)))
     if not len(sizes) or int(sizes.max()) <= limit:
         return
     i = int(np.argmax(sizes))
     n, row = int(sizes[i]), int(first[i])
     raise AggregationError(
-        f"user {int(users[row])}, window [{int(starts[row])}, {int(starts[row]) + w}) (dataset "
+        f"user {int(users[row])}, window [{int(starts[row])}, {int(starts[row]) + window_ticks}) (dataset "
         f"ticks): {n} exposures in one sample, above {limit} allowed without "
         f"max_exposures_per_sample ({int((sizes > limit).sum())} such window(s) in this "
         f"partition); set max_exposures_per_sample (e.g. max_exposures_per_sample=1024) to split "
@@ -537,8 +609,9 @@ def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[_
     )
     if window_ticks + lookback_ticks > TS_MAX:
         raise AggregationError(
-            f"window_seconds={config.window_seconds} plus the real-time lookback of {lookback_ticks // tps} s is "
-            f"more than 2**62 ticks ({schema.time_unit}): window arithmetic would overflow int64"
+            f"window_seconds={config.window_seconds} plus the real-time lookback of "
+            f"{lookback_ticks // tps} s is more than 2**62 ticks ({schema.time_unit}): window "
+            "arithmetic would overflow int64"
         )
     return [
         _Task(
@@ -744,7 +817,7 @@ def ensure_aggregated(raw: str, cache_dir: str, config: AggregationConfig) -> st
 
 
 def main(argv: Optional[Sequence[str]] = None) -> AggregationStats:
-    from mtfm_rec.config import apply_overrides, from_dict
+    from mtfm_rec.config_parsing import apply_overrides, from_dict
 
     parser = argparse.ArgumentParser(
         prog="python -m mtfm_rec.data.aggregate",
@@ -761,7 +834,7 @@ def main(argv: Optional[Sequence[str]] = None) -> AggregationStats:
 
 
 if __name__ == "__main__":
-    from mtfm_rec.config import ConfigError
+    from mtfm_rec.config_parsing import ConfigError
     from mtfm_rec.data.schema import SchemaError
 
     try:

@@ -30,8 +30,8 @@ per scenario, in KJT order.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -41,9 +41,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from mtfm_rec.data import sample_format as fmt
-from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
+from mtfm_rec.kernels.jagged import TokenKind
 
-TOKEN_HISTORY, TOKEN_REALTIME, TOKEN_TARGET = 0, 1, 2
+# what Batch._map applies its function to: every tensor-valued field, or value of a dict field
+_Movable = Union[torch.Tensor, KeyedJaggedTensor]
 
 
 @dataclass
@@ -56,7 +58,7 @@ class Batch(Pipelineable):
     num_realtime: torch.Tensor  # [B] int64, L_R per sample
     num_targets: torch.Tensor  # [B] int64, L_T per sample
     token_ts: torch.Tensor  # [N] int64
-    token_kind: torch.Tensor  # [N] int8 (TOKEN_HISTORY / TOKEN_REALTIME / TOKEN_TARGET)
+    token_kind: torch.Tensor  # [N] int8 (TokenKind values)
     token_group: torch.Tensor  # [N] int64, index into DatasetSchema.token_groups
     target_offsets: torch.Tensor  # [B+1] int64, jagged layout of the T tokens
     target_rows: torch.Tensor  # [total_T] int64, flat token row of each T token
@@ -74,7 +76,7 @@ class Batch(Pipelineable):
     max_targets: int = 0  # max_b L_T,b
 
     # ---------------------------------------------------------------- Pipelineable
-    def _map(self, fn: Callable[[object], object]) -> "Batch":
+    def _map(self, fn: Callable[[_Movable], _Movable]) -> "Batch":
         values = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -89,8 +91,8 @@ class Batch(Pipelineable):
         return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        def record(t: object) -> object:
-            t.record_stream(stream)  # type: ignore[attr-defined]
+        def record(t: _Movable) -> _Movable:
+            t.record_stream(stream)
             return t
 
         self._map(record)
@@ -143,6 +145,184 @@ def _merge_sequences(
     return counts, np.split(rank, splits)
 
 
+@dataclass
+class _SparseParts:
+    """The KeyedJaggedTensor being built: keys in order, with per-sample lengths and values."""
+
+    keys: List[str] = field(default_factory=list)
+    lengths: List[np.ndarray] = field(default_factory=list)
+    values: List[np.ndarray] = field(default_factory=list)
+
+    def add(self, key: str, lengths: np.ndarray, values: np.ndarray) -> None:
+        self.keys.append(key)
+        self.lengths.append(lengths)
+        self.values.append(values)
+
+    def build(self) -> KeyedJaggedTensor:
+        return KeyedJaggedTensor(
+            keys=self.keys,
+            values=torch.from_numpy(np.concatenate(self.values).astype(np.int64))
+            if self.values
+            else torch.zeros(0, dtype=torch.int64),
+            lengths=torch.from_numpy(np.concatenate(self.lengths).astype(np.int32))
+            if self.lengths
+            else torch.zeros(0, dtype=torch.int32),
+        )
+
+
+@dataclass
+class _Sequences:
+    """The behaviour sequences of a batch, merged per sample into its H and R blocks."""
+
+    lengths: Dict[str, np.ndarray]  # sequence -> [B] actions per sample
+    ts: Dict[str, np.ndarray]  # sequence -> action ts (int64), KJT order
+    n_hist: np.ndarray  # [B] L_H
+    n_real: np.ndarray  # [B] L_R
+    hist_rank: List[np.ndarray]  # per history sequence, each action's rank in its H block
+    real_rank: List[np.ndarray]  # per real-time sequence, each action's rank in its R block
+
+
+@dataclass
+class _Exposures:
+    """The exposures of a batch per scenario, after ``exposure_keep``."""
+
+    lengths: Dict[str, np.ndarray]  # scenario -> [B] exposures per sample
+    ts: Dict[str, np.ndarray]  # scenario -> exposure ts (int64), KJT order
+    keep: Dict[str, Optional[np.ndarray]]  # scenario -> bool mask over its flat exposures, or None
+    n_targets: np.ndarray  # [B] L_T, all scenarios
+
+
+@dataclass
+class _Tokens:
+    """The flat token arrays of a batch, sample-major: each sample's H, then R, then T rows."""
+
+    offsets: np.ndarray  # [B+1] int64
+    ts: np.ndarray  # [N] int64
+    kind: np.ndarray  # [N] int8
+    group: np.ndarray  # [N] int64
+
+    @classmethod
+    def allocate(cls, n_tokens: np.ndarray) -> "_Tokens":
+        offsets = np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int64)
+        total = int(offsets[-1])
+        return cls(offsets, np.zeros(total, np.int64), np.zeros(total, np.int8), np.zeros(total, np.int64))
+
+    def put(self, pos: np.ndarray, ts: np.ndarray, kind: int, group: int) -> None:
+        self.ts[pos] = ts
+        self.kind[pos] = kind
+        self.group[pos] = group
+
+
+def _read_sequences(table: pa.Table, schema: DatasetSchema, sparse: _SparseParts) -> _Sequences:
+    """Reads every behaviour sequence (its features go to ``sparse``, sequence-major) and merges
+    the history ones into H and the real-time ones into R, each in time order per sample."""
+    b = table.num_rows
+    lengths_of: Dict[str, np.ndarray] = {}
+    ts_of: Dict[str, np.ndarray] = {}
+    for q in schema.ordered_sequences:
+        lengths, ts = _list_column(table, fmt.seq_ts(q.name))
+        lengths_of[q.name], ts_of[q.name] = lengths, ts.astype(np.int64)
+        for f in q.features:
+            key = fmt.seq_feature(q.name, f)
+            sparse.add(key, lengths, _list_column(table, key)[1])
+    hist = [(lengths_of[q.name], ts_of[q.name]) for q in schema.history_sequences]
+    real = [(lengths_of[q.name], ts_of[q.name]) for q in schema.realtime_sequences]
+    n_hist, hist_rank = _merge_sequences(hist, b)
+    n_real, real_rank = _merge_sequences(real, b)
+    return _Sequences(lengths_of, ts_of, n_hist, n_real, hist_rank, real_rank)
+
+
+def _read_exposures(
+    table: pa.Table, schema: DatasetSchema, exposure_keep: Optional[Mapping[str, np.ndarray]]
+) -> _Exposures:
+    """Reads every scenario's exposure lengths and ts, dropping those ``exposure_keep`` masks out
+    (the split): a dropped exposure is no T token and no row of any exposure tensor."""
+    b = table.num_rows
+    exposures = _Exposures(lengths={}, ts={}, keep={}, n_targets=np.zeros(b, np.int64))
+    for s in schema.scenarios:
+        lengths, ts = _list_column(table, fmt.exp_ts(s.name))
+        keep = None if exposure_keep is None else exposure_keep.get(s.name)
+        if keep is not None:
+            keep = np.asarray(keep, dtype=bool)
+            lengths = np.bincount(_sample_of(lengths)[keep], minlength=b).astype(np.int64)
+            ts = ts[keep]
+        exposures.lengths[s.name], exposures.ts[s.name] = lengths, ts.astype(np.int64)
+        exposures.keep[s.name] = keep
+    for s in schema.scenarios:
+        exposures.n_targets += exposures.lengths[s.name]
+    return exposures
+
+
+def _place_sequences(schema: DatasetSchema, seqs: _Sequences, tokens: _Tokens) -> Dict[str, torch.Tensor]:
+    """Writes every action into its sample's H or R block; returns each sequence's token rows."""
+    positions: Dict[str, torch.Tensor] = {}
+    for block, base, ranks, kind in (
+        (schema.history_sequences, tokens.offsets[:-1], seqs.hist_rank, TokenKind.HISTORY),
+        (schema.realtime_sequences, tokens.offsets[:-1] + seqs.n_hist, seqs.real_rank, TokenKind.REALTIME),
+    ):
+        for q, rank in zip(block, ranks):
+            pos = base[_sample_of(seqs.lengths[q.name])] + rank
+            tokens.put(pos, seqs.ts[q.name], kind, schema.sequence_group(q.name))
+            positions[q.name] = torch.from_numpy(pos)
+    return positions
+
+
+def _place_targets(
+    schema: DatasetSchema, exposures: _Exposures, tokens: _Tokens, target_start: np.ndarray
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Writes every exposure into its sample's T block (``target_start``: its first row), one
+    scenario after the other; returns per scenario (token rows, sample index) of its exposures."""
+    positions: Dict[str, torch.Tensor] = {}
+    samples: Dict[str, torch.Tensor] = {}
+    block_start = target_start
+    for s in schema.scenarios:
+        lengths = exposures.lengths[s.name]
+        sample = _sample_of(lengths)
+        pos = block_start[sample] + _rank_within_sample(sample, lengths)
+        block_start = block_start + lengths  # a new array: target_start stays as it was
+        tokens.put(pos, exposures.ts[s.name], TokenKind.TARGET, schema.scenario_group(s.name))
+        positions[s.name] = torch.from_numpy(pos)
+        samples[s.name] = torch.from_numpy(sample)
+    return positions, samples
+
+
+def _exposure_features(
+    table: pa.Table, scenario: ScenarioSpec, exposures: _Exposures, sparse: _SparseParts
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adds one scenario's categorical features to ``sparse``; returns its dense features,
+    its 0/1 labels and which labels are present (a missing label counts as 0, masked out)."""
+    lengths, keep = exposures.lengths[scenario.name], exposures.keep[scenario.name]
+
+    def flat(name: str) -> np.ndarray:
+        values = _list_column(table, name)[1]
+        return values if keep is None else values[keep]
+
+    for g, c, _ in scenario.categorical():
+        key = fmt.exp_feature(scenario.name, g, c)
+        sparse.add(key, lengths, flat(key))
+    dense = [flat(fmt.exp_dense(scenario.name, c)).astype(np.float32) for c in scenario.dense_features]
+    n = int(lengths.sum())
+    dense_features = torch.from_numpy(np.stack(dense, axis=1) if dense else np.zeros((n, 0), np.float32))
+    raw_labels = np.stack([flat(fmt.exp_label(scenario.name, t)) for t in scenario.tasks], axis=1)
+    labels = torch.from_numpy(np.clip(raw_labels, 0, 1).astype(np.float32))
+    return dense_features, labels, torch.from_numpy(raw_labels != fmt.MISSING_LABEL)
+
+
+def _exposure_tensors(
+    table: pa.Table, schema: DatasetSchema, exposures: _Exposures, sparse: _SparseParts
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """:func:`_exposure_features` of every scenario, in schema order (the KJT's key order):
+    per scenario its dense features, labels and label mask."""
+    dense_features: Dict[str, torch.Tensor] = {}
+    labels: Dict[str, torch.Tensor] = {}
+    label_mask: Dict[str, torch.Tensor] = {}
+    for s in schema.scenarios:
+        dense_features[s.name], labels[s.name], label_mask[s.name] = _exposure_features(
+            table, s, exposures, sparse
+        )
+    return dense_features, labels, label_mask
+
+
 def collate(
     table: pa.Table,
     schema: DatasetSchema,
@@ -156,117 +336,34 @@ def collate(
         exposure_keep: optional per scenario a bool mask over that scenario's flattened
             exposures (row-major, as ``pc.list_flatten`` gives them); dropped exposures vanish
             from the batch (used for train / valid / test splits).
+
+    The phases: read the sequences (merged into H and R per sample) and the exposures (T,
+    scenario after scenario), lay out the flat token rows, write every action and exposure into
+    its row, then build the exposure-level tensors and the KJT, whose keys are sequence features
+    first, then each scenario's categorical features.
     """
     b = table.num_rows
-    keys: List[str] = []
-    lengths_by_key: List[np.ndarray] = []
-    values_by_key: List[np.ndarray] = []
-
-    # ---- behaviour sequences: H and R blocks
-    seq_lengths: Dict[str, np.ndarray] = {}
-    seq_ts: Dict[str, np.ndarray] = {}
-    for q in schema.ordered_sequences:
-        lengths, ts = _list_column(table, fmt.seq_ts(q.name))
-        seq_lengths[q.name], seq_ts[q.name] = lengths, ts.astype(np.int64)
-        for f in q.features:
-            keys.append(fmt.seq_feature(q.name, f))
-            lengths_by_key.append(lengths)
-            values_by_key.append(_list_column(table, fmt.seq_feature(q.name, f))[1])
-    hist = schema.history_sequences
-    real = schema.realtime_sequences
-    n_hist, hist_rank = _merge_sequences([(seq_lengths[q.name], seq_ts[q.name]) for q in hist], b)
-    n_real, real_rank = _merge_sequences([(seq_lengths[q.name], seq_ts[q.name]) for q in real], b)
-
-    # ---- exposures: T blocks, scenario after scenario
-    exp_lengths: Dict[str, np.ndarray] = {}
-    exp_ts: Dict[str, np.ndarray] = {}
-    exp_keep: Dict[str, Optional[np.ndarray]] = {}
-    for s in schema.scenarios:
-        lengths, ts = _list_column(table, fmt.exp_ts(s.name))
-        keep = None if exposure_keep is None else exposure_keep.get(s.name)
-        if keep is not None:
-            keep = np.asarray(keep, dtype=bool)
-            lengths = np.bincount(_sample_of(lengths)[keep], minlength=b).astype(np.int64)
-            ts = ts[keep]
-        exp_lengths[s.name], exp_ts[s.name], exp_keep[s.name] = lengths, ts.astype(np.int64), keep
-    n_targets = np.zeros(b, np.int64)
-    for s in schema.scenarios:
-        n_targets += exp_lengths[s.name]
-
+    sparse = _SparseParts()
+    seqs = _read_sequences(table, schema, sparse)
+    exposures = _read_exposures(table, schema, exposure_keep)
+    n_hist, n_real, n_targets = seqs.n_hist, seqs.n_real, exposures.n_targets
     n_tokens = n_hist + n_real + n_targets
-    token_offsets = np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int64)
-    total = int(token_offsets[-1])
-    token_ts = np.zeros(total, np.int64)
-    token_kind = np.zeros(total, np.int8)
-    token_group = np.zeros(total, np.int64)
-
-    sequence_positions: Dict[str, torch.Tensor] = {}
-    for block, base, ranks, kind in (
-        (hist, token_offsets[:-1], hist_rank, TOKEN_HISTORY),
-        (real, token_offsets[:-1] + n_hist, real_rank, TOKEN_REALTIME),
-    ):
-        for q, rank in zip(block, ranks):
-            pos = base[_sample_of(seq_lengths[q.name])] + rank
-            token_ts[pos] = seq_ts[q.name]
-            token_kind[pos] = kind
-            token_group[pos] = schema.sequence_group(q.name)
-            sequence_positions[q.name] = torch.from_numpy(pos)
-
-    target_positions: Dict[str, torch.Tensor] = {}
-    exposure_sample: Dict[str, torch.Tensor] = {}
-    dense_features: Dict[str, torch.Tensor] = {}
-    labels: Dict[str, torch.Tensor] = {}
-    label_mask: Dict[str, torch.Tensor] = {}
-    block_start = token_offsets[:-1] + n_hist + n_real
-    for s in schema.scenarios:
-        lengths, keep = exp_lengths[s.name], exp_keep[s.name]
-        sample = _sample_of(lengths)
-        pos = block_start[sample] + _rank_within_sample(sample, lengths)
-        block_start = block_start + lengths
-        token_ts[pos] = exp_ts[s.name]
-        token_kind[pos] = TOKEN_TARGET
-        token_group[pos] = schema.scenario_group(s.name)
-        target_positions[s.name] = torch.from_numpy(pos)
-        exposure_sample[s.name] = torch.from_numpy(sample)
-
-        def flat(name: str) -> np.ndarray:
-            values = _list_column(table, name)[1]
-            return values if keep is None else values[keep]
-
-        for g, c, _ in s.categorical():
-            keys.append(fmt.exp_feature(s.name, g, c))
-            lengths_by_key.append(lengths)
-            values_by_key.append(flat(fmt.exp_feature(s.name, g, c)))
-        dense = [flat(fmt.exp_dense(s.name, c)).astype(np.float32) for c in s.dense_features]
-        dense_features[s.name] = torch.from_numpy(
-            np.stack(dense, axis=1) if dense else np.zeros((len(sample), 0), np.float32)
-        )
-        raw_labels = np.stack([flat(fmt.exp_label(s.name, t)) for t in s.tasks], axis=1)
-        labels[s.name] = torch.from_numpy(np.clip(raw_labels, 0, 1).astype(np.float32))
-        label_mask[s.name] = torch.from_numpy(raw_labels != fmt.MISSING_LABEL)
-
-    sparse = KeyedJaggedTensor(
-        keys=keys,
-        values=torch.from_numpy(np.concatenate(values_by_key).astype(np.int64))
-        if values_by_key
-        else torch.zeros(0, dtype=torch.int64),
-        lengths=torch.from_numpy(np.concatenate(lengths_by_key).astype(np.int32))
-        if lengths_by_key
-        else torch.zeros(0, dtype=torch.int32),
-    )
+    tokens = _Tokens.allocate(n_tokens)
+    sequence_positions = _place_sequences(schema, seqs, tokens)
+    target_start = tokens.offsets[:-1] + n_hist + n_real
+    target_positions, exposure_sample = _place_targets(schema, exposures, tokens, target_start)
+    dense_features, labels, label_mask = _exposure_tensors(table, schema, exposures, sparse)
     target_offsets = np.concatenate([[0], np.cumsum(n_targets)]).astype(np.int64)
-    target_rows = np.repeat(token_offsets[:-1] + n_hist + n_real, n_targets) + _rank_within_sample(
-        _sample_of(n_targets), n_targets
-    )
+    target_rows = np.repeat(target_start, n_targets) + _rank_within_sample(_sample_of(n_targets), n_targets)
     return Batch(
-        sparse_features=sparse,
-        token_offsets=torch.from_numpy(token_offsets),
+        sparse_features=sparse.build(),
+        token_offsets=torch.from_numpy(tokens.offsets),
         num_history=torch.from_numpy(n_hist),
         num_realtime=torch.from_numpy(n_real),
         num_targets=torch.from_numpy(n_targets),
-        token_ts=torch.from_numpy(token_ts),
-        token_kind=torch.from_numpy(token_kind),
-        token_group=torch.from_numpy(token_group),
+        token_ts=torch.from_numpy(tokens.ts),
+        token_kind=torch.from_numpy(tokens.kind),
+        token_group=torch.from_numpy(tokens.group),
         target_offsets=torch.from_numpy(target_offsets),
         target_rows=torch.from_numpy(target_rows.astype(np.int64)),
         sequence_positions=sequence_positions,
@@ -278,7 +375,7 @@ def collate(
         user_id=torch.from_numpy(table.column(fmt.USER_ID).to_numpy().astype(np.int64)),
         window_start=torch.from_numpy(table.column(fmt.WINDOW_START).to_numpy().astype(np.int64)),
         batch_size=b,
-        num_tokens=total,
+        num_tokens=int(tokens.offsets[-1]),
         max_tokens=int(n_tokens.max()) if b else 0,
         max_targets=int(n_targets.max()) if b else 0,
     )

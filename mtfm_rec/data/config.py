@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, Tuple
 
 # Upper bound of window_seconds and realtime_lookback_seconds (68 years): far below 2**62 ticks
 # in any time unit of the contract, the bound under which window arithmetic on ts in the
 # reader's safe range [-2**62, 2**62) cannot overflow int64 (mtfm_rec.data.reader). A lookback
 # from dataset.yaml is checked with the window in ticks by the aggregation.
 MAX_DURATION_SECONDS = 2**31
-START_METHODS = ("", "fork", "spawn", "forkserver")
+StartMethod = Literal["", "fork", "spawn", "forkserver"]  # "" = fork on Linux, spawn elsewhere
+START_METHODS: Tuple[str, ...] = typing.get_args(StartMethod)
 
 
 @dataclass
@@ -31,7 +33,7 @@ class AggregationConfig:
     read_batch_rows: int = 65536  # rows per record batch when streaming raw Parquet files
     output_row_group_size: int = 1024  # samples per row group of an output shard
     progress: bool = True  # tqdm progress bars (read rows, built partitions) on stderr
-    start_method: str = ""  # worker processes: fork | spawn | forkserver; "" = fork on Linux
+    start_method: StartMethod = ""  # worker processes: fork | spawn | forkserver; "" = fork on Linux
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,7 +55,8 @@ class AggregationConfig:
                 raise ValueError(f"aggregation.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_exposures_per_sample is not None and self.max_exposures_per_sample < 1:
             raise ValueError(
-                f"aggregation.max_exposures_per_sample must be >= 1 (or unset), got {self.max_exposures_per_sample}"
+                "aggregation.max_exposures_per_sample must be >= 1 (or unset), "
+                f"got {self.max_exposures_per_sample}"
             )
         if self.realtime_lookback_seconds is not None and self.realtime_lookback_seconds < 0:
             raise ValueError(
@@ -63,7 +66,8 @@ class AggregationConfig:
             value = getattr(self, key)
             if value is not None and value > MAX_DURATION_SECONDS:
                 raise ValueError(
-                    f"aggregation.{key} must be at most 2**31 s (68 years; window arithmetic stays in int64), got {value}"
+                    f"aggregation.{key} must be at most 2**31 s "
+                    f"(68 years; window arithmetic stays in int64), got {value}"
                 )
         if self.start_method not in START_METHODS:
             raise ValueError(
@@ -98,8 +102,8 @@ def check_split_boundaries(eval_after: Optional[int], valid_after: Optional[int]
     """
     if eval_after is not None and valid_after is not None and valid_after >= eval_after:
         raise ValueError(
-            f"data.valid_after={valid_after} must be earlier than data.eval_after={eval_after}: validation is "
-            f"valid_after <= ts < eval_after, which would be empty{note}"
+            f"data.valid_after={valid_after} must be earlier than data.eval_after={eval_after}: "
+            f"validation is valid_after <= ts < eval_after, which would be empty{note}"
         )
 
 

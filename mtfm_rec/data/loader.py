@@ -30,7 +30,7 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import fsspec
 import numpy as np
@@ -42,7 +42,9 @@ import torch.utils.data
 
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
+from mtfm_rec.data.config import DataConfig
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.training.distributed import get_rank, get_world_size
 
 SPLITS = ("train", "valid", "test", "all")
 _SPLIT_CODE = {"train": fmt.SPLIT_TRAIN, "valid": fmt.SPLIT_VALID, "test": fmt.SPLIT_TEST}
@@ -212,6 +214,7 @@ def _prescan(
                         fh.close()
                     fh = fs.open(path, "rb")
                     pf, open_path = pq.ParquetFile(fh), path
+                assert pf is not None  # opened above, for this path or an earlier unit's
                 table = pf.read_row_group(rg, columns=columns)
             except (pa.ArrowException, OSError) as exc:
                 raise _unreadable(path, rg, exc) from exc
@@ -226,7 +229,7 @@ def _prescan(
 def _cached_counts(
     cache_dir: Optional[str],
     key: str,
-    compute: Any,
+    compute: Callable[[], List[int]],
 ) -> List[int]:
     """Per-unit counts from ``cache_dir`` (any fsspec URL) or ``compute()``, then cached."""
     if cache_dir is None:
@@ -248,13 +251,6 @@ def _cached_counts(
 
 
 # -------------------------------------------------------------------- the plan
-def default_rank_world() -> Tuple[int, int]:
-    """(rank, world_size) from torch.distributed when it is initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def batches_per_stream(num_batches: int, num_streams: int) -> List[int]:
     """Batches of each worker stream when ``num_batches`` are dealt out round-robin."""
     base, extra = divmod(num_batches, num_streams)
@@ -345,9 +341,8 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
             raise LoaderError(f"split must be one of {SPLITS}, got {split!r}")
         if batch_size < 1:
             raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
-        default_rank, default_world = default_rank_world()
-        self.rank = default_rank if rank is None else rank
-        self.world_size = default_world if world_size is None else world_size
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise LoaderError(f"rank {self.rank} outside world_size {self.world_size}")
         self.path = path
@@ -608,7 +603,9 @@ def build_dataloader(
         num_workers=num_workers,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         pin_memory=cuda if pin_memory is None else (pin_memory and cuda),
-        collate_fn=_identity,
+        # With batch_size=None torch calls collate_fn on each item (a whole Batch); its stub
+        # types only the batched case, a function of a list of samples.
+        collate_fn=_identity,  # type: ignore[arg-type]
         persistent_workers=False,  # workers must see each iteration's epoch / start_batch
     )
 
@@ -646,7 +643,7 @@ class ResumableLoader:
     def from_config(
         cls,
         path: str,
-        data: Any,
+        data: DataConfig,
         split: str = "train",
         pad_to_equal_batches: Optional[bool] = None,
         shuffle: Optional[bool] = None,

@@ -543,6 +543,15 @@ def _shared_embeddings(check: _Checker, value: Any, schema: DatasetSchema) -> Di
 
 
 def _parse(raw: Any, source: str) -> DatasetSchema:
+    """Checks a loaded ``dataset.yaml`` mapping and builds its schema, in phases: the top-level
+    keys and time unit; each sequence and scenario (:func:`_sequence`, :func:`_scenario`) and
+    their names' uniqueness; the extra keys and ``shared_embeddings`` (which need the declared
+    features); last, the guards on the whole: the R lookback in the ts range and table names
+    that stay distinct once mangled.
+
+    Raises:
+        SchemaError: ``<source>: <place>: <rule>`` for the first problem found.
+    """
     check = _Checker(source)
     if not isinstance(raw, Mapping):
         raise check.fail("<top>", "must be a mapping with name, time_unit, sequences, scenarios")

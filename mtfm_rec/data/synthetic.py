@@ -32,7 +32,7 @@ import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import fsspec
 import numpy as np
@@ -195,6 +195,9 @@ class SyntheticData:
     truth: Dict[str, Dict[str, np.ndarray]]
 
 
+_Actions = Tuple[np.ndarray, np.ndarray, np.ndarray]  # (users, ts, items) of behaviour actions
+
+
 class _World:
     """Users, items and the samplers that draw behaviour from taste."""
 
@@ -246,7 +249,7 @@ class _World:
         u = self.rng.random((len(users), 1))
         return np.minimum((cdf < u).sum(axis=1), self.cfg.num_categories - 1)
 
-    def background(self, rate_per_day: float, first_day: int, last_day: int) -> tuple:
+    def background(self, rate_per_day: float, first_day: int, last_day: int) -> _Actions:
         """Taste-driven actions at uniform times over [first_day, last_day) (days from start)."""
         n = self.rng.poisson(rate_per_day * (last_day - first_day), self.cfg.num_users)
         users = np.repeat(np.arange(self.cfg.num_users), n)
@@ -259,21 +262,87 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def simulate(cfg: SyntheticConfig) -> SyntheticData:
-    """Draws the whole dataset in memory (tables in contract columns) with its ground truth."""
-    cfg.validate()
-    rng = np.random.default_rng(cfg.seed)
-    world = _World(cfg, rng)
-    n_users, n_days = cfg.num_users, cfg.num_days
+# Requests draw one slate of exposures each: position is the index in the slate.
+_SLATES = {"feed": FEED_SLATE, "search": SEARCH_SLATE, "coupon": 1}
+_Features = Tuple[np.ndarray, Optional[np.ndarray], Dict[str, object]]
 
-    # Sessions: >= 1 per user-day, at a uniform time leaving an hour before midnight.
+
+@dataclass
+class _Sessions:
+    """The sessions of every user-day and their intent bursts, shared by all scenarios.
+
+    Attributes:
+        per_day: [users, days] sessions of each user-day (>= 1).
+        user, day_start, ts: [S] per session, user-day-major.
+        first: [users * days] index of each user-day's first session.
+        intent: [S] the intent category of each session, -1 for none.
+        burst_session, burst_ts, burst_items: [bursts] the real-time actions of the bursts.
+        burst_first: [S] ts of the session's first burst action (int64 max without a burst).
+    """
+
+    per_day: np.ndarray
+    user: np.ndarray
+    day_start: np.ndarray
+    ts: np.ndarray
+    first: np.ndarray
+    intent: np.ndarray
+    burst_session: np.ndarray
+    burst_ts: np.ndarray
+    burst_first: np.ndarray
+    burst_items: np.ndarray
+
+
+@dataclass
+class _Sim:
+    """What every scenario's draw reads: the config, the one generator, the world, the sessions."""
+
+    cfg: SyntheticConfig
+    rng: np.random.Generator
+    world: _World
+    sessions: _Sessions
+    search_cat_perm: np.ndarray  # search's poi_cat = this permutation of the global category
+    schema: DatasetSchema
+
+
+@dataclass
+class _Rows:
+    """One scenario's exposure rows as drawn: request-major, slate positions in order."""
+
+    request: np.ndarray  # the row's request, numbered within the scenario
+    request_id: np.ndarray  # the row's dataset-wide request id
+    position: np.ndarray
+    user: np.ndarray
+    ts: np.ndarray
+    item: np.ndarray  # global item id
+    local_item: np.ndarray  # item id within the scenario's catalogue
+    category: np.ndarray
+    affinity: np.ndarray
+    intent_hit: np.ndarray
+    base_logit: np.ndarray  # item bias + the scenario's taste and intent effects
+    num_requests: int
+
+    def __len__(self) -> int:
+        return len(self.request)
+
+
+@dataclass
+class _Echoes:
+    """(users, ts, items) of the labels echoed into the behaviour sequences (the leak trap)."""
+
+    clicks: List[_Actions] = field(default_factory=list)
+    orders: List[_Actions] = field(default_factory=list)
+
+
+def _draw_sessions(cfg: SyntheticConfig, rng: np.random.Generator, world: _World) -> _Sessions:
+    """Draws >= 1 session per user-day at a uniform time leaving an hour before midnight, and
+    the intent bursts: 2+ real-time actions on one uniform category within 4 minutes."""
+    n_users, n_days = cfg.num_users, cfg.num_days
     per_day = 1 + rng.poisson(max(cfg.sessions_per_day - 1.0, 0.0), (n_users, n_days))
     sess_user = np.repeat(np.repeat(np.arange(n_users), n_days), per_day.ravel())
     sess_day = np.repeat(np.tile(np.arange(n_days), n_users), per_day.ravel())
     day_start = cfg.start_ts + sess_day * DAY
     sess_ts = day_start + rng.integers(0, DAY - 3600, len(sess_user))
     first_sess = np.concatenate([[0], np.cumsum(per_day.ravel())[:-1]])  # per user-day
-    # Intent bursts: 2+ real-time actions on one uniform category within 4 minutes.
     has_intent = rng.random(len(sess_user)) < cfg.intent_prob
     sess_intent = np.where(has_intent, rng.integers(0, cfg.num_categories, len(sess_user)), -1)
     burst_n = np.where(has_intent, 2 + rng.poisson(1.5, len(sess_user)), 0)
@@ -281,131 +350,223 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
     burst_ts = sess_ts[burst_sess] + rng.integers(0, 240, len(burst_sess))
     burst_first = np.full(len(sess_user), np.iinfo(np.int64).max)
     np.minimum.at(burst_first, burst_sess, burst_ts)
-    burst_items = world.item_in_category(sess_intent[burst_sess], "all")
+    return _Sessions(
+        per_day=per_day,
+        user=sess_user,
+        day_start=day_start,
+        ts=sess_ts,
+        first=first_sess,
+        intent=sess_intent,
+        burst_session=burst_sess,
+        burst_ts=burst_ts,
+        burst_first=burst_first,
+        burst_items=world.item_in_category(sess_intent[burst_sess], "all"),
+    )
 
-    exposures: Dict[str, pa.Table] = {}
-    truth: Dict[str, Dict[str, np.ndarray]] = {}
-    click_echo: List[tuple] = []
-    order_echo: List[tuple] = []
-    request_base = 0
-    slates = {"feed": FEED_SLATE, "search": SEARCH_SLATE, "coupon": 1}
+
+def _draw_requests(sim: _Sim, name: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(session, ts) of each request of scenario ``name``: Poisson per user-day, in one of the
+    user-day's sessions, from 10 min before to 30 min after it starts (clipped to its day)."""
+    cfg, rng, sessions = sim.cfg, sim.rng, sim.sessions
     share = {
         "feed": 0.6 * (1 - cfg.coupon_share),
         "search": 0.4 * (1 - cfg.coupon_share),
         "coupon": cfg.coupon_share,
     }
-    search_cat_perm = rng.permutation(cfg.num_categories)
-    schema = build_schema(cfg)
-    for name in ("feed", "search", "coupon"):
-        slate = slates[name]
-        n_req = rng.poisson(cfg.exposures_per_user_day * share[name] / slate, n_users * n_days)
-        req_userday = np.repeat(np.arange(n_users * n_days), n_req)
-        req_sess = first_sess[req_userday] + np.floor(
-            rng.random(len(req_userday)) * per_day.ravel()[req_userday]
-        ).astype(np.int64)
-        # Requests from 10 min before to 30 min after the session starts (clipped to its day).
-        req_ts = sess_ts[req_sess] + rng.integers(-600, 1800, len(req_sess))
-        req_ts = np.clip(req_ts, day_start[req_sess], day_start[req_sess] + DAY - 1)
-        rows = np.repeat(np.arange(len(req_sess)), slate)
-        position = np.tile(np.arange(slate), len(req_sess))
-        sess = req_sess[rows]
-        users, ts = sess_user[sess], req_ts[rows]
-        n = len(rows)
-        # Items: from the intent category with intent_show_prob in intent sessions, else uniform.
-        lo, hi = world.ranges[name]
-        items = rng.integers(lo, hi, n)
-        show_intent = (sess_intent[sess] >= 0) & (rng.random(n) < cfg.intent_show_prob)
-        items[show_intent] = world.item_in_category(sess_intent[sess][show_intent], name)
-        cat = world.item_cat[items]
-        affinity = world.affinity(users, items)
-        intent_hit = (sess_intent[sess] == cat) & (burst_first[sess] < ts)
-        base = world.item_bias[items] + cfg.taste_weight[name] * affinity
-        base = base + cfg.intent_weight[name] * intent_hit
-        cols: Dict[str, np.ndarray] = {
-            "user_id": users.astype(np.int64),
-            "ts": ts.astype(np.int64),
-            "request_id": (request_base + rows).astype(np.int64),
-        }
-        request_base += len(req_sess)
-        order_logit: Optional[np.ndarray] = None
-        if name == "feed":
-            age_effect = rng.normal(0.0, 0.15, NUM_AGE_BUCKETS)
-            log_price = rng.normal(0.0, 0.5, cfg.num_items)[items]
-            click_logit = -1.3 + base - 0.15 * position - 0.5 * log_price
-            click_logit = click_logit + age_effect[world.age_bucket[users]]
-            order_logit = -0.8 + 0.8 * affinity - 1.2 * log_price
-            cols.update(
-                age_bucket=world.age_bucket[users],
-                gender=world.gender[users],
-                item_id=items - lo,
-                category=cat,
-                position=position,
-                price=np.round(np.exp(log_price), 2),
-            )
-        elif name == "search":
-            city_effect = rng.normal(0.0, 0.1, NUM_CITIES)
-            item_rating = rng.uniform(3.0, 5.0, cfg.num_items)[items]
-            item_brand = rng.integers(0, NUM_BRANDS, cfg.num_items)[items]
-            brand_effect = rng.normal(0.0, 0.3, NUM_BRANDS)
-            distance = rng.exponential(3.0, n)
-            click_logit = -1.0 + base - 0.2 * np.minimum(distance, 10.0)
-            click_logit = click_logit + 0.6 * (item_rating - 4.0) + brand_effect[item_brand]
-            click_logit = click_logit + city_effect[world.city[users]]
-            brand_null = rng.random(n) < 0.03  # missing brand: the contract's null
-            cols.update(
-                city=world.city[users],
-                poi_id=items - lo,
-                poi_cat=search_cat_perm[cat],
-                brand=pa.array(item_brand, mask=brand_null),
-                distance_bucket=np.minimum(distance.astype(np.int64), 7),
-                hour=(ts - cfg.start_ts) % DAY // 3600,
-                distance_km=np.round(distance, 3),
-                rating=np.round(item_rating, 1),
-            )
-        else:
-            discount = rng.uniform(0.0, 0.5, n)
-            click_logit = -1.0 + base + 3.0 * (discount - 0.25) + 0.15 * world.vip[users]
-            order_logit = -0.3 + 1.0 * affinity + 2.0 * discount
-            cols.update(
-                vip_level=world.vip[users],
-                age_bucket=world.age_bucket[users],
-                coupon_id=items - lo,
-                category=cat,
-                discount=np.round(discount, 3),
-            )
-        click = rng.random(n) < _sigmoid(click_logit)
-        cols["click"] = click
-        if order_logit is not None:
-            order = click & (rng.random(n) < _sigmoid(order_logit))  # funnel: order => click
-            cols["order"] = order
-            order_echo.append((users[order], ts[order] + rng.integers(60, 600, order.sum()), items[order]))
-        click_echo.append((users[click], ts[click] + rng.integers(1, 21, click.sum()), items[click]))
-        # Rows in time order (a request's slate in position order); truth follows the rows.
-        by_time = np.lexsort((position, rows, ts))
-        exposures[name] = _exposure_table(cols, schema.scenario(name)).take(by_time)
-        p_click = _sigmoid(click_logit)
-        truth[name] = {
-            "affinity": affinity[by_time],
-            "intent_hit": intent_hit[by_time],
-            "click_logit": click_logit[by_time],
-            "category": cat[by_time],
-            "p_click": p_click[by_time],
-        }
-        if order_logit is not None:
-            truth[name]["p_order"] = (p_click * _sigmoid(order_logit))[by_time]
+    user_days = cfg.num_users * cfg.num_days
+    n_req = rng.poisson(cfg.exposures_per_user_day * share[name] / _SLATES[name], user_days)
+    req_userday = np.repeat(np.arange(user_days), n_req)
+    per_day = sessions.per_day.ravel()
+    req_sess = sessions.first[req_userday] + np.floor(
+        rng.random(len(req_userday)) * per_day[req_userday]
+    ).astype(np.int64)
+    req_ts = sessions.ts[req_sess] + rng.integers(-600, 1800, len(req_sess))
+    req_ts = np.clip(req_ts, sessions.day_start[req_sess], sessions.day_start[req_sess] + DAY - 1)
+    return req_sess, req_ts
 
-    # Behaviours. Orders: background over history days + exposure days, plus echoed orders.
-    bg = world.background(cfg.orders_per_day, -cfg.history_days, n_days)
-    orders = _concat([bg] + order_echo)
-    # Real-time clicks: background (from the day before the first exposure day), bursts, echoes.
-    bg_rt = world.background(cfg.browses_per_day, -1, n_days)
-    bursts = (sess_user[burst_sess], burst_ts, burst_items)
-    clicks = _concat([bg_rt, bursts] + click_echo)
-    behaviors = {
+
+def _draw_rows(sim: _Sim, name: str, request_base: int) -> _Rows:
+    """Draws scenario ``name``'s requests, expands them into slate rows and picks their items:
+    from the session's intent category with ``intent_show_prob`` in intent sessions, else
+    uniform in the scenario's catalogue. Request ids start at ``request_base``."""
+    cfg, rng, world, sessions = sim.cfg, sim.rng, sim.world, sim.sessions
+    req_sess, req_ts = _draw_requests(sim, name)
+    slate = _SLATES[name]
+    rows = np.repeat(np.arange(len(req_sess)), slate)
+    sess = req_sess[rows]
+    users, ts = sessions.user[sess], req_ts[rows]
+    n = len(rows)
+    lo, hi = world.ranges[name]
+    items = rng.integers(lo, hi, n)
+    show_intent = (sessions.intent[sess] >= 0) & (rng.random(n) < cfg.intent_show_prob)
+    items[show_intent] = world.item_in_category(sessions.intent[sess][show_intent], name)
+    cat = world.item_cat[items]
+    affinity = world.affinity(users, items)
+    intent_hit = (sessions.intent[sess] == cat) & (sessions.burst_first[sess] < ts)
+    base = world.item_bias[items] + cfg.taste_weight[name] * affinity
+    return _Rows(
+        request=rows,
+        request_id=(request_base + rows).astype(np.int64),
+        position=np.tile(np.arange(slate), len(req_sess)),
+        user=users,
+        ts=ts,
+        item=items,
+        local_item=items - lo,
+        category=cat,
+        affinity=affinity,
+        intent_hit=intent_hit,
+        base_logit=base + cfg.intent_weight[name] * intent_hit,
+        num_requests=len(req_sess),
+    )
+
+
+def _feed_features(sim: _Sim, rows: _Rows) -> _Features:
+    """feed: clicks fall with position and price, shift a little by age; orders follow taste
+    and price."""
+    cfg, rng, world = sim.cfg, sim.rng, sim.world
+    age_effect = rng.normal(0.0, 0.15, NUM_AGE_BUCKETS)
+    log_price = rng.normal(0.0, 0.5, cfg.num_items)[rows.item]
+    click_logit = -1.3 + rows.base_logit - 0.15 * rows.position - 0.5 * log_price
+    click_logit = click_logit + age_effect[world.age_bucket[rows.user]]
+    order_logit = -0.8 + 0.8 * rows.affinity - 1.2 * log_price
+    features: Dict[str, object] = dict(
+        age_bucket=world.age_bucket[rows.user],
+        gender=world.gender[rows.user],
+        item_id=rows.local_item,
+        category=rows.category,
+        position=rows.position,
+        price=np.round(np.exp(log_price), 2),
+    )
+    return click_logit, order_logit, features
+
+
+def _search_features(sim: _Sim, rows: _Rows) -> _Features:
+    """search: clicks fall with distance, grow with rating, shift by brand and city; a few
+    brands are null; no order task."""
+    cfg, rng, world = sim.cfg, sim.rng, sim.world
+    n = len(rows)
+    city_effect = rng.normal(0.0, 0.1, NUM_CITIES)
+    item_rating = rng.uniform(3.0, 5.0, cfg.num_items)[rows.item]
+    item_brand = rng.integers(0, NUM_BRANDS, cfg.num_items)[rows.item]
+    brand_effect = rng.normal(0.0, 0.3, NUM_BRANDS)
+    distance = rng.exponential(3.0, n)
+    click_logit = -1.0 + rows.base_logit - 0.2 * np.minimum(distance, 10.0)
+    click_logit = click_logit + 0.6 * (item_rating - 4.0) + brand_effect[item_brand]
+    click_logit = click_logit + city_effect[world.city[rows.user]]
+    brand_null = rng.random(n) < 0.03  # missing brand: the contract's null
+    features: Dict[str, object] = dict(
+        city=world.city[rows.user],
+        poi_id=rows.local_item,
+        poi_cat=sim.search_cat_perm[rows.category],
+        brand=pa.array(item_brand, mask=brand_null),
+        distance_bucket=np.minimum(distance.astype(np.int64), 7),
+        hour=(rows.ts - cfg.start_ts) % DAY // 3600,
+        distance_km=np.round(distance, 3),
+        rating=np.round(item_rating, 1),
+    )
+    return click_logit, None, features
+
+
+def _coupon_features(sim: _Sim, rows: _Rows) -> _Features:
+    """coupon: clicks and orders grow with the discount; clicks also with the VIP level."""
+    rng, world = sim.rng, sim.world
+    discount = rng.uniform(0.0, 0.5, len(rows))
+    click_logit = -1.0 + rows.base_logit + 3.0 * (discount - 0.25) + 0.15 * world.vip[rows.user]
+    order_logit = -0.3 + 1.0 * rows.affinity + 2.0 * discount
+    features: Dict[str, object] = dict(
+        vip_level=world.vip[rows.user],
+        age_bucket=world.age_bucket[rows.user],
+        coupon_id=rows.local_item,
+        category=rows.category,
+        discount=np.round(discount, 3),
+    )
+    return click_logit, order_logit, features
+
+
+# Each scenario's own features and logits, drawn in this order (the draws' order is the data).
+_SCENARIO_FEATURES: Dict[str, Callable[[_Sim, _Rows], _Features]] = {
+    "feed": _feed_features,
+    "search": _search_features,
+    "coupon": _coupon_features,
+}
+
+
+def _draw_exposures(
+    sim: _Sim, name: str, rows: _Rows, echoes: _Echoes
+) -> Tuple[pa.Table, Dict[str, np.ndarray]]:
+    """Draws scenario ``name``'s features and labels (order => click), echoes the labels into
+    ``echoes``, and returns its exposure table and truth, both in time order."""
+    rng, n = sim.rng, len(rows)
+    click_logit, order_logit, features = _SCENARIO_FEATURES[name](sim, rows)
+    cols: Dict[str, object] = {
+        "user_id": rows.user.astype(np.int64),
+        "ts": rows.ts.astype(np.int64),
+        "request_id": rows.request_id,
+        **features,
+    }
+    users, ts, items = rows.user, rows.ts, rows.item
+    click = rng.random(n) < _sigmoid(click_logit)
+    cols["click"] = click
+    if order_logit is not None:
+        order = click & (rng.random(n) < _sigmoid(order_logit))  # funnel: order => click
+        cols["order"] = order
+        echoes.orders.append((users[order], ts[order] + rng.integers(60, 600, order.sum()), items[order]))
+    echoes.clicks.append((users[click], ts[click] + rng.integers(1, 21, click.sum()), items[click]))
+    # Rows in time order (a request's slate in position order); truth follows the rows.
+    by_time = np.lexsort((rows.position, rows.request, ts))
+    table = _exposure_table(cols, sim.schema.scenario(name)).take(by_time)
+    p_click = _sigmoid(click_logit)
+    truth = {
+        "affinity": rows.affinity[by_time],
+        "intent_hit": rows.intent_hit[by_time],
+        "click_logit": click_logit[by_time],
+        "category": rows.category[by_time],
+        "p_click": p_click[by_time],
+    }
+    if order_logit is not None:
+        truth["p_order"] = (p_click * _sigmoid(order_logit))[by_time]
+    return table, truth
+
+
+def _behaviors(
+    cfg: SyntheticConfig, world: _World, sessions: _Sessions, echoes: _Echoes
+) -> Dict[str, pa.Table]:
+    """The behaviour tables. Orders: background over history days + exposure days, plus echoed
+    orders. Real-time clicks: background (from the day before the first exposure day), bursts,
+    echoed clicks."""
+    bg = world.background(cfg.orders_per_day, -cfg.history_days, cfg.num_days)
+    orders = _concat([bg] + echoes.orders)
+    bg_rt = world.background(cfg.browses_per_day, -1, cfg.num_days)
+    bursts = (sessions.user[sessions.burst_session], sessions.burst_ts, sessions.burst_items)
+    clicks = _concat([bg_rt, bursts] + echoes.clicks)
+    return {
         "orders": _behavior_table(*orders, world.item_cat),
         "clicks_rt": _behavior_table(*clicks, world.item_cat),
     }
-    return SyntheticData(schema, exposures, behaviors, truth)
+
+
+def simulate(cfg: SyntheticConfig) -> SyntheticData:
+    """Draws the whole dataset in memory (tables in contract columns) with its ground truth.
+
+    Every draw comes from one generator, so the phases run in a fixed order: the world, the
+    sessions, search's category permutation, then feed, search and coupon (rows, features,
+    labels), then the background behaviours.
+    """
+    cfg.validate()
+    rng = np.random.default_rng(cfg.seed)
+    world = _World(cfg, rng)
+    sessions = _draw_sessions(cfg, rng, world)
+    sim = _Sim(cfg, rng, world, sessions, rng.permutation(cfg.num_categories), build_schema(cfg))
+    exposures: Dict[str, pa.Table] = {}
+    truth: Dict[str, Dict[str, np.ndarray]] = {}
+    echoes = _Echoes()
+    request_base = 0
+    for name in ("feed", "search", "coupon"):
+        rows = _draw_rows(sim, name, request_base)
+        request_base += rows.num_requests
+        exposures[name], truth[name] = _draw_exposures(sim, name, rows, echoes)
+    behaviors = _behaviors(cfg, world, sessions, echoes)
+    return SyntheticData(sim.schema, exposures, behaviors, truth)
 
 
 TRUTH_DIR = "truth"
@@ -446,8 +607,9 @@ def read_truth(root: str, scenario: str) -> pa.Table:
         ) from None
 
 
-def _concat(parts: List[tuple]) -> tuple:
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+def _concat(parts: List[_Actions]) -> _Actions:
+    users, ts, items = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    return users, ts, items
 
 
 def _exposure_table(cols: Mapping[str, object], spec: ScenarioSpec) -> pa.Table:

@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-# Attention implementations: the kernel dispatcher's backends plus the model's own CPU path.
-PREFIX_BACKEND = "prefix"  # mtfm_rec.model.attention.prefix_hstu_attention (padded, prefix mask)
-CPP_BACKEND = "cpp"  # mtfm_rec.kernels.hstu_attention.cpu: the fused C++ CPU kernel (jagged, prefix mask)
-# "auto" is resolved per forward from the device (mtfm_rec.model.attention.resolve_attention_backend):
-# the Triton kernels on CUDA, the fused C++ kernel on the CPU, so one config serves both.
+# model.attention_backend: a value of AttentionBackend (every implementation lives in
+# mtfm_rec.kernels.hstu_attention); "auto" is resolved from the device by its resolve() (the
+# Triton kernels on CUDA, the fused C++ kernel on the CPU), so one config serves both.
+# kernels.backends imports no torch: loading a config must not pull it in.
+from mtfm_rec.kernels.backends import AttentionBackend, values
+
+_ATTENTION_BACKENDS = values(AttentionBackend)
+
 LOSS_AVERAGES = ("exposure", "task")  # model.loss_average; see mtfm_rec.model.heads
-ATTENTION_BACKENDS = ("auto", "reference", "triton", "blocksparse", PREFIX_BACKEND, CPP_BACKEND)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class ModelConfig:
     num_kv_heads: int = 1  # G key-value heads (GQA); H % G == 0
     head_dim: int = 0  # per-head dim of Q/K/V/U; 0 -> d_model // num_heads
     attention_backend: str = (
-        "auto"  # auto (Triton on CUDA, cpp on CPU) | cpp | reference | triton | blocksparse | prefix
+        "auto"  # auto (Triton on CUDA, cpp on CPU) | reference | prefix | blocksparse | cpp | triton
     )
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
@@ -44,9 +46,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if self.attention_backend not in _ATTENTION_BACKENDS:
             raise ValueError(
-                f"attention_backend={self.attention_backend!r} unknown; choose one of {ATTENTION_BACKENDS}"
+                f"attention_backend={self.attention_backend!r} unknown; choose one of {_ATTENTION_BACKENDS}"
             )
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average={self.loss_average!r} unknown; choose one of {LOSS_AVERAGES}")

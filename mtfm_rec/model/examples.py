@@ -6,7 +6,7 @@ only exercise shapes, layouts and the mask, through the real ``collate``.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -81,7 +81,8 @@ def random_table(
         return sorted(rng.integers(low, high, size=n).tolist())
 
     for q in schema.sequences:
-        ts_col, feat_cols = [], {f: [] for f in q.features}
+        ts_col: List[Any] = []
+        feat_cols: Dict[str, List[Any]] = {f: [] for f in q.features}
         for _ in range(batch_size):
             n = int(rng.integers(seq_len[0], seq_len[1] + 1))
             lo, hi = (0, window) if q.is_history else (window // 2, 2 * window)

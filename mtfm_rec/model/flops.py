@@ -32,8 +32,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, visible_prefix
 from mtfm_rec.model.config import ModelConfig
-from mtfm_rec.model.mask import jagged_to_padded_index, visible_prefix
 
 TRAIN_STEP_FACTOR = 3  # forward + backward (2 x forward)
 
@@ -128,7 +128,7 @@ def heads_flops(config: ModelConfig, schema: DatasetSchema, batch: Batch) -> int
 def visible_pairs(batch: Batch, use_sequences: bool = True) -> Tuple[int, int]:
     """(query, key) pairs the dynamic mask lets through in a full and in a target layer.
 
-    A query sees ``prefix_len`` keys of its sample (``mask.visible_prefix``) and itself if it is
+    A query sees ``prefix_len`` keys of its sample (``kernels.jagged.visible_prefix``) and itself if it is
     a T token; a target layer's queries are the T tokens, whose prefix is the same as in a full
     layer. Without sequences (the feature-only baseline) every T token sees only itself.
     Reads ``token_ts`` / ``token_kind`` values: a host sync if the batch is on a GPU.
@@ -136,18 +136,12 @@ def visible_pairs(batch: Batch, use_sequences: bool = True) -> Tuple[int, int]:
     n, t = batch.num_tokens, int(batch.target_rows.shape[0])
     if not use_sequences or n == 0:
         return t, t
-    pad = jagged_to_padded_index(batch.token_offsets, n, batch.max_tokens)
-    prefix = visible_prefix(
-        batch.token_offsets,
-        batch.token_kind,
-        batch.token_ts,
-        batch.token_ts,
-        batch.token_offsets,
-        batch.max_tokens,
-        batch.max_tokens,
-        pad,
-        pad,
-    )
+    keys = KeySet.create(batch.token_offsets, batch.token_kind, batch.token_ts, batch.max_tokens)
+    # a full layer's queries are the key rows themselves; visible_prefix reads their ts and layout
+    # only (the T tokens' own key is the "+ t" below)
+    no_self = keys.pad_index.new_full((n,), -1)
+    queries = QuerySet(keys.offsets, keys.ts, no_self, keys.max_len, keys.pad_index)
+    prefix = visible_prefix(queries, keys)
     return int(prefix.sum()) + t, int(prefix[batch.target_rows].sum()) + t
 
 

@@ -2,10 +2,10 @@
 
 ::
 
-    T token of scenario s  --> experts e=1..E (shared by all scenarios): silu(W_e x)      [n_s, E, expert_dim]
-                           --> gate (s, t): softmax(G_{s,t} x)                              [n_s, T_s, E]
-                           --> mixture (s, t) = sum_e gate * expert                         [n_s, T_s, expert_dim]
-                           --> tower (s, t): MLP -> one raw logit z_{s,t}                   [n_s, T_s]
+    T token of scenario s  --> experts e=1..E (shared by all scenarios): silu(W_e x)  [n_s, E, expert_dim]
+                           --> gate (s, t): softmax(G_{s,t} x)                          [n_s, T_s, E]
+                           --> mixture (s, t) = sum_e gate * expert                     [n_s, T_s, expert_dim]
+                           --> tower (s, t): MLP -> one raw logit z_{s,t}               [n_s, T_s]
 
 Funnel tasks (``tasks: [click, order]``: a later task implies the earlier ones). With
 ``conditional_towers`` (default) tower t predicts the conditional ``p(task t | task t-1)`` and

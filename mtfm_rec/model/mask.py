@@ -20,8 +20,9 @@ plus, for a T query, the query itself::
 so each query is encoded by two ints: ``prefix_len`` (keys ``[0, prefix_len)`` are visible) and
 ``self_local`` (its own local index if it is a T token, else -1). The prefix length is one batched
 ``searchsorted`` over a per-sample key array that is sorted by construction:
-``-inf`` for H, ``ts`` for R, ``+inf`` for T and padding. Nothing N x N is stored; the dense
-mask is materialised only by :func:`dense_mask` (tests, debugging).
+``-inf`` for H, ``ts`` for R, ``+inf`` for T and padding (``mtfm_rec.kernels.jagged.visible_prefix``,
+``QuerySet.with_prefix``). Nothing N x N is stored; the dense mask is materialised only by
+:func:`dense_mask` (tests, debugging).
 """
 
 from __future__ import annotations
@@ -30,88 +31,35 @@ from dataclasses import dataclass
 
 import torch
 
-from mtfm_rec.data.batch import TOKEN_HISTORY, TOKEN_REALTIME, TOKEN_TARGET, Batch
-
-_INT64_MIN = torch.iinfo(torch.int64).min
-_INT64_MAX = torch.iinfo(torch.int64).max
+from mtfm_rec.data.batch import Batch
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
 
 
-def jagged_to_padded_index(offsets: torch.Tensor, total: int, max_len: int) -> torch.Tensor:
-    """Flat index of each jagged row in a padded ``[B * max_len]`` layout.
-
-    Row r of sample b (``offsets[b] <= r < offsets[b+1]``) goes to ``b * max_len + (r - offsets[b])``.
-    ``total`` (= ``offsets[-1]``) is passed as a host int so no device sync is needed.
-    """
-    lengths = offsets[1:] - offsets[:-1]
-    sample = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
-    )
-    return sample * max_len + torch.arange(total, device=offsets.device) - offsets[sample]
-
-
-@dataclass
+@dataclass(frozen=True)
 class AttentionLayout:
     """Everything the attention layers of one batch need, computed once per forward.
 
-    Two query sets share the same keys (all N tokens, jagged by ``token_offsets``):
+    Two query sets share the same keys (all N tokens, jagged by ``keys.offsets``):
 
-    * full layers: every token is a query (``token_offsets``, ``max_tokens``);
-    * target layers: the T tokens only (``target_rows`` / ``target_offsets``, ``max_targets``).
+    * ``full``: every token is a query (full layers);
+    * ``target``: the T tokens only (target layers; their token rows are ``target_rows``).
 
-    ``*_self`` are global token rows (-1: no self key), as the kernel op expects;
-    ``*_prefix`` and ``*_self_local`` are the prefix encoding (sample-local key indices);
-    ``*_pad_index`` place jagged rows into ``[B * max_len]`` padded buffers.
+    Both carry the prefix encoding of their mask (``prefix``, ``self_local``) besides the kinds /
+    timestamps view (``ts``, ``self_rows``), so every attention backend reads what it needs.
     """
 
-    token_offsets: torch.Tensor  # [B+1]
-    token_ts: torch.Tensor  # [N]
-    token_kind: torch.Tensor  # [N]
-    token_group: torch.Tensor  # [N]
-    target_rows: torch.Tensor  # [T]
-    target_offsets: torch.Tensor  # [B+1]
-    target_ts: torch.Tensor  # [T]
-    full_self: torch.Tensor  # [N] row of the token itself if T else -1
-    full_prefix: torch.Tensor  # [N]
-    full_self_local: torch.Tensor  # [N]
-    target_prefix: torch.Tensor  # [T]
-    target_self_local: torch.Tensor  # [T]
-    token_pad_index: torch.Tensor  # [N] into [B * max_tokens]
-    target_pad_index: torch.Tensor  # [T] into [B * max_targets]
+    keys: KeySet  # all N tokens: offsets [B+1], kind [N], ts [N], max_len = max tokens per sample
+    full: QuerySet  # [N] queries; self_rows: the token's own row if T else -1
+    target: QuerySet  # [T] queries; self_rows = target_rows
+    token_group: torch.Tensor  # [N] norm group of each token
+    target_rows: torch.Tensor  # [T] token row of each T token
     batch_size: int
     num_tokens: int
-    max_tokens: int
     num_targets: int
-    max_targets: int
 
-
-def visible_prefix(
-    token_offsets: torch.Tensor,
-    token_kind: torch.Tensor,
-    token_ts: torch.Tensor,
-    query_ts: torch.Tensor,
-    query_offsets: torch.Tensor,
-    max_tokens: int,
-    max_queries: int,
-    token_pad_index: torch.Tensor,
-    query_pad_index: torch.Tensor,
-) -> torch.Tensor:
-    """Per query, the number of keys of its sample's H+R block it may see (rules 1 and 2).
-
-    Returns ``[num_queries]`` int64 ``prefix_len = L_H + #{R tokens with ts < query ts}``.
-    Assumes the Batch layout: H block, then R block sorted by ascending ts, then T block.
-    """
-    batch = token_offsets.numel() - 1
-    kind = token_kind.to(torch.int64)
-    key = torch.where(
-        kind == TOKEN_HISTORY,
-        torch.full_like(token_ts, _INT64_MIN),
-        torch.where(kind == TOKEN_REALTIME, token_ts, torch.full_like(token_ts, _INT64_MAX)),
-    )
-    keys = token_ts.new_full((batch * max_tokens,), _INT64_MAX).index_copy(0, token_pad_index, key)
-    queries = query_ts.new_full((batch * max_queries,), _INT64_MAX)
-    queries = queries.index_copy(0, query_pad_index, query_ts)
-    prefix = torch.searchsorted(keys.view(batch, max_tokens), queries.view(batch, max_queries))
-    return prefix.reshape(-1)[query_pad_index]
+    def queries(self, target: bool) -> QuerySet:
+        """The query set of a target (``True``) or full (``False``) layer."""
+        return self.target if target else self.full
 
 
 def build_layout(batch: Batch) -> AttentionLayout:
@@ -119,55 +67,21 @@ def build_layout(batch: Batch) -> AttentionLayout:
     n, t = batch.num_tokens, int(batch.target_rows.shape[0])
     offsets = batch.token_offsets
     rows = torch.arange(n, device=offsets.device)
-    is_target = batch.token_kind.to(torch.int64) == TOKEN_TARGET
+    is_target = batch.token_kind.to(torch.int64) == TokenKind.TARGET
+    keys = KeySet.create(offsets, batch.token_kind, batch.token_ts, batch.max_tokens)
     full_self = torch.where(is_target, rows, torch.full_like(rows, -1))
-    lengths = offsets[1:] - offsets[:-1]
-    token_start = torch.repeat_interleave(offsets[:-1], lengths, output_size=n)
-    token_pad = jagged_to_padded_index(offsets, n, batch.max_tokens)
-    target_pad = jagged_to_padded_index(batch.target_offsets, t, batch.max_targets)
+    full = QuerySet.create(offsets, batch.token_ts, full_self, batch.max_tokens)
     target_ts = batch.token_ts[batch.target_rows]
-    full_prefix = visible_prefix(
-        offsets,
-        batch.token_kind,
-        batch.token_ts,
-        batch.token_ts,
-        offsets,
-        batch.max_tokens,
-        batch.max_tokens,
-        token_pad,
-        token_pad,
-    )
-    target_prefix = visible_prefix(
-        offsets,
-        batch.token_kind,
-        batch.token_ts,
-        target_ts,
-        batch.target_offsets,
-        batch.max_tokens,
-        batch.max_targets,
-        token_pad,
-        target_pad,
-    )
+    target = QuerySet.create(batch.target_offsets, target_ts, batch.target_rows, batch.max_targets)
     return AttentionLayout(
-        token_offsets=offsets,
-        token_ts=batch.token_ts,
-        token_kind=batch.token_kind,
+        keys=keys,
+        full=full.with_prefix(keys),
+        target=target.with_prefix(keys),
         token_group=batch.token_group,
         target_rows=batch.target_rows,
-        target_offsets=batch.target_offsets,
-        target_ts=target_ts,
-        full_self=full_self,
-        full_prefix=full_prefix,
-        full_self_local=torch.where(is_target, rows - token_start, full_self),
-        target_prefix=target_prefix,
-        target_self_local=batch.target_rows - token_start[batch.target_rows],
-        token_pad_index=token_pad,
-        target_pad_index=target_pad,
         batch_size=batch.batch_size,
         num_tokens=n,
-        max_tokens=batch.max_tokens,
         num_targets=t,
-        max_targets=batch.max_targets,
     )
 
 
@@ -181,28 +95,22 @@ def build_target_only_layout(batch: Batch) -> AttentionLayout:
     rows = torch.arange(t, device=offsets.device)
     lengths = offsets[1:] - offsets[:-1]
     start = torch.repeat_interleave(offsets[:-1], lengths, output_size=t)
-    pad = jagged_to_padded_index(offsets, t, batch.max_targets)
-    zeros = torch.zeros_like(rows)
+    ts = batch.token_ts[batch.target_rows]
+    kind = torch.full_like(batch.token_kind[batch.target_rows], TokenKind.TARGET)
+    keys = KeySet.create(offsets, kind, ts, batch.max_targets)
+    # every query sees no H/R prefix and only itself: the encoding is known without a search
+    queries = QuerySet(
+        offsets, ts, rows, batch.max_targets, keys.pad_index, torch.zeros_like(rows), rows - start
+    )
     return AttentionLayout(
-        token_offsets=offsets,
-        token_ts=batch.token_ts[batch.target_rows],
-        token_kind=torch.full_like(batch.token_kind[batch.target_rows], TOKEN_TARGET),
+        keys=keys,
+        full=queries,
+        target=queries,
         token_group=batch.token_group[batch.target_rows],
         target_rows=rows,
-        target_offsets=offsets,
-        target_ts=batch.token_ts[batch.target_rows],
-        full_self=rows,
-        full_prefix=zeros,
-        full_self_local=rows - start,
-        target_prefix=zeros,
-        target_self_local=rows - start,
-        token_pad_index=pad,
-        target_pad_index=pad,
         batch_size=batch.batch_size,
         num_tokens=t,
-        max_tokens=batch.max_targets,
         num_targets=t,
-        max_targets=batch.max_targets,
     )
 
 
@@ -212,14 +120,11 @@ def dense_mask(layout: AttentionLayout, target_queries: bool) -> torch.Tensor:
     ``target_queries``: rows are the T tokens (a target layer's ``M_T``, eq. 12) instead of
     all tokens (a full layer's ``M``). Padded query rows are all False.
     """
-    if target_queries:
-        prefix, self_local = layout.target_prefix, layout.target_self_local
-        pad, max_q = layout.target_pad_index, layout.max_targets
-    else:
-        prefix, self_local = layout.full_prefix, layout.full_self_local
-        pad, max_q = layout.token_pad_index, layout.max_tokens
-    j = torch.arange(layout.max_tokens, device=prefix.device)
+    queries = layout.queries(target_queries)
+    prefix, self_local = queries.prefix_encoding("dense_mask")
+    max_q, max_kv = queries.max_len, layout.keys.max_len
+    j = torch.arange(max_kv, device=prefix.device)
     rows = (j[None, :] < prefix[:, None]) | (j[None, :] == self_local[:, None])
-    out = rows.new_zeros(layout.batch_size * max_q, layout.max_tokens)
-    out[pad] = rows
-    return out.view(layout.batch_size, max_q, layout.max_tokens)
+    out = rows.new_zeros(layout.batch_size * max_q, max_kv)
+    out[queries.pad_index] = rows
+    return out.view(layout.batch_size, max_q, max_kv)

@@ -41,14 +41,12 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -60,6 +58,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mtfm_rec.training.distributed import (
+    all_gather,
+    barrier,
+    broadcast_from_rank0,
+    gather_to_rank0,
+    get_rank,
+    get_world_size,
+)
+from mtfm_rec.training.rng import get_rng_state, seed_everything, set_rng_state
+
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -68,8 +76,6 @@ MANIFEST_VERSION = 1
 _HASH_CHUNK = 16 << 20  # bytes read per hashlib update (which releases the GIL)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# Per-rank counters that add up to a global count; see default_reshard_rank_states.
-SPLIT_COUNTERS: Tuple[str, ...] = ("samples_seen",)
 
 RankStates = List[Optional[Dict[str, Any]]]
 ReshardFn = Callable[[RankStates, int], RankStates]
@@ -84,18 +90,14 @@ class CheckpointState:
         step: the training step it was saved at.
         metadata: the free-form dict given at save time (config, best metric, ...).
         rank_state: this rank's loader state (after resharding when the world size changed).
-        saved_rank_states: every saving rank's loader state, in rank order.
         saved_world_size: the world size at save time.
-        samples_seen: sum of ``samples_seen`` over the saving ranks' states (0 if absent).
     """
 
     path: str
     step: int
     metadata: Dict[str, Any] = field(default_factory=dict)
     rank_state: Optional[Dict[str, Any]] = None
-    saved_rank_states: RankStates = field(default_factory=list)
     saved_world_size: int = 1
-    samples_seen: int = 0
 
 
 class CheckpointError(RuntimeError):
@@ -128,94 +130,12 @@ class CheckpointWriteError(CheckpointError):
 
 
 # ---------------------------------------------------------------------------- distributed
-def _dist_on() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank(pg: Optional[dist.ProcessGroup]) -> int:
-    return dist.get_rank(pg) if _dist_on() else 0
-
-
-def _world(pg: Optional[dist.ProcessGroup]) -> int:
-    return dist.get_world_size(pg) if _dist_on() else 1
-
-
 def _dcp_no_dist(pg: Optional[dist.ProcessGroup]) -> bool:
     """DCP's ``no_dist`` for a save or load over ``pg``: set for a one-rank group. DCP's
     collective save, even over a one-rank gloo group, left every later training step of the
     process ~40 % slower (12.4 -> 7.4 steps/s on mtfm_small on the CPU after one save;
     docs/TRAINING.md), and one rank has nothing to coordinate."""
-    return _world(pg) == 1
-
-
-def _barrier(pg: Optional[dist.ProcessGroup]) -> None:
-    if _dist_on():
-        dist.barrier(group=pg)
-
-
-def _gather_to_rank0(obj: Any, pg: Optional[dist.ProcessGroup]) -> Optional[List[Any]]:
-    """Every rank's ``obj`` on rank 0 (None elsewhere)."""
-    if _world(pg) == 1:
-        return [obj]
-    out: Optional[List[Any]] = [None] * _world(pg) if _rank(pg) == 0 else None
-    dst = dist.get_global_rank(pg, 0) if pg is not None else 0
-    dist.gather_object(obj, out, dst=dst, group=pg)
-    return out
-
-
-def _broadcast_from_rank0(obj: Any, pg: Optional[dist.ProcessGroup]) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if _world(pg) == 1:
-        return obj
-    box = [obj]
-    src = dist.get_global_rank(pg, 0) if pg is not None else 0
-    dist.broadcast_object_list(box, src=src, group=pg)
-    return box[0]
-
-
-def _all_gather(obj: Any, pg: Optional[dist.ProcessGroup]) -> List[Any]:
-    """Every rank's ``obj`` on every rank, in rank order."""
-    if _world(pg) == 1:
-        return [obj]
-    out: List[Any] = [None] * _world(pg)
-    dist.all_gather_object(out, obj, group=pg)
-    return out
-
-
-# ---------------------------------------------------------------------------- RNG
-def get_rng_state() -> Dict[str, Any]:
-    """This process's RNG states as tensors and primitives (loadable with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss],
-        "python": [version, list(py_state), py_gauss],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`get_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, py_state, py_gauss = state["python"]
-    random.setstate((version, tuple(py_state), py_gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
-        else:  # a different node shape: this rank's current device only
-            torch.cuda.set_rng_state(cuda_states[min(torch.cuda.current_device(), len(cuda_states) - 1)])
-
-
-def seed_rng(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    return get_world_size(pg) == 1
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -409,7 +329,10 @@ def _check_file(directory: str, name: str, expected: Mapping[str, Any]) -> Optio
     except OSError as exc:
         return f"{name}: unreadable ({exc})"
     if digest != expected["sha256"]:
-        return f"{name}: checksum differs (sha256 in the manifest {expected['sha256'][:16]}..., on disk {digest[:16]}...)"
+        return (
+            f"{name}: checksum differs (sha256 in the manifest {expected['sha256'][:16]}...,"
+            f" on disk {digest[:16]}...)"
+        )
     return None
 
 
@@ -425,7 +348,7 @@ def verify_checkpoint(path: str, process_group: Optional[dist.ProcessGroup] = No
         ``"...: checksum differs (...)"``, ``"COMPLETE: manifest unreadable (...)"``); empty if
         the checkpoint verifies.
     """
-    rank, world = _rank(process_group), _world(process_group)
+    rank, world = get_rank(process_group), get_world_size(process_group)
     mine: List[str] = []
     legacy = False
     try:
@@ -440,7 +363,7 @@ def verify_checkpoint(path: str, process_group: Optional[dist.ProcessGroup] = No
         name = re.match(_STEP_DIR, os.path.basename(os.path.normpath(path)))
         if rank == 0 and manifest is not None and name and manifest.get("step") != int(name.group(1)):
             mine.append(f"{COMPLETE}: the manifest is of step {manifest.get('step')}, not {name.group(1)}")
-    problems = sorted({p for part in _all_gather(mine, process_group) for p in part})
+    problems = sorted({p for part in all_gather(mine, process_group) for p in part})
     if legacy and not problems and rank == 0:
         logger.warning(
             "%s has no manifest (written before checkpoints were checksummed): loading it unverified", path
@@ -483,8 +406,8 @@ def select_checkpoint(root: str, process_group: Optional[dist.ProcessGroup] = No
         CheckpointCorruptError: ``root`` has complete checkpoints and none verifies (a run is
             never silently restarted from step 0).
     """
-    rank = _rank(process_group)
-    found = _broadcast_from_rank0(list_checkpoints(root) if rank == 0 else None, process_group)
+    rank = get_rank(process_group)
+    found = broadcast_from_rank0(list_checkpoints(root) if rank == 0 else None, process_group)
     failed: Dict[str, List[str]] = {}
     for _, path in reversed(found):
         problems = verify_checkpoint(path, process_group)
@@ -509,7 +432,7 @@ def select_checkpoint(root: str, process_group: Optional[dist.ProcessGroup] = No
                 logger.warning("damaged checkpoint %s set aside as %s", bad, _set_aside(bad))
             except OSError as exc:  # raising here would leave the other ranks in the barrier
                 logger.warning("damaged checkpoint %s could not be set aside (%s); it is skipped", bad, exc)
-    _barrier(process_group)
+    barrier(process_group)
     return path
 
 
@@ -561,8 +484,7 @@ def save_checkpoint(
         model: the model: DMP (sharded tables + DDP dense), FSDP2 / DDP, or a plain module.
         optimizer: a TorchRec KeyedOptimizer (e.g. ``CombinedOptimizer([dmp.fused_optimizer,
             dense])``) or a plain torch optimizer; None saves no optimizer state.
-        rank_state: this rank's JSON-serialisable loader position (each rank passes its own);
-            ``samples_seen`` in it is treated as a per-rank counter.
+        rank_state: this rank's JSON-serialisable loader position (each rank passes its own).
         metadata: JSON-serialisable free-form dict (config, best metric); rank 0's is kept.
         process_group: the group the model is sharded over (default: world).
         keep_last: if given, prune to this many complete checkpoints (plus ``keep``).
@@ -579,13 +501,13 @@ def save_checkpoint(
     # Fail on the offending rank before any collective rather than on rank 0 after them.
     json.dumps(rank_state)
     json.dumps(metadata)
-    rank = _rank(process_group)
+    rank = get_rank(process_group)
     final = checkpoint_path(root, step)
     tmp = f"{final}.tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step
-    _barrier(process_group)
+    barrier(process_group)
 
     state: Dict[str, Any] = {"model": _model_state(model)}
     if optimizer is not None:
@@ -607,7 +529,7 @@ def save_checkpoint(
         hashed["files"] = _digest_files(tmp, _own_dcp_files(tmp, rank))
     except OSError as exc:
         hashed["error"] = exc
-    gathered = _gather_to_rank0({"rank_state": rank_state, "rng": get_rng_state(), **hashed}, process_group)
+    gathered = gather_to_rank0({"rank_state": rank_state, "rng": get_rng_state(), **hashed}, process_group)
 
     def finish() -> None:
         assert gathered is not None
@@ -675,7 +597,9 @@ def _finish_save(
 def _root_cause(exc: BaseException) -> BaseException:
     """The first OSError behind ``exc`` (through causes and DCP's per-rank failures), else the
     first per-rank failure, else ``exc``."""
-    seen, todo, inner = set(), [exc], None
+    seen: Set[int] = set()
+    todo: List[Optional[BaseException]] = [exc]  # a cause or context may be None
+    inner: Optional[BaseException] = None
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:
@@ -730,13 +654,13 @@ def _on_rank0(
     """Runs ``fn`` on rank 0; if it fails, every rank raises the same :class:`CheckpointWriteError`
     (rather than rank 0 alone, with the others left waiting in the next collective)."""
     failure: Optional[BaseException] = None
-    if _rank(pg) == 0:
+    if get_rank(pg) == 0:
         try:
             fn()
         except Exception as exc:
             failure = exc
     made = error(failure) if failure is not None else None
-    args = _broadcast_from_rank0(None if made is None else (str(made), made.path, made.errno), pg)
+    args = broadcast_from_rank0(None if made is None else (str(made), made.path, made.errno), pg)
     if args is not None:
         raise CheckpointWriteError(*args) from failure
 
@@ -745,11 +669,10 @@ def default_reshard_rank_states(states: RankStates, world_size: int) -> RankStat
     """Maps the saving ranks' loader states to ``world_size`` new ranks.
 
     Same world size: unchanged, rank ``r`` resumes from rank ``r``'s state. Otherwise every new
-    rank gets the keys whose value is equal on all saving ranks (e.g. ``epoch``, ``step``);
-    each counter in :data:`SPLIT_COUNTERS` (``samples_seen``) is summed over the saving ranks
-    and split as evenly as possible over the new ranks, so the global total is preserved; the
-    other per-rank keys (file offsets, ...) are dropped, and ``resharded_from`` records the old
-    world size so that the loader knows to re-derive its position from the counters.
+    rank gets the keys whose value is equal on all saving ranks (epoch, batches in the epoch,
+    batch size, seed, ...); the per-rank keys (rank, file offsets, ...) are dropped, and
+    ``resharded_from`` records the old world size, from which the loader re-derives its position
+    (``ResumableLoader.load_state_dict``).
     """
     if len(states) == world_size:
         return list(states)
@@ -757,20 +680,9 @@ def default_reshard_rank_states(states: RankStates, world_size: int) -> RankStat
     if not present:
         return [None] * world_size
     common = set(present[0]).intersection(*present[1:]) if len(present) > 1 else set(present[0])
-    base = {
-        k: present[0][k]
-        for k in sorted(common)
-        if k not in SPLIT_COUNTERS and all(s[k] == present[0][k] for s in present)
-    }
+    base = {k: present[0][k] for k in sorted(common) if all(s[k] == present[0][k] for s in present)}
     base["resharded_from"] = len(states)
-    out: RankStates = [dict(base) for _ in range(world_size)]
-    for key in SPLIT_COUNTERS:
-        if key in common and all(isinstance(s[key], int) for s in present):
-            total = sum(int(s[key]) for s in present)
-            for r, state in enumerate(out):
-                assert state is not None
-                state[key] = total // world_size + (1 if r < total % world_size else 0)
-    return out
+    return [dict(base) for _ in range(world_size)]
 
 
 def read_checkpoint_info(path: str) -> Dict[str, Any]:
@@ -848,7 +760,7 @@ def load_checkpoint(
             else:
                 set_optimizer_state_dict(model, optimizer, state["optim"])
 
-    rank, world = _rank(process_group), _world(process_group)
+    rank, world = get_rank(process_group), get_world_size(process_group)
     with open(os.path.join(path, "ranks.json")) as fh:
         saved_states: RankStates = json.load(fh)["states"]
     new_states = reshard_rank_states(saved_states, world)
@@ -857,16 +769,13 @@ def load_checkpoint(
         if rank < len(rng):
             set_rng_state(rng[rank])
         else:
-            seed_rng(int(info["step"]) * 1_000_003 + rank)
-    samples = sum(int(s.get("samples_seen", 0)) for s in saved_states if s is not None)
+            seed_everything(int(info["step"]) * 1_000_003 + rank)
     return CheckpointState(
         path=path,
         step=int(info["step"]),
         metadata=info.get("metadata", {}),
         rank_state=new_states[rank] if rank < len(new_states) else None,
-        saved_rank_states=saved_states,
         saved_world_size=int(info["world_size"]),
-        samples_seen=samples,
     )
 
 

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
-from mtfm_rec.training.schedule import LR_DECAYS
+from mtfm_rec.training.schedule import LR_DECAYS, LRDecay
 
-DENSE_PARALLEL = ("ddp", "fsdp")
-EMBEDDING_OPTIMIZERS = ("auto", "adam", "adagrad", "rowwise_adagrad", "sgd")
-RESUME_MODES = ("auto", "never")
-DEVICES = ("auto", "cpu", "cuda")
+# Enum-like fields are Literal types, so the YAML loader refuses other values naming the file and
+# key (mtfm_rec.config_parsing); the tuples serve the checks of programmatic construction.
+DenseParallel = Literal["ddp", "fsdp"]
+EmbeddingOptimizer = Literal["auto", "adam", "adagrad", "rowwise_adagrad", "sgd"]
+Device = Literal["auto", "cpu", "cuda"]
+DistBackend = Literal["auto", "gloo", "nccl"]
+EarlyStoppingMetric = Literal["auc", "gauc", "logloss"]
+DENSE_PARALLEL: Tuple[str, ...] = typing.get_args(DenseParallel)
+EMBEDDING_OPTIMIZERS: Tuple[str, ...] = typing.get_args(EmbeddingOptimizer)
+DEVICES: Tuple[str, ...] = typing.get_args(Device)
+DIST_BACKENDS: Tuple[str, ...] = typing.get_args(DistBackend)
+EARLY_STOPPING_METRICS: Tuple[str, ...] = typing.get_args(EarlyStoppingMetric)
+RESUME_MODES = ("auto", "never")  # or a checkpoint path: not a Literal
 # Splits train.eval_splits may name: the loader's splits (mtfm_rec.data.loader.SPLITS, kept
 # equal by a test; not imported so that loading a config needs no torch).
 EVAL_SPLITS = ("train", "valid", "test", "all")
@@ -43,28 +53,28 @@ class TrainConfig:
     weight_decay: float = 0.0
     # fused into backward: auto (adam on GPU, adagrad on CPU: FBGEMM has no fused CPU Adam) |
     # adam | adagrad | rowwise_adagrad | sgd
-    embedding_optimizer: str = "auto"
+    embedding_optimizer: EmbeddingOptimizer = "auto"
     embedding_lr: Optional[float] = None  # None: lr for adam/sgd, 0.01 for the adagrads
     # schedule of every lr (dense and embedding; mtfm_rec/training/schedule.py): linear warm-up
     # over lr_warmup_steps, then none | cosine | linear decay to lr_min_ratio * lr at max_steps
     lr_warmup_steps: int = 0
-    lr_decay: str = "none"
+    lr_decay: LRDecay = "none"
     lr_min_ratio: float = 0.1
     max_steps: int = 1000  # optimizer steps (global batches)
     max_minutes: float = 0.0  # wall-clock budget for fit() (0 = none); stops at a step boundary
     seed: int = 0
     deterministic: bool = False  # torch.use_deterministic_algorithms + fixed threads
     # ---- parallelism
-    dense_parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) for the non-embedding params
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    device: str = "auto"  # auto | cpu | cuda
+    dense_parallel: DenseParallel = "ddp"  # ddp | fsdp (FSDP2 fully_shard) for the non-embedding params
+    backend: DistBackend = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    device: Device = "auto"  # auto | cpu | cuda
     bf16: bool = False  # bf16 autocast of the forward (CPU: AMX; GPU: tensor cores)
     pipeline: bool = True  # TrainPipelineSparseDist; false = a plain step loop (debugging)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     # ---- evaluation, early stopping, best model (validation split only)
     eval_every: int = 0  # steps between validation passes (0 = only at the end)
     early_stopping_patience: int = 0  # validation passes without improvement (0 = off)
-    early_stopping_metric: str = "auc"  # auc | gauc | logloss (mean over scenario x task)
+    early_stopping_metric: EarlyStoppingMetric = "auc"  # auc | gauc | logloss (mean over scenario x task)
     eval_splits: List[str] = field(default_factory=lambda: ["valid", "test"])  # after fit()
     save_predictions: bool = False  # <run_dir>/predictions.parquet of the test split
     # ---- checkpoints
@@ -89,15 +99,19 @@ class TrainConfig:
             )
         if self.device not in DEVICES:  # anything else would silently train on the CPU
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.early_stopping_metric not in ("auc", "gauc", "logloss"):
+        if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
             raise ValueError(
-                f"early_stopping_metric must be auc|gauc|logloss, got {self.early_stopping_metric!r}"
+                f"early_stopping_metric must be one of {EARLY_STOPPING_METRICS}, "
+                f"got {self.early_stopping_metric!r}"
             )
+        if self.backend not in DIST_BACKENDS:
+            raise ValueError(f"backend must be one of {DIST_BACKENDS}, got {self.backend!r}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.lr_warmup_steps < 0 or not 0.0 <= self.lr_min_ratio <= 1.0:
             raise ValueError(
-                f"lr_warmup_steps must be >= 0 and lr_min_ratio in [0, 1], got {self.lr_warmup_steps}, {self.lr_min_ratio}"
+                "lr_warmup_steps must be >= 0 and lr_min_ratio in [0, 1], "
+                f"got {self.lr_warmup_steps}, {self.lr_min_ratio}"
             )
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")

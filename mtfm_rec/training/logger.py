@@ -17,7 +17,10 @@ import logging
 import os
 import time
 from collections import defaultdict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, TextIO, Tuple
+
+if TYPE_CHECKING:  # tensorboard is optional at run time, imported on first use
+    from torch.utils.tensorboard import SummaryWriter
 
 CSV_NAME = "log.csv"
 HEADER = ["step", "tag", "value", "time"]
@@ -31,10 +34,10 @@ class RunLogger:
     def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
-        self._tb = None
+        self._tb: Optional[SummaryWriter] = None
         self._tb_wanted = tensorboard
         self._purge_step: Optional[int] = None
-        self._csv = None
+        self._csv: Optional[TextIO] = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -43,13 +46,14 @@ class RunLogger:
     def _open_csv(self) -> None:
         path = os.path.join(self.run_dir, CSV_NAME)
         fresh = not os.path.exists(path) or os.path.getsize(path) == 0
-        self._csv = open(path, "a", newline="")
-        self._writer = csv.writer(self._csv)
+        fh = open(path, "a", newline="")
+        self._csv = fh
+        self._writer = csv.writer(fh)
         if fresh:
             self._writer.writerow(HEADER)
-            self._csv.flush()
+            fh.flush()
 
-    def _tensorboard(self) -> Any:
+    def _tensorboard(self) -> Optional[SummaryWriter]:
         """The SummaryWriter, opened on first use (after :meth:`resume_from` set purge_step)."""
         if self._tb is None and self._tb_wanted:
             try:
@@ -109,7 +113,8 @@ class RunLogger:
             self._writer.writerow([step, tag, f"{float(value):.6g}", f"{now:.3f}"])
             if tb is not None:
                 tb.add_scalar(tag, float(value), step)
-        self._csv.flush()  # type: ignore[union-attr]
+        assert self._csv is not None  # opened by __init__ on an enabled logger
+        self._csv.flush()
 
     def close(self) -> None:
         if self._tb is not None:
@@ -153,7 +158,7 @@ def plot_curves(run_dir: str, out_name: str = "curves.png") -> Optional[str]:
     import matplotlib.pyplot as plt
 
     series = read_log(run_dir)
-    panels = [
+    panels: List[Tuple[str, List[str]]] = [
         ("loss", [t for t in ("train/loss", "valid/logloss") if t in series]),
         ("AUC", [t for t in ("valid/auc", "valid/gauc") if t in series]),
     ]

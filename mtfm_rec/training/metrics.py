@@ -36,7 +36,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -46,6 +46,10 @@ import torch
 import torch.distributed as dist
 
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.training.distributed import broadcast_from_rank0, gather_to_rank0, get_world_size
+
+if TYPE_CHECKING:  # for the annotation only: the metrics never build a batch, nor import torchrec
+    from mtfm_rec.data.batch import Batch
 
 LOGLOSS_EPS = 1e-7
 PREDICTION_COLUMNS = ("scenario", "task", "user_id", "ts", "label", "score")
@@ -101,7 +105,8 @@ def non_finite_report(
         bad_scores, bad_labels = _count_non_finite(r["score"], r["label"])
         if bad_scores or bad_labels:
             problems.append(
-                f"scenario/task {key}: {bad_scores} of {len(r['score'])} scores and {bad_labels} labels not finite"
+                f"scenario/task {key}: {bad_scores} of {len(r['score'])} scores and {bad_labels} labels"
+                " not finite"
             )
     if not problems:
         return None
@@ -257,7 +262,7 @@ def metrics_from_arrays(
     problem = non_finite_report(rows, keys)
     if problem is not None:
         raise NonFiniteError(problem)
-    empty = {
+    empty: Mapping[str, np.ndarray] = {
         "score": np.zeros(0, np.float32),
         "label": np.zeros(0, np.int8),
         "user_id": np.zeros(0, np.int64),
@@ -357,7 +362,7 @@ class MetricAccumulator:
         if len(self._pending) >= self.flush_every:
             self.flush()
 
-    def update_batch(self, batch: "object", scores: Mapping[str, torch.Tensor]) -> None:
+    def update_batch(self, batch: Batch, scores: Mapping[str, torch.Tensor]) -> None:
         """Adds every scenario of a :class:`~mtfm_rec.data.batch.Batch`.
 
         Args:
@@ -365,15 +370,10 @@ class MetricAccumulator:
             scores: scenario -> [n_s, n_tasks] probabilities, rows in the batch's KJT order.
         """
         for scenario, s in scores.items():
-            sample = batch.exposure_sample[scenario]  # type: ignore[attr-defined]
-            ts = batch.token_ts[batch.target_positions[scenario]] if self.save_predictions else None  # type: ignore[attr-defined]
+            sample = batch.exposure_sample[scenario]
+            ts = batch.token_ts[batch.target_positions[scenario]] if self.save_predictions else None
             self.update(
-                scenario,
-                s,
-                batch.labels[scenario],  # type: ignore[attr-defined]
-                batch.label_mask[scenario],  # type: ignore[attr-defined]
-                batch.user_id[sample],  # type: ignore[attr-defined]
-                ts,
+                scenario, s, batch.labels[scenario], batch.label_mask[scenario], batch.user_id[sample], ts
             )
 
     def flush(self) -> None:
@@ -409,15 +409,9 @@ class MetricAccumulator:
         local = self.local_rows()
         if not _distributed(process_group):
             return local
-        rank = dist.get_rank(process_group)
-        parts: Optional[List[Optional[Dict[str, Dict[str, np.ndarray]]]]] = (
-            [None] * dist.get_world_size(process_group) if rank == 0 else None
-        )
-        dst = dist.get_global_rank(process_group, 0) if process_group is not None else 0
-        dist.gather_object(local, parts, dst=dst, group=process_group)
-        if rank != 0:
+        parts = gather_to_rank0(local, process_group)
+        if parts is None:
             return None
-        assert parts is not None
         return {
             k: {c: np.concatenate([p[k][c] for p in parts if p is not None]) for c in local[k]}
             for k in self.keys
@@ -459,11 +453,7 @@ class MetricAccumulator:
                 if not _distributed(process_group):
                     raise
                 own, failure = exc, (type(exc).__name__, str(exc))
-        if _distributed(process_group):
-            box: List[Any] = [metrics, failure]
-            src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
-            dist.broadcast_object_list(box, src=src, group=process_group)
-            metrics, failure = box
+        metrics, failure = broadcast_from_rank0([metrics, failure], process_group)
         if own is not None:  # after the broadcast, so the other ranks are not left waiting
             raise own
         if failure is not None:
@@ -476,7 +466,8 @@ class MetricAccumulator:
 
 
 def _distributed(process_group: Optional[dist.ProcessGroup]) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+    """More than one rank to gather from or agree with."""
+    return get_world_size(process_group) > 1
 
 
 # ---------------------------------------------------------------------------- predictions I/O
@@ -485,7 +476,9 @@ def predictions_table(
 ) -> pa.Table:
     """Rows per key -> one table (scenario, task, user_id, ts, label, score), keys in order."""
     keys = list(keys) if keys is not None else list(rows)
-    scen, task, cols = [], [], {c: [] for c in ("user_id", "ts", "label", "score")}
+    scen: List[np.ndarray] = []
+    task: List[np.ndarray] = []
+    cols: Dict[str, List[np.ndarray]] = {c: [] for c in ("user_id", "ts", "label", "score")}
     for key in keys:
         r = rows.get(key)
         if r is None:

@@ -115,7 +115,7 @@ def _try_flock(fd: int) -> bool:
 
 def _read_fd(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -18,9 +18,11 @@ run continues it exactly and a checkpoint needs nothing of it.
 from __future__ import annotations
 
 import math
-from typing import Any, List
+import typing
+from typing import Any, List, Literal, Tuple
 
-LR_DECAYS = ("none", "cosine", "linear")
+LRDecay = Literal["none", "cosine", "linear"]
+LR_DECAYS: Tuple[str, ...] = typing.get_args(LRDecay)
 
 
 def lr_factor(step: int, max_steps: int, warmup_steps: int, decay: str, min_ratio: float) -> float:
@@ -68,7 +70,8 @@ class LRSchedule:
         groups = self.optimizer.param_groups
         if len(groups) != len(self.base_lrs):
             raise ValueError(
-                f"the optimizer has {len(groups)} parameter groups, the schedule was built for {len(self.base_lrs)}"
+                f"the optimizer has {len(groups)} parameter groups, "
+                f"the schedule was built for {len(self.base_lrs)}"
             )
         for group, base in zip(groups, self.base_lrs):
             group["lr"] = base * factor

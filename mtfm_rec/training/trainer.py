@@ -31,10 +31,8 @@ import itertools
 import json
 import math
 import os
-import random
 import time
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     Deque,
@@ -52,28 +50,34 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm.auto import tqdm
 
+from mtfm_rec.bench.peak import trainer_peak_gflops
 from mtfm_rec.config import Config, ConfigError
 from mtfm_rec.data import sample_format as fmt
+from mtfm_rec.data.aggregate import ensure_aggregated
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.config import check_split_boundaries
+from mtfm_rec.data.loader import ResumableLoader, exposure_split
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.model.flops import model_flops
+from mtfm_rec.model.mtfm import MTFM
+from mtfm_rec.training.checkpoint import (
+    CheckpointManager,
+    is_complete,
+    load_checkpoint,
+    read_checkpoint_info,
+)
 from mtfm_rec.training.config import RESUME_MODES
+from mtfm_rec.training.distributed import DistInfo, init_distributed
 from mtfm_rec.training.logger import RunLogger, plot_curves
-from mtfm_rec.training.metrics import NonFiniteError
+from mtfm_rec.training.metrics import MetricAccumulator, NonFiniteError
+from mtfm_rec.training.optimizers import make_optimizer
+from mtfm_rec.training.rng import seed_everything
 from mtfm_rec.training.run_lock import RunDirLockedError, RunLock
 from mtfm_rec.training.schedule import LRSchedule
-from mtfm_rec.training.sharding import (
-    DistInfo,
-    copy_full_state,
-    describe_plan,
-    init_distributed,
-    make_optimizer,
-    shard_model,
-)
-
-if TYPE_CHECKING:
-    from mtfm_rec.training.checkpoint import CheckpointManager
+from mtfm_rec.training.sharding import copy_full_state, describe_plan, shard_model
+from mtfm_rec.training.throughput import ThroughputWindow, WindowStats
 
 Metrics = Dict[str, Dict[str, float]]  # "<scenario>/<task>" -> {"auc", "gauc", "logloss", "count"}
 
@@ -121,14 +125,12 @@ def check_start(config: Config) -> None:
             "use train.device=auto or train.device=cpu"
         )
     if tcfg.resume not in RESUME_MODES:
-        from mtfm_rec.training.checkpoint import is_complete
-
         if not is_complete(tcfg.resume):
             exists = os.path.isdir(tcfg.resume)
             why = "is not a complete checkpoint (no COMPLETE marker)" if exists else "does not exist"
             raise ConfigError(
-                f"train.resume={tcfg.resume!r} {why}: pass a checkpoint directory (<run_dir>/checkpoints/step_<N>), "
-                "auto (the newest in train.run_dir) or never"
+                f"train.resume={tcfg.resume!r} {why}: pass a checkpoint directory "
+                "(<run_dir>/checkpoints/step_<N>), auto (the newest in train.run_dir) or never"
             )
 
 
@@ -165,8 +167,6 @@ def describe_time_range(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from mtfm_rec.data.loader import exposure_split
-
     fs, root = fsspec.core.url_to_fs(dataset_dir)
     columns = [c for s in schema.scenarios for c in (fmt.exp_ts(s.name), fmt.exp_split(s.name))]
     lo, hi, explicit = None, None, 0
@@ -202,15 +202,6 @@ def describe_time_range(
         f"the aggregated exposures' ts run from {lo} to {hi} ({unit}); these boundaries split them into "
         f"train {counts[0]}, valid {counts[1]}, test {counts[2]}{by_column}"
     )
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class _TrackedIterator:
@@ -350,7 +341,14 @@ class Trainer:
         self._saved_step = -1
         self._pipeline: Optional[TrainPipelineSparseDist] = None
         self._iter: Optional[_TrackedIterator] = None
+        self._feed: Iterator[Batch]  # what the pipeline pulls from; set by fit
         self.logger = RunLogger(self.run_dir, enabled=self.info.is_main, tensorboard=tcfg.tensorboard)
+        self.checkpoints = CheckpointManager(
+            os.path.join(self.run_dir, "checkpoints"),
+            tcfg.keep_checkpoints,
+            f"valid/{tcfg.early_stopping_metric}",
+            "min" if tcfg.early_stopping_metric == "logloss" else "max",
+        )
         self.perf: Dict[str, float] = {}
         self._count_flops = self._flop_counter(model)
 
@@ -394,7 +392,6 @@ class Trainer:
     # ------------------------------------------------------------------ data and model
     def _prepare_data(self) -> Tuple[DatasetSchema, str]:
         """Aggregates ``data.raw`` once (rank 0; the others wait), resolves the split times."""
-        from mtfm_rec.data.aggregate import ensure_aggregated
 
         dcfg = self.config.data
         if not dcfg.raw:
@@ -424,7 +421,6 @@ class Trainer:
         return schema, dataset_dir
 
     def _default_loader(self, split: str) -> Loader:
-        from mtfm_rec.data.loader import ResumableLoader
 
         assert self.dataset_dir is not None
         return ResumableLoader.from_config(
@@ -437,7 +433,6 @@ class Trainer:
         )
 
     def _default_model(self, schema: DatasetSchema) -> nn.Module:
-        from mtfm_rec.model.mtfm import MTFM
 
         return MTFM(schema, self.config.model)
 
@@ -445,7 +440,8 @@ class Trainer:
         """Why ``split`` is empty: the boundaries, the split's size and the data's time range."""
         dcfg = self.config.data
         parts = [
-            f"the {split} split {problem}: data.valid_after={dcfg.valid_after}, data.eval_after={dcfg.eval_after} "
+            f"the {split} split {problem}: data.valid_after={dcfg.valid_after}, "
+            f"data.eval_after={dcfg.eval_after} "
             f"({split_rule(split, dcfg.eval_after, dcfg.valid_after)})"
         ]
         samples = getattr(getattr(loader, "dataset", None), "num_samples", None)
@@ -472,7 +468,8 @@ class Trainer:
         stop = f" and stops early on it (train.early_stopping_patience={tcfg.early_stopping_patience})"
         return (
             f". train.eval_every={tcfg.eval_every} validates to choose the best model"
-            f"{stop if tcfg.early_stopping_patience else ''}: fix the split boundaries, or set train.eval_every=0"
+            f"{stop if tcfg.early_stopping_patience else ''}: fix the split boundaries, "
+            "or set train.eval_every=0"
         )
 
     # ------------------------------------------------------------------ the step
@@ -544,7 +541,7 @@ class Trainer:
             self._count_flops,
         )
         self._pipeline = self._make_pipeline() if tcfg.pipeline else None
-        self._feed: Iterator[Batch] = self._iter
+        self._feed = self._iter
         if self.step >= tcfg.max_steps:
             log0(self.info, f"already at step {self.step} >= max_steps={tcfg.max_steps}: nothing to train")
         peak = (
@@ -553,87 +550,80 @@ class Trainer:
             else math.nan
         )
         pbar = self._progress_bar()
-        device = self.info.device
-        loss_sum = torch.zeros((), device=device)
-        window_steps, window_samples, window_first, window_flops = 0, 0, self.step + 1, 0.0
-        run_flops = 0.0  # model FLOPs of the trained steps, all ranks (NaN: some were not counted)
-        t_start = time.perf_counter()
-        t_window, wait_window, eval_window = t_start, 0.0, 0.0  # eval time is not step time
-        run_samples, run_wait, run_eval = 0, 0.0, 0.0
+        window = ThroughputWindow(self.step + 1, self.info.device, self.info.world_size)
         stop = self.stopped_early
         while self.step < tcfg.max_steps and not stop:
             lr_factor = self.schedule.apply(self.step + 1) if self.schedule.active else 1.0
             loss = self._train_step()
-            loss_sum += loss
             self._loader_state, samples, flops = self._iter.pop()
             self.step += 1
-            window_steps += 1
-            window_samples += samples
-            window_flops += flops
+            window.add(loss, samples, flops)
             if pbar is not None:
                 pbar.update(1)
-            over_budget = tcfg.max_minutes > 0 and (time.perf_counter() - t_start) > 60 * tcfg.max_minutes
+            over_budget = (
+                tcfg.max_minutes > 0 and (time.perf_counter() - window.t_start) > 60 * tcfg.max_minutes
+            )
             # alone, stop at the step the budget runs out; with peers, at the next log step,
             # where all ranks vote (so all stop at the same step without an extra sync)
             last = self.step >= tcfg.max_steps or (over_budget and self.info.world_size == 1)
-            # a checkpoint step (validation saves one) closes the window too: its samples_seen counts every trained step
+            # a checkpoint step (validation saves one) closes the window too: its samples_seen
+            # counts every trained step
             saves = any(n and self.step % n == 0 for n in (tcfg.checkpoint_every, tcfg.eval_every))
             if self.step % tcfg.log_every == 0 or last or saves:
-                now = time.perf_counter()
-                wait = self._iter.wait_s - wait_window
-                # the one read-back of the window: loss, samples, model FLOPs and the stop vote of all ranks
-                counts = [float(window_samples), float(over_budget), window_flops]
-                stats = torch.cat([loss_sum.reshape(1), torch.tensor(counts, device=device)])
-                dist.all_reduce(stats)
-                mean_loss, global_samples, votes, global_flops = (float(x) for x in stats.cpu())
-                mean_loss /= window_steps * self.info.world_size
-                self._stop_if_diverged(mean_loss, window_first)  # before anything saves this state
-                elapsed = now - t_window - eval_window
-                self.samples_seen += int(global_samples)
-                run_samples += int(global_samples)
-                run_wait += wait
-                scalars = {
-                    "train/loss": mean_loss,
-                    "perf/samples_per_s": global_samples / max(elapsed, 1e-9),
-                    "perf/data_wait_share": wait / max(elapsed, 1e-9),
-                    "train/samples_seen": self.samples_seen,
-                    "train/lr_factor": lr_factor,
-                }
-                scalars.update(utilisation(global_flops, elapsed, peak))
-                run_flops += global_flops
-                self.logger.log(self.step, scalars)
-                if pbar is not None:
-                    mfu = {"mfu": f"{100 * scalars['perf/mfu']:.2f}%"} if "perf/mfu" in scalars else {}
-                    pbar.set_postfix(
-                        loss=f"{mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}", **mfu
-                    )
-                loss_sum.zero_()
-                window_steps, window_samples, window_first, window_flops = 0, 0, self.step + 1, 0.0
-                t_window, wait_window, eval_window = now, self._iter.wait_s, 0.0
-                if votes > 0:
+                if self._log_window(window, over_budget, lr_factor, peak, pbar):
                     log0(self.info, f"time budget of {tcfg.max_minutes} min reached at step {self.step}")
                     stop = True
-            if tcfg.eval_every and self.step % tcfg.eval_every == 0 and not last:
-                t_eval = time.perf_counter()
-                self._validate()  # also checkpoints
-                eval_window += time.perf_counter() - t_eval
-                run_eval += time.perf_counter() - t_eval
-                stop = stop or self.stopped_early
-            elif tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last and not stop:
-                self.save_checkpoint()
-        if window_steps:  # stopped between log steps (early stopping): count the samples
-            stats = torch.cat(
-                [torch.tensor([float(window_samples), window_flops], device=device), loss_sum.reshape(1)]
-            )
-            dist.all_reduce(stats)
-            global_samples, window_flops, total_loss = (float(x) for x in stats.cpu())
-            run_flops += window_flops
-            self._stop_if_diverged(total_loss / (window_steps * self.info.world_size), window_first)
-            self.samples_seen += int(global_samples)
-            run_samples += int(global_samples)
-        total = time.perf_counter() - t_start - run_eval
+            stop = self._validate_or_checkpoint(window, last, stop)
+        if window.steps:  # stopped between log steps (early stopping): count the samples
+            self._count_window(window.close(self._iter.wait_s))
         if pbar is not None:
             pbar.close()
+        return self._finish_fit(start_step, window, peak)
+
+    def _count_window(self, stats: WindowStats) -> None:
+        """Refuses a diverged window (before anything saves its state), then counts its samples."""
+        self._stop_if_diverged(stats.mean_loss, stats.first_step)
+        self.samples_seen += stats.samples
+
+    def _log_window(
+        self, window: ThroughputWindow, over_budget: bool, lr_factor: float, peak: float, pbar: Any
+    ) -> bool:
+        """Closes the window (its one read-back), logs it; returns whether a rank ran out of time."""
+        assert self._iter is not None
+        stats = window.close(self._iter.wait_s, over_budget)
+        self._count_window(stats)
+        scalars = {
+            "train/loss": stats.mean_loss,
+            **window.scalars(stats, peak),
+            "train/samples_seen": self.samples_seen,
+            "train/lr_factor": lr_factor,
+        }
+        self.logger.log(self.step, scalars)
+        if pbar is not None:
+            mfu = {"mfu": f"{100 * scalars['perf/mfu']:.2f}%"} if "perf/mfu" in scalars else {}
+            pbar.set_postfix(
+                loss=f"{stats.mean_loss:.4f}", samples_s=f"{scalars['perf/samples_per_s']:.0f}", **mfu
+            )
+        return stats.budget_votes > 0
+
+    def _validate_or_checkpoint(self, window: ThroughputWindow, last: bool, stop: bool) -> bool:
+        """Validates (which checkpoints) or checkpoints at their intervals, except at the last
+        step (``fit`` ends with both); returns whether to stop (early stopping)."""
+        tcfg = self.config.train
+        if tcfg.eval_every and self.step % tcfg.eval_every == 0 and not last:
+            t_eval = time.perf_counter()
+            self._validate()  # also checkpoints
+            window.add_eval(time.perf_counter() - t_eval)
+            return stop or self.stopped_early
+        if tcfg.checkpoint_every and self.step % tcfg.checkpoint_every == 0 and not last and not stop:
+            self.save_checkpoint()
+        return stop
+
+    def _finish_fit(self, start_step: int, window: ThroughputWindow, peak: float) -> Dict[str, Any]:
+        """The end of ``fit``: the last validation or checkpoint, the throughput summary, and the
+        best validation model loaded for what follows."""
+        tcfg = self.config.train
+        perf = window.summary(peak)  # before the last validation: training time only
         if self._pipeline is not None:
             self._pipeline.detach()
             self._pipeline = None
@@ -642,19 +632,12 @@ class Trainer:
                 self._validate()  # the last step is a candidate for best too; checkpoints
             elif self._saved_step != self.step:
                 self.save_checkpoint()
-        self.perf = {
-            "samples_per_s": run_samples / max(total, 1e-9),
-            "data_wait_share": run_wait / max(total, 1e-9),
-            "seconds": total,
-        }
-        self.perf.update({k.removeprefix("perf/"): v for k, v in utilisation(run_flops, total, peak).items()})
-        if "model_gflops_per_s" in self.perf:
-            self.perf.update(model_tflops=run_flops / 1e12, peak_gflops=peak)
-        self.perf.update(self._peak_memory())
+        self.perf = {**perf, **self._peak_memory()}
         mfu = f", MFU {100 * self.perf['mfu']:.2f}% of {peak:.0f} GFLOP/s" if "mfu" in self.perf else ""
         log0(
             self.info,
-            f"fit: step {self.step}, {self.samples_seen} samples, {self.perf['samples_per_s']:.0f} samples/s, "
+            f"fit: step {self.step}, {self.samples_seen} samples, "
+            f"{self.perf['samples_per_s']:.0f} samples/s, "
             f"data wait {100 * self.perf['data_wait_share']:.1f}% of step time{mfu}",
         )
         if self.best is not None and self.best["step"] != self.step:
@@ -674,7 +657,8 @@ class Trainer:
         steps = f"step {first}" if first == self.step else f"steps {first}-{self.step}"
         raise NonFiniteError(
             f"train/loss is {mean_loss} at step {self.step}: the training loss became non-finite in {steps} "
-            f"(it is read every train.log_every={self.config.train.log_every} steps and at every checkpoint). "
+            f"(it is read every train.log_every={self.config.train.log_every} steps "
+            "and at every checkpoint). "
             f"Stopped without checkpointing this state; {kept}. Lower train.lr / train.embedding_lr or look "
             "for bad inputs in those steps, then resume"
         )
@@ -682,11 +666,9 @@ class Trainer:
     def _flop_counter(self, model: nn.Module) -> Optional[Callable[[Batch], float]]:
         """Training-step FLOPs of a host batch (``mtfm_rec.model.flops``) for an MTFM model; None
         for another model, whose FLOPs are unknown (no ``perf/mfu`` rather than a wrong one)."""
-        from mtfm_rec.model.mtfm import MTFM
 
         if not isinstance(model, MTFM):
             return None
-        from mtfm_rec.model.flops import model_flops
 
         config, schema = model.config, model.schema
 
@@ -703,7 +685,6 @@ class Trainer:
         tcfg = self.config.train
         if tcfg.peak_gflops > 0:
             return tcfg.peak_gflops * self.info.world_size
-        from mtfm_rec.bench.peak import trainer_peak_gflops
 
         start = time.perf_counter()
         local = trainer_peak_gflops(self.info.device, tcfg.bf16)
@@ -713,7 +694,8 @@ class Trainer:
         log0(
             self.info,
             f"matmul peak {float(total):.0f} GFLOP/s over {self.info.world_size} rank(s) ({dtype}, "
-            f"{torch.get_num_threads()} thread(s) on rank 0, {time.perf_counter() - start:.2f} s): the MFU denominator",
+            f"{torch.get_num_threads()} thread(s) on rank 0, {time.perf_counter() - start:.2f} s): "
+            "the MFU denominator",
         )
         return float(total)
 
@@ -735,7 +717,6 @@ class Trainer:
         tcfg = self.config.train
         if not (self.info.is_main and tcfg.progress_bar):
             return None
-        from tqdm.auto import tqdm
 
         return tqdm(
             total=tcfg.max_steps,
@@ -770,7 +751,8 @@ class Trainer:
             )
             log0(
                 self.info,
-                f"valid {key} is NaN at step {self.step} (undefined for every scenario/task: it needs {needs}): "
+                f"valid {key} is NaN at step {self.step} "
+                f"(undefined for every scenario/task: it needs {needs}): "
                 "not a candidate for the best model, not counted by early stopping",
             )
         elif self.best is None or score > self.best["score"]:
@@ -788,7 +770,6 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def _eval_loop(self, split: str, save_predictions: Optional[str] = None) -> Metrics:
-        from mtfm_rec.training.metrics import MetricAccumulator
 
         acc = MetricAccumulator(self.schema, save_predictions=save_predictions is not None)
         scenarios = [s.name for s in self.schema.scenarios]
@@ -828,26 +809,27 @@ class Trainer:
         return self._eval_loop(split, path or os.path.join(self.run_dir, "predictions.parquet"))
 
     # ------------------------------------------------------------------ checkpoints
-    @property
-    def checkpoints(self) -> "CheckpointManager":
-        from mtfm_rec.training.checkpoint import CheckpointManager
-
-        tcfg = self.config.train
-        mode = "min" if tcfg.early_stopping_metric == "logloss" else "max"
-        return CheckpointManager(
-            os.path.join(self.run_dir, "checkpoints"),
-            tcfg.keep_checkpoints,
-            f"valid/{tcfg.early_stopping_metric}",
-            mode,
-        )
-
-    def save_checkpoint(self, metric_value: Optional[float] = None) -> str:
-        """Saves model, optimizer, loader position (of the last trained batch) and counters."""
-        meta = {
+    def state_dict(self) -> Dict[str, Any]:
+        """The trainer's own counters (torch's ``Stateful`` protocol): what a checkpoint keeps
+        besides the model, the optimizer, the loader positions and the RNG states."""
+        return {
             "samples_seen": self.samples_seen,
             "best": self.best,
             "evals_without_improvement": self.evals_without_improvement,
             "stopped_early": self.stopped_early,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict` (keys absent from older checkpoints keep their start values)."""
+        self.samples_seen = int(state.get("samples_seen", 0))
+        self.best = state.get("best")
+        self.evals_without_improvement = int(state.get("evals_without_improvement", 0))
+        self.stopped_early = bool(state.get("stopped_early", False))
+
+    def save_checkpoint(self, metric_value: Optional[float] = None) -> str:
+        """Saves model, optimizer, loader position (of the last trained batch) and counters."""
+        meta = {
+            **self.state_dict(),
             "world_size": self.info.world_size,
             "model_identity": self._model_identity(),
         }
@@ -873,25 +855,23 @@ class Trainer:
         if mode == "never" or self._resume_checked:
             return False
         self._resume_checked = True  # once per Trainer: fit() after an explicit call is a no-op
-        from mtfm_rec.training.checkpoint import load_checkpoint
 
         path = self.checkpoints.resume_path(mode)  # verified against its manifest, or raises
         if path is None:
             return False
         self._check_same_model(path)
         state = load_checkpoint(path, self.model, self.optimizer, verify=False)  # resume_path verified it
-        meta = state.metadata
         self.step = state.step
-        self.samples_seen = int(meta.get("samples_seen", 0))
-        self.best = meta.get("best")
-        self.evals_without_improvement = int(meta.get("evals_without_improvement", 0))
-        self.stopped_early = bool(meta.get("stopped_early", False))
+        self.load_state_dict(state.metadata)
         loader_state = state.rank_state or {}
-        if "resharded_from" in loader_state:
-            self._reposition_loader(loader_state)
-        else:
-            self.train_loader.load_state_dict(loader_state)
+        self.train_loader.load_state_dict(loader_state)  # exact, or resharded (the loader says how)
         self._loader_state = copy.deepcopy(self.train_loader.state_dict())
+        if "resharded_from" in loader_state:
+            log0(
+                self.info,
+                f"loader resharded from {loader_state['resharded_from']} to {self.info.world_size} rank(s): "
+                f"epoch {self._loader_state['epoch']}, batch {self._loader_state['batches_in_epoch']}",
+            )
         log0(
             self.info,
             f"resumed from {path} (saved on {state.saved_world_size} rank(s)): step {self.step}, "
@@ -916,7 +896,6 @@ class Trainer:
 
     def _check_same_model(self, path: str) -> None:
         """Refuses, with the differences, a checkpoint of another model or dataset schema."""
-        from mtfm_rec.training.checkpoint import read_checkpoint_info
 
         saved = read_checkpoint_info(path).get("metadata", {}).get("model_identity")
         if saved is None:
@@ -938,22 +917,8 @@ class Trainer:
                 "train.resume=never to start over in this one."
             )
 
-    def _reposition_loader(self, state: Mapping[str, Any]) -> None:
-        """Moves the train loader to the epoch and epoch fraction of a resharded state."""
-        loader: Any = self.train_loader
-        consumed = int(state["batches_in_epoch"]) * int(state["batch_size"]) * int(state["resharded_from"])
-        per_batch = int(self.config.data.loader.batch_size) * self.info.world_size
-        loader.set_epoch(int(state["epoch"]))
-        loader.batches_in_epoch = min(len(loader), round(consumed / per_batch))
-        log0(
-            self.info,
-            f"loader resharded from {state['resharded_from']} to {self.info.world_size} rank(s): "
-            f"epoch {loader.epoch}, batch {loader.batches_in_epoch} of {len(loader)}",
-        )
-
     def load_best(self) -> Optional[int]:
         """Loads the weights of the best validation step; returns that step (None if none)."""
-        from mtfm_rec.training.checkpoint import load_checkpoint
 
         best = self.checkpoints.best()
         if best is None:
@@ -978,18 +943,6 @@ class Trainer:
                 dist.destroy_process_group()
         finally:
             self._release_lock()
-
-
-def utilisation(flops: float, seconds: float, peak_gflops: float) -> Dict[str, float]:
-    """``perf/model_gflops_per_s`` and ``perf/mfu`` (model FLOP/s over the matmul peak) of
-    ``flops`` done in ``seconds``; empty where the FLOPs are unknown (NaN), no MFU without a peak."""
-    if not math.isfinite(flops):
-        return {}
-    rate = flops / 1e9 / max(seconds, 1e-9)
-    out = {"perf/model_gflops_per_s": rate}
-    if math.isfinite(peak_gflops) and peak_gflops > 0:
-        out["perf/mfu"] = rate / peak_gflops
-    return out
 
 
 def summarize(metrics: Metrics) -> Dict[str, float]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mtfm_rec.bench.attention_probe import _weights, candidate_categories, probe, token_categories
-from mtfm_rec.data.batch import TOKEN_TARGET
+from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model import MTFM, ModelConfig
 from mtfm_rec.model.attention import TargetAttentionLayer
 from mtfm_rec.model.examples import demo_schema, random_batch
@@ -41,10 +41,10 @@ def test_ids_land_on_their_token_rows() -> None:
     jt = batch.sparse_features.to_dict()
     assert torch.equal(keys[batch.sequence_positions["orders"]], jt[f"seq/orders/{FEATURE}"].values())
     assert (keys[batch.sequence_positions["views"]] == -1).all()  # views has no category
-    assert (keys[batch.token_kind.to(torch.int64) == TOKEN_TARGET] == -1).all()
+    assert (keys[batch.token_kind.to(torch.int64) == TokenKind.TARGET] == -1).all()
     assert torch.equal(cands[batch.target_positions["sc0"]], jt[f"exp/sc0/item/{FEATURE}"].values())
     assert (cands[batch.target_positions["sc1"]] == -1).all()  # sc1's items have no category
-    assert (cands[batch.token_kind.to(torch.int64) != TOKEN_TARGET] == -1).all()
+    assert (cands[batch.token_kind.to(torch.int64) != TokenKind.TARGET] == -1).all()
 
 
 def test_weights_match_a_per_query_loop() -> None:
@@ -63,14 +63,14 @@ def test_weights_match_a_per_query_loop() -> None:
         _, q = layer._uq(x_norm[layout.target_rows])
     r = layer.num_heads // layer.num_kv_heads
     for t in range(len(layout.target_rows)):
-        b = int(torch.searchsorted(layout.target_offsets, torch.tensor(t), right=True)) - 1
+        b = int(torch.searchsorted(layout.target.offsets, torch.tensor(t), right=True)) - 1
         start, prefix, own = (
-            int(layout.token_offsets[b]),
-            int(layout.target_prefix[t]),
-            int(layout.target_self_local[t]),
+            int(layout.keys.offsets[b]),
+            int(layout.target.prefix[t]),
+            int(layout.target.self_local[t]),
         )
         visible = list(range(prefix)) + ([own] if own >= prefix else [])
-        expected = torch.zeros(layout.max_tokens)
+        expected = torch.zeros(layout.keys.max_len)
         for j in visible:
             per_head = [F.silu(layer.alpha * q[t, h] @ k[start + j, h // r]) for h in range(layer.num_heads)]
             expected[j] = torch.stack(per_head).mean() / len(visible)

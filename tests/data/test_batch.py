@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mtfm_rec.data import sample_format as fmt
-from mtfm_rec.data.batch import TOKEN_HISTORY, TOKEN_REALTIME, TOKEN_TARGET, Batch, collate
+from mtfm_rec.data.batch import Batch, collate
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.kernels.jagged import TokenKind
 
 SCHEMA = DatasetSchema.from_dict(
     {
@@ -87,7 +88,7 @@ def test_token_layout(batch: Batch) -> None:
     assert batch.num_targets.tolist() == [3, 3, 0]
     assert (batch.num_tokens, batch.max_tokens, batch.max_targets) == (14, 8, 3)
     assert batch.token_ts.tolist() == [1, 3, 5, 10, 20, 100, 110, 105, 2, 2, 4, 200, 201, 202]
-    h, r, t = TOKEN_HISTORY, TOKEN_REALTIME, TOKEN_TARGET
+    h, r, t = TokenKind.HISTORY, TokenKind.REALTIME, TokenKind.TARGET
     assert batch.token_kind.tolist() == [h, h, h, r, r, t, t, t, h, h, h, t, t, t]
     assert batch.token_kind.dtype == torch.int8
     g = {n: i for i, n in enumerate(SCHEMA.token_groups)}

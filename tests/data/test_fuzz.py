@@ -37,7 +37,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from raw_mutations import Base, Mutation, apply, materialise, mutations
 
-from mtfm_rec.config import ConfigError, from_dict
+from mtfm_rec.config_parsing import ConfigError, from_dict
 from mtfm_rec.data import aggregate as agg
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.config import AggregationConfig

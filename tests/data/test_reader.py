@@ -242,7 +242,10 @@ def test_hidden_files_and_folders_are_not_data(raw_writer: Callable[..., str], t
 
 
 # ---------------------------------------------------------------- values (issue 9)
-def _price(values: List[Any], type_: pa.DataType = pa.float64()) -> Dict[str, Any]:
+_FLOAT64 = pa.float64()  # the default price type, built once (B008)
+
+
+def _price(values: List[Any], type_: pa.DataType = _FLOAT64) -> Dict[str, Any]:
     return exposures(price=pa.array(values, type_))
 
 

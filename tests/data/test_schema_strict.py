@@ -301,7 +301,8 @@ def test_non_printable_characters_are_a_schema_error(tmp_path: Any, char: str) -
         (
             "scenarios.0.user_features.city",
             10**30,
-            "scenarios.feed.user_features.city: vocabulary size 1000000000000000000000000000000 is above 2**63 - 2",
+            "scenarios.feed.user_features.city: vocabulary size "
+            "1000000000000000000000000000000 is above 2**63 - 2",
         ),
         # aggregation keeps the last max_len actions with int64 arithmetic
         ("sequences.0.max_len", 2**63, "sequences.orders.max_len: 9223372036854775808 is above 2**63 - 1"),
@@ -314,7 +315,8 @@ def test_non_printable_characters_are_a_schema_error(tmp_path: Any, char: str) -
         (
             "recommended_realtime_lookback_seconds",
             10**30,
-            "recommended_realtime_lookback_seconds: 1000000000000000000000000000000 s is more than 2**62 ticks",
+            "recommended_realtime_lookback_seconds: 1000000000000000000000000000000 s "
+            "is more than 2**62 ticks",
         ),
     ],
 )

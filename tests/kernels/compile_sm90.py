@@ -63,7 +63,8 @@ def main(first_only: bool) -> None:
                 consts = dict(cfg.kwargs, HEADS_PER_GROUP=2, BLOCK_D=64, BLOCK_DV=64, UPCAST=False, **extra)
                 k = _compile(kernel, att, consts, cfg.num_warps, cfg.num_stages)
                 print(
-                    f"{_jit(kernel).__name__} {dt} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: shared {k.metadata.shared}"
+                    f"{_jit(kernel).__name__} {dt} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}: "
+                    f"shared {k.metadata.shared}"
                 )
         gln = {n: f"*{dt}" for n in ("X", "W", "B", "Y", "DY", "DX")}
         gln.update(Group="*i64", Mean="*fp32", Rstd="*fp32", DW="*fp32", DB="*fp32", eps="fp32")

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from hypothesis import strategies as st
 
-KIND_H, KIND_R, KIND_T = 0, 1, 2
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
 
 
 def build_batch(
@@ -23,18 +23,20 @@ def build_batch(
     seed: int = 0,
     max_ts: int = 20,
 ) -> Dict[str, object]:
-    """The ``hstu_attention`` keyword arguments of a batch of samples with (L_H, L_R, L_T) each.
+    """The ``hstu_attention`` keyword arguments of a batch of samples with (L_H, L_R, L_T) each:
+    ``q``, ``k``, ``v``, ``queries`` (a ``QuerySet``) and ``keys`` (a ``KeySet``).
 
     ``sorted_layout`` follows ``mtfm_rec.data.batch`` (H by ts, then R by ts, then T); unsorted
     timestamps check that the kernels rely on the layout for speed only, never for correctness.
-    Small ``max_ts`` gives ties (an R key with the query's own ts is invisible).
+    Small ``max_ts`` gives ties (an R key with the query's own ts is invisible). With the sorted
+    layout the queries carry the prefix encoding too (``QuerySet.with_prefix``: ``cpp``, ``prefix``).
     """
     gen = torch.Generator().manual_seed(seed)
     kinds: List[int] = []
     ts: List[int] = []
     offsets = [0]
     for lh, lr, lt in blocks:
-        kinds += [KIND_H] * lh + [KIND_R] * lr + [KIND_T] * lt
+        kinds += [TokenKind.HISTORY] * lh + [TokenKind.REALTIME] * lr + [TokenKind.TARGET] * lt
         parts = [torch.randint(0, max_ts, (n,), generator=gen) for n in (lh, lr, lt)]
         if sorted_layout:
             parts[0], parts[1] = parts[0].sort().values, parts[1].sort().values
@@ -43,7 +45,7 @@ def build_batch(
     kv_kind = torch.tensor(kinds, dtype=torch.int8)
     kv_ts = torch.tensor(ts, dtype=torch.int64)
     kv_offsets = torch.tensor(offsets, dtype=torch.int64)
-    is_t = kv_kind == KIND_T
+    is_t = kv_kind == TokenKind.TARGET
     if target:
         q_rows = torch.nonzero(is_t).flatten()
         n_t = torch.tensor([b[2] for b in blocks], dtype=torch.int64)
@@ -56,22 +58,20 @@ def build_batch(
     kv_len = kv_offsets[1:] - kv_offsets[:-1]
     total_q, total_kv = q_rows.numel(), offsets[-1]
     out: Dict[str, object] = dict(
-        q=torch.randn(total_q, num_heads, dim, generator=gen).to(dtype),
-        k=torch.randn(total_kv, num_kv_heads, dim, generator=gen).to(dtype),
-        v=torch.randn(total_kv, num_kv_heads, dim_v, generator=gen).to(dtype),
-        q_offsets=q_offsets,
-        kv_offsets=kv_offsets,
-        q_ts=kv_ts[q_rows],
-        q_self=q_self,
-        kv_kind=kv_kind,
-        kv_ts=kv_ts,
-        max_q_len=int(q_len.max()) if q_len.numel() else 0,
-        max_kv_len=int(kv_len.max()) if kv_len.numel() else 0,
+        q=torch.randn(total_q, num_heads, dim, generator=gen).to(dtype).to(device),
+        k=torch.randn(total_kv, num_kv_heads, dim, generator=gen).to(dtype).to(device),
+        v=torch.randn(total_kv, num_kv_heads, dim_v, generator=gen).to(dtype).to(device),
     )
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+    max_q_len = int(q_len.max()) if q_len.numel() else 0
+    max_kv_len = int(kv_len.max()) if kv_len.numel() else 0
+    keys = KeySet.create(kv_offsets.to(device), kv_kind.to(device), kv_ts.to(device), max_kv_len)
+    queries = QuerySet.create(q_offsets.to(device), kv_ts[q_rows].to(device), q_self.to(device), max_q_len)
+    out["keys"] = keys
+    out["queries"] = queries.with_prefix(keys) if sorted_layout else queries
+    return out
 
 
-MASK_KEYS = ("q_offsets", "kv_offsets", "q_ts", "q_self", "kv_kind", "kv_ts", "max_q_len", "max_kv_len")
+MASK_KEYS = ("queries", "keys")
 
 
 @st.composite

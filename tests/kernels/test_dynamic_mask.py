@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -37,7 +38,9 @@ def test_triton_equals_reference_interpreted(spec):
 def test_reference_rules():
     # One sample: H(ts 5), R(ts 3), R(ts 9), T(ts 7), T(ts 8); full attention.
     args = _mask_args(dict(blocks=[(1, 2, 2)], num_heads=1, num_kv_heads=1, dim=4, dim_v=4, target=False))
-    args["kv_ts"] = args["q_ts"] = torch.tensor([5, 3, 9, 7, 8])
+    ts = torch.tensor([5, 3, 9, 7, 8])
+    queries = dataclasses.replace(args["queries"], ts=ts, prefix=None, self_local=None)  # no stale encoding
+    args = {"queries": queries, "keys": dataclasses.replace(args["keys"], ts=ts)}
     m = dynamic_mask(**args)[0].int()
     expected = torch.tensor(
         [

@@ -63,7 +63,9 @@ CASES = dict(
 
 def _assert_close(got, want, atol, rtol):
     for name, g, w in zip(("y", "dx", "dweight", "dbias"), got, want):
-        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g.float(), w.float(), atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @needs_interpreter

@@ -7,6 +7,7 @@ GPU tests use larger shapes and bf16 and are skipped without CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Dict, Tuple
 
@@ -16,7 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jagged_inputs import attention_cases, build_batch
 
-from mtfm_rec.kernels.hstu_attention import BACKENDS, hstu_attention, hstu_attention_reference
+from mtfm_rec.kernels.hstu_attention import (
+    BACKENDS,
+    AttentionBackend,
+    hstu_attention,
+    hstu_attention_reference,
+    resolve,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available()
@@ -54,7 +61,9 @@ def _assert_close(
 ) -> None:
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, name
-        torch.testing.assert_close(g.float(), w.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g.float(), w.float(), atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @needs_interpreter
@@ -108,13 +117,27 @@ def test_tiles_are_skipped_interpreted():
 
 def test_dispatcher_rules(monkeypatch):
     case = build_batch([(3, 2, 2)], num_heads=2, num_kv_heads=1, dim=8, dim_v=8, target=False)
-    assert set(BACKENDS) >= {"auto", "reference", "triton", "blocksparse"}
+    assert set(BACKENDS) >= {"auto", "reference", "triton", "blocksparse", "prefix", "cpp"}
     with pytest.raises(ValueError, match="unknown"):
         hstu_attention(**case, backend="nope")
-    torch.testing.assert_close(hstu_attention(**case), hstu_attention_reference(**case), atol=0, rtol=0)
+    # auto has one meaning everywhere (the model's): Triton on CUDA, the C++ kernel on the CPU
+    assert resolve("auto", torch.device("cuda", 0)) is AttentionBackend.TRITON
+    assert resolve("auto", torch.device("cpu")) is AttentionBackend.CPP
+    assert resolve("prefix", torch.device("cuda")) is AttentionBackend.PREFIX
     torch.testing.assert_close(
-        hstu_attention(**case, backend="blocksparse"), hstu_attention_reference(**case), atol=1e-5, rtol=1e-4
+        hstu_attention(**case, backend="reference"), hstu_attention_reference(**case), atol=0, rtol=0
     )
+    # the C++ kernel's parity tolerance (tests/kernels/test_hstu_cpu.py)
+    torch.testing.assert_close(hstu_attention(**case), hstu_attention_reference(**case), atol=1e-5, rtol=1e-4)
+    for backend in ("blocksparse", "prefix"):
+        torch.testing.assert_close(
+            hstu_attention(**case, backend=backend), hstu_attention_reference(**case), atol=1e-5, rtol=1e-4
+        )
+    # the prefix-encoded backends refuse queries built without the encoding
+    plain = dataclasses.replace(case["queries"], prefix=None, self_local=None)
+    for backend in ("cpp", "prefix"):
+        with pytest.raises(ValueError, match="needs the prefix-encoded mask"):
+            hstu_attention(**{**case, "queries": plain}, backend=backend)
     # A forced Triton backend on CPU tensors without the interpreter raises, never falls back.
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="CUDA"):

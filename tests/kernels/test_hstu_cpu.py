@@ -20,15 +20,6 @@ from mtfm_rec.model.mask import AttentionLayout, build_layout
 SCHEMA = demo_schema(num_scenarios=3)
 
 
-def _queries(layout: AttentionLayout, target: bool):
-    """(q_offsets, q_ts, q_self, max_q) for the reference and (q_prefix, q_self_local) for the kernel."""
-    if target:
-        ref = (layout.target_offsets, layout.target_ts, layout.target_rows, layout.max_targets)
-        return ref, (layout.target_prefix, layout.target_self_local)
-    ref = (layout.token_offsets, layout.token_ts, layout.full_self, layout.max_tokens)
-    return ref, (layout.full_prefix, layout.full_self_local)
-
-
 def _both(
     layout: AttentionLayout,
     target: bool,
@@ -47,29 +38,14 @@ def _both(
         torch.randn(layout.num_tokens, kv_heads, dim_v, generator=gen),
     ]
     grad_out = torch.randn(n_q, heads, dim_v, generator=gen)
-    (q_off, q_ts, q_self, max_q), (q_prefix, q_self_local) = _queries(layout, target)
+    queries = layout.queries(target)
     results = []
     for impl in ("reference", "cpp"):
         q, k, v = (t.clone().requires_grad_() for t in leaves)
         if impl == "reference":
-            out = hstu_attention_reference(
-                q,
-                k,
-                v,
-                q_off,
-                layout.token_offsets,
-                q_ts,
-                q_self,
-                layout.token_kind,
-                layout.token_ts,
-                max_q,
-                layout.max_tokens,
-                0.37,
-            )
+            out = hstu_attention_reference(q, k, v, queries, layout.keys, 0.37)
         else:
-            out = hstu_attention_cpu(
-                q, k, v, q_off, layout.token_offsets, q_prefix, q_self_local, 0.37, max_saved_bytes
-            )
+            out = hstu_attention_cpu(q, k, v, queries, layout.keys, 0.37, max_saved_bytes)
         if n_q == 0:  # no query: the reference returns a constant, there is nothing to differentiate
             results.append((out.detach(), torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)))
             continue
@@ -101,16 +77,16 @@ def test_cpp_kernel_matches_reference_forward_and_gradients(
     budget = MAX_SAVED_WEIGHTS_BYTES if save_weights else 0
     want, got = _both(build_layout(batch), target, 4, kv_heads, dim, dim_v, seed, budget)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_cpp_kernel_saves_weights_only_for_training_and_within_the_budget() -> None:
     from mtfm_rec.kernels.hstu_attention.cpu import extension
 
     layout = build_layout(random_batch(SCHEMA, 4, seq_len=(8, 20), exposures=(2, 6), seed=3))
-    (q_off, *_), (q_prefix, q_self_local) = _queries(layout, False)
+    q_off, (q_prefix, q_self_local) = layout.full.offsets, layout.full.prefix_encoding("cpp")
     q, k = torch.randn(layout.num_tokens, 2, 8), torch.randn(layout.num_tokens, 1, 8)
-    ops, mask = extension(), (q_off, layout.token_offsets, q_prefix, q_self_local)
+    ops, mask = extension(), (q_off, layout.keys.offsets, q_prefix, q_self_local)
     out, saved = ops.forward(q, k, k, *mask, 0.5, True, 1 << 30)
     assert saved.shape[0] == 2 and saved.shape[1] > 0
     # p beyond each row's prefix and d there are 0; the visible weights are those of the output
@@ -128,32 +104,27 @@ def test_cpp_kernel_saves_weights_only_for_training_and_within_the_budget() -> N
 
 def test_cpp_kernel_keeps_the_input_dtype_and_refuses_other_devices() -> None:
     layout = build_layout(random_batch(SCHEMA, 3, seed=1))
-    (q_off, *_), (q_prefix, q_self_local) = _queries(layout, False)
     q = torch.randn(layout.num_tokens, 2, 8).to(torch.bfloat16)
     k = torch.randn(layout.num_tokens, 1, 8).to(torch.bfloat16)
-    out = hstu_attention_cpu(q, k, k, q_off, layout.token_offsets, q_prefix, q_self_local, 0.5)
+    out = hstu_attention_cpu(q, k, k, layout.full, layout.keys, 0.5)
     assert out.dtype == torch.bfloat16 and out.shape == (layout.num_tokens, 2, 8)
     with pytest.raises(RuntimeError, match="runs on the CPU, got meta tensors"):
-        hstu_attention_cpu(
-            q.to("meta"), k.to("meta"), k.to("meta"), q_off, layout.token_offsets, q_prefix, q_self_local, 0.5
-        )
+        hstu_attention_cpu(q.to("meta"), k.to("meta"), k.to("meta"), layout.full, layout.keys, 0.5)
 
 
 def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> None:
     from mtfm_rec.kernels.hstu_attention.cpu import extension
 
     layout = build_layout(random_batch(SCHEMA, 3, seq_len=(2, 6), seed=2))
-    (q_off, *_), (q_prefix, q_self_local) = _queries(layout, False)
+    q_off, (q_prefix, q_self_local) = layout.full.offsets, layout.full.prefix_encoding("cpp")
     n = layout.num_tokens
     q, k = torch.randn(n, 2, 8), torch.randn(n, 1, 8)
     ops = extension()
-    args = dict(
-        q_offsets=q_off, kv_offsets=layout.token_offsets, q_prefix=q_prefix, q_self_local=q_self_local
-    )
+    args = dict(q_offsets=q_off, kv_offsets=layout.keys.offsets, q_prefix=q_prefix, q_self_local=q_self_local)
     bad = {
         "one entry per query row": dict(args, q_prefix=q_prefix[:-1]),
         "must be >= 0": dict(args, q_prefix=torch.where(q_prefix > 0, -q_prefix, q_prefix)),
-        "end at the row counts": dict(args, kv_offsets=layout.token_offsets + torch.tensor([0] * 3 + [1])),
+        "end at the row counts": dict(args, kv_offsets=layout.keys.offsets + torch.tensor([0] * 3 + [1])),
         "B \\+ 1 entries": dict(args, q_offsets=q_off[:-1]),
         "1-d int64": dict(args, q_prefix=q_prefix.to(torch.int32)),
     }

@@ -7,8 +7,9 @@ import torch
 from model_helpers import small_config
 
 from mtfm_rec.kernels.hstu_attention import hstu_attention_reference
+from mtfm_rec.kernels.hstu_attention.prefix import hstu_attention_prefix
 from mtfm_rec.model import ModelConfig
-from mtfm_rec.model.attention import FullAttentionLayer, TargetAttentionLayer, prefix_hstu_attention
+from mtfm_rec.model.attention import FullAttentionLayer, TargetAttentionLayer
 from mtfm_rec.model.examples import random_batch
 from mtfm_rec.model.mask import build_layout
 
@@ -23,39 +24,9 @@ def test_prefix_attention_equals_kernel_reference(schema, num_kv_heads: int, tar
     q = torch.randn(n_q, 4, 8, generator=gen)
     k = torch.randn(layout.num_tokens, num_kv_heads, 8, generator=gen)
     v = torch.randn(layout.num_tokens, num_kv_heads, 8, generator=gen)
-    if target:
-        q_args = (layout.target_offsets, layout.target_ts, layout.target_rows, layout.max_targets)
-        p_args = (layout.target_pad_index, layout.target_prefix, layout.target_self_local, layout.max_targets)
-    else:
-        q_args = (layout.token_offsets, layout.token_ts, layout.full_self, layout.max_tokens)
-        p_args = (layout.token_pad_index, layout.full_prefix, layout.full_self_local, layout.max_tokens)
-    ref = hstu_attention_reference(
-        q,
-        k,
-        v,
-        q_args[0],
-        layout.token_offsets,
-        q_args[1],
-        q_args[2],
-        layout.token_kind,
-        layout.token_ts,
-        q_args[3],
-        layout.max_tokens,
-        0.3,
-    )
-    ours = prefix_hstu_attention(
-        q,
-        k,
-        v,
-        p_args[0],
-        layout.token_pad_index,
-        p_args[1],
-        p_args[2],
-        layout.batch_size,
-        p_args[3],
-        layout.max_tokens,
-        0.3,
-    )
+    queries = layout.queries(target)
+    ref = hstu_attention_reference(q, k, v, queries, layout.keys, 0.3)
+    ours = hstu_attention_prefix(q, k, v, queries, layout.keys, 0.3)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 

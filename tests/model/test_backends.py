@@ -56,7 +56,9 @@ def _assert_backend_matches_reference(schema, backend: str, device: str, rtol: f
     attention_grads = [n for n in ref_grads if ".f1." in n or "norm" in n]
     assert attention_grads, "the dense path's parameters got no gradient"
     for name, ref_grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], ref_grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads[name], ref_grad, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.skipif(
@@ -79,7 +81,8 @@ def test_triton_path_matches_reference_on_gpu(schema) -> None:
 
 
 def test_auto_is_triton_on_cuda_and_the_cpp_kernel_elsewhere() -> None:
-    from mtfm_rec.model.attention import norm_backend, resolve_attention_backend
+    from mtfm_rec.kernels.hstu_attention import resolve as resolve_attention_backend
+    from mtfm_rec.model.attention import norm_backend
 
     assert resolve_attention_backend("auto", torch.device("cuda", 0)) == "triton"
     assert resolve_attention_backend("auto", torch.device("cpu")) == "cpp"

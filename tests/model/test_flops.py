@@ -12,9 +12,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from mtfm_rec.config import ConfigError, load_config
-from mtfm_rec.data.batch import TOKEN_TARGET, Batch
+from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.kernels.hstu_attention.reference import dynamic_mask_padded
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
 from mtfm_rec.model import MTFM, ModelConfig
 from mtfm_rec.model.examples import fixed_size_batch, random_batch
 from mtfm_rec.model.flops import layer_flops, model_flops, visible_pairs
@@ -80,27 +81,17 @@ def test_count_equals_a_hand_computation() -> None:
 @pytest.mark.parametrize("ts_pool", [0, 3])  # 3: many R / T timestamp ties
 def test_visible_pairs_equal_the_reference_mask(schema, ts_pool: int) -> None:
     batch = random_batch(schema, 6, seq_len=(0, 9), exposures=(0, 4), seed=5, ts_pool=ts_pool)
-    n_self = torch.where(batch.token_kind.to(torch.int64) == TOKEN_TARGET, torch.arange(batch.num_tokens), -1)
+    n_self = torch.where(
+        batch.token_kind.to(torch.int64) == TokenKind.TARGET, torch.arange(batch.num_tokens), -1
+    )
+    keys = KeySet.create(batch.token_offsets, batch.token_kind, batch.token_ts, batch.max_tokens)
     full = dynamic_mask_padded(
-        batch.token_offsets,
-        batch.token_offsets,
-        batch.token_ts,
-        n_self,
-        batch.token_kind,
-        batch.token_ts,
-        batch.max_tokens,
-        batch.max_tokens,
+        QuerySet.create(batch.token_offsets, batch.token_ts, n_self, batch.max_tokens), keys
     )
-    target = dynamic_mask_padded(
-        batch.target_offsets,
-        batch.token_offsets,
-        batch.token_ts[batch.target_rows],
-        batch.target_rows,
-        batch.token_kind,
-        batch.token_ts,
-        batch.max_targets,
-        batch.max_tokens,
+    target_queries = QuerySet.create(
+        batch.target_offsets, batch.token_ts[batch.target_rows], batch.target_rows, batch.max_targets
     )
+    target = dynamic_mask_padded(target_queries, keys)
     assert visible_pairs(batch) == (int(full.sum()), int(target.sum()))
     t = int(batch.target_rows.numel())
     assert visible_pairs(batch, use_sequences=False) == (t, t)  # feature-only: each T sees itself
@@ -230,7 +221,8 @@ def test_trainer_logs_model_flops_and_mfu(schema, tmp_path) -> None:
 
 
 def test_trainer_counts_no_flops_for_another_model() -> None:
-    from mtfm_rec.training.trainer import Trainer, utilisation
+    from mtfm_rec.training.throughput import utilisation
+    from mtfm_rec.training.trainer import Trainer
 
     assert Trainer._flop_counter(None, nn.Linear(2, 2)) is None  # type: ignore[arg-type]
     assert utilisation(math.nan, 1.0, 100.0) == {}  # some batch was not counted: no wrong rate

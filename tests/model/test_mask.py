@@ -6,6 +6,7 @@ import torch
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.kernels.hstu_attention import dynamic_mask_padded
+from mtfm_rec.kernels.jagged import KeySet, QuerySet
 from mtfm_rec.model.examples import demo_schema, random_batch
 from mtfm_rec.model.mask import build_layout, dense_mask
 
@@ -72,7 +73,7 @@ def test_hand_made_mask_follows_the_three_rules() -> None:
     assert torch.equal(target[0], full[0, 6:10])
     assert torch.equal(target[1, 0], full[1, 1])
     assert not target[1, 1:].any()  # padded query rows see nothing
-    assert layout.target_prefix.tolist() == [3, 5, 6, 3, 1]  # L_H + #{R ts < T ts}
+    assert layout.target.prefix.tolist() == [3, 5, 6, 3, 1]  # L_H + #{R ts < T ts}
 
 
 def test_prefix_encoding_matches_kernel_reference_mask() -> None:
@@ -80,25 +81,10 @@ def test_prefix_encoding_matches_kernel_reference_mask() -> None:
     for seed in range(3):
         batch = random_batch(schema, 5, seed=seed, ts_pool=6)  # ties between R and T ts
         layout = build_layout(batch)
-        ref_full = dynamic_mask_padded(
-            batch.token_offsets,
-            batch.token_offsets,
-            batch.token_ts,
-            layout.full_self,
-            batch.token_kind,
-            batch.token_ts,
-            batch.max_tokens,
-            batch.max_tokens,
-        )
+        keys = KeySet.create(batch.token_offsets, batch.token_kind, batch.token_ts, batch.max_tokens)
+        full = QuerySet.create(batch.token_offsets, batch.token_ts, layout.full.self_rows, batch.max_tokens)
+        ref_full = dynamic_mask_padded(full, keys)
         assert torch.equal(dense_mask(layout, target_queries=False), ref_full)
-        ref_target = dynamic_mask_padded(
-            batch.target_offsets,
-            batch.token_offsets,
-            layout.target_ts,
-            batch.target_rows,
-            batch.token_kind,
-            batch.token_ts,
-            batch.max_targets,
-            batch.max_tokens,
-        )
+        target = QuerySet.create(batch.target_offsets, layout.target.ts, batch.target_rows, batch.max_targets)
+        ref_target = dynamic_mask_padded(target, keys)
         assert torch.equal(dense_mask(layout, target_queries=True), ref_target)

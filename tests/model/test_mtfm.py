@@ -10,7 +10,8 @@ import pytest
 import torch
 from model_helpers import exposure_scores, make_model, perturb_tokens, sample_rows
 
-from mtfm_rec.data.batch import TOKEN_REALTIME, TOKEN_TARGET, collate
+from mtfm_rec.data.batch import collate
+from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model.examples import random_batch, random_table
 from mtfm_rec.model.heads import funnel_log_probs
 
@@ -32,17 +33,20 @@ def test_target_score_ignores_later_realtime_and_other_targets(schema, stack: Di
     checked = changed = 0
     for b in range(batch.batch_size):
         rows = sample_rows(batch, b)
-        for i in [r for r in rows if kind[r] == TOKEN_TARGET][:2]:
+        for i in [r for r in rows if kind[r] == TokenKind.TARGET][:2]:
             hidden = [
                 r
                 for r in rows
-                if r != i and (kind[r] == TOKEN_TARGET or (kind[r] == TOKEN_REALTIME and ts[r] >= ts[i]))
+                if r != i
+                and (kind[r] == TokenKind.TARGET or (kind[r] == TokenKind.REALTIME and ts[r] >= ts[i]))
             ]
             with torch.no_grad():
                 after = exposure_scores(model(perturb_tokens(batch, schema, hidden, seed=i))[1], batch)
             torch.testing.assert_close(after[i], base[i], rtol=0, atol=1e-6)
             checked += 1
-            changed += sum(not torch.allclose(after[r], base[r]) for r in hidden if kind[r] == TOKEN_TARGET)
+            changed += sum(
+                not torch.allclose(after[r], base[r]) for r in hidden if kind[r] == TokenKind.TARGET
+            )
     assert checked >= 4
     assert changed > 0  # the perturbation is real: the perturbed T tokens' own scores moved
 
@@ -55,16 +59,16 @@ def test_target_score_depends_on_earlier_realtime(schema) -> None:
     i = next(
         r
         for r in range(batch.num_tokens)
-        if kind[r] == TOKEN_TARGET
+        if kind[r] == TokenKind.TARGET
         and any(
-            kind[j] == TOKEN_REALTIME and ts[j] < ts[r]
+            kind[j] == TokenKind.REALTIME and ts[j] < ts[r]
             for j in sample_rows(
                 batch, int(torch.searchsorted(batch.token_offsets, torch.tensor(r), right=True)) - 1
             )
         )
     )
     b = int(torch.searchsorted(batch.token_offsets, torch.tensor(i), right=True)) - 1
-    earlier = [j for j in sample_rows(batch, b) if kind[j] == TOKEN_REALTIME and ts[j] < ts[i]]
+    earlier = [j for j in sample_rows(batch, b) if kind[j] == TokenKind.REALTIME and ts[j] < ts[i]]
     with torch.no_grad():
         base = exposure_scores(model(batch)[1], batch)
         after = exposure_scores(model(perturb_tokens(batch, schema, earlier))[1], batch)
@@ -208,7 +212,7 @@ def test_feature_only_baseline_ignores_sequences(schema) -> None:
     model = make_model(schema, use_sequences=False)
     assert len(model.dense.tokenizer.sequence_mlps) == 0
     batch = random_batch(schema, 4, seq_len=(1, 6), seed=8)
-    rows = [r for r, k in enumerate(batch.token_kind.tolist()) if k != TOKEN_TARGET]
+    rows = [r for r, k in enumerate(batch.token_kind.tolist()) if k != TokenKind.TARGET]
     with torch.no_grad():
         a = model(batch)[1]
         b = model(perturb_tokens(batch, schema, rows))[1]

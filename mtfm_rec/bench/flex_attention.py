@@ -1,4 +1,4 @@
-"""A compiled CPU candidate for HSTU attention (not a dispatcher backend; the bench measures it).
+"""A compiled CPU candidate for HSTU attention (not a dispatcher backend; only the kernel bench uses it).
 
 Why not FlexAttention: ``flex_attention`` always normalises with a softmax over the keys
 (``score_mod`` edits scores *before* the exponential, ``mask_mod`` only drops keys), while HSTU
@@ -17,7 +17,8 @@ and backward (AOTAutograd). Shapes are marked dynamic so a new batch does not re
 
 Measured on our CPU it ran at 0.58-1.16x the reference's fwd+bwd speed (mostly slower: the
 inductor kernels for the masked SiLU did not beat ATen's) and compiles for tens of seconds, so
-the CPU fast path is ``blocksparse.py`` instead; see docs/KERNELS.md and ``python -m mtfm_rec.bench --only kernels``.
+the CPU fast paths are ``mtfm_rec.kernels.hstu_attention`` ``blocksparse`` and ``cpp`` instead; see
+docs/KERNELS.md and ``python -m mtfm_rec.bench --only kernels``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from mtfm_rec.kernels.hstu_attention.reference import (
-    KIND_HISTORY,
-    KIND_REALTIME,
-    _pad,
-    _unpad,
-)
+from mtfm_rec.kernels.hstu_attention.reference import heads_per_group, jagged_heads, padded_heads, score_scale
+from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind, local_self_rows, pad
+
+# Plain ints inside the compiled graph (constants to dynamo, no enum handling needed).
+_HISTORY, _REALTIME = int(TokenKind.HISTORY), int(TokenKind.REALTIME)
 
 
 def _padded_core(
@@ -47,8 +48,8 @@ def _padded_core(
     alpha: float,
 ) -> torch.Tensor:
     j = torch.arange(kind_p.shape[1], device=kind_p.device)
-    mask = (kind_p == KIND_HISTORY)[:, None, :] | (
-        (kind_p == KIND_REALTIME)[:, None, :] & (kts_p[:, None, :] < q_ts_p[:, :, None])
+    mask = (kind_p == _HISTORY)[:, None, :] | (
+        (kind_p == _REALTIME)[:, None, :] & (kts_p[:, None, :] < q_ts_p[:, :, None])
     )
     mask = (mask | (j[None, None, :] == self_p[:, :, None])) & q_valid[:, :, None]
     scores = torch.matmul(qp, kp.unsqueeze(2).transpose(-1, -2))  # [B, G, r, Lq, Lk]
@@ -68,49 +69,29 @@ def _core():
 
 
 def hstu_attention_compiled(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_offsets: torch.Tensor,
-    kv_offsets: torch.Tensor,
-    q_ts: torch.Tensor,
-    q_self: torch.Tensor,
-    kv_kind: torch.Tensor,
-    kv_ts: torch.Tensor,
-    max_q_len: int,
-    max_kv_len: int,
-    alpha: Optional[float] = None,
-) -> torch.Tensor:
+    q: Tensor, k: Tensor, v: Tensor, queries: QuerySet, keys: KeySet, alpha: Optional[float] = None
+) -> Tensor:
     """Compiled padded HSTU attention (differentiable in q, k, v); semantics of the reference.
 
     The first call compiles (tens of seconds on a small CPU); later calls with other batch shapes
     reuse the dynamic-shape graph.
     """
-    total_q, num_heads, dim = q.shape
-    num_kv_heads = k.shape[1]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
-    if total_q == 0:
-        return q.new_zeros(0, num_heads, v.shape[-1])
-    alpha = dim**-0.5 if alpha is None else float(alpha)
-    batch = q_offsets.numel() - 1
-    r = num_heads // num_kv_heads
-    qp = _pad(q, q_offsets, max_q_len).view(batch, max_q_len, num_kv_heads, r, dim).permute(0, 2, 3, 1, 4)
-    kp = _pad(k, kv_offsets, max_kv_len).permute(0, 2, 1, 3)
-    vp = _pad(v, kv_offsets, max_kv_len).permute(0, 2, 1, 3)
-    q_start = kv_offsets[:-1].repeat_interleave(q_offsets[1:] - q_offsets[:-1], output_size=total_q)
-    self_local = torch.where(q_self >= 0, q_self - q_start, q_self)
-    ts_dtype = torch.promote_types(q_ts.dtype, kv_ts.dtype)
+    heads_per_group(q, k)
+    if q.shape[0] == 0:
+        return q.new_zeros(0, q.shape[1], v.shape[-1])
+    alpha = score_scale(q, alpha)
+    max_q, max_kv = queries.max_len, keys.max_len
+    qp, kp, vp = padded_heads(q, k, v, queries, keys)
+    ts_dtype = torch.promote_types(queries.ts.dtype, keys.ts.dtype)
     out = _core()(
         qp,
         kp,
         vp,
-        _pad(q_ts.to(ts_dtype), q_offsets, max_q_len),
-        _pad(self_local, q_offsets, max_q_len, fill=-1),
-        _pad(torch.ones_like(q_ts, dtype=torch.bool), q_offsets, max_q_len, fill=False),
-        _pad(kv_kind.to(torch.int64), kv_offsets, max_kv_len, fill=-1),
-        _pad(kv_ts.to(ts_dtype), kv_offsets, max_kv_len),
+        pad(queries.ts.to(ts_dtype), queries.offsets, max_q),
+        pad(local_self_rows(queries, keys), queries.offsets, max_q, fill=-1),
+        pad(torch.ones_like(queries.ts, dtype=torch.bool), queries.offsets, max_q, fill=False),
+        pad(keys.kind.to(torch.int64), keys.offsets, max_kv, fill=-1),
+        pad(keys.ts.to(ts_dtype), keys.offsets, max_kv),
         alpha,
     )
-    out = out.permute(0, 3, 1, 2, 4).reshape(batch, max_q_len, num_heads, v.shape[-1])
-    return _unpad(out, q_offsets, total_q)
+    return jagged_heads(out, queries, q.shape[0])
