@@ -106,12 +106,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Dict[str, 
 def known_errors() -> Tuple[Type[BaseException], ...]:
     """The project's error classes, whose messages say all there is (docs/TRAINING.md "Errors")."""
     from mtfm_rec.config import ConfigError
-    from mtfm_rec.data.aggregate import AggregationError
-    from mtfm_rec.data.loader import LoaderError
+    from mtfm_rec.data.errors import AggregationError, LoaderError
     from mtfm_rec.data.reader import DataContractError
     from mtfm_rec.data.schema import SchemaError
-    from mtfm_rec.training.checkpoint import CheckpointError
-    from mtfm_rec.training.trainer import EmptySplitError, NonFiniteError, RunDirLockedError
+    from mtfm_rec.training.checkpoint_files import CheckpointError
+    from mtfm_rec.training.metrics import NonFiniteError
+    from mtfm_rec.training.run_checks import EmptySplitError
+    from mtfm_rec.training.run_lock import RunDirLockedError
 
     return (
         ConfigError,

@@ -114,7 +114,7 @@ def test_unknown_eval_split_is_refused_at_load() -> None:
 
 
 def test_eval_splits_are_the_loaders_splits() -> None:
-    from mtfm_rec.data.loader import SPLITS
+    from mtfm_rec.data.splits import SPLITS
     from mtfm_rec.training.config import EVAL_SPLITS
 
     assert EVAL_SPLITS == SPLITS

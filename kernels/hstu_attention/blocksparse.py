@@ -26,6 +26,7 @@ thread, docs/KERNELS.md): about 2x the reference's fwd+bwd for full attention at
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -141,6 +142,129 @@ def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return _Gather.apply(ext, idx)
 
 
+@dataclasses.dataclass
+class _Chunks:
+    """The jagged queries and keys cut into chunks of ``block`` rows, with per-chunk metadata.
+
+    Row tables are [chunks, block] with -1 past a sample's end; the metadata tables hold, per row,
+    the key kind (-1 padding), key ts, query ts and the query's own key row (-1: none).
+    """
+
+    block: int
+    q_sample: torch.Tensor
+    q_rows: torch.Tensor
+    k_sample: torch.Tensor
+    k_rows: torch.Tensor
+    k_start: torch.Tensor
+    kind: torch.Tensor
+    kts: torch.Tensor
+    qts: torch.Tensor
+    self_rows: torch.Tensor
+
+    @classmethod
+    def build(cls, queries: QuerySet, keys: KeySet, block: int) -> _Chunks:
+        ts_dtype = torch.promote_types(queries.ts.dtype, keys.ts.dtype)
+        q_sample, q_rows, _ = _chunks(queries.offsets.to(torch.int64), block)
+        k_sample, k_rows, k_start = _chunks(keys.offsets.to(torch.int64), block)
+        return cls(
+            block=block,
+            q_sample=q_sample,
+            q_rows=q_rows,
+            k_sample=k_sample,
+            k_rows=k_rows,
+            k_start=k_start,
+            kind=_take(keys.kind.to(torch.int64), k_rows, -1),
+            kts=_take(keys.ts.to(ts_dtype), k_rows, 0),
+            qts=_take(queries.ts.to(ts_dtype), q_rows, 0),
+            self_rows=_take(queries.self_rows.to(torch.int64), q_rows, -1),
+        )
+
+
+def _kept_pairs(c: _Chunks, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """(query chunk, key chunk) pairs of the same sample in which some key is visible to some
+    query, from per-chunk summaries (O(N)): (pq, pk) with pq non-decreasing, and the number of
+    same-sample pairs."""
+    ts_dtype = c.kts.dtype
+    if ts_dtype.is_floating_point:
+        lo, hi = -float("inf"), float("inf")
+    else:
+        lo, hi = torch.iinfo(ts_dtype).min, torch.iinfo(ts_dtype).max
+    k_any_h = (c.kind == TokenKind.HISTORY).any(1)
+    k_min_r = torch.where(c.kind == TokenKind.REALTIME, c.kts, torch.full_like(c.kts, hi)).amin(1)
+    q_max_ts = torch.where(c.q_rows >= 0, c.qts, torch.full_like(c.qts, lo)).amax(1)
+    same = c.q_sample[:, None] == c.k_sample[None, :]
+    keep = same & (k_any_h[None, :] | (k_min_r[None, :] < q_max_ts[:, None]))
+    # A query's own key: mark the key chunk that holds row q_self (chunks of a sample are
+    # consecutive and start at k_start, so the chunk is found by a search on k_start).
+    has_self = c.self_rows >= 0
+    if has_self.any():
+        qi = torch.arange(c.q_rows.shape[0], device=device)[:, None].expand_as(c.self_rows)[has_self]
+        ki = torch.searchsorted(c.k_start, c.self_rows[has_self], right=True) - 1
+        keep[qi, ki] = True
+        keep &= same
+    pq, pk = keep.nonzero(as_tuple=True)
+    return pq, pk, int(same.sum())
+
+
+def _pair_mask(
+    c: _Chunks, pq: torch.Tensor, pk: torch.Tensor, dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mask of each kept pair [P, block, block] (bool) and 1 / n_visible per query row
+    [Cq, block] (n_visible summed over the pairs of the query chunk, at least 1)."""
+    qr, kr = c.q_rows[pq], c.k_rows[pk]
+    kind_p, kts_p = c.kind[pk], c.kts[pk]
+    vis = (kind_p == TokenKind.HISTORY)[:, None, :] | (
+        (kind_p == TokenKind.REALTIME)[:, None, :] & (kts_p[:, None, :] < c.qts[pq][:, :, None])
+    )
+    vis = (
+        (vis | (kr[:, None, :] == c.self_rows[pq][:, :, None]))
+        & (qr >= 0)[:, :, None]
+        & (kr >= 0)[:, None, :]
+    )
+    n_vis = _segment_sum(vis.sum(-1).to(dtype), torch.bincount(pq, minlength=c.q_rows.shape[0]))
+    return vis, 1.0 / n_vis.clamp(min=1).to(dtype)
+
+
+def _attend_pairs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    c: _Chunks,
+    pq: torch.Tensor,
+    pk: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """SiLU attention over the kept pairs only, summed back into the jagged query rows."""
+    total_q, num_heads, dim = q.shape
+    num_kv_heads, dim_v = k.shape[1], v.shape[2]
+    r, block = heads_per_group(q, k), c.block
+    vis, inv_n = _pair_mask(c, pq, pk, q.dtype)
+    # Gather per chunk once (small), in the [chunk, G, rows, D] layout the matmuls want, then per
+    # pair with index_select (contiguous block copies; backward is a segment sum).
+    num_q_chunks, num_k_chunks, pairs = c.q_rows.shape[0], c.k_rows.shape[0], pq.numel()
+    qc = _rows(q, c.q_rows).view(num_q_chunks, block, num_kv_heads, r, dim).permute(0, 2, 3, 1, 4)
+    kc = _rows(k, c.k_rows).view(num_k_chunks, block, num_kv_heads, dim).permute(0, 2, 1, 3)
+    vc = _rows(v, c.k_rows).view(num_k_chunks, block, num_kv_heads, dim_v).permute(0, 2, 1, 3)
+    qc = qc.reshape(num_q_chunks, num_kv_heads, r * block, dim)
+    ob = _PairAttention.apply(
+        _Gather.apply(qc, pq).view(pairs * num_kv_heads, r * block, dim),
+        _Gather.apply(kc.contiguous(), pk).view(pairs * num_kv_heads, block, dim),
+        _Gather.apply(vc.contiguous(), pk).view(pairs * num_kv_heads, block, dim_v),
+        vis[:, None].to(q.dtype),
+        inv_n[pq][:, None, :, None],
+        alpha,
+    )
+    # pq is non-decreasing (nonzero is row-major): the pairs of a query chunk are consecutive.
+    chunk_out = _SortedSum.apply(ob.view(pairs, num_kv_heads, r * block, dim_v), pq, num_q_chunks)
+    # [Cq, G, r, block, Dv] -> [Cq * block, H, Dv] -> the jagged query rows
+    chunk_out = chunk_out.view(num_q_chunks, num_kv_heads, r, block, dim_v).permute(0, 3, 1, 2, 4)
+    chunk_out = chunk_out.reshape(num_q_chunks * block, num_heads, dim_v)
+    flat = c.q_rows.flatten()
+    slot = torch.empty(total_q, dtype=torch.int64, device=q.device)
+    slot[flat[flat >= 0]] = torch.nonzero(flat >= 0).flatten()
+    return _Gather.apply(chunk_out, slot)
+
+
 def hstu_attention_blocksparse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -161,41 +285,14 @@ def hstu_attention_blocksparse(
         stats: if a dict, receives ``pairs_total`` (same-sample chunk pairs), ``pairs_kept`` and
             ``dense`` (whether the dense reference ran).
     """
-    total_q, num_heads, dim = q.shape
-    num_kv_heads, dim_v = k.shape[1], v.shape[2]
-    r = heads_per_group(q, k)
+    total_q, num_heads, _ = q.shape
+    heads_per_group(q, k)  # validates the head counts before anything runs
     alpha = score_scale(q, alpha)
-    out = q.new_zeros(total_q, num_heads, dim_v)
+    out = q.new_zeros(total_q, num_heads, v.shape[2])
     if total_q == 0 or k.shape[0] == 0:
         return out
-    ts_dtype = torch.promote_types(queries.ts.dtype, keys.ts.dtype)
-
-    # ---- chunk summaries (O(N)) and the kept pairs
-    q_sample, q_rows, _ = _chunks(queries.offsets.to(torch.int64), block)
-    k_sample, k_rows, k_start = _chunks(keys.offsets.to(torch.int64), block)
-    kind_c = _take(keys.kind.to(torch.int64), k_rows, -1)  # [Ck, block]
-    kts_c = _take(keys.ts.to(ts_dtype), k_rows, 0)
-    qts_c = _take(queries.ts.to(ts_dtype), q_rows, 0)
-    self_c = _take(queries.self_rows.to(torch.int64), q_rows, -1)
-    if ts_dtype.is_floating_point:
-        lo, hi = -float("inf"), float("inf")
-    else:
-        lo, hi = torch.iinfo(ts_dtype).min, torch.iinfo(ts_dtype).max
-    k_any_h = (kind_c == TokenKind.HISTORY).any(1)
-    k_min_r = torch.where(kind_c == TokenKind.REALTIME, kts_c, torch.full_like(kts_c, hi)).amin(1)
-    q_max_ts = torch.where(q_rows >= 0, qts_c, torch.full_like(qts_c, lo)).amax(1)
-    same = q_sample[:, None] == k_sample[None, :]
-    keep = same & (k_any_h[None, :] | (k_min_r[None, :] < q_max_ts[:, None]))
-    # A query's own key: mark the key chunk that holds row q_self (chunks of a sample are
-    # consecutive and start at k_start, so the chunk is found by a search on k_start).
-    has_self = self_c >= 0
-    if has_self.any():
-        qi = torch.arange(q_rows.shape[0], device=q.device)[:, None].expand_as(self_c)[has_self]
-        ki = torch.searchsorted(k_start, self_c[has_self], right=True) - 1
-        keep[qi, ki] = True
-        keep &= same
-    pq, pk = keep.nonzero(as_tuple=True)
-    pairs_total = int(same.sum())
+    chunks = _Chunks.build(queries, keys, block)
+    pq, pk, pairs_total = _kept_pairs(chunks, q.device)
     dense = pq.numel() > dense_above * pairs_total
     if stats is not None:
         stats.update(pairs_total=pairs_total, pairs_kept=int(pq.numel()), dense=dense)
@@ -204,38 +301,4 @@ def hstu_attention_blocksparse(
     if pq.numel() == 0:
         # Nothing visible: zeros, still attached to the graph (zero gradients) like the reference.
         return out + (q.sum() + k.sum() + v.sum()) * 0
-
-    # ---- the pair mask [P, block, block] and the per-query visible count
-    qr, kr = q_rows[pq], k_rows[pk]
-    kind_p, kts_p = kind_c[pk], kts_c[pk]
-    vis = (kind_p == TokenKind.HISTORY)[:, None, :] | (
-        (kind_p == TokenKind.REALTIME)[:, None, :] & (kts_p[:, None, :] < qts_c[pq][:, :, None])
-    )
-    vis = (vis | (kr[:, None, :] == self_c[pq][:, :, None])) & (qr >= 0)[:, :, None] & (kr >= 0)[:, None, :]
-    n_vis = _segment_sum(vis.sum(-1).to(q.dtype), torch.bincount(pq, minlength=q_rows.shape[0]))
-    inv_n = 1.0 / n_vis.clamp(min=1).to(q.dtype)  # [Cq, block]
-
-    # ---- gather per chunk once (small), in the [chunk, G, rows, D] layout the matmuls want,
-    # then per pair with index_select (contiguous block copies; backward is a segment sum).
-    num_q_chunks, num_k_chunks, pairs = q_rows.shape[0], k_rows.shape[0], pq.numel()
-    qc = _rows(q, q_rows).view(num_q_chunks, block, num_kv_heads, r, dim).permute(0, 2, 3, 1, 4)
-    kc = _rows(k, k_rows).view(num_k_chunks, block, num_kv_heads, dim).permute(0, 2, 1, 3)
-    vc = _rows(v, k_rows).view(num_k_chunks, block, num_kv_heads, dim_v).permute(0, 2, 1, 3)
-    qc = qc.reshape(num_q_chunks, num_kv_heads, r * block, dim)
-    ob = _PairAttention.apply(
-        _Gather.apply(qc, pq).view(pairs * num_kv_heads, r * block, dim),
-        _Gather.apply(kc.contiguous(), pk).view(pairs * num_kv_heads, block, dim),
-        _Gather.apply(vc.contiguous(), pk).view(pairs * num_kv_heads, block, dim_v),
-        vis[:, None].to(q.dtype),
-        inv_n[pq][:, None, :, None],
-        alpha,
-    )
-    # pq is non-decreasing (nonzero is row-major): the pairs of a query chunk are consecutive.
-    chunk_out = _SortedSum.apply(ob.view(pairs, num_kv_heads, r * block, dim_v), pq, num_q_chunks)
-    # [Cq, G, r, block, Dv] -> [Cq * block, H, Dv] -> the jagged query rows
-    chunk_out = chunk_out.view(num_q_chunks, num_kv_heads, r, block, dim_v).permute(0, 3, 1, 2, 4)
-    chunk_out = chunk_out.reshape(num_q_chunks * block, num_heads, dim_v)
-    flat = q_rows.flatten()
-    slot = torch.empty(total_q, dtype=torch.int64, device=q.device)
-    slot[flat[flat >= 0]] = torch.nonzero(flat >= 0).flatten()
-    return _Gather.apply(chunk_out, slot)
+    return _attend_pairs(q, k, v, chunks, pq, pk, alpha)

@@ -27,6 +27,12 @@ refused. :func:`ensure_aggregated` reuses a cached output whose fingerprint matc
 shards match the marker, and rebuilds it otherwise. CLI::
 
     python -m mtfm_rec.data.aggregate --raw ROOT --out DIR [window_seconds=3600 ...]
+
+This module is the driver: the two passes in order, the fingerprint, the cache, the CLI and the
+run's :class:`AggregationStats` (a little over 400 lines with them: the statistics stay beside
+the merge of the partitions' results that fills them). The routing and the building of one
+partition are in :mod:`mtfm_rec.data.aggregate_partitions`, the output directory's checks and
+its atomic replacement in :mod:`mtfm_rec.data.aggregate_output`.
 """
 
 from __future__ import annotations
@@ -34,40 +40,28 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import logging
 import multiprocessing as mp
 import os
-import posixpath
-import shutil
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import fsspec
-import fsspec.implementations.local
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtfm_rec.data import sample_format as fmt
+from mtfm_rec.data.aggregate_output import check_replaceable, output_location, publish
+from mtfm_rec.data.aggregate_partitions import PartitionTask, SpillRouter, build_partition
 from mtfm_rec.data.config import AggregationConfig
-from mtfm_rec.data.reader import (
-    TS,
-    TS_MAX,
-    USER_ID,
-    BadRows,
-    DataContractError,
-    RawDataset,
-    exposure_columns,
-    sequence_columns,
-)
-from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
+from mtfm_rec.data.errors import AggregationError
+from mtfm_rec.data.reader import TS_MAX, BadRows, DataContractError, RawDataset
+from mtfm_rec.data.schema import DatasetSchema
 
 # Without max_exposures_per_sample, a user-window with more exposures than this is refused: it
 # would be one sample of that many T tokens, and a batch pads every sample to its longest one
@@ -86,60 +80,12 @@ _PERCENTILES = (50, 90, 99)
 logger = logging.getLogger(__name__)
 
 
-class AggregationError(ValueError):
-    """An aggregation that must not run as asked: an unsafe output directory, a user-window too
-    large for one sample, or inputs that changed while being read. The message names the path,
-    the user and window, or the file, and the way out."""
-
-
-# -------------------------------------------------------------------- hashing and helpers
+# -------------------------------------------------------------------- the R lookback
 def realtime_lookback_seconds(config: AggregationConfig, schema: DatasetSchema) -> int:
     """The R lookback: the config's, else the dataset's recommendation, else one window."""
     if config.realtime_lookback_seconds is not None:
         return config.realtime_lookback_seconds
     return int(schema.extra.get("recommended_realtime_lookback_seconds", config.window_seconds))
-
-
-def user_partition(user_id: np.ndarray, num_partitions: int) -> np.ndarray:
-    """Deterministic partition of each user: splitmix64(user_id) mod ``num_partitions``."""
-    with np.errstate(over="ignore"):
-        z = user_id.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z % np.uint64(num_partitions)).astype(np.int64)
-
-
-def _count_before(a_user: np.ndarray, a_ts: np.ndarray, q_user: np.ndarray, q_ts: np.ndarray) -> np.ndarray:
-    """For actions sorted by (user, ts), how many are lexicographically < each (q_user, q_ts).
-
-    A merge sort of actions and queries (queries before equal actions) followed by a running
-    count of actions: a vectorised searchsorted over per-user sorted runs, with no packing of
-    (user, ts) into one integer that could overflow.
-    """
-    n, m = len(a_user), len(q_user)
-    if m == 0:
-        return np.zeros(0, np.int64)
-    if n == 0:
-        return np.zeros(m, np.int64)
-    is_action = np.concatenate([np.ones(n, np.int8), np.zeros(m, np.int8)])
-    order = np.lexsort((is_action, np.concatenate([a_ts, q_ts]), np.concatenate([a_user, q_user])))
-    sorted_action = is_action[order].astype(np.int64)
-    before = np.cumsum(sorted_action) - sorted_action
-    out = np.empty(n + m, np.int64)
-    out[order] = before
-    return out[n:]
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(s, s + l)`` for every (s, l)."""
-    total = int(lengths.sum())
-    offsets = np.cumsum(lengths) - lengths
-    return np.arange(total, dtype=np.int64) - np.repeat(offsets, lengths) + np.repeat(starts, lengths)
-
-
-def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
 
 
 # -------------------------------------------------------------------- stats
@@ -246,260 +192,6 @@ def read_success(out: str) -> Optional[Dict[str, Any]]:
     return record if fmt.is_own_marker(record) else None
 
 
-# -------------------------------------------------------------------- pass 1: route
-def _spill_path(spill_dir: str, source: str, partition: int) -> str:
-    return os.path.join(spill_dir, source, f"{partition:05d}.arrow")
-
-
-class _Router:
-    """Appends rows to per-partition Arrow IPC spill files, preserving arrival order."""
-
-    def __init__(self, spill_dir: str, source: str, num_partitions: int) -> None:
-        os.makedirs(os.path.join(spill_dir, source), exist_ok=True)
-        self.spill_dir, self.source, self.p = spill_dir, source, num_partitions
-        self.writers: Dict[int, Tuple[Any, Any]] = {}  # partition -> (file, IPC writer)
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        part = user_partition(batch.column(USER_ID).to_numpy(), self.p)
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(self.p + 1))
-        routed = batch.take(pa.array(order))
-        for k in range(self.p):
-            lo, hi = int(bounds[k]), int(bounds[k + 1])
-            if hi > lo:
-                self._writer(k, batch.schema).write_batch(routed.slice(lo, hi - lo))
-
-    def _writer(self, k: int, schema: pa.Schema) -> Any:
-        if k not in self.writers:
-            sink = pa.OSFile(_spill_path(self.spill_dir, self.source, k), "wb")
-            self.writers[k] = (sink, pa.ipc.new_stream(sink, schema))
-        return self.writers[k][1]
-
-    def close(self) -> None:
-        for sink, writer in self.writers.values():
-            writer.close()
-            sink.close()
-
-
-def _load_spill(spill_dir: str, source: str, partition: int, columns: List[str]) -> Dict[str, np.ndarray]:
-    path = _spill_path(spill_dir, source, partition)
-    if not os.path.exists(path):
-        return {c: np.zeros(0, np.int64) for c in columns}
-    with pa.OSFile(path, "rb") as fh:
-        table = pa.ipc.open_stream(fh).read_all()
-    return {c: table.column(c).to_numpy() for c in columns}
-
-
-# -------------------------------------------------------------------- pass 2: build samples
-@dataclass
-class _Task:
-    spill_dir: str
-    partition: int
-    schema: Dict[str, Any]
-    window_ticks: int
-    lookback_ticks: int
-    max_exposures_per_sample: Optional[int]
-    row_group_size: int
-    out_path: str
-    exposure_limit: Optional[int] = None  # refuse bigger user-windows (unchunked runs)
-
-
-def _value_type(arrow: pa.Schema, name: str) -> pa.DataType:
-    return arrow.field(name).type.value_type
-
-
-@dataclass
-class _Samples:
-    """The samples of one partition, in (user, window, chunk) order.
-
-    Attributes:
-        user: [n] the user of each sample.
-        start: [n] its window start (dataset ticks).
-        end: [n] its window end (exclusive).
-        of_row: [rows] the sample of each exposure row, rows in the order the scenarios'
-            spills are concatenated (scenario, then file and row order).
-    """
-
-    user: np.ndarray
-    start: np.ndarray
-    end: np.ndarray
-    of_row: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.user)
-
-
-def _assign_samples(exposure_spills: List[Dict[str, np.ndarray]], task: _Task) -> _Samples:
-    """Maps every exposure row to its sample: a distinct (user, window) of any scenario.
-
-    Inside a window rows are in ts order (ties: scenario, then file and row order), so a window
-    with more than ``max_exposures_per_sample`` exposures splits into consecutive chunks.
-
-    Raises:
-        AggregationError: a user-window above ``task.exposure_limit`` (unchunked runs).
-    """
-    window_ticks = task.window_ticks
-    users = np.concatenate([c[USER_ID] for c in exposure_spills]).astype(np.int64)
-    ts_all = np.concatenate([c[TS] for c in exposure_spills]).astype(np.int64)
-    windows = np.floor_divide(ts_all, window_ticks)
-    order = np.lexsort((ts_all, windows, users))
-    sorted_user, sorted_window = users[order], windows[order]
-    opens_sample = np.ones(len(sorted_user), dtype=bool)
-    opens_sample[1:] = (sorted_user[1:] != sorted_user[:-1]) | (sorted_window[1:] != sorted_window[:-1])
-    if task.exposure_limit is not None:
-        _check_window_sizes(
-            opens_sample, sorted_user, sorted_window * window_ticks, window_ticks, task.exposure_limit
-        )
-    if task.max_exposures_per_sample:
-        rows = np.arange(len(sorted_user))
-        rank = rows - np.maximum.accumulate(np.where(opens_sample, rows, 0))
-        opens_sample |= rank % task.max_exposures_per_sample == 0
-    of_row = np.empty(len(sorted_user), np.int64)
-    of_row[order] = np.cumsum(opens_sample) - 1
-    start = sorted_window[opens_sample] * window_ticks
-    return _Samples(user=sorted_user[opens_sample], start=start, end=start + window_ticks, of_row=of_row)
-
-
-def _exposure_column_names(scenario: ScenarioSpec) -> Dict[str, str]:
-    """Spill column -> shard list column of one scenario's T part."""
-    names = {
-        TS: fmt.exp_ts(scenario.name),
-        "request_id": fmt.exp_request_id(scenario.name),
-        "split": fmt.exp_split(scenario.name),
-    }
-    names.update({f"{g}/{c}": fmt.exp_feature(scenario.name, g, c) for g, c, _ in scenario.categorical()})
-    names.update({f"dense/{c}": fmt.exp_dense(scenario.name, c) for c in scenario.dense_features})
-    names.update({f"label/{t}": fmt.exp_label(scenario.name, t) for t in scenario.tasks})
-    return names
-
-
-def _target_columns(
-    schema: DatasetSchema,
-    arrow: pa.Schema,
-    exposure_spills: List[Dict[str, np.ndarray]],
-    samples: _Samples,
-    columns: Dict[str, pa.Array],
-) -> Tuple[np.ndarray, Dict[str, int]]:
-    """T: adds each scenario's part to ``columns``, joined column-wise on the sample index.
-
-    Returns:
-        (T tokens per sample, exposures read per scenario).
-    """
-    n_samples = len(samples)
-    n_t = np.zeros(n_samples, np.int64)
-    exposures: Dict[str, int] = {}
-    base = 0
-    for s, cols in zip(schema.scenarios, exposure_spills):
-        n = len(cols[USER_ID])
-        row_sample = samples.of_row[base : base + n]
-        base += n
-        perm = np.lexsort((cols[TS], row_sample))  # stable: ts ties keep file then row order
-        counts = np.bincount(row_sample, minlength=n_samples)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        n_t += counts
-        exposures[s.name] = n
-        for src, dst in _exposure_column_names(s).items():
-            columns[dst] = _list_array(offsets, cols[src][perm], _value_type(arrow, dst))
-    return n_t, exposures
-
-
-def _sequence_slices(
-    seq: SequenceSpec, a_user: np.ndarray, a_ts: np.ndarray, samples: _Samples, lookback_ticks: int
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Per sample, (first action, number of actions) of ``seq`` among its actions sorted by
-    (user, ts): H keeps the last ``max_len`` before the window start, R the last ``max_len`` in
-    ``[start - lookback, end)``."""
-    if seq.is_history:
-        end = _count_before(a_user, a_ts, samples.user, samples.start)
-        lo = np.searchsorted(a_user, samples.user, side="left")
-    else:
-        both = _count_before(
-            a_user,
-            a_ts,
-            np.concatenate([samples.user, samples.user]),
-            np.concatenate([samples.start - lookback_ticks, samples.end]),
-        )
-        lo, end = both[: len(samples)], both[len(samples) :]
-    start = np.maximum(lo, end - seq.max_len)
-    return start, np.maximum(end - start, 0)
-
-
-def _sequence_columns(
-    task: _Task, schema: DatasetSchema, samples: _Samples, columns: Dict[str, pa.Array]
-) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
-    """H and R: adds each shared sequence to ``columns``, merged with the samples at user level.
-
-    Returns:
-        (H tokens per sample, R tokens per sample, actions read per sequence).
-    """
-    n_h = np.zeros(len(samples), np.int64)
-    n_r = np.zeros(len(samples), np.int64)
-    actions: Dict[str, int] = {}
-    for q in schema.sequences:
-        cols = _load_spill(task.spill_dir, f"seq/{q.name}", task.partition, sequence_columns(q))
-        a_user, a_ts = cols[USER_ID].astype(np.int64), cols[TS].astype(np.int64)
-        actions[q.name] = len(a_user)
-        perm = np.lexsort((a_ts, a_user))  # stable: ts ties keep file then row order
-        start, lengths = _sequence_slices(q, a_user[perm], a_ts[perm], samples, task.lookback_ticks)
-        (n_h if q.is_history else n_r)[:] += lengths
-        take = perm[_ranges(start, lengths)]
-        offsets = np.concatenate([[0], np.cumsum(lengths)])
-        columns[fmt.seq_ts(q.name)] = _list_array(offsets, cols[TS][take], pa.int64())
-        for f in q.features:
-            columns[fmt.seq_feature(q.name, f)] = _list_array(offsets, cols[f][take], pa.int64())
-    return n_h, n_r, actions
-
-
-def build_partition(task: _Task) -> Dict[str, Any]:
-    """Builds and writes one shard; returns its token-count histograms and sizes."""
-    schema = DatasetSchema.from_dict(task.schema)
-    arrow = fmt.arrow_schema(schema)
-    exposure_spills = [
-        _load_spill(task.spill_dir, f"exp/{s.name}", task.partition, exposure_columns(s))
-        for s in schema.scenarios
-    ]
-    samples = _assign_samples(exposure_spills, task)
-    columns: Dict[str, pa.Array] = {
-        fmt.USER_ID: pa.array(samples.user, pa.int64()),
-        fmt.WINDOW_START: pa.array(samples.start, pa.int64()),
-        fmt.WINDOW_END: pa.array(samples.end, pa.int64()),
-    }
-    n_t, exposures = _target_columns(schema, arrow, exposure_spills, samples, columns)
-    n_h, n_r, actions = _sequence_columns(task, schema, samples, columns)
-    table = pa.Table.from_arrays([columns[name] for name in arrow.names], schema=arrow)
-    pq.write_table(table, task.out_path, row_group_size=max(1, task.row_group_size))
-    return {
-        "partition": task.partition,
-        "samples": len(samples),
-        "exposures": exposures,
-        "actions": actions,
-        "hist_h": np.bincount(n_h),
-        "hist_r": np.bincount(n_r),
-        "hist_t": np.bincount(n_t),
-    }
-
-
-def _check_window_sizes(
-    opens_sample: np.ndarray, users: np.ndarray, starts: np.ndarray, window_ticks: int, limit: int
-) -> None:
-    """Raises AggregationError when a user-window (runs starting where ``opens_sample``) exceeds
-    ``limit``."""
-    first = np.flatnonzero(opens_sample)
-    sizes = np.diff(np.append(first, len(opens_sample)))
-    if not len(sizes) or int(sizes.max()) <= limit:
-        return
-    i = int(np.argmax(sizes))
-    n, row = int(sizes[i]), int(first[i])
-    raise AggregationError(
-        f"user {int(users[row])}, window [{int(starts[row])}, {int(starts[row]) + window_ticks}) (dataset "
-        f"ticks): {n} exposures in one sample, above {limit} allowed without "
-        f"max_exposures_per_sample ({int((sizes > limit).sum())} such window(s) in this "
-        f"partition); set max_exposures_per_sample (e.g. max_exposures_per_sample=1024) to split "
-        f"busy windows into time-ordered samples, or max_exposures_per_sample={n} or more to "
-        "keep them whole"
-    )
-
-
 # -------------------------------------------------------------------- driver
 def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
@@ -532,8 +224,8 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
     """
     t0 = time.perf_counter()
     config.validate()  # fields may have been set after construction
-    out_fs, out_path = _output_location(raw, out)
-    _check_replaceable(out_fs, out_path, out)
+    out_fs, out_path = output_location(raw, out)
+    check_replaceable(out_fs, out_path, out)
     ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows, batch_rows=config.read_batch_rows)
     schema = ds.schema
     fp = fingerprint(ds, config)
@@ -557,7 +249,7 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
             fmt.STATS_FILE: json.dumps(stats.to_dict(), indent=2),
             fmt.SUCCESS_FILE: json.dumps(fmt.success_record(entries, **fp), indent=2),  # last
         }
-        _publish(out_fs, out_path, out, shards, texts)
+        publish(out_fs, out_path, out, shards, texts)
     return stats
 
 
@@ -572,7 +264,7 @@ def _route(ds: RawDataset, config: AggregationConfig, spill_dir: str) -> None:
 
         bar = tqdm(desc="aggregate: read", unit="row", unit_scale=True, file=sys.stderr, leave=False)
     for source, batches in sources:
-        router = _Router(spill_dir, source, config.num_partitions)
+        router = SpillRouter(spill_dir, source, config.num_partitions)
         try:
             for _, batch in batches:
                 router.add(batch)
@@ -598,7 +290,7 @@ def _check_unchanged(ds: RawDataset, config: AggregationConfig, fp: Dict[str, An
     )
 
 
-def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[_Task]:
+def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[PartitionTask]:
     shard_dir = os.path.join(tmp, "shards")
     os.makedirs(shard_dir)
     tps = schema.ticks_per_second
@@ -614,7 +306,7 @@ def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[_
             "arithmetic would overflow int64"
         )
     return [
-        _Task(
+        PartitionTask(
             spill_dir=os.path.join(tmp, "spill"),
             partition=k,
             schema=schema.to_dict(),
@@ -629,7 +321,7 @@ def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[_
     ]
 
 
-def _build(tasks: List[_Task], config: AggregationConfig) -> List[Dict[str, Any]]:
+def _build(tasks: List[PartitionTask], config: AggregationConfig) -> List[Dict[str, Any]]:
     """Pass 2: one shard per partition, in parallel."""
     p = len(tasks)
     results: List[Dict[str, Any]] = []
@@ -646,126 +338,6 @@ def _build(tasks: List[_Task], config: AggregationConfig) -> List[Dict[str, Any]
         for fut in _progress(cf.as_completed(futures), p, "aggregate: build", config.progress):
             results.append(fut.result())
     return results
-
-
-# -------------------------------------------------------------------- the output directory
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return isinstance(fs, fsspec.implementations.local.LocalFileSystem)
-
-
-def _resolve(url: str) -> Tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, normalised path): local paths absolute with symlinks and ``..`` resolved."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if _is_local(fs):
-        return fs, os.path.realpath(path)
-    return fs, posixpath.normpath(path.rstrip("/") or "/")
-
-
-def _within(child: str, parent: str) -> bool:
-    return child == parent or child.startswith(parent.rstrip("/") + "/")
-
-
-def _output_location(raw: str, out: str) -> Tuple[fsspec.AbstractFileSystem, str]:
-    """The output's (filesystem, path); refuses an output equal to, inside or above ``raw``."""
-    raw_fs, raw_path = _resolve(raw)
-    out_fs, out_path = _resolve(out)
-    if type(raw_fs) is type(out_fs) and (_within(out_path, raw_path) or _within(raw_path, out_path)):
-        how = (
-            "the same directory as"
-            if out_path == raw_path
-            else "inside"
-            if _within(out_path, raw_path)
-            else "a parent of"
-        )
-        raise AggregationError(
-            f"output directory {out} (--out) is {how} the raw dataset {raw} (--raw): writing "
-            "it would overwrite or delete raw files; choose an output outside the raw dataset"
-        )
-    parent = posixpath.dirname(out_path)
-    if not parent or parent == out_path:
-        raise AggregationError(f"output directory {out} (--out): needs a parent directory")
-    return out_fs, out_path
-
-
-def _check_replaceable(fs: fsspec.AbstractFileSystem, path: str, out: str) -> None:
-    """Refuses an existing ``path`` unless it is empty or an output of ours with only our files."""
-    if not fs.exists(path):
-        return
-    if not fs.isdir(path):
-        raise AggregationError(f"output directory {out} (--out): exists and is not a directory")
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
-    if not names:
-        return
-    if not fmt.is_own_marker(fmt.read_marker(fs, path)):
-        raise AggregationError(
-            f"output directory {out} (--out): not empty ({len(names)} entries, e.g. {names[:3]}) "
-            f"and no {fmt.SUCCESS_FILE} of mtfm_rec in it; refusing to delete or overwrite it: "
-            "pass a new or empty directory, or an earlier aggregation output"
-        )
-    foreign = [n for n in names if not any(fnmatch.fnmatch(n, g) for g in fmt.OWN_FILE_GLOBS)]
-    if foreign:
-        raise AggregationError(
-            f"output directory {out} (--out): an earlier aggregation output, but it also holds "
-            f"{foreign[:5]}, which an aggregation does not write; refusing to delete them: "
-            "move them away or pass another directory"
-        )
-
-
-def _publish(
-    fs: fsspec.AbstractFileSystem,
-    out_path: str,
-    out: str,
-    shards: List[Tuple[str, str]],
-    texts: Dict[str, str],
-) -> None:
-    """Writes the shards (local path, name) and then ``texts`` (name -> content, in order) into
-    a hidden sibling of ``out_path``, then moves it into place."""
-    parent, name = posixpath.split(out_path)
-    stage = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-    fs.makedirs(parent, exist_ok=True)
-    fs.makedirs(stage, exist_ok=False)
-    try:
-        for src, dst in shards:
-            fs.put_file(src, posixpath.join(stage, dst))
-        for dst, text in texts.items():
-            with fs.open(posixpath.join(stage, dst), "w") as fh:
-                fh.write(text)
-        _check_replaceable(fs, out_path, out)  # again: it may have changed during the build
-        _swap(fs, stage, out_path)
-    finally:
-        if fs.exists(stage):
-            fs.rm(stage, recursive=True)
-
-
-def _swap(fs: fsspec.AbstractFileSystem, stage: str, out_path: str) -> None:
-    """Moves the complete ``stage`` to ``out_path``, replacing what is there (checked: ours)."""
-    if _is_local(fs):
-        # Two renames: at every moment ``out_path`` is the old output, absent, or the new one;
-        # a crash in between leaves both, as hidden siblings (.<name>.old-*, .<name>.tmp-*).
-        old = f"{stage.rsplit('.tmp-', 1)[0]}.old-{uuid.uuid4().hex[:12]}"
-        if not os.path.isdir(out_path):
-            os.rename(stage, out_path)
-            return
-        os.rename(out_path, old)
-        try:
-            os.rename(stage, out_path)
-        except OSError:
-            os.rename(old, out_path)  # put the previous output back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
-    # Object stores have no directory rename: remove the old files but its marker, move the new
-    # files in, the new marker last (it overwrites the old one). Meanwhile the old marker's
-    # shard list does not match, which the loader and ensure_aggregated detect.
-    if fs.exists(out_path):
-        for p in fs.ls(out_path, detail=False):
-            if posixpath.basename(p.rstrip("/")) != fmt.SUCCESS_FILE:
-                fs.rm(p, recursive=True)
-    else:
-        fs.makedirs(out_path, exist_ok=True)
-    files = sorted(fs.ls(stage, detail=False), key=lambda p: posixpath.basename(p) == fmt.SUCCESS_FILE)
-    for p in files:
-        fs.mv(p, posixpath.join(out_path, posixpath.basename(p)))
 
 
 def _merge_stats(

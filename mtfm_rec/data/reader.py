@@ -17,6 +17,11 @@ Structural problems (layout, missing or repeated column, wrong type, unreadable 
 float32, label outside {0, 1}, a broken funnel, ``split`` outside {0, 1, 2}) raise too, unless
 ``skip_bad_rows`` is set: then the rows are dropped and counted per (file, column, rule) in a
 :class:`BadRows`.
+
+It stays one module (under 500 lines) because it is one concept, the checked reading of the raw
+contract. :class:`RawDataset` holds the layout check, the streaming and the row validation, which
+share its files and its bad-row count; the rule texts, the error type and the column helpers
+around it exist for it (the aggregation imports the column names and helpers from here).
 """
 
 from __future__ import annotations

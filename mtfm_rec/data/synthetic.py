@@ -24,6 +24,12 @@ Times are seconds from ``start_ts`` (midnight UTC), exposures on ``num_days`` da
 on ``history_days`` days before. ``dataset.yaml`` carries ``recommended_valid_after`` (start of the
 second-to-last day) and ``recommended_eval_after`` (start of the last day) as extra keys.
 Everything is drawn from one ``numpy`` generator seeded by ``seed``: same arguments, same bytes.
+
+It stays one module (about 740 lines): the config, the schema, the draws and the writers are one
+generative process. The draws run in one fixed order from that one generator (the order is the
+data), and the sizes the schema declares (catalogue shares, slates, vocabularies) are the ones
+the draws use, so a split would put the schema and the draws it describes, or consecutive draws,
+in different files.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
-from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
 
 
 def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:
@@ -49,6 +49,80 @@ def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:
     )
 
 
+# Every random sample's window is [_WINDOW, 2 * _WINDOW); history timestamps fall in [0, _WINDOW),
+# real-time ones in [_WINDOW // 2, 2 * _WINDOW) (overlapping both), exposures in the window.
+_WINDOW = 1000
+
+
+def _draw_times(rng: np.random.Generator, n: int, low: int, high: int, ts_pool: int) -> List[int]:
+    """``n`` sorted timestamps in [low, high); from ``ts_pool`` evenly spaced values when
+    ``ts_pool`` > 0 and the range is a real-time / exposure one (starts at ``_WINDOW // 2`` or later)."""
+    if ts_pool and low >= _WINDOW // 2:
+        pool = np.linspace(low, high - 1, ts_pool).astype(np.int64)
+        return sorted(rng.choice(pool, size=n).tolist())
+    return sorted(rng.integers(low, high, size=n).tolist())
+
+
+def _sequence_columns(
+    schema: DatasetSchema, batch_size: int, seq_len: Tuple[int, int], rng: np.random.Generator, ts_pool: int
+) -> Dict[str, List[Any]]:
+    """The action sequences' timestamp and feature columns (a sequence at a time, sample-major)."""
+    cols: Dict[str, List[Any]] = {}
+    for q in schema.sequences:
+        ts_col: List[Any] = []
+        feat_cols: Dict[str, List[Any]] = {f: [] for f in q.features}
+        for _ in range(batch_size):
+            n = int(rng.integers(seq_len[0], seq_len[1] + 1))
+            lo, hi = (0, _WINDOW) if q.is_history else (_WINDOW // 2, 2 * _WINDOW)
+            ts_col.append(_draw_times(rng, n, lo, hi, ts_pool))
+            for f, size in q.features.items():
+                feat_cols[f].append(rng.integers(0, size + 1, size=n).tolist())
+        cols[fmt.seq_ts(q.name)] = ts_col
+        for f in q.features:
+            cols[fmt.seq_feature(q.name, f)] = feat_cols[f]
+    return cols
+
+
+def _append_exposures(
+    per: Dict[str, List[Any]], s: ScenarioSpec, n: int, rng: np.random.Generator, ts_pool: int
+) -> None:
+    """Appends one sample's ``n`` random exposures of scenario ``s`` to the scenario's columns:
+    features, and funnel labels (each task needs the previous one) with 10% missing."""
+    per.setdefault(fmt.exp_ts(s.name), []).append(_draw_times(rng, n, _WINDOW, 2 * _WINDOW, ts_pool))
+    per.setdefault(fmt.exp_request_id(s.name), []).append([-1] * n)
+    per.setdefault(fmt.exp_split(s.name), []).append([-1] * n)
+    for g, c, size in s.categorical():
+        per.setdefault(fmt.exp_feature(s.name, g, c), []).append(rng.integers(0, size + 1, size=n).tolist())
+    for c in s.dense_features:
+        per.setdefault(fmt.exp_dense(s.name, c), []).append(rng.exponential(10.0, size=n).tolist())
+    funnel = np.cumprod(rng.random((n, len(s.tasks))) < 0.5, axis=1).astype(np.int64)
+    missing = rng.random((n, len(s.tasks))) < 0.1
+    funnel[missing] = fmt.MISSING_LABEL
+    for i, t in enumerate(s.tasks):
+        per.setdefault(fmt.exp_label(s.name, t), []).append(funnel[:, i].tolist())
+
+
+def _scenario_columns(
+    schema: DatasetSchema,
+    batch_size: int,
+    exposures: Tuple[int, int],
+    rng: np.random.Generator,
+    only_scenario: Optional[Dict[int, str]],
+    ts_pool: int,
+) -> Dict[str, List[Any]]:
+    """The exposure columns of every scenario (a scenario at a time, sample-major)."""
+    cols: Dict[str, List[Any]] = {}
+    for s in schema.scenarios:
+        per: Dict[str, List[Any]] = {}
+        for b in range(batch_size):
+            n = int(rng.integers(exposures[0], exposures[1] + 1))
+            if only_scenario is not None and b in only_scenario and only_scenario[b] != s.name:
+                n = 0
+            _append_exposures(per, s, n, rng, ts_pool)
+        cols.update(per)
+    return cols
+
+
 def random_table(
     schema: DatasetSchema,
     batch_size: int,
@@ -66,53 +140,15 @@ def random_table(
         ts_pool: if > 0, real-time and exposure timestamps are drawn from that many values
             (forces ties between R and T timestamps).
     """
+    # One generator drawn in a fixed order (sequences, then scenarios): a seed gives one table.
     rng = np.random.default_rng(seed)
-    window = 1000
-    cols: Dict[str, List] = {fmt.USER_ID: [], fmt.WINDOW_START: [], fmt.WINDOW_END: []}
-    for b in range(batch_size):
-        cols[fmt.USER_ID].append(b + 1)
-        cols[fmt.WINDOW_START].append(window)
-        cols[fmt.WINDOW_END].append(2 * window)
-
-    def times(n: int, low: int, high: int) -> List[int]:
-        if ts_pool and low >= window // 2:
-            pool = np.linspace(low, high - 1, ts_pool).astype(np.int64)
-            return sorted(rng.choice(pool, size=n).tolist())
-        return sorted(rng.integers(low, high, size=n).tolist())
-
-    for q in schema.sequences:
-        ts_col: List[Any] = []
-        feat_cols: Dict[str, List[Any]] = {f: [] for f in q.features}
-        for _ in range(batch_size):
-            n = int(rng.integers(seq_len[0], seq_len[1] + 1))
-            lo, hi = (0, window) if q.is_history else (window // 2, 2 * window)
-            ts_col.append(times(n, lo, hi))
-            for f, size in q.features.items():
-                feat_cols[f].append(rng.integers(0, size + 1, size=n).tolist())
-        cols[fmt.seq_ts(q.name)] = ts_col
-        for f in q.features:
-            cols[fmt.seq_feature(q.name, f)] = feat_cols[f]
-    for s in schema.scenarios:
-        per: Dict[str, List] = {}
-        for b in range(batch_size):
-            n = int(rng.integers(exposures[0], exposures[1] + 1))
-            if only_scenario is not None and b in only_scenario and only_scenario[b] != s.name:
-                n = 0
-            per.setdefault(fmt.exp_ts(s.name), []).append(times(n, window, 2 * window))
-            per.setdefault(fmt.exp_request_id(s.name), []).append([-1] * n)
-            per.setdefault(fmt.exp_split(s.name), []).append([-1] * n)
-            for g, c, size in s.categorical():
-                per.setdefault(fmt.exp_feature(s.name, g, c), []).append(
-                    rng.integers(0, size + 1, size=n).tolist()
-                )
-            for c in s.dense_features:
-                per.setdefault(fmt.exp_dense(s.name, c), []).append(rng.exponential(10.0, size=n).tolist())
-            funnel = np.cumprod(rng.random((n, len(s.tasks))) < 0.5, axis=1).astype(np.int64)
-            missing = rng.random((n, len(s.tasks))) < 0.1
-            funnel[missing] = fmt.MISSING_LABEL
-            for i, t in enumerate(s.tasks):
-                per.setdefault(fmt.exp_label(s.name, t), []).append(funnel[:, i].tolist())
-        cols.update(per)
+    cols: Dict[str, List[Any]] = {
+        fmt.USER_ID: [b + 1 for b in range(batch_size)],
+        fmt.WINDOW_START: [_WINDOW] * batch_size,
+        fmt.WINDOW_END: [2 * _WINDOW] * batch_size,
+    }
+    cols.update(_sequence_columns(schema, batch_size, seq_len, rng, ts_pool))
+    cols.update(_scenario_columns(schema, batch_size, exposures, rng, only_scenario, ts_pool))
     arrow = fmt.arrow_schema(schema)
     return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in arrow}, schema=arrow)
 

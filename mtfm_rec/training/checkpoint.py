@@ -29,23 +29,26 @@ target from the model as it is now sharded (any world size, any plan, or an unsh
 is all resharding needs. The loader positions and RNG states are per rank; how they map to a
 new world size is in :func:`default_reshard_rank_states` and :func:`load_checkpoint`.
 
-Requires a filesystem all ranks see (``root`` on a shared mount, or a single host).
+Requires a filesystem all ranks see (``root`` on a shared mount, or a single host). What a
+checkpoint leaves on disk (layout, manifest, verification, pruning, the errors) is
+``mtfm_rec.training.checkpoint_files``; this module moves the state in and out.
+
+Why one module of ~630 lines: saving and loading are inverses over one format
+(``FORMAT_VERSION``: which state goes to DCP, which to the side files, how rank states reshard),
+and the manager is their policy (keep last K and the best); split, a format change would have to
+be made in step across files.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import io
 import json
 import logging
 import math
 import os
-import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -58,8 +61,26 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mtfm_rec.training.checkpoint_files import (
+    COMPLETE,
+    MANIFEST_VERSION,
+    CheckpointWriteError,
+    checkpoint_path,
+    digest_files,
+    fsync_dir,
+    is_complete,
+    latest_checkpoint,
+    list_checkpoints,
+    manifest_files,
+    own_dcp_files,
+    prune_checkpoints,
+    require_verified,
+    select_checkpoint,
+    write_bytes,
+    write_error,
+    write_json,
+)
 from mtfm_rec.training.distributed import (
-    all_gather,
     barrier,
     broadcast_from_rank0,
     gather_to_rank0,
@@ -70,12 +91,7 @@ from mtfm_rec.training.rng import get_rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 FORMAT_VERSION = 1
-MANIFEST_VERSION = 1
-_HASH_CHUNK = 16 << 20  # bytes read per hashlib update (which releases the GIL)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 RankStates = List[Optional[Dict[str, Any]]]
 ReshardFn = Callable[[RankStates, int], RankStates]
@@ -98,35 +114,6 @@ class CheckpointState:
     metadata: Dict[str, Any] = field(default_factory=dict)
     rank_state: Optional[Dict[str, Any]] = None
     saved_world_size: int = 1
-
-
-class CheckpointError(RuntimeError):
-    """Base of the errors this module raises about a checkpoint's files."""
-
-
-class CheckpointCorruptError(CheckpointError):
-    """A checkpoint (or every checkpoint of a root) failed verification against its manifest.
-
-    Attributes:
-        problems: checkpoint path -> what is wrong with it, one line per file.
-    """
-
-    def __init__(self, message: str, problems: Dict[str, List[str]]) -> None:
-        super().__init__(message)
-        self.problems = problems
-
-
-class CheckpointWriteError(CheckpointError):
-    """A checkpoint could not be written; the partial files were removed.
-
-    Attributes:
-        path: the checkpoint that was not written.
-        errno: the OS error number behind it (``errno.ENOSPC`` for a full disk), or None.
-    """
-
-    def __init__(self, message: str, path: str, errno_: Optional[int]) -> None:
-        super().__init__(message)
-        self.path, self.errno = path, errno_
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -190,280 +177,44 @@ def _optim_state(model: torch.nn.Module, optimizer: Any) -> Dict[str, Any]:
     return optimizer.state_dict() if _is_keyed(optimizer) else get_optimizer_state_dict(model, optimizer)
 
 
-# ---------------------------------------------------------------------------- layout
-def checkpoint_path(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step}")
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE))
-
-
-def list_checkpoints(root: str) -> List[Tuple[int, str]]:
-    """Complete checkpoints under ``root`` as (step, path), oldest first."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        path = os.path.join(root, name)
-        if m and is_complete(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint under ``root``, or None (``.tmp`` and incomplete ignored)."""
-    found = list_checkpoints(root)
-    return found[-1][1] if found else None
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` atomically (a temporary file, fsynced, renamed over it)."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):  # a full disk must not keep the half-written file
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path: str, obj: Any) -> None:
-    _write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------- manifest
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _digest_files(directory: str, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """name -> {"size", "sha256"} of files in ``directory``, hashed on a few threads."""
-
-    def one(name: str) -> Dict[str, Any]:
-        path = os.path.join(directory, name)
-        return {"size": os.path.getsize(path), "sha256": _sha256(path)}
-
-    with ThreadPoolExecutor(max_workers=max(1, min(4, len(names)))) as pool:
-        return dict(zip(names, pool.map(one, names)))
-
-
-def _own_dcp_files(directory: str, rank: int) -> List[str]:
-    """The DCP data files rank ``rank`` wrote (DCP names them ``__<rank>_<i>.distcp``)."""
-    own = re.compile(rf"^__{rank}_\d+\.distcp$")
-    return sorted(n for n in os.listdir(directory) if own.match(n))
-
-
-def _manifest_files(directory: str) -> List[str]:
-    """Every file of a checkpoint directory but the manifest itself."""
-    return sorted(
-        n
-        for n in os.listdir(directory)
-        if not n.startswith(COMPLETE) and os.path.isfile(os.path.join(directory, n))
-    )
-
-
-def read_manifest(path: str) -> Optional[Dict[str, Any]]:
-    """The manifest in a checkpoint's ``COMPLETE`` ({"manifest_version", "step", "files":
-    {name: {"size", "sha256"}}}), or None for a checkpoint written before manifests existed
-    (``COMPLETE`` holds only the step).
-
-    Raises:
-        CheckpointError: ``COMPLETE`` is missing or is neither a manifest nor a bare step.
-    """
-    marker = os.path.join(path, COMPLETE)
-    try:
-        with open(marker) as fh:
-            text = fh.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"{COMPLETE}: missing (not a complete checkpoint)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{COMPLETE}: manifest unreadable ({exc})") from None
-    if re.fullmatch(r"\s*\d+\s*", text):
-        return None
-    try:
-        manifest = json.loads(text)
-    except ValueError as exc:
-        raise CheckpointError(f"{COMPLETE}: manifest unreadable (not JSON: {exc})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
-        for v in files.values()
-    ):
-        raise CheckpointError(f'{COMPLETE}: manifest unreadable (no "files" with a size and sha256 each)')
-    return manifest
-
-
-def _check_file(directory: str, name: str, expected: Mapping[str, Any]) -> Optional[str]:
-    """What is wrong with one file against its manifest entry, or None."""
-    path = os.path.join(directory, name)
-    try:
-        size = os.path.getsize(path)
-        if size != expected["size"]:
-            return f"{name}: size differs (manifest {expected['size']} bytes, on disk {size})"
-        digest = _sha256(path)
-    except FileNotFoundError:
-        return f"{name}: missing"
-    except OSError as exc:
-        return f"{name}: unreadable ({exc})"
-    if digest != expected["sha256"]:
-        return (
-            f"{name}: checksum differs (sha256 in the manifest {expected['sha256'][:16]}...,"
-            f" on disk {digest[:16]}...)"
-        )
-    return None
-
-
-def verify_checkpoint(path: str, process_group: Optional[dist.ProcessGroup] = None) -> List[str]:
-    """Checks every file of a checkpoint against its manifest; collective over the group.
-
-    Each rank checks a share of the files (the largest files spread first), and the problems
-    are gathered, so every rank returns the same list. A checkpoint without a manifest (written
-    before manifests existed) is accepted with a logged warning.
-
-    Returns:
-        One line per problem (``"<file>: missing"``, ``"...: size differs (...)"``,
-        ``"...: checksum differs (...)"``, ``"COMPLETE: manifest unreadable (...)"``); empty if
-        the checkpoint verifies.
-    """
-    rank, world = get_rank(process_group), get_world_size(process_group)
-    mine: List[str] = []
-    legacy = False
-    try:
-        manifest = read_manifest(path)
-    except CheckpointError as exc:
-        mine.append(str(exc))
-    else:
-        legacy = manifest is None
-        files = (manifest or {}).get("files", {})
-        by_size = sorted(files, key=lambda n: (-files[n]["size"], n))
-        mine += [p for p in (_check_file(path, n, files[n]) for n in by_size[rank::world]) if p]
-        name = re.match(_STEP_DIR, os.path.basename(os.path.normpath(path)))
-        if rank == 0 and manifest is not None and name and manifest.get("step") != int(name.group(1)):
-            mine.append(f"{COMPLETE}: the manifest is of step {manifest.get('step')}, not {name.group(1)}")
-    problems = sorted({p for part in all_gather(mine, process_group) for p in part})
-    if legacy and not problems and rank == 0:
-        logger.warning(
-            "%s has no manifest (written before checkpoints were checksummed): loading it unverified", path
-        )
-    return problems
-
-
-def _require_verified(path: str, process_group: Optional[dist.ProcessGroup]) -> None:
-    """Raises :class:`CheckpointCorruptError` unless ``path`` verifies; collective."""
-    problems = verify_checkpoint(path, process_group)
-    if problems:
-        raise CheckpointCorruptError(
-            f"{path} fails verification against its manifest, so it is not loaded: "
-            f"{'; '.join(problems)}. Restore the files, or resume from an older checkpoint "
-            "(train.resume=auto takes the newest one that verifies).",
-            {path: problems},
-        )
-
-
-def _set_aside(path: str) -> str:
-    """Renames a damaged checkpoint to ``step_<N>.damaged[.k]``, which nothing lists or prunes."""
-    target, k = f"{path}.damaged", 1
-    while os.path.exists(target):
-        target, k = f"{path}.damaged.{k}", k + 1
-    os.rename(path, target)
-    return target
-
-
-def select_checkpoint(root: str, process_group: Optional[dist.ProcessGroup] = None) -> Optional[str]:
-    """The newest complete checkpoint under ``root`` that verifies; collective over the group.
-
-    Newer checkpoints that fail are logged (each file and what is wrong) and set aside as
-    ``step_<N>.damaged`` (rank 0), so that neither the latest checkpoint nor pruning counts
-    them; their files are kept.
-
-    Returns:
-        The checkpoint path, or None if ``root`` holds no complete checkpoint.
-
-    Raises:
-        CheckpointCorruptError: ``root`` has complete checkpoints and none verifies (a run is
-            never silently restarted from step 0).
-    """
-    rank = get_rank(process_group)
-    found = broadcast_from_rank0(list_checkpoints(root) if rank == 0 else None, process_group)
-    failed: Dict[str, List[str]] = {}
-    for _, path in reversed(found):
-        problems = verify_checkpoint(path, process_group)
-        if not problems:
-            break
-        failed[path] = problems
-        if rank == 0:
-            logger.warning("checkpoint %s fails verification, skipped: %s", path, "; ".join(problems))
-    else:
-        if not failed:
-            return None
-        lines = "; ".join(f"{os.path.basename(p)}: {', '.join(v)}" for p, v in failed.items())
-        raise CheckpointCorruptError(
-            f"no checkpoint under {root} verifies against its manifest, so the run cannot resume "
-            f"(and is not restarted from step 0): {lines}. Restore the files, or start over with "
-            "train.resume=never or a new train.run_dir.",
-            failed,
-        )
-    if rank == 0:
-        for bad in failed:
-            try:  # a convenience only: a damaged checkpoint fails verification again next time
-                logger.warning("damaged checkpoint %s set aside as %s", bad, _set_aside(bad))
-            except OSError as exc:  # raising here would leave the other ranks in the barrier
-                logger.warning("damaged checkpoint %s could not be set aside (%s); it is skipped", bad, exc)
-    barrier(process_group)
-    return path
-
-
-def prune_checkpoints(root: str, keep_last: int, keep: Sequence[str] = ()) -> List[str]:
-    """Deletes complete checkpoints but the newest ``keep_last`` and those in ``keep``, and any
-    ``.tmp`` or incomplete directory older than the newest complete checkpoint.
-
-    Returns:
-        The deleted paths. Call on one rank only.
-    """
-    found = list_checkpoints(root)
-    if not found:
-        return []
-    protect = {os.path.abspath(p) for p in keep}
-    protect |= {os.path.abspath(p) for _, p in (found[-keep_last:] if keep_last > 0 else [])}
-    newest = found[-1][0]
-    deleted = []
-    for name in os.listdir(root):
-        path = os.path.join(root, name)
-        m = re.match(r"^step_(\d+)(\.tmp)?$", name)
-        if not m or os.path.abspath(path) in protect:
-            continue
-        stale = int(m.group(1)) < newest and (m.group(2) or not is_complete(path))
-        if (is_complete(path) and not m.group(2)) or stale:
-            shutil.rmtree(path, ignore_errors=True)
-            deleted.append(path)
-            logger.info("pruned checkpoint %s", path)
-    return deleted
-
-
 # ---------------------------------------------------------------------------- save / load
+def _save_tensors(
+    root: str,
+    final: str,
+    tmp: str,
+    model: torch.nn.Module,
+    optimizer: Optional[Any],
+    process_group: Optional[dist.ProcessGroup],
+) -> None:
+    """Every rank's shards of the model (and optimizer) state into ``tmp`` with DCP; a failure
+    (raised on every rank alike) removes ``tmp`` and becomes a :class:`CheckpointWriteError`."""
+    state: Dict[str, Any] = {"model": _model_state(model)}
+    if optimizer is not None:
+        state["optim"] = _optim_state(model, optimizer)
+    try:
+        dcp.save(
+            state,
+            storage_writer=dcp.FileSystemWriter(tmp),
+            process_group=process_group,
+            no_dist=_dcp_no_dist(process_group),
+        )
+    except (Exception, CheckpointException) as exc:  # DCP raises on every rank alike
+        if get_rank(process_group) == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, root, exc) from exc
+
+
+def _hash_own_files(tmp: str, rank: int) -> Dict[str, Any]:
+    """The manifest entries of the DCP files this rank wrote, or the error that stopped it (raised
+    by rank 0 once gathered, so that all ranks fail together)."""
+    hashed: Dict[str, Any] = {"files": {}, "error": None}
+    try:
+        hashed["files"] = digest_files(tmp, own_dcp_files(tmp, rank))
+    except OSError as exc:
+        hashed["error"] = exc
+    return hashed
+
+
 def save_checkpoint(
     root: str,
     step: int,
@@ -509,26 +260,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step
     barrier(process_group)
 
-    state: Dict[str, Any] = {"model": _model_state(model)}
-    if optimizer is not None:
-        state["optim"] = _optim_state(model, optimizer)
-    try:
-        dcp.save(
-            state,
-            storage_writer=dcp.FileSystemWriter(tmp),
-            process_group=process_group,
-            no_dist=_dcp_no_dist(process_group),
-        )
-    except (Exception, CheckpointException) as exc:  # DCP raises on every rank alike
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise _write_error(final, root, exc) from exc
-    # Each rank hashes the files it wrote: in parallel, and still in its page cache.
-    hashed: Dict[str, Any] = {"files": {}, "error": None}
-    try:
-        hashed["files"] = _digest_files(tmp, _own_dcp_files(tmp, rank))
-    except OSError as exc:
-        hashed["error"] = exc
+    _save_tensors(root, final, tmp, model, optimizer, process_group)
+    hashed = _hash_own_files(tmp, rank)  # in parallel, and still in this rank's page cache
     gathered = gather_to_rank0({"rank_state": rank_state, "rng": get_rng_state(), **hashed}, process_group)
 
     def finish() -> None:
@@ -537,7 +270,7 @@ def save_checkpoint(
         if keep_last is not None:
             prune_checkpoints(root, keep_last, keep)
 
-    _on_rank0(finish, process_group, lambda exc: _write_error(final, root, exc))
+    _on_rank0(finish, process_group, lambda exc: write_error(final, root, exc))
     return final
 
 
@@ -558,14 +291,14 @@ def _finish_save(
             if part["error"] is not None:
                 raise part["error"]
         world = len(gathered)
-        _write_json(
+        write_json(
             os.path.join(tmp, "ranks.json"),
             {"world_size": world, "states": [g["rank_state"] for g in gathered]},
         )
         buffer = io.BytesIO()
         torch.save([g["rng"] for g in gathered], buffer)
-        _write_bytes(os.path.join(tmp, "rng.pt"), buffer.getvalue())
-        _write_json(
+        write_bytes(os.path.join(tmp, "rng.pt"), buffer.getvalue())
+        write_json(
             os.path.join(tmp, "meta.json"),
             {
                 "format_version": FORMAT_VERSION,
@@ -578,72 +311,20 @@ def _finish_save(
         files: Dict[str, Any] = {}
         for part in gathered:
             files.update(part["files"])
-        files.update(_digest_files(tmp, [n for n in _manifest_files(tmp) if n not in files]))
+        files.update(digest_files(tmp, [n for n in manifest_files(tmp) if n not in files]))
         if os.path.exists(final):  # re-saving a step: the new one replaces it
             shutil.rmtree(final)
         os.rename(tmp, final)
         renamed = True
-        _fsync_dir(root)
+        fsync_dir(root)
         manifest = {"manifest_version": MANIFEST_VERSION, "step": int(step), "files": files}
-        _write_json(os.path.join(final, COMPLETE), manifest)  # atomic: the commit point
-        _fsync_dir(final)
+        write_json(os.path.join(final, COMPLETE), manifest)  # atomic: the commit point
+        fsync_dir(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if renamed and not is_complete(final):
             shutil.rmtree(final, ignore_errors=True)
         raise
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The first OSError behind ``exc`` (through causes and DCP's per-rank failures), else the
-    first per-rank failure, else ``exc``."""
-    seen: Set[int] = set()
-    todo: List[Optional[BaseException]] = [exc]  # a cause or context may be None
-    inner: Optional[BaseException] = None
-    while todo:
-        e = todo.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError):
-            return e
-        if isinstance(e, CheckpointException):
-            failures = [f[0] for f in e.failures.values()]
-            inner = inner or (failures[0] if failures else None)
-            todo += failures
-        todo += [e.__cause__, e.__context__]
-    return inner or exc
-
-
-def _errno(exc: BaseException) -> Optional[int]:
-    if not isinstance(exc, OSError):
-        return None
-    if exc.errno is None and len(exc.args) == 1 and isinstance(exc.args[0], int):
-        return exc.args[0]  # OSError(errno.ENOSPC): the code alone, not unpacked into errno
-    return exc.errno
-
-
-def _write_error(final: str, root: str, exc: BaseException, what: str = "checkpoint") -> CheckpointWriteError:
-    """The error every rank raises when checkpoint ``final`` (or another file under ``root``)
-    could not be written."""
-    cause = _root_cause(exc)
-    code = _errno(cause)
-    newest = latest_checkpoint(root)
-    kept = f"earlier checkpoints are intact (newest: {newest})" if newest else "no earlier checkpoint exists"
-    if code in _DISK_FULL:
-        try:
-            free = f"{shutil.disk_usage(root).free} bytes free under {root}"
-        except OSError:
-            free = f"free space under {root} unknown"
-        reason = f"the disk is full ({os.strerror(code)}; {free})"
-        hint = " Free space (or lower train.keep_checkpoints), then resume."
-    else:
-        reason, hint = f"{type(cause).__name__}: {cause}", ""
-    return CheckpointWriteError(
-        f"{what} {final} was not written: {reason}. Its partial files were removed and {kept}.{hint}",
-        final,
-        code,
-    )
 
 
 def _on_rank0(
@@ -692,6 +373,50 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
         return json.load(fh)
 
 
+def _load_tensors(
+    path: str,
+    info: Mapping[str, Any],
+    model: torch.nn.Module,
+    optimizer: Optional[Any],
+    process_group: Optional[dist.ProcessGroup],
+) -> None:
+    """DCP reads the model (and optimizer) state into the current sharding, in place."""
+    state: Dict[str, Any] = {"model": _model_state(model)}
+    if optimizer is not None:
+        if not info.get("has_optimizer", True):
+            raise ValueError(f"{path}: saved without optimizer state")
+        if _is_keyed(optimizer):
+            _init_keyed_optimizer_state(optimizer)
+        state["optim"] = _optim_state(model, optimizer)
+    dcp.load(
+        state,
+        storage_reader=dcp.FileSystemReader(path),
+        process_group=process_group,
+        no_dist=_dcp_no_dist(process_group),
+    )
+    if _is_dmp(model):
+        # In place already for sharded tables; load_state_dict also covers dense tensors
+        # that DMP's state_dict returns as copies.
+        model.load_state_dict(state["model"])
+    else:
+        set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        if _is_keyed(optimizer):
+            optimizer.load_state_dict(state["optim"])
+        else:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
+def _restore_rng(path: str, step: int, rank: int) -> None:
+    """Saved rank ``rank``'s RNG states; a rank beyond the saved world size gets a seed of
+    ``(step, rank)``."""
+    rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
+    if rank < len(rng):
+        set_rng_state(rng[rank])
+    else:
+        seed_everything(step * 1_000_003 + rank)
+
+
 def load_checkpoint(
     path: str,
     model: Optional[torch.nn.Module] = None,
@@ -732,44 +457,16 @@ def load_checkpoint(
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     if verify:
-        _require_verified(path, process_group)
+        require_verified(path, process_group)
     info = read_checkpoint_info(path)
     if model is not None:
-        state: Dict[str, Any] = {"model": _model_state(model)}
-        if optimizer is not None:
-            if not info.get("has_optimizer", True):
-                raise ValueError(f"{path}: saved without optimizer state")
-            if _is_keyed(optimizer):
-                _init_keyed_optimizer_state(optimizer)
-            state["optim"] = _optim_state(model, optimizer)
-        dcp.load(
-            state,
-            storage_reader=dcp.FileSystemReader(path),
-            process_group=process_group,
-            no_dist=_dcp_no_dist(process_group),
-        )
-        if _is_dmp(model):
-            # In place already for sharded tables; load_state_dict also covers dense tensors
-            # that DMP's state_dict returns as copies.
-            model.load_state_dict(state["model"])
-        else:
-            set_model_state_dict(model, state["model"])
-        if optimizer is not None:
-            if _is_keyed(optimizer):
-                optimizer.load_state_dict(state["optim"])
-            else:
-                set_optimizer_state_dict(model, optimizer, state["optim"])
-
+        _load_tensors(path, info, model, optimizer, process_group)
     rank, world = get_rank(process_group), get_world_size(process_group)
     with open(os.path.join(path, "ranks.json")) as fh:
         saved_states: RankStates = json.load(fh)["states"]
     new_states = reshard_rank_states(saved_states, world)
     if restore_rng:
-        rng = torch.load(os.path.join(path, "rng.pt"), weights_only=True)
-        if rank < len(rng):
-            set_rng_state(rng[rank])
-        else:
-            seed_everything(int(info["step"]) * 1_000_003 + rank)
+        _restore_rng(path, int(info["step"]), rank)
     return CheckpointState(
         path=path,
         step=int(info["step"]),
@@ -834,7 +531,7 @@ class CheckpointManager:
         elif not is_complete(resume):
             raise FileNotFoundError(f"{resume}: not a complete checkpoint (no {COMPLETE} marker)")
         else:
-            _require_verified(resume, process_group)
+            require_verified(resume, process_group)
             path = resume
         if path is not None:
             step = int(read_checkpoint_info(path)["step"])
@@ -842,7 +539,7 @@ class CheckpointManager:
             _on_rank0(
                 lambda: self._rewind_best(step),
                 process_group,
-                lambda e: _write_error(best_file, self.root, e, "the record"),
+                lambda e: write_error(best_file, self.root, e, "the record"),
             )
         return path
 
@@ -875,7 +572,7 @@ class CheckpointManager:
         if best is None:
             os.remove(path)
         else:
-            _write_json(path, best)
+            write_json(path, best)
         logger.warning(
             "%s: step %s is after the resumed step %d; best is now %s",
             path,
@@ -926,7 +623,7 @@ class CheckpointManager:
                     "metric": self.best_metric,
                     "value": metric_value,
                 }
-                _write_json(os.path.join(self.root, "BEST"), best)
+                write_json(os.path.join(self.root, "BEST"), best)
                 best["path"] = path
             if self.keep_last > 0:
                 prune_checkpoints(self.root, self.keep_last, [best["path"]] if best else [])
@@ -936,6 +633,6 @@ class CheckpointManager:
         _on_rank0(
             record_best_and_prune,
             process_group,
-            lambda e: _write_error(best_file, self.root, e, "the record"),
+            lambda e: write_error(best_file, self.root, e, "the record"),
         )
         return path

@@ -22,8 +22,8 @@ DEVICES: Tuple[str, ...] = typing.get_args(Device)
 DIST_BACKENDS: Tuple[str, ...] = typing.get_args(DistBackend)
 EARLY_STOPPING_METRICS: Tuple[str, ...] = typing.get_args(EarlyStoppingMetric)
 RESUME_MODES = ("auto", "never")  # or a checkpoint path: not a Literal
-# Splits train.eval_splits may name: the loader's splits (mtfm_rec.data.loader.SPLITS, kept
-# equal by a test; not imported so that loading a config needs no torch).
+# Splits train.eval_splits may name: the loader's splits (mtfm_rec.data.splits.SPLITS, kept
+# equal by a test; not imported so that loading a config needs no pyarrow).
 EVAL_SPLITS = ("train", "valid", "test", "all")
 
 

@@ -1,4 +1,5 @@
-"""Training throughput: the counters of one log window and the totals of a run.
+"""Training throughput: the counters of one log window, the totals of a run, and what MFU and
+the memory report need (the model FLOPs of a batch, the machine's matmul peak, peak memory).
 
 The trainer adds every step's loss, samples and model FLOPs to the window on the device (no
 host sync); at a log step :meth:`ThroughputWindow.close` does the window's one all-reduce (loss,
@@ -9,12 +10,19 @@ window. Validation time is counted apart, so samples/s and MFU are those of trai
 from __future__ import annotations
 
 import math
+import resource
 import time
 from dataclasses import dataclass
-from typing import Dict
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from mtfm_rec.bench.peak import trainer_peak_gflops
+from mtfm_rec.data.batch import Batch
+from mtfm_rec.model.flops import model_flops
+from mtfm_rec.model.mtfm import MTFM
 
 
 def utilisation(flops: float, seconds: float, peak_gflops: float) -> Dict[str, float]:
@@ -127,3 +135,45 @@ class ThroughputWindow:
         if "model_gflops_per_s" in out:
             out.update(model_tflops=self.run_flops / 1e12, peak_gflops=peak_gflops)
         return out
+
+
+def flop_counter(model: nn.Module) -> Optional[Callable[[Batch], float]]:
+    """Training-step FLOPs of a host batch (``mtfm_rec.model.flops``) for an MTFM model; None
+    for another model, whose FLOPs are unknown (no ``perf/mfu`` rather than a wrong one)."""
+    if not isinstance(model, MTFM):
+        return None
+    config, schema = model.config, model.schema
+
+    def count(batch: Batch) -> float:
+        if batch.token_ts.device.type != "cpu":  # reading the mask's values would sync
+            return math.nan
+        return float(model_flops(config, schema, batch).train_step)
+
+    return count
+
+
+def global_peak_gflops(
+    device: torch.device, world_size: int, configured: float, bf16: bool
+) -> Tuple[float, float]:
+    """(the matmul peak of all ranks together in GFLOP/s, seconds spent measuring): ``configured``
+    x ranks when set (> 0), else the sum of each rank's measurement (``mtfm_rec.bench.peak``;
+    once per process, all ranks at once; collective)."""
+    if configured > 0:
+        return configured * world_size, 0.0
+    start = time.perf_counter()
+    total = torch.tensor(trainer_peak_gflops(device, bf16), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total), time.perf_counter() - start
+
+
+def peak_memory(device: torch.device) -> Dict[str, float]:
+    """Peak host RSS (and device memory on GPUs) in GiB, the maximum over ranks (collective)."""
+    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]  # KiB on Linux
+    if device.type == "cuda":
+        values.append(torch.cuda.max_memory_allocated(device) / 2**30)
+    peak = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    out = {"peak_host_rss_gb": float(peak[0])}
+    if len(values) > 1:
+        out["peak_device_memory_gb"] = float(peak[1])
+    return out

@@ -20,6 +20,11 @@ Nothing wrong is kept silently: a non-finite training loss, seen at a read-back 
 or validated on raises :class:`EmptySplitError` with the boundaries and the data's time range;
 one ``run_dir`` serves one job at a time (:mod:`mtfm_rec.training.run_lock`).
 docs/TRAINING.md ("Errors") lists every error.
+
+Why one module of ~800 lines: the :class:`Trainer` is one object, a run's lifecycle (build,
+fit, validate, checkpoint and resume, close) over state its methods share (model, optimizer,
+pipeline, loader positions, counters); every part that stands on its own lives beside it
+(``run_checks``, ``throughput``, ``checkpoint``, ``distributed``, ``optimizers``, ``rng``).
 """
 
 from __future__ import annotations
@@ -52,39 +57,38 @@ from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm.auto import tqdm
 
-from mtfm_rec.bench.peak import trainer_peak_gflops
 from mtfm_rec.config import Config, ConfigError
-from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.aggregate import ensure_aggregated
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.config import check_split_boundaries
-from mtfm_rec.data.loader import ResumableLoader, exposure_split
+from mtfm_rec.data.loader import ResumableLoader
 from mtfm_rec.data.schema import DatasetSchema
-from mtfm_rec.model.flops import model_flops
 from mtfm_rec.model.mtfm import MTFM
-from mtfm_rec.training.checkpoint import (
-    CheckpointManager,
-    is_complete,
-    load_checkpoint,
-    read_checkpoint_info,
-)
-from mtfm_rec.training.config import RESUME_MODES
+from mtfm_rec.training.checkpoint import CheckpointManager, load_checkpoint, read_checkpoint_info
 from mtfm_rec.training.distributed import DistInfo, init_distributed
 from mtfm_rec.training.logger import RunLogger, plot_curves
 from mtfm_rec.training.metrics import MetricAccumulator, NonFiniteError
 from mtfm_rec.training.optimizers import make_optimizer
 from mtfm_rec.training.rng import seed_everything
+from mtfm_rec.training.run_checks import (
+    EmptySplitError,
+    check_start,
+    describe_time_range,
+    filled_note,
+    split_rule,
+)
 from mtfm_rec.training.run_lock import RunDirLockedError, RunLock
 from mtfm_rec.training.schedule import LRSchedule
 from mtfm_rec.training.sharding import copy_full_state, describe_plan, shard_model
-from mtfm_rec.training.throughput import ThroughputWindow, WindowStats
+from mtfm_rec.training.throughput import (
+    ThroughputWindow,
+    WindowStats,
+    flop_counter,
+    global_peak_gflops,
+    peak_memory,
+)
 
 Metrics = Dict[str, Dict[str, float]]  # "<scenario>/<task>" -> {"auc", "gauc", "logloss", "count"}
-
-
-class EmptySplitError(ValueError):
-    """A split that ``fit`` needs (train; valid when validating) has no batches or no labelled
-    exposures; the message gives the split boundaries and the data's time range."""
 
 
 class Loader(Protocol):
@@ -104,104 +108,6 @@ LoaderFn = Callable[[str], Loader]  # split name -> this rank's loader of that s
 def log0(info: DistInfo, *parts: Any) -> None:
     if info.is_main:
         print("[train]", *parts, flush=True)
-
-
-def check_start(config: Config) -> None:
-    """Refuses a run that cannot start, before any process group or file is touched.
-
-    Raises:
-        ConfigError: ``train.run_dir`` is an existing file; ``train.device=cuda`` without a
-            visible GPU; ``train.resume`` is a path that is not a complete checkpoint.
-    """
-    tcfg = config.train
-    if os.path.exists(tcfg.run_dir) and not os.path.isdir(tcfg.run_dir):
-        raise ConfigError(
-            f"train.run_dir={tcfg.run_dir!r} is an existing file, not a directory: "
-            "pass a directory (created if missing)"
-        )
-    if tcfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "train.device=cuda but PyTorch sees no GPU (torch.cuda.is_available() is False): "
-            "use train.device=auto or train.device=cpu"
-        )
-    if tcfg.resume not in RESUME_MODES:
-        if not is_complete(tcfg.resume):
-            exists = os.path.isdir(tcfg.resume)
-            why = "is not a complete checkpoint (no COMPLETE marker)" if exists else "does not exist"
-            raise ConfigError(
-                f"train.resume={tcfg.resume!r} {why}: pass a checkpoint directory "
-                "(<run_dir>/checkpoints/step_<N>), auto (the newest in train.run_dir) or never"
-            )
-
-
-def _filled_note(filled: List[str]) -> str:
-    """Where split boundaries the user did not set came from, for error messages."""
-    return "".join(f" (data.{key} is the dataset's recommended_{key})" for key in filled)
-
-
-def split_rule(split: str, eval_after: Optional[int], valid_after: Optional[int]) -> str:
-    """The time rule of ``split`` in words (``mtfm_rec.data.loader.exposure_split``)."""
-    if split == "train":
-        first = valid_after if valid_after is not None else eval_after
-        return "train is every exposure" if first is None else f"train is ts < {first}"
-    if split == "valid":
-        if valid_after is None:
-            return "valid by time is empty: data.valid_after is unset"
-        return f"valid is {valid_after} <= ts" + (f" < {eval_after}" if eval_after is not None else "")
-    if split == "test":
-        if eval_after is None:
-            return "test by time is empty: data.eval_after is unset"
-        return f"test is ts >= {eval_after}"
-    return "all is every exposure"
-
-
-def describe_time_range(
-    dataset_dir: str, schema: DatasetSchema, eval_after: Optional[int], valid_after: Optional[int]
-) -> str:
-    """The exposures' ts range of an aggregated dataset and how the boundaries split them.
-
-    Reads only the ``exp/<s>/ts`` and ``exp/<s>/split`` columns of every shard: meant for the
-    message of an error, not for the training path.
-    """
-    import fsspec
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    fs, root = fsspec.core.url_to_fs(dataset_dir)
-    columns = [c for s in schema.scenarios for c in (fmt.exp_ts(s.name), fmt.exp_split(s.name))]
-    lo, hi, explicit = None, None, 0
-    counts = np.zeros(3, np.int64)  # train, valid, test
-    for path in sorted(fs.glob(f"{root.rstrip('/')}/{fmt.SHARD_GLOB}")):
-        with fs.open(path, "rb") as fh:
-            table = pq.read_table(fh, columns=columns)
-        for s in schema.scenarios:
-            ts = (
-                pc.list_flatten(table.column(fmt.exp_ts(s.name)))
-                .to_numpy(zero_copy_only=False)
-                .astype(np.int64)
-            )
-            if not len(ts):
-                continue
-            raw = (
-                pc.list_flatten(table.column(fmt.exp_split(s.name)))
-                .to_numpy(zero_copy_only=False)
-                .astype(np.int8)
-            )
-            lo = int(ts.min()) if lo is None else min(lo, int(ts.min()))
-            hi = int(ts.max()) if hi is None else max(hi, int(ts.max()))
-            counts += np.bincount(exposure_split(ts, raw, eval_after, valid_after), minlength=3)[:3]
-            explicit += int((raw >= 0).sum())
-    if lo is None or hi is None:
-        return f"the aggregated data ({dataset_dir}) has no exposures"
-    year = 1970 + hi / schema.ticks_per_second / 31_556_952
-    unit = f"in {schema.time_unit} by dataset.yaml"
-    if year > 2200:  # e.g. milliseconds declared as seconds
-        unit += f", which puts them in the year {year:.0f}: are they in a finer unit than {schema.time_unit}?"
-    by_column = f" ({explicit} of them by the split column)" if explicit else ""
-    return (
-        f"the aggregated exposures' ts run from {lo} to {hi} ({unit}); these boundaries split them into "
-        f"train {counts[0]}, valid {counts[1]}, test {counts[2]}{by_column}"
-    )
 
 
 class _TrackedIterator:
@@ -350,7 +256,7 @@ class Trainer:
             "min" if tcfg.early_stopping_metric == "logloss" else "max",
         )
         self.perf: Dict[str, float] = {}
-        self._count_flops = self._flop_counter(model)
+        self._count_flops = flop_counter(model)
 
     # ------------------------------------------------------------------ run directory lock
     def _lock_run_dir(self) -> Optional[RunLock]:
@@ -411,7 +317,7 @@ class Trainer:
                 )
                 filled.append(key)
         try:
-            check_split_boundaries(dcfg.eval_after, dcfg.valid_after, _filled_note(filled))
+            check_split_boundaries(dcfg.eval_after, dcfg.valid_after, filled_note(filled))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         log0(
@@ -632,7 +538,7 @@ class Trainer:
                 self._validate()  # the last step is a candidate for best too; checkpoints
             elif self._saved_step != self.step:
                 self.save_checkpoint()
-        self.perf = {**perf, **self._peak_memory()}
+        self.perf = {**perf, **peak_memory(self.info.device)}
         mfu = f", MFU {100 * self.perf['mfu']:.2f}% of {peak:.0f} GFLOP/s" if "mfu" in self.perf else ""
         log0(
             self.info,
@@ -663,55 +569,20 @@ class Trainer:
             "for bad inputs in those steps, then resume"
         )
 
-    def _flop_counter(self, model: nn.Module) -> Optional[Callable[[Batch], float]]:
-        """Training-step FLOPs of a host batch (``mtfm_rec.model.flops``) for an MTFM model; None
-        for another model, whose FLOPs are unknown (no ``perf/mfu`` rather than a wrong one)."""
-
-        if not isinstance(model, MTFM):
-            return None
-
-        config, schema = model.config, model.schema
-
-        def count(batch: Batch) -> float:
-            if batch.token_ts.device.type != "cpu":  # reading the mask's values would sync
-                return math.nan
-            return float(model_flops(config, schema, batch).train_step)
-
-        return count
-
     def _global_peak_gflops(self) -> float:
-        """The matmul peak of all ranks together: ``train.peak_gflops`` x ranks, or the sum of
-        each rank's measurement (``mtfm_rec.bench.peak``; once per process, ranks at once)."""
+        """The matmul peak of all ranks together (``train.peak_gflops`` x ranks, or measured)."""
         tcfg = self.config.train
-        if tcfg.peak_gflops > 0:
-            return tcfg.peak_gflops * self.info.world_size
-
-        start = time.perf_counter()
-        local = trainer_peak_gflops(self.info.device, tcfg.bf16)
-        total = torch.tensor(local, dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(total)
-        dtype = "bf16" if tcfg.bf16 else "fp32"
-        log0(
-            self.info,
-            f"matmul peak {float(total):.0f} GFLOP/s over {self.info.world_size} rank(s) ({dtype}, "
-            f"{torch.get_num_threads()} thread(s) on rank 0, {time.perf_counter() - start:.2f} s): "
-            "the MFU denominator",
+        peak, seconds = global_peak_gflops(
+            self.info.device, self.info.world_size, tcfg.peak_gflops, tcfg.bf16
         )
-        return float(total)
-
-    def _peak_memory(self) -> Dict[str, float]:
-        """Peak host RSS (and device memory on GPUs) in GiB, the maximum over ranks."""
-        import resource
-
-        values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20]  # KiB on Linux
-        if self.info.device.type == "cuda":
-            values.append(torch.cuda.max_memory_allocated(self.info.device) / 2**30)
-        peak = torch.tensor(values, dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        out = {"peak_host_rss_gb": float(peak[0])}
-        if len(values) > 1:
-            out["peak_device_memory_gb"] = float(peak[1])
-        return out
+        if tcfg.peak_gflops <= 0:
+            log0(
+                self.info,
+                f"matmul peak {peak:.0f} GFLOP/s over {self.info.world_size} rank(s) "
+                f"({'bf16' if tcfg.bf16 else 'fp32'}, {torch.get_num_threads()} thread(s) on rank 0, "
+                f"{seconds:.2f} s): the MFU denominator",
+            )
+        return peak
 
     def _progress_bar(self) -> Any:
         tcfg = self.config.train

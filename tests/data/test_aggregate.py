@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 
 from mtfm_rec.config import ConfigError
 from mtfm_rec.data import aggregate as agg
+from mtfm_rec.data import aggregate_partitions as parts
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import collate
 from mtfm_rec.data.config import AggregationConfig
+from mtfm_rec.data.errors import AggregationError
 from mtfm_rec.data.reader import DataContractError, RawDataset
 from mtfm_rec.data.schema import DatasetSchema
 
@@ -255,7 +257,7 @@ def test_users_are_hash_partitioned(demo: Tuple[str, str, AggregationConfig]) ->
     _, out, _ = demo
     for k in range(3):
         users = pq.read_table(os.path.join(out, fmt.shard_name(k))).column("user_id").to_numpy()
-        assert (agg.user_partition(users, 3) == k).all()
+        assert (parts.user_partition(users, 3) == k).all()
 
 
 def test_user_partition_is_splitmix64() -> None:
@@ -268,7 +270,7 @@ def test_user_partition_is_splitmix64() -> None:
 
     ids = np.array([0, 1, -1, 12345, 2**62, -(2**63)], np.int64)
     want = [splitmix(int(i) & ((1 << 64) - 1)) % 7 for i in ids]
-    assert agg.user_partition(ids, 7).tolist() == want
+    assert parts.user_partition(ids, 7).tolist() == want
 
 
 def test_count_before_matches_bruteforce() -> None:
@@ -278,7 +280,7 @@ def test_count_before_matches_bruteforce() -> None:
     order = np.lexsort((a_ts, a_user))
     a_user, a_ts = a_user[order], a_ts[order]
     q_user, q_ts = rng.integers(-1, 6, 100), rng.integers(-1, 22, 100)
-    got = agg._count_before(a_user, a_ts, q_user, q_ts)
+    got = parts._count_before(a_user, a_ts, q_user, q_ts)
     want = [int(((a_user < u) | ((a_user == u) & (a_ts < t))).sum()) for u, t in zip(q_user, q_ts)]
     assert got.tolist() == want
 
@@ -489,7 +491,7 @@ def test_a_window_too_big_for_one_sample_is_refused_with_the_fix(
     out = str(tmp_path / "out")
     cfg = dict(num_partitions=2, num_workers=workers, window_seconds=DAY)
     with pytest.raises(
-        agg.AggregationError,
+        AggregationError,
         match=rf"user 7, window \[0, 86400\) \(dataset ticks\): {n} exposures in one sample, above "
         rf"{n - 1} allowed without max_exposures_per_sample .*max_exposures_per_sample={n} or more",
     ):

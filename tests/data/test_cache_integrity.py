@@ -21,8 +21,9 @@ import pytest
 from mtfm_rec.data import aggregate as agg
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.config import AggregationConfig
-from mtfm_rec.data.loader import LoaderError, ShardedBatchDataset
+from mtfm_rec.data.errors import AggregationError, LoaderError
 from mtfm_rec.data.reader import DataContractError, RawDataset
+from mtfm_rec.data.sharded_dataset import ShardedBatchDataset
 
 
 def config(**kw: Any) -> AggregationConfig:
@@ -62,7 +63,7 @@ def test_out_overlapping_raw_is_refused_and_raw_untouched(
     before = snapshot(root)
     out = os.path.join(root, where) if where else root
     how = {"exposures/food": "inside", "": "the same directory as", "..": "a parent of"}[where]
-    with pytest.raises(agg.AggregationError, match=f"{out}.* is {how} the raw dataset {root}"):
+    with pytest.raises(AggregationError, match=f"{out}.* is {how} the raw dataset {root}"):
         agg.aggregate(root, out, config())
     assert snapshot(root) == before  # raw part-*.parquet and dataset.yaml intact
 
@@ -74,7 +75,7 @@ def test_out_overlap_is_found_through_symlinks_and_dots(
     os.symlink(root, tmp_path / "link")
     before = snapshot(root)
     for out in (str(tmp_path / "link" / "exposures" / "hp"), f"{tmp_path}/other/../raw/behaviors"):
-        with pytest.raises(agg.AggregationError, match="inside the raw dataset"):
+        with pytest.raises(AggregationError, match="inside the raw dataset"):
             agg.aggregate(root, out, config())
     assert snapshot(root) == before
 
@@ -90,7 +91,7 @@ def test_foreign_non_empty_out_is_refused_and_kept(
     if marker is not None:  # an empty _SUCCESS, as Spark writes it, is not ours
         (out / fmt.SUCCESS_FILE).write_bytes(marker)
     before = snapshot(str(out))
-    with pytest.raises(agg.AggregationError, match=f"{out} \\(--out\\): not empty .*no _SUCCESS of mtfm_rec"):
+    with pytest.raises(AggregationError, match=f"{out} \\(--out\\): not empty .*no _SUCCESS of mtfm_rec"):
         agg.aggregate(root, str(out), config())
     assert snapshot(str(out)) == before
     assert sorted(os.listdir(tmp_path)) == ["raw", "theirs"]  # no staging left behind
@@ -111,7 +112,7 @@ def test_own_output_is_replaced_but_not_with_foreign_files_in_it(
     with open(os.path.join(out, "notes.md"), "w") as fh:
         fh.write("mine")
     before = snapshot(out)
-    with pytest.raises(agg.AggregationError, match=r"also holds \['notes.md'\]"):
+    with pytest.raises(AggregationError, match=r"also holds \['notes.md'\]"):
         agg.aggregate(root, out, config())
     assert snapshot(out) == before
 
@@ -153,7 +154,7 @@ def test_memory_url_replace_and_overlap(
     assert names == sorted(own)
     assert sorted(os.path.basename(p) for p in fs.ls(base, detail=False)) == ["out", "raw"]
     assert ShardedBatchDataset(out, batch_size=1, split="all").num_samples == stats.samples_out
-    with pytest.raises(agg.AggregationError, match="inside the raw dataset"):
+    with pytest.raises(AggregationError, match="inside the raw dataset"):
         agg.aggregate(root, f"{root}/exposures/hp", config())
     assert len(fs.ls(f"{base}/raw/exposures/hp", detail=False)) == 2  # raw files still there
 

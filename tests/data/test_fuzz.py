@@ -41,7 +41,7 @@ from mtfm_rec.config_parsing import ConfigError, from_dict
 from mtfm_rec.data import aggregate as agg
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.config import AggregationConfig
-from mtfm_rec.data.loader import ShardedBatchDataset
+from mtfm_rec.data.errors import AggregationError
 from mtfm_rec.data.reader import (
     TS_MAX,
     TS_MIN,
@@ -51,6 +51,7 @@ from mtfm_rec.data.reader import (
     sequence_columns,
 )
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SchemaError, SequenceSpec
+from mtfm_rec.data.sharded_dataset import ShardedBatchDataset
 
 DOCUMENTED = (DataContractError, SchemaError, ConfigError)
 DEADLINE_S = 30  # per run; a normal one takes well under a second
@@ -291,6 +292,6 @@ def test_window_plus_a_dataset_lookback_beyond_2_62_ticks_is_refused(base: Base,
     files = dict(base.files, **{"dataset.yaml": yaml.safe_dump(schema).encode()})
     raw = str(tmp_path / "raw")
     materialise(files, raw)
-    with pytest.raises(agg.AggregationError, match=r"more than 2\*\*62 ticks \(ms\)"):
+    with pytest.raises(AggregationError, match=r"more than 2\*\*62 ticks \(ms\)"):
         agg.aggregate(raw, str(tmp_path / "out"), AggregationConfig(**AGG))
     assert not (tmp_path / "out").exists()

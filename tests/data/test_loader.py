@@ -17,16 +17,11 @@ import torch
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
 from mtfm_rec.data.config import DataConfig, LoaderConfig
-from mtfm_rec.data.loader import (
-    LoaderError,
-    ResumableLoader,
-    ShardedBatchDataset,
-    build_dataloader,
-    consumed_per_stream,
-    exposure_split,
-    shuffle_buffer_order,
-)
+from mtfm_rec.data.errors import LoaderError
+from mtfm_rec.data.loader import ResumableLoader, build_dataloader
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.data.sharded_dataset import ShardedBatchDataset, consumed_per_stream, shuffle_buffer_order
+from mtfm_rec.data.splits import exposure_split
 
 SCHEMA = DatasetSchema.from_dict(
     {
@@ -439,11 +434,11 @@ def test_fsspec_url(data_dir: str) -> None:
 
 
 def test_many_row_groups_compact_held_rows(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mtfm_rec.data.loader as loader_mod
+    import mtfm_rec.data.sharded_dataset as dataset_mod
 
     calls = []
-    real_compact = loader_mod._compact
-    monkeypatch.setattr(loader_mod, "_compact", lambda *a: calls.append(1) or real_compact(*a))
+    real_compact = dataset_mod._compact
+    monkeypatch.setattr(dataset_mod, "_compact", lambda *a: calls.append(1) or real_compact(*a))
     root = str(tmp_path / "many")
     write_dataset(root, [30, 10], row_group_size=1)  # 40 one-row units
     kwargs = dict(split="all", batch_size=4, shuffle=True, shuffle_buffer=40)

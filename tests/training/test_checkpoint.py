@@ -17,14 +17,16 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
 from mtfm_rec.training.checkpoint import (
-    COMPLETE,
     CheckpointManager,
     default_reshard_rank_states,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mtfm_rec.training.checkpoint_files import (
+    COMPLETE,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     read_manifest,
-    save_checkpoint,
     select_checkpoint,
     verify_checkpoint,
 )

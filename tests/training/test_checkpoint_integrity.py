@@ -16,17 +16,16 @@ import torch
 import torch.distributed.checkpoint.filesystem as dcp_fs
 
 import mtfm_rec.training.checkpoint as ckpt
+import mtfm_rec.training.checkpoint_files as ckpt_files
 from mtfm_rec.config import load_config
-from mtfm_rec.training.checkpoint import (
+from mtfm_rec.training.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
+from mtfm_rec.training.checkpoint_files import (
     COMPLETE,
     CheckpointCorruptError,
-    CheckpointManager,
     CheckpointWriteError,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     read_manifest,
-    save_checkpoint,
     select_checkpoint,
     verify_checkpoint,
 )
@@ -113,7 +112,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(two_checkpoints) -> None
     )
     for name, entry in manifest["files"].items():
         assert entry["size"] == os.path.getsize(os.path.join(p2, name))
-        assert entry["sha256"] == ckpt._sha256(os.path.join(p2, name))
+        assert entry["sha256"] == ckpt_files.sha256_file(os.path.join(p2, name))
     assert verify_checkpoint(p2) == []
 
 
@@ -209,7 +208,7 @@ def test_disk_full_in_side_files_or_manifest_leaves_no_partial_checkpoint(
     root = str(tmp_path)
     mgr = CheckpointManager(root, keep_last=3, best_metric="valid/auc")
     mgr.save(1, _model(1), metric_value=0.6)
-    write = ckpt._write_bytes
+    write = ckpt_files.write_bytes
 
     def full_for(path: str, data: bytes) -> None:
         if os.path.basename(path) == file:
@@ -218,7 +217,8 @@ def test_disk_full_in_side_files_or_manifest_leaves_no_partial_checkpoint(
             _disk_full()
         write(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_bytes", full_for)
+    monkeypatch.setattr(ckpt_files, "write_bytes", full_for)  # meta.json and COMPLETE (write_json)
+    monkeypatch.setattr(ckpt, "write_bytes", full_for)  # rng.pt
     with pytest.raises(CheckpointWriteError, match=r"step_2 was not written: the disk is full"):
         mgr.save(2, _model(2), metric_value=0.9)
     _assert_only_step_1(root)

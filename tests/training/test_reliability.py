@@ -24,8 +24,10 @@ import torch
 from mtfm_rec.config import ConfigError, load_config
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch
+from mtfm_rec.training.metrics import NonFiniteError
+from mtfm_rec.training.run_checks import EmptySplitError, describe_time_range
 from mtfm_rec.training.run_lock import LOCK_NAME, RunDirLockedError, RunLock
-from mtfm_rec.training.trainer import EmptySplitError, NonFiniteError, Trainer, describe_time_range
+from mtfm_rec.training.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402

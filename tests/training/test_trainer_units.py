@@ -14,8 +14,9 @@ from mtfm_rec.train import format_table
 from mtfm_rec.training.config import ShardingConfig, TrainConfig
 from mtfm_rec.training.logger import RunLogger, plot_curves, read_log
 from mtfm_rec.training.optimizers import resolve_embedding_optimizer
+from mtfm_rec.training.run_checks import EmptySplitError
 from mtfm_rec.training.sharding import _fsdp_units, make_constraints
-from mtfm_rec.training.trainer import EmptySplitError, _TrackedIterator, summarize
+from mtfm_rec.training.trainer import _TrackedIterator, summarize
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
