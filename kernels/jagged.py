@@ -42,16 +42,22 @@ class TokenKind(enum.IntEnum):
     TARGET = 2  # T: an exposure to score, visible only to itself
 
 
+def row_samples(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """The sample of each jagged row: ``b`` for ``offsets[b] <= r < offsets[b+1]``; ``[total]`` int64.
+    ``total`` (= ``offsets[-1]``) is passed as a host int so no device sync is needed."""
+    lengths = offsets[1:] - offsets[:-1]
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
+    )
+
+
 def padded_index(offsets: torch.Tensor, total: int, max_len: int) -> torch.Tensor:
     """Flat index of each jagged row in a padded ``[B * max_len]`` layout.
 
     Row r of sample b (``offsets[b] <= r < offsets[b+1]``) goes to ``b * max_len + (r - offsets[b])``.
     ``total`` (= ``offsets[-1]``) is passed as a host int so no device sync is needed.
     """
-    lengths = offsets[1:] - offsets[:-1]
-    sample = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
-    )
+    sample = row_samples(offsets, total)
     return sample * max_len + torch.arange(total, device=offsets.device) - offsets[sample]
 
 

@@ -99,10 +99,13 @@ def _mlp(rows: int, dims: Sequence[int]) -> int:
 
 
 def tokenizer_flops(config: ModelConfig, schema: DatasetSchema, batch: Batch) -> int:
-    """The MLPs of ``HeterogeneousTokenizer``: one row per action / exposure of the batch."""
+    """The MLPs of ``HeterogeneousTokenizer``: one row per action / exposure of the batch, and
+    the time encoding's projection (one row per token) when it is on."""
     e, d, hidden = config.embedding_dim, config.d_model, list(config.tokenizer_hidden)
     total = 0
     if config.use_sequences:
+        if config.time_frequencies > 0:
+            total += _mlp(int(batch.token_ts.shape[0]), [2 * config.time_frequencies, d])
         for q in schema.ordered_sequences:
             rows = int(batch.sequence_positions[q.name].shape[0])
             total += _mlp(rows, [len(q.features) * e, *hidden, d])

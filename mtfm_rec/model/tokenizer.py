@@ -16,6 +16,7 @@ sequence and one per scenario, built from the schema: a new scenario is a datase
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema, mangled_table_name
+from mtfm_rec.kernels.jagged import row_samples
 from mtfm_rec.model.config import ModelConfig
 
 
@@ -61,12 +63,57 @@ def compress_dense(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.log1p(x.abs())
 
 
+class TimeEncoding(nn.Module):
+    """Each token's time as sinusoids, projected to ``d_model`` (added to ``X(0)``).
+
+    ``dt`` = the sample's latest token time minus the token's (>= 0; an int64 difference, then
+    the angles in float64, so a one-minute period stays exact over a month however large the
+    epoch timestamps are); features ``sin(2 pi dt / P_i)``, ``cos(2 pi dt / P_i)`` for periods
+    ``P_i`` geometric from ``min_period_s`` to ``max_period_s``. A dot product of two tokens'
+    features is a sum of ``cos(2 pi (t_1 - t_2) / P_i)``: a function of how far apart they are,
+    which the attention can learn to use (recent actions against old ones). The projection
+    starts at zero, so a new model starts as the one without it.
+
+    Args:
+        num_frequencies: how many periods.
+        d_model: token width.
+        ticks_per_second: the dataset's time unit (``DatasetSchema.ticks_per_second``).
+    """
+
+    def __init__(
+        self,
+        num_frequencies: int,
+        d_model: int,
+        ticks_per_second: int,
+        min_period_s: float = 60.0,
+        max_period_s: float = 30 * 86400.0,
+    ) -> None:
+        super().__init__()
+        periods = torch.logspace(
+            math.log10(min_period_s), math.log10(max_period_s), num_frequencies, dtype=torch.float64
+        )
+        self.angular: torch.Tensor  # [F] float64 radians per tick
+        self.register_buffer("angular", 2 * math.pi / (periods * ticks_per_second), persistent=False)
+        self.proj = nn.Linear(2 * num_frequencies, d_model, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, token_ts: torch.Tensor, token_offsets: torch.Tensor) -> torch.Tensor:
+        """``[N, d_model]`` for the jagged tokens (``token_ts [N]`` int64, ``token_offsets [B+1]``)."""
+        sample = row_samples(token_offsets, token_ts.numel())
+        latest = torch.zeros(token_offsets.numel() - 1, dtype=token_ts.dtype, device=token_ts.device)
+        latest = latest.scatter_reduce(0, sample, token_ts, "amax", include_self=False)
+        angle = (latest[sample] - token_ts).to(torch.float64)[:, None] * self.angular[None, :]
+        features = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).to(self.proj.weight.dtype)
+        return self.proj(features)
+
+
 class HeterogeneousTokenizer(nn.Module):
     """Per-sequence (eq. 3) and per-scenario (eq. 4) MLP tokenizers writing one ``[N, d]`` tensor.
 
     Args:
         schema: the dataset schema (sequences, scenarios and their features).
-        config: ``embedding_dim``, ``d_model``, ``tokenizer_hidden``, ``use_sequences``.
+        config: ``embedding_dim``, ``d_model``, ``tokenizer_hidden``, ``use_sequences``,
+            ``time_frequencies`` (:class:`TimeEncoding`, off at 0).
     """
 
     def __init__(self, schema: DatasetSchema, config: ModelConfig) -> None:
@@ -89,6 +136,11 @@ class HeterogeneousTokenizer(nn.Module):
             for keys, s in zip(self.scenario_keys, schema.scenarios)
         )
         self.d_model = d
+        self.time = (
+            TimeEncoding(config.time_frequencies, d, schema.ticks_per_second)
+            if config.time_frequencies > 0 and config.use_sequences
+            else None
+        )
 
     def forward(
         self,
@@ -121,4 +173,7 @@ class HeterogeneousTokenizer(nn.Module):
             positions.append(target_positions[name])
         values = torch.cat(rows, dim=0)
         out = values.new_zeros(num_tokens, self.d_model)
-        return out.index_copy(0, torch.cat(positions), values)
+        out = out.index_copy(0, torch.cat(positions), values)
+        if self.time is not None:
+            out = out + self.time(batch.token_ts, batch.token_offsets)
+        return out

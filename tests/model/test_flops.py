@@ -104,10 +104,18 @@ def _measured(model: MTFM, batch: Batch) -> Dict[str, int]:
     return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
 
 
-@pytest.mark.parametrize("use_sequences", [True, False])
-def test_count_equals_flop_counter_mode_on_the_padded_reference(schema, use_sequences: bool) -> None:
-    """FlopCounterMode sees the matmuls the reference backend runs: the padded attention."""
-    config = small_config(num_blocks=2, attention_backend="reference", use_sequences=use_sequences)
+@pytest.mark.parametrize("use_sequences, time_frequencies", [(True, 0), (False, 0), (True, 5), (False, 5)])
+def test_count_equals_flop_counter_mode_on_the_padded_reference(
+    schema, use_sequences: bool, time_frequencies: int
+) -> None:
+    """FlopCounterMode sees the matmuls the reference backend runs: the padded attention (and the
+    time encoding's projection when it is on: the feature-only model has none)."""
+    config = small_config(
+        num_blocks=2,
+        attention_backend="reference",
+        use_sequences=use_sequences,
+        time_frequencies=time_frequencies,
+    )
     torch.manual_seed(0)
     model = MTFM(schema, config)
     batch = random_batch(schema, 5, seq_len=(0, 10), exposures=(0, 4), seed=2)
