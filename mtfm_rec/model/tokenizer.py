@@ -27,7 +27,6 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema, mangled_table_name
-from mtfm_rec.kernels.jagged import row_samples
 from mtfm_rec.model.config import ModelConfig
 
 
@@ -64,15 +63,17 @@ def compress_dense(x: torch.Tensor) -> torch.Tensor:
 
 
 class TimeEncoding(nn.Module):
-    """Each token's time as sinusoids, projected to ``d_model`` (added to ``X(0)``).
+    """Each token's own time as sinusoids, projected to ``d_model`` (added to ``X(0)``).
 
-    ``dt`` = the sample's latest token time minus the token's (>= 0; an int64 difference, then
-    the angles in float64, so a one-minute period stays exact over a month however large the
-    epoch timestamps are); features ``sin(2 pi dt / P_i)``, ``cos(2 pi dt / P_i)`` for periods
-    ``P_i`` geometric from ``min_period_s`` to ``max_period_s``. A dot product of two tokens'
-    features is a sum of ``cos(2 pi (t_1 - t_2) / P_i)``: a function of how far apart they are,
-    which the attention can learn to use (recent actions against old ones). The projection
-    starts at zero, so a new model starts as the one without it.
+    Features ``sin(2 pi t / P_i)``, ``cos(2 pi t / P_i)`` of the token's timestamp ``t`` for
+    periods ``P_i`` geometric from ``min_period_s`` to ``max_period_s`` (rounded to whole ticks;
+    the phase ``t mod P_i`` is taken in int64, so it is exact however large the epoch timestamps
+    are). A dot product of two tokens' features is a sum of ``cos(2 pi (t_1 - t_2) / P_i)``: a
+    function of how far apart they are, which the attention can learn to use (recent actions
+    against old ones). Each token's encoding depends on its own time only: a later action or
+    exposure never changes an earlier token's input (a reference point shared by the sample, such
+    as its latest token, would let a future click move every score). The projection starts at
+    zero, so a new model starts as the one without it.
 
     Args:
         num_frequencies: how many periods.
@@ -89,20 +90,22 @@ class TimeEncoding(nn.Module):
         max_period_s: float = 30 * 86400.0,
     ) -> None:
         super().__init__()
-        periods = torch.logspace(
+        periods_s = torch.logspace(
             math.log10(min_period_s), math.log10(max_period_s), num_frequencies, dtype=torch.float64
         )
-        self.angular: torch.Tensor  # [F] float64 radians per tick
-        self.register_buffer("angular", 2 * math.pi / (periods * ticks_per_second), persistent=False)
+        self.periods: torch.Tensor  # [F] int64 ticks
+        self.register_buffer(
+            "periods",
+            torch.round(periods_s * ticks_per_second).clamp(min=1).to(torch.int64),
+            persistent=False,
+        )
         self.proj = nn.Linear(2 * num_frequencies, d_model, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, token_ts: torch.Tensor, token_offsets: torch.Tensor) -> torch.Tensor:
-        """``[N, d_model]`` for the jagged tokens (``token_ts [N]`` int64, ``token_offsets [B+1]``)."""
-        sample = row_samples(token_offsets, token_ts.numel())
-        latest = torch.zeros(token_offsets.numel() - 1, dtype=token_ts.dtype, device=token_ts.device)
-        latest = latest.scatter_reduce(0, sample, token_ts, "amax", include_self=False)
-        angle = (latest[sample] - token_ts).to(torch.float64)[:, None] * self.angular[None, :]
+    def forward(self, token_ts: torch.Tensor) -> torch.Tensor:
+        """``[N, d_model]`` for the tokens' int64 timestamps ``token_ts [N]``."""
+        phase = torch.remainder(token_ts[:, None], self.periods[None, :]).to(torch.float64)
+        angle = (2 * math.pi) * phase / self.periods[None, :].to(torch.float64)
         features = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).to(self.proj.weight.dtype)
         return self.proj(features)
 
@@ -175,5 +178,5 @@ class HeterogeneousTokenizer(nn.Module):
         out = values.new_zeros(num_tokens, self.d_model)
         out = out.index_copy(0, torch.cat(positions), values)
         if self.time is not None:
-            out = out + self.time(batch.token_ts, batch.token_offsets)
+            out = out + self.time(batch.token_ts)
         return out
