@@ -358,8 +358,7 @@ def test_split_filtering(tmp_path: Any, split: str, explicit: bool) -> None:
     code = {"train": 0, "valid": 1, "test": 2}[split]
     expected = expected_exposures(tables, code, eval_after, valid_after)
     assert 0 < len(expected) < 33  # the split drops some samples entirely
-    ld = loader(
-        root,
+    kwargs: Dict[str, Any] = dict(
         split=split,
         batch_size=2,
         eval_after=eval_after,
@@ -367,6 +366,7 @@ def test_split_filtering(tmp_path: Any, split: str, explicit: bool) -> None:
         pad_to_equal_batches=True,
         index_cache_dir=str(tmp_path / "cache"),
     )
+    ld = loader(root, **kwargs)
     got: Dict[int, int] = {}
     for b in ld:
         for i, u in enumerate(b.user_id.tolist()):
@@ -379,15 +379,7 @@ def test_split_filtering(tmp_path: Any, split: str, explicit: bool) -> None:
             assert ((t_ts >= lo) & (t_ts < hi)).all()
     assert got == expected
     assert os.listdir(tmp_path / "cache")  # the pre-scan was cached
-    again = loader(
-        root,
-        split=split,
-        batch_size=2,
-        eval_after=eval_after,
-        valid_after=valid_after,
-        pad_to_equal_batches=True,
-        index_cache_dir=str(tmp_path / "cache"),
-    )
+    again = loader(root, **kwargs)  # a second loader: served from the cache
     assert again.dataset.num_samples == len(expected)
 
 

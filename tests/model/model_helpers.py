@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
+from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model import MTFM, ModelConfig
 
 
@@ -73,3 +74,15 @@ def exposure_scores(out: Dict[str, torch.Tensor], batch: Batch) -> Dict[int, tor
 
 def sample_rows(batch: Batch, b: int) -> List[int]:
     return list(range(int(batch.token_offsets[b]), int(batch.token_offsets[b + 1])))
+
+
+def hidden_from(batch: Batch, i: int) -> List[int]:
+    """The rows of T token ``i``'s sample that its mask hides: the other T tokens and the R tokens
+    at or after its time (what must never change its score)."""
+    kind, ts = batch.token_kind.tolist(), batch.token_ts.tolist()
+    b = int(torch.searchsorted(batch.token_offsets, torch.tensor(i), right=True)) - 1
+    return [
+        r
+        for r in sample_rows(batch, b)
+        if r != i and (kind[r] == TokenKind.TARGET or (kind[r] == TokenKind.REALTIME and ts[r] >= ts[i]))
+    ]

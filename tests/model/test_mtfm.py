@@ -8,7 +8,7 @@ from typing import Dict, List
 import pyarrow as pa
 import pytest
 import torch
-from model_helpers import exposure_scores, make_model, perturb_tokens, sample_rows
+from model_helpers import exposure_scores, hidden_from, make_model, perturb_tokens, sample_rows
 
 from mtfm_rec.data.batch import collate
 from mtfm_rec.kernels.jagged import TokenKind
@@ -29,17 +29,12 @@ def test_target_score_ignores_later_realtime_and_other_targets(schema, stack: Di
     batch = random_batch(schema, 4, seq_len=(1, 8), exposures=(1, 3), seed=11, ts_pool=8)
     with torch.no_grad():
         base = exposure_scores(model(batch)[1], batch)
-    kind, ts = batch.token_kind.tolist(), batch.token_ts.tolist()
+    kind = batch.token_kind.tolist()
     checked = changed = 0
     for b in range(batch.batch_size):
         rows = sample_rows(batch, b)
         for i in [r for r in rows if kind[r] == TokenKind.TARGET][:2]:
-            hidden = [
-                r
-                for r in rows
-                if r != i
-                and (kind[r] == TokenKind.TARGET or (kind[r] == TokenKind.REALTIME and ts[r] >= ts[i]))
-            ]
+            hidden = hidden_from(batch, i)
             with torch.no_grad():
                 after = exposure_scores(model(perturb_tokens(batch, schema, hidden, seed=i))[1], batch)
             torch.testing.assert_close(after[i], base[i], rtol=0, atol=1e-6)

@@ -7,7 +7,7 @@ import dataclasses
 import math
 
 import torch
-from model_helpers import exposure_scores, make_model, sample_rows
+from model_helpers import exposure_scores, hidden_from, make_model, sample_rows
 
 from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model.examples import random_batch
@@ -58,17 +58,12 @@ def test_later_timestamps_never_change_an_earlier_score(schema) -> None:
     batch = random_batch(schema, 4, seq_len=(1, 8), exposures=(2, 3), seed=5)
     with torch.no_grad():
         base = exposure_scores(model(batch)[1], batch)
-    kind, ts = batch.token_kind.tolist(), batch.token_ts.tolist()
+    kind = batch.token_kind.tolist()
     checked = changed = 0
     for b in range(batch.batch_size):
         rows = sample_rows(batch, b)
         for i in [r for r in rows if kind[r] == TokenKind.TARGET][:1]:
-            later = [
-                r
-                for r in rows
-                if r != i
-                and (kind[r] == TokenKind.TARGET or (kind[r] == TokenKind.REALTIME and ts[r] >= ts[i]))
-            ]
+            later = hidden_from(batch, i)
             moved_ts = batch.token_ts.clone()
             moved_ts[later] += 3_600
             moved = dataclasses.replace(batch, token_ts=moved_ts)
