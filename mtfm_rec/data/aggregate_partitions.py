@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.errors import AggregationError
-from mtfm_rec.data.reader import TS, USER_ID, exposure_columns, sequence_columns
+from mtfm_rec.data.reader import TS, USER_ID, exposure_columns, multi_hot_columns, sequence_columns
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
 
 
@@ -68,6 +68,22 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, value_type: pa.DataType
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
 
 
+# A spill column: numpy for the single values, an Arrow list array for a multi-hot feature's ids.
+_SpillColumn = Union[np.ndarray, pa.Array]
+
+
+def _take(values: _SpillColumn, perm: np.ndarray) -> _SpillColumn:
+    return values.take(pa.array(perm)) if isinstance(values, pa.Array) else values[perm]
+
+
+def _sample_lists(offsets: np.ndarray, values: _SpillColumn, value_type: pa.DataType) -> pa.Array:
+    """A shard list column: per sample, its exposures' values (a multi-hot feature: its
+    exposures' id lists, so ``list<list<int64>>``)."""
+    if isinstance(values, pa.Array):
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values)
+    return _list_array(offsets, values, value_type)
+
+
 # -------------------------------------------------------------------- pass 1: route
 def _spill_path(spill_dir: str, source: str, partition: int) -> str:
     return os.path.join(spill_dir, source, f"{partition:05d}.arrow")
@@ -103,13 +119,22 @@ class SpillRouter:
             sink.close()
 
 
-def _load_spill(spill_dir: str, source: str, partition: int, columns: List[str]) -> Dict[str, np.ndarray]:
+def _load_spill(
+    spill_dir: str, source: str, partition: int, columns: List[str], list_columns: Sequence[str] = ()
+) -> Dict[str, _SpillColumn]:
+    """One partition's spill of ``source``: numpy columns, but ``list_columns`` (multi-hot ids,
+    ``list<int64>``) as one Arrow list array each."""
     path = _spill_path(spill_dir, source, partition)
     if not os.path.exists(path):
-        return {c: np.zeros(0, np.int64) for c in columns}
+        empty: Dict[str, _SpillColumn] = {c: np.zeros(0, np.int64) for c in columns}
+        empty.update({c: pa.array([], pa.list_(pa.int64())) for c in list_columns})
+        return empty
     with pa.OSFile(path, "rb") as fh:
         table = pa.ipc.open_stream(fh).read_all()
-    return {c: table.column(c).to_numpy() for c in columns}
+    return {
+        c: table.column(c).combine_chunks() if c in list_columns else table.column(c).to_numpy()
+        for c in columns
+    }
 
 
 # -------------------------------------------------------------------- pass 2: build samples
@@ -192,6 +217,7 @@ def _exposure_column_names(scenario: ScenarioSpec) -> Dict[str, str]:
         "split": fmt.exp_split(scenario.name),
     }
     names.update({f"{g}/{c}": fmt.exp_feature(scenario.name, g, c) for g, c, _ in scenario.categorical()})
+    names.update({f"{g}/{c}": fmt.exp_feature(scenario.name, g, c) for g, c, _, _ in scenario.multi_hot()})
     names.update({f"dense/{c}": fmt.exp_dense(scenario.name, c) for c in scenario.dense_features})
     names.update({f"label/{t}": fmt.exp_label(scenario.name, t) for t in scenario.tasks})
     return names
@@ -223,7 +249,7 @@ def _target_columns(
         n_t += counts
         exposures[s.name] = n
         for src, dst in _exposure_column_names(s).items():
-            columns[dst] = _list_array(offsets, cols[src][perm], _value_type(arrow, dst))
+            columns[dst] = _sample_lists(offsets, _take(cols[src], perm), _value_type(arrow, dst))
     return n_t, exposures
 
 
@@ -279,7 +305,9 @@ def build_partition(task: PartitionTask) -> Dict[str, Any]:
     schema = DatasetSchema.from_dict(task.schema)
     arrow = fmt.arrow_schema(schema)
     exposure_spills = [
-        _load_spill(task.spill_dir, f"exp/{s.name}", task.partition, exposure_columns(s))
+        _load_spill(
+            task.spill_dir, f"exp/{s.name}", task.partition, exposure_columns(s), multi_hot_columns(s)
+        )
         for s in schema.scenarios
     ]
     samples = _assign_samples(exposure_spills, task)

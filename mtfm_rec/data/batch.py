@@ -17,6 +17,14 @@ never synchronises with the host to learn a shape:
 * ``sparse_features``: one KeyedJaggedTensor, keys ``DatasetSchema.sparse_feature_keys()``:
   ``seq/<q>/<f>`` (lengths = actions of sequence q per sample) and ``exp/<s>/<g>/<f>``
   (lengths = exposures of scenario s per sample). Values are folded ids.
+* ``bag_features``: the multi-hot features, for the model's EmbeddingBagCollection: a second
+  KeyedJaggedTensor, keys ``DatasetSchema.bag_feature_keys()`` (``bag/<s>/<g>/<f>``), whose
+  batch is the batch's exposures of every scenario (scenario after scenario, each in KJT order:
+  ``n = sum_s n_s`` bags per key, as an EBC needs one batch size for all its keys): a key's bag
+  for an exposure of its own scenario holds that exposure's ids (length = ids of the exposure),
+  its bags for the other scenarios' exposures are empty. Pooled, key ``bag/<s>/...`` gives
+  ``[n, e]``, whose rows ``o_s .. o_s + n_s - 1`` are scenario s's exposures (``o_s``: the
+  exposures of the scenarios before s). No key when the schema has no multi-hot feature.
 * ``sequence_positions[q]``: for each value of sequence q's keys (KJT order: sample-major,
   then ascending ts), the flat token row it becomes.
 * ``target_positions[s]``: for each exposure of scenario s (KJT order), its flat token row.
@@ -25,6 +33,9 @@ never synchronises with the host to learn a shape:
 
 Exposure-level tensors (``dense_features``, ``labels``, ``label_mask``, ``exposure_sample``) are
 per scenario, in KJT order.
+
+It stays one module, a little over 400 lines: the Batch and the one function that builds it
+(:func:`collate`, with its phases) share every layout decision written above.
 """
 
 from __future__ import annotations
@@ -46,6 +57,13 @@ from mtfm_rec.kernels.jagged import TokenKind
 
 # what Batch._map applies its function to: every tensor-valued field, or value of a dict field
 _Movable = Union[torch.Tensor, KeyedJaggedTensor]
+
+
+def _empty_kjt() -> KeyedJaggedTensor:
+    """The ``bag_features`` of a schema without multi-hot features: no key, no value."""
+    return KeyedJaggedTensor(
+        keys=[], values=torch.zeros(0, dtype=torch.int64), lengths=torch.zeros(0, dtype=torch.int32)
+    )
 
 
 @dataclass
@@ -74,6 +92,9 @@ class Batch(Pipelineable):
     num_tokens: int = 0  # N
     max_tokens: int = 0  # max_b N_b
     max_targets: int = 0  # max_b L_T,b
+    # multi-hot features (module docstring); last, with a default, so that a Batch built by
+    # hand without them stays valid
+    bag_features: KeyedJaggedTensor = field(default_factory=_empty_kjt)
 
     # ---------------------------------------------------------------- Pipelineable
     def _map(self, fn: Callable[[_Movable], _Movable]) -> "Batch":
@@ -158,9 +179,10 @@ class _SparseParts:
         self.lengths.append(lengths)
         self.values.append(values)
 
-    def build(self) -> KeyedJaggedTensor:
+    def build(self, stride: Optional[int] = None) -> KeyedJaggedTensor:
         return KeyedJaggedTensor(
             keys=self.keys,
+            stride=stride,
             values=torch.from_numpy(np.concatenate(self.values).astype(np.int64))
             if self.values
             else torch.zeros(0, dtype=torch.int64),
@@ -323,6 +345,29 @@ def _exposure_tensors(
     return dense_features, labels, label_mask
 
 
+def _bag_features(table: pa.Table, schema: DatasetSchema, exposures: _Exposures) -> KeyedJaggedTensor:
+    """The ``bag_features`` KJT (module docstring): per multi-hot key one bag per exposure of the
+    batch, every scenario's, the other scenarios' bags empty."""
+    counts = [int(exposures.lengths[s.name].sum()) for s in schema.scenarios]
+    total = sum(counts)
+    bags = _SparseParts()
+    start = 0
+    for s, n in zip(schema.scenarios, counts):
+        keep = exposures.keep[s.name]
+        for g, c, _, _ in s.multi_hot():
+            per_exposure = pc.list_flatten(table.column(fmt.exp_feature(s.name, g, c)))  # row-major
+            if keep is not None:
+                per_exposure = per_exposure.filter(pa.array(keep))
+            lengths = np.zeros(total, np.int64)
+            lengths[start : start + n] = pc.fill_null(pc.list_value_length(per_exposure), 0).to_numpy()
+            ids = pc.list_flatten(per_exposure).to_numpy(zero_copy_only=False)
+            bags.add(f"bag/{s.name}/{g}/{c}", lengths, ids)
+        start += n
+    if not bags.keys:
+        return _empty_kjt()
+    return bags.build(stride=total)
+
+
 def collate(
     table: pa.Table,
     schema: DatasetSchema,
@@ -340,7 +385,7 @@ def collate(
     The phases: read the sequences (merged into H and R per sample) and the exposures (T,
     scenario after scenario), lay out the flat token rows, write every action and exposure into
     its row, then build the exposure-level tensors and the KJT, whose keys are sequence features
-    first, then each scenario's categorical features.
+    first, then each scenario's categorical features; last, the multi-hot features' KJT.
     """
     b = table.num_rows
     sparse = _SparseParts()
@@ -378,4 +423,5 @@ def collate(
         num_tokens=int(tokens.offsets[-1]),
         max_tokens=int(n_tokens.max()) if b else 0,
         max_targets=int(n_targets.max()) if b else 0,
+        bag_features=_bag_features(table, schema, exposures),
     )

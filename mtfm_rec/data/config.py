@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 # Upper bound of window_seconds and realtime_lookback_seconds (68 years): far below 2**62 ticks
 # in any time unit of the contract, the bound under which window arithmetic on ts in the
@@ -113,6 +113,10 @@ class DataConfig:
     cache_dir: str = "data/cache"  # aggregated shards of data.raw are cached here
     eval_after: Optional[int] = None  # exposures with ts >= eval_after are the test set
     valid_after: Optional[int] = None  # exposures in [valid_after, eval_after) are validation
+    # Train and evaluate on these scenarios' exposures only (samples without one are skipped);
+    # empty = all. A per-scenario model (the paper's single-scenario baselines) is one job per
+    # scenario with data.scenarios=[<s>]; see mtfm_rec.experiments.
+    scenarios: List[str] = field(default_factory=list)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 

@@ -123,7 +123,7 @@ class ResumableLoader:
 
         Args:
             path: aggregated dataset directory.
-            data: the DataConfig (``eval_after``, ``valid_after``, ``loader``).
+            data: the DataConfig (``eval_after``, ``valid_after``, ``scenarios``, ``loader``).
             split: which exposures to serve.
             pad_to_equal_batches: defaults to ``split != "train"`` (evaluation mode).
             shuffle: defaults to ``split == "train"``.
@@ -147,6 +147,7 @@ class ResumableLoader:
             seed=cfg.seed,
             pad_to_equal_batches=pad_to_equal_batches,
             index_cache_dir=cfg.index_cache_dir,
+            scenarios=data.scenarios,
         )
         return cls(dataset, cfg.num_workers, cfg.prefetch_factor, cfg.pin_memory)
 
@@ -194,6 +195,7 @@ class ResumableLoader:
             "num_workers": self.num_workers,
             "batch_size": ds.batch_size,
             "split": ds.split,
+            "scenarios": list(ds.scenarios),
             "shuffle": ds.shuffle,
             "shuffle_buffer": ds.shuffle_buffer,
             "seed": ds.seed,
@@ -227,6 +229,8 @@ class ResumableLoader:
         if resharded is not None:
             for key in ("rank", "world_size", "num_workers", "batch_size"):
                 mine.pop(key)
+        # states written before data.scenarios existed served every scenario
+        state = {"scenarios": [], **state}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
             raise LoaderError(f"loader state does not match this loader (saved, now): {diff}")

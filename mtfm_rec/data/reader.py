@@ -7,19 +7,22 @@ batch (never a whole file in memory), validating every batch and normalising it 
 :class:`pyarrow.RecordBatch` whose columns are what aggregation needs:
 
 * exposures: ``user_id``, ``ts``, ``request_id`` (-1 if absent), ``split`` (int8, -1 if absent),
-  ``<group>/<feature>`` (folded int64), ``dense/<column>`` (float32, null -> 0.0),
+  ``<group>/<feature>`` (folded int64; a multi-hot feature: list<int64> of folded ids, a null
+  list -> ``[size]``, the "missing" row), ``dense/<column>`` (float32, null -> 0.0),
   ``label/<task>`` (int8, null -> -1);
 * behaviours: ``user_id``, ``ts``, ``<feature>`` (folded int64).
 
-Structural problems (layout, missing or repeated column, wrong type, unreadable file) always raise
+Structural problems (layout, missing or repeated column, wrong type (a multi-hot feature's column
+must be a list of integers), unreadable file) always raise
 :class:`DataContractError`. Row-level problems (null ``user_id``/``ts``, ``ts`` outside
 ``[TS_MIN, TS_MAX)``, an unsigned id that does not fit int64, a dense value that is not a finite
-float32, label outside {0, 1}, a broken funnel, ``split`` outside {0, 1, 2}) raise too, unless
+float32, label outside {0, 1}, a broken funnel, ``split`` outside {0, 1, 2}; for a multi-hot
+feature, an id in the list that does not fit int64) raise too, unless
 ``skip_bad_rows`` is set: then the rows are dropped and counted per (file, column, rule) in a
 :class:`BadRows`.
 
-It stays one module (under 500 lines) because it is one concept, the checked reading of the raw
-contract. :class:`RawDataset` holds the layout check, the streaming and the row validation, which
+It stays one module (a little over 500 lines) because it is one concept, the checked reading of
+the raw contract. :class:`RawDataset` holds the layout check, the streaming and the row validation, which
 share its files and its bad-row count; the rule texts, the error type and the column helpers
 around it exist for it (the aggregation imports the column names and helpers from here).
 """
@@ -60,6 +63,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 RULE_MISSING_COLUMN = "missing column"
 RULE_NOT_INTEGER = "wrong type: expected an integer column"
 RULE_NOT_NUMERIC = "wrong type: expected a numeric column"
+RULE_NOT_LIST = "wrong type: expected a list-of-integers column (a multi-hot feature)"
 RULE_DUPLICATE_COLUMN = "column appears more than once in the file"
 RULE_NULL = "null not allowed"
 RULE_LABEL = "label outside {0, 1}"
@@ -129,6 +133,19 @@ def _is_int(t: pa.DataType) -> bool:
 
 def _is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _is_int_list(t: pa.DataType) -> bool:
+    """A list (any of Arrow's three list types) of integers, or of nulls only."""
+    lists = pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    return lists and (_is_int(t.value_type) or pa.types.is_null(t.value_type))
+
+
+_TYPE_CHECKS = {
+    "int": (lambda t: _is_int(t) or pa.types.is_null(t), RULE_NOT_INTEGER),
+    "num": (lambda t: _is_numeric(t) or pa.types.is_null(t), RULE_NOT_NUMERIC),
+    "list": (lambda t: _is_int_list(t) or pa.types.is_null(t), RULE_NOT_LIST),
+}
 
 
 def _int64(col: pa.Array) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -296,9 +313,8 @@ class RawDataset:
                 detail = f"{copies} columns of this name"
                 raise DataContractError(self._display(path), column, RULE_DUPLICATE_COLUMN, detail)
             t = arrow_schema.field(column).type
-            ok = _is_int(t) or pa.types.is_null(t) if want == "int" else _is_numeric(t) or pa.types.is_null(t)
-            if not ok:
-                rule = RULE_NOT_INTEGER if want == "int" else RULE_NOT_NUMERIC
+            ok, rule = _TYPE_CHECKS[want]
+            if not ok(t):
                 raise DataContractError(self._display(path), column, rule, f"got {t}")
             read.append(column)
         return read
@@ -334,10 +350,39 @@ class RawDataset:
         self._row_problem(path, column, RULE_INT64, wraps, row0, keep)
         return values, nulls
 
+    def _id_lists(
+        self, path: str, batch: pa.RecordBatch, column: str, size: int, row0: int, keep: np.ndarray
+    ) -> pa.ListArray:
+        """The ``list<int64>`` of folded ids of a multi-hot column, one list per row.
+
+        Ids are folded as single ids are (:func:`fold_ids`: a null id in a list is the "missing"
+        row ``size``); a null list is missing too, and becomes ``[size]``, so that it is looked
+        up like a null single id; an empty list stays empty (it pools to a zero vector). A row
+        with an id that does not fit int64 is a bad row.
+        """
+        col = batch.column(column)
+        n = len(col)
+        if pa.types.is_null(col.type):  # an all-null column written without a type
+            col = pa.nulls(n, pa.list_(pa.int64()))
+        missing = col.is_null().to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
+        values, nulls, wraps = _int64(pc.list_flatten(col))  # null lists give no values
+        row_of = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        bad = np.zeros(n, bool)
+        bad[row_of[wraps]] = True
+        self._row_problem(path, column, RULE_INT64, bad, row0, keep)
+        out_lengths = np.where(missing, 1, lengths)
+        offsets = np.concatenate([[0], np.cumsum(out_lengths)]).astype(np.int64)
+        out = np.full(int(offsets[-1]), size, np.int64)  # the null lists' one "missing" id
+        rank = np.arange(len(values), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[offsets[:-1][row_of] + rank] = fold_ids(values, size, nulls)
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(out, pa.int64()))
+
     def iter_scenario(self, scenario: ScenarioSpec) -> Iterator[Tuple[str, pa.RecordBatch]]:
         """Yields (file, normalised batch) of one scenario's exposures, in file then row order."""
         required = {USER_ID: "int", TS: "int"}
         required.update({c: "int" for _, c, _ in scenario.categorical()})
+        required.update({c: "list" for _, c, _, _ in scenario.multi_hot()})
         required.update({c: "num" for c in scenario.dense_features})
         required.update({t: "int" for t in scenario.tasks})
         optional = {REQUEST_ID: "int", SPLIT: "int"}
@@ -401,6 +446,8 @@ class RawDataset:
         for group, column, size in scenario.categorical():
             values, nulls = self._ints(path, batch, column, row0, keep)
             cols[f"{group}/{column}"] = fold_ids(values, size, nulls)
+        for group, column, size, _ in scenario.multi_hot():
+            cols[f"{group}/{column}"] = self._id_lists(path, batch, column, size, row0, keep)
         for column in scenario.dense_features:
             values, bad = _float32(batch.column(column))
             self._row_problem(path, column, RULE_NOT_FINITE, bad, row0, keep)
@@ -431,19 +478,28 @@ class RawDataset:
             cols[f"label/{task}"] = np.where(nulls, -1, values).astype(np.int8)
 
 
-def _record_batch(cols: Dict[str, np.ndarray], keep: np.ndarray) -> pa.RecordBatch:
+def _record_batch(cols: Dict[str, Any], keep: np.ndarray) -> pa.RecordBatch:
+    """The kept rows of ``cols`` (numpy arrays, or Arrow arrays for the multi-hot lists)."""
+    arrays = {k: v if isinstance(v, pa.Array) else pa.array(v) for k, v in cols.items()}
     if not keep.all():
-        cols = {k: v[keep] for k, v in cols.items()}
-    return pa.RecordBatch.from_pydict({k: pa.array(v) for k, v in cols.items()})
+        mask = pa.array(keep)
+        arrays = {k: v.filter(mask) for k, v in arrays.items()}
+    return pa.RecordBatch.from_pydict(arrays)
 
 
 def exposure_columns(scenario: ScenarioSpec) -> List[str]:
     """Column names of a normalised exposure batch (see module docstring), in order."""
     cols = [USER_ID, TS, REQUEST_ID, SPLIT]
     cols += [f"{g}/{c}" for g, c, _ in scenario.categorical()]
+    cols += [f"{g}/{c}" for g, c, _, _ in scenario.multi_hot()]  # list<int64>
     cols += [f"dense/{c}" for c in scenario.dense_features]
     cols += [f"label/{t}" for t in scenario.tasks]
     return cols
+
+
+def multi_hot_columns(scenario: ScenarioSpec) -> List[str]:
+    """The ``list<int64>`` columns of a normalised exposure batch (its multi-hot features)."""
+    return [f"{g}/{c}" for g, c, _, _ in scenario.multi_hot()]
 
 
 def sequence_columns(sequence: SequenceSpec) -> List[str]:

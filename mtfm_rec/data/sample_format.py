@@ -15,6 +15,9 @@ exp/<s>/request_id            list<int64>     -1 where the raw row had none
 exp/<s>/split                 list<int8>      raw ``split`` column (0 train, 1 valid, 2 test) or -1
                                               ("split by time at load")
 exp/<s>/<group>/<feature>     list<int64>     group in user | item | cross; ids folded
+exp/<s>/<group>/<feature>     list<list<      a multi-hot feature: per exposure its list of folded
+                              int64>>         ids, in the raw list's order (a null raw list:
+                                              ``[size]``, the "missing" row)
 exp/<s>/dense/<column>        list<float32>   null -> 0.0
 exp/<s>/label/<task>          list<int8>      0/1; -1 where the raw label was null (missing)
 ============================  ==============  =====================================================
@@ -32,6 +35,10 @@ JSON object (:func:`success_record`) with ``producer`` (``mtfm_rec.data.aggregat
 ``format_version``, the fingerprint of the inputs and of the aggregation config, and ``shards``:
 the name, row count and byte size of every shard as written. :func:`check_shards` compares that
 list with what is on disk; the loader and the aggregation cache refuse any difference.
+
+The multi-hot columns did not change ``FORMAT_VERSION``: a shard has them only when its
+``dataset.yaml`` declares multi-hot features, which no earlier version could read, and every
+other column is as before (existing caches stay valid).
 """
 
 from __future__ import annotations
@@ -115,6 +122,7 @@ def arrow_schema(schema: DatasetSchema) -> pa.Schema:
         fields.append(pa.field(exp_request_id(s.name), ints))
         fields.append(pa.field(exp_split(s.name), pa.list_(pa.int8())))
         fields += [pa.field(exp_feature(s.name, g, c), ints) for g, c, _ in s.categorical()]
+        fields += [pa.field(exp_feature(s.name, g, c), pa.list_(ints)) for g, c, _, _ in s.multi_hot()]
         fields += [pa.field(exp_dense(s.name, c), pa.list_(pa.float32())) for c in s.dense_features]
         fields += [pa.field(exp_label(s.name, t), pa.list_(pa.int8())) for t in s.tasks]
     return pa.schema(fields)

@@ -8,6 +8,13 @@ code change.
 Categorical ids are folded into their table (see :func:`fold_ids`): a feature of declared size
 ``n`` owns a table of ``n + 1`` rows, row ``n`` being the "missing" row for nulls.
 
+A scenario feature declared as ``{size: N, pooling: sum|mean}`` instead of a size is multi-hot
+(:class:`MultiHotFeature`): a ``list<int64>`` column of several ids per exposure, looked up in an
+``EmbeddingBagCollection`` and pooled into one vector. It is kept apart from the single-id
+features: ``ScenarioSpec.user_features`` and its siblings, :meth:`ScenarioSpec.categorical` and
+:meth:`DatasetSchema.sparse_feature_keys` hold the single-id ones only, and
+:meth:`ScenarioSpec.multi_hot` / :meth:`DatasetSchema.bag_feature_keys` the multi-hot ones.
+
 Reading and checking ``dataset.yaml`` is in :mod:`mtfm_rec.data.schema_parsing`.
 """
 
@@ -24,6 +31,7 @@ HISTORY = "history"
 REALTIME = "realtime"
 SEQUENCE_KINDS = (HISTORY, REALTIME)
 FEATURE_GROUPS = ("user", "item", "cross")
+POOLINGS = ("sum", "mean")  # how a multi-hot feature's rows are pooled into one vector
 TIME_UNITS = {"s": 1, "ms": 1000}
 
 
@@ -46,8 +54,30 @@ class SequenceSpec:
 
 
 @dataclass(frozen=True)
+class MultiHotFeature:
+    """A multi-hot scenario feature: a ``list<int64>`` column, several ids per exposure.
+
+    Declared in dataset.yaml under its group as ``<column>: {size: N, pooling: sum|mean}``; its
+    ids are folded as single ids are (:func:`fold_ids`, a null list is one "missing" id) and
+    their ``size + 1``-row table's rows are pooled (summed or averaged) into one vector.
+    """
+
+    group: str  # user | item | cross
+    size: int
+    pooling: str  # one of POOLINGS
+
+    def to_yaml_value(self) -> Dict[str, Any]:
+        return {"size": self.size, "pooling": self.pooling}
+
+
+@dataclass(frozen=True)
 class ScenarioSpec:
-    """One scenario's exposure log (``exposures/<name>/``) with its own feature schema."""
+    """One scenario's exposure log (``exposures/<name>/``) with its own feature schema.
+
+    ``user_features`` / ``item_features`` / ``cross_features`` hold the single-id columns;
+    the multi-hot ones of every group are in ``multi_hot_features`` (column -> spec, groups in
+    FEATURE_GROUPS order), written back into their group by :meth:`to_dict`.
+    """
 
     name: str
     user_features: Dict[str, int]
@@ -55,13 +85,38 @@ class ScenarioSpec:
     cross_features: Dict[str, int]
     dense_features: List[str]
     tasks: List[str]  # 0/1 label columns in funnel order (a later task implies the earlier)
+    multi_hot_features: Dict[str, MultiHotFeature] = field(default_factory=dict)
 
     def categorical(self) -> List[Tuple[str, str, int]]:
-        """(group, column, size) for every categorical feature, groups in FEATURE_GROUPS order."""
+        """(group, column, size) for every single-id categorical feature, groups in
+        FEATURE_GROUPS order (multi-hot features: :meth:`multi_hot`)."""
         out: List[Tuple[str, str, int]] = []
         for group in FEATURE_GROUPS:
             for column, size in getattr(self, f"{group}_features").items():
                 out.append((group, column, size))
+        return out
+
+    def multi_hot(self) -> List[Tuple[str, str, int, str]]:
+        """(group, column, size, pooling) for every multi-hot feature, groups in FEATURE_GROUPS
+        order, then declaration order."""
+        out: List[Tuple[str, str, int, str]] = []
+        for group in FEATURE_GROUPS:
+            for column, spec in self.multi_hot_features.items():
+                if spec.group == group:
+                    out.append((group, column, spec.size, spec.pooling))
+        return out
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The dataset.yaml entry: multi-hot features in their group, in the mapping form (so a
+        scenario without any writes exactly what it always did)."""
+        out: Dict[str, Any] = {"name": self.name}
+        for group in FEATURE_GROUPS:
+            features: Dict[str, Any] = dict(getattr(self, f"{group}_features"))
+            for _, column, _, _ in (m for m in self.multi_hot() if m[0] == group):
+                features[column] = self.multi_hot_features[column].to_yaml_value()
+            out[f"{group}_features"] = features
+        out["dense_features"] = list(self.dense_features)
+        out["tasks"] = list(self.tasks)
         return out
 
 
@@ -125,7 +180,8 @@ class DatasetSchema:
         return len(self.sequences) + [s.name for s in self.scenarios].index(name)
 
     def sparse_feature_keys(self) -> List[str]:
-        """KeyedJaggedTensor keys of a Batch, in order (see mtfm_rec.data.batch)."""
+        """KeyedJaggedTensor keys of a Batch's ``sparse_features``, in order (see
+        mtfm_rec.data.batch); single-id features only."""
         keys = [f"seq/{q.name}/{f}" for q in self.ordered_sequences for f in q.features]
         keys += [f"exp/{s.name}/{g}/{c}" for s in self.scenarios for g, c, _ in s.categorical()]
         return keys
@@ -152,11 +208,33 @@ class DatasetSchema:
             tables.setdefault(name, (sizes[key], []))[1].append(key)
         return tables
 
+    def bag_feature_keys(self) -> List[str]:
+        """KeyedJaggedTensor keys of a Batch's ``bag_features`` (multi-hot features), in order:
+        ``bag/<scenario>/<group>/<column>``, scenarios in file order."""
+        return [f"bag/{s.name}/{g}/{c}" for s in self.scenarios for g, c, _, _ in s.multi_hot()]
+
+    @property
+    def has_bag_features(self) -> bool:
+        """Whether any scenario declares a multi-hot feature (the model then builds its
+        EmbeddingBagCollection)."""
+        return any(s.multi_hot_features for s in self.scenarios)
+
+    def embedding_bag_tables(self) -> Dict[str, Tuple[int, str, List[str]]]:
+        """Embedding-bag table name -> (rows, pooling, the one KJT key it serves), in KJT key
+        order: every multi-hot feature has a table of its own, named after its key, of its
+        declared size + 1 rows."""
+        tables: Dict[str, Tuple[int, str, List[str]]] = {}
+        for s in self.scenarios:
+            for g, c, n, pooling in s.multi_hot():
+                key = f"bag/{s.name}/{g}/{c}"
+                tables[key] = (n + 1, pooling, [key])
+        return tables
+
     # ---------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"name": self.name, "time_unit": self.time_unit}
         out["sequences"] = [dataclasses.asdict(s) for s in self.sequences]
-        out["scenarios"] = [dataclasses.asdict(s) for s in self.scenarios]
+        out["scenarios"] = [s.to_dict() for s in self.scenarios]
         if self.shared_embeddings:
             out["shared_embeddings"] = {k: list(v) for k, v in self.shared_embeddings.items()}
         out.update(self.extra)

@@ -5,12 +5,13 @@ Two steps, each refusing with a :class:`SchemaError` that names the file and the
 * the YAML text (:func:`load_yaml`): UTF-8, one document, no key repeated in one mapping, at most
   ``MAX_YAML_NODES`` nodes with every alias expanded;
 * the mapping (:func:`parse`): known keys only (the nearest valid one named), types, names
-  (``NAME_RULE``), sizes within int64 arithmetic, reserved columns, unique names, the documented
-  extra keys and ``shared_embeddings``, the R lookback in the ts range.
+  (``NAME_RULE``), sizes within int64 arithmetic, the multi-hot form of a scenario feature
+  (``{size: N, pooling: sum|mean}``, never in a sequence), reserved columns, unique names, the
+  documented extra keys and ``shared_embeddings``, the R lookback in the ts range.
 
 The schema objects themselves are in :mod:`mtfm_rec.data.schema`, whose
 ``DatasetSchema.from_dict`` and ``DatasetSchema.load`` call into this module. It stays one
-module, a little over 400 lines: the two steps are one contract, that of ``dataset.yaml``, share
+module, under 500 lines: the two steps are one contract, that of ``dataset.yaml``, share
 its error format, and neither is used without the other.
 """
 
@@ -24,9 +25,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from mtfm_rec.data.schema import (
+    FEATURE_GROUPS,
+    POOLINGS,
     SEQUENCE_KINDS,
     TIME_UNITS,
     DatasetSchema,
+    MultiHotFeature,
     ScenarioSpec,
     SchemaError,
     SequenceSpec,
@@ -55,6 +59,7 @@ MAX_LOOKBACK_TICKS = 2**62
 TOP_KEYS = ("name", "time_unit", "sequences", "scenarios", "shared_embeddings")
 SEQUENCE_KEYS = ("name", "kind", "max_len", "features")
 SCENARIO_KEYS = ("name", "user_features", "item_features", "cross_features", "dense_features", "tasks")
+MULTI_HOT_KEYS = ("size", "pooling")  # the mapping form of a multi-hot scenario feature
 # Documented extra top-level keys (kept in DatasetSchema.extra) and the type each must have;
 # any other extra key must start with EXTENSION_PREFIX (kept as written, unchecked).
 EXTRA_KEYS: Dict[str, str] = {
@@ -260,22 +265,55 @@ class _Checker:
     def names(self, where: str, value: Any, what: str) -> List[str]:
         return [self.name(f"{where}[{i}]", v) for i, v in enumerate(self.listed(where, value, what))]
 
+    def size(self, where: str, size: Any) -> int:
+        """A vocabulary size: a positive int that int64 ids and table rows can hold."""
+        ok = isinstance(size, int) and not isinstance(size, bool) and size >= 1
+        if not ok:
+            raise self.fail(where, f"vocabulary size must be a positive int, {_got(size)}")
+        return self.at_most(
+            where, size, MAX_VOCABULARY_SIZE, "2**63 - 2 (ids and table rows are int64)", "vocabulary size "
+        )
+
     def vocab(self, where: str, value: Any) -> Dict[str, int]:
+        """A sequence's ``column -> vocabulary size`` (one id per action: no multi-hot form)."""
         out: Dict[str, int] = {}
         for column, size in self.mapping(where, value, "column -> vocabulary size").items():
             self.name(where, column)
-            ok = isinstance(size, int) and not isinstance(size, bool) and size >= 1
-            if not ok:
-                raise self.fail(f"{where}.{column}", f"vocabulary size must be a positive int, {_got(size)}")
-            self.at_most(
-                f"{where}.{column}",
-                size,
-                MAX_VOCABULARY_SIZE,
-                "2**63 - 2 (ids and table rows are int64)",
-                "vocabulary size ",
-            )
-            out[column] = size
+            if isinstance(size, Mapping):
+                raise self.fail(
+                    f"{where}.{column}",
+                    "a sequence feature is one id per action: the multi-hot form "
+                    "{size: N, pooling: sum|mean} is only for scenario features "
+                    "(user_features, item_features, cross_features)",
+                )
+            out[column] = self.size(f"{where}.{column}", size)
         return out
+
+    def features(
+        self, where: str, value: Any, group: str
+    ) -> Tuple[Dict[str, int], Dict[str, MultiHotFeature]]:
+        """A scenario group's features: (single-id column -> size, multi-hot column -> spec).
+
+        A value is a vocabulary size, or the mapping ``{size: N, pooling: sum|mean}`` that makes
+        the column multi-hot (a ``list<int64>`` column).
+        """
+        single: Dict[str, int] = {}
+        multi: Dict[str, MultiHotFeature] = {}
+        for column, size in self.mapping(where, value, "column -> vocabulary size").items():
+            self.name(where, column)
+            place = f"{where}.{column}"
+            if not isinstance(size, Mapping):
+                single[column] = self.size(place, size)
+                continue
+            self.keys(place, size, MULTI_HOT_KEYS, required=MULTI_HOT_KEYS)
+            pooling = size["pooling"]
+            if pooling not in POOLINGS:
+                raise self.fail(
+                    f"{place}.pooling",
+                    f"a multi-hot feature's pooling must be one of {POOLINGS}, {_got(pooling)}",
+                )
+            multi[column] = MultiHotFeature(group, self.size(f"{place}.size", size["size"]), pooling)
+        return single, multi
 
 
 def _place(kind: str, i: int, entry: Any) -> str:
@@ -312,22 +350,32 @@ def _scenario(check: _Checker, i: int, sc: Any) -> ScenarioSpec:
     tasks = check.names(f"{where}.tasks", sc["tasks"], "task (0/1 label column) names")
     if not tasks:
         raise check.fail(f"{where}.tasks", "a scenario needs at least one task")
-    spec = ScenarioSpec(
-        name=check.name(f"{where}.name", sc["name"]),
-        user_features=check.vocab(f"{where}.user_features", sc.get("user_features")),
-        item_features=check.vocab(f"{where}.item_features", sc.get("item_features")),
-        cross_features=check.vocab(f"{where}.cross_features", sc.get("cross_features")),
-        dense_features=check.names(f"{where}.dense_features", sc.get("dense_features"), "float column names"),
-        tasks=tasks,
-    )
-    columns = [c for _, c, _ in spec.categorical()] + spec.dense_features + spec.tasks
+    name = check.name(f"{where}.name", sc["name"])
+    single: Dict[str, Dict[str, int]] = {}
+    multi: Dict[str, MultiHotFeature] = {}
+    columns: List[str] = []
+    for group in FEATURE_GROUPS:
+        key = f"{group}_features"
+        single[group], group_multi = check.features(f"{where}.{key}", sc.get(key), group)
+        columns += list(single[group]) + list(group_multi)  # a column in two groups: refused below
+        multi.update(group_multi)
+    dense = check.names(f"{where}.dense_features", sc.get("dense_features"), "float column names")
+    columns += dense + tasks
     dup = sorted({c for c in columns if columns.count(c) > 1})
     if dup:
         raise check.fail(where, f"columns declared twice: {dup}")
     reserved = sorted(set(columns) & set(RESERVED_EXPOSURE_COLUMNS))
     if reserved:
         raise check.fail(where, f"reserved column names used as features: {reserved}")
-    return spec
+    return ScenarioSpec(
+        name=name,
+        user_features=single["user"],
+        item_features=single["item"],
+        cross_features=single["cross"],
+        dense_features=dense,
+        tasks=tasks,
+        multi_hot_features=multi,
+    )
 
 
 def _extras(check: _Checker, raw: Mapping[str, Any]) -> Dict[str, Any]:
@@ -352,6 +400,13 @@ def _extras(check: _Checker, raw: Mapping[str, Any]) -> Dict[str, Any]:
 def _shared_embeddings(check: _Checker, value: Any, schema: DatasetSchema) -> Dict[str, List[str]]:
     shared = check.mapping("shared_embeddings", value, "table name -> list of feature keys")
     sizes = schema.sparse_feature_sizes()
+    # a multi-hot feature's table is in the EmbeddingBagCollection, which shares none with the EC
+    multi_hot = {
+        f"{p}/{s.name}/{g}/{c}"
+        for s in schema.scenarios
+        for g, c, _, _ in s.multi_hot()
+        for p in ("exp", "bag")
+    }
     seen: Dict[str, str] = {}
     out: Dict[str, List[str]] = {}
     for table, keys in shared.items():
@@ -362,6 +417,10 @@ def _shared_embeddings(check: _Checker, value: Any, schema: DatasetSchema) -> Di
                 where, "must list at least two feature keys (seq/<q>/<f> or exp/<s>/<group>/<f>)"
             )
         for key in keys:
+            if isinstance(key, str) and key in multi_hot:
+                raise check.fail(
+                    where, f"{key!r} is a multi-hot feature: it has a table of its own and shares none"
+                )
             if not isinstance(key, str) or key not in sizes:
                 raise check.fail(where, f"{key!r} is not a declared feature key; known: {sorted(sizes)}")
             if key in seen:
@@ -419,7 +478,7 @@ def parse(raw: Any, source: str) -> DatasetSchema:
             "recommended_realtime_lookback_seconds",
             f"{lookback} s is more than 2**62 ticks ({time_unit}), beyond the ts safe range",
         )
-    collisions = mangling_collisions(list(schema.embedding_tables()))
+    collisions = mangling_collisions(list(schema.embedding_tables()) + list(schema.embedding_bag_tables()))
     if collisions:  # unreachable with NAME_RULE names; kept as the guard the model relies on
         raise check.fail("embedding tables", f"names collide after '/' -> '__' mangling: {collisions}")
     return schema

@@ -108,6 +108,7 @@ def _prescan(
     split: str,
     eval_after: Optional[int],
     valid_after: Optional[int],
+    scenarios: Sequence[str],
 ) -> List[int]:
     """Rows of ``split`` per unit, reading only the exposure ts and split columns."""
     counts: List[int] = []
@@ -125,7 +126,7 @@ def _prescan(
                 table = pf.read_row_group(rg, columns=columns)
             except (pa.ArrowException, OSError) as exc:
                 raise unreadable_shard(path, rg, exc) from exc
-            row_keep, _ = split_masks(table, schema, split, eval_after, valid_after)
+            row_keep, _ = split_masks(table, schema, split, eval_after, valid_after, scenarios)
             counts.append(int(row_keep.sum()))
     finally:
         if fh is not None:
@@ -166,6 +167,7 @@ def build_index(
     valid_after: Optional[int],
     require_success: bool,
     cache_dir: Optional[str],
+    scenarios: Sequence[str] = (),
 ) -> List[Unit]:
     """The units of the dataset directory ``root`` with their sample counts of ``split``.
 
@@ -178,20 +180,23 @@ def build_index(
         valid_after: first validation tick, or None.
         require_success: refuse a directory without an mtfm_rec ``_SUCCESS`` listing its shards.
         cache_dir: where to cache the per-split pre-scan (path or fsspec URL), or None.
+        scenarios: keep only these scenarios' exposures (all when empty).
 
     Raises:
         LoaderError: the directory does not match its marker, lacks columns, or is unreadable.
     """
     raw_units, fingerprint = _list_units(fs, root, schema, require_success)
-    if split == "all":
+    if split == "all" and not scenarios:
         counts = [n for _, _, n in raw_units]
     else:
         key = hashlib.sha256(
-            json.dumps([fingerprint, split, eval_after, valid_after, schema.to_dict()]).encode()
+            json.dumps(
+                [fingerprint, split, eval_after, valid_after, sorted(scenarios), schema.to_dict()]
+            ).encode()
         ).hexdigest()
         counts = _cached_counts(
             cache_dir,
             key,
-            lambda: _prescan(fs, raw_units, schema, split, eval_after, valid_after),
+            lambda: _prescan(fs, raw_units, schema, split, eval_after, valid_after, scenarios),
         )
     return [Unit(p, rg, n, c) for (p, rg, n), c in zip(raw_units, counts)]

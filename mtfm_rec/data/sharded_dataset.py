@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import fsspec
 import numpy as np
@@ -99,6 +99,8 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         seed: base seed; with the epoch it fixes every random choice.
         pad_to_equal_batches: evaluation mode (pad, never drop) instead of training mode.
         index_cache_dir: where to cache the per-split pre-scan (path or fsspec URL), or None.
+        scenarios: serve only these scenarios' exposures (``data.scenarios``; all when empty):
+            samples without one are skipped. Unknown names are refused.
         require_success: refuse a directory without an mtfm_rec ``_SUCCESS`` listing its
             shards. Either way, shards that differ from a listing ``_SUCCESS`` are refused.
     """
@@ -119,6 +121,7 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         pad_to_equal_batches: bool = False,
         index_cache_dir: Optional[str] = None,
         require_success: bool = True,
+        scenarios: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if split not in SPLITS:
@@ -135,6 +138,11 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         self.split = split
         self.eval_after = eval_after
         self.valid_after = valid_after
+        self.scenarios = tuple(scenarios)
+        known = [sc.name for sc in self.schema.scenarios]
+        unknown = [name for name in self.scenarios if name not in known]
+        if unknown:
+            raise LoaderError(f"data.scenarios: unknown scenario(s) {unknown}; the dataset has {known}")
         self.shuffle = split == "train" if shuffle is None else shuffle
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
@@ -153,6 +161,7 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
             valid_after,
             require_success,
             index_cache_dir,
+            self.scenarios,
         )
         self.num_samples = sum(u.count for u in self.units)  # T: samples of the split
 
@@ -288,7 +297,9 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         inverse = np.empty(len(order), np.int64)
         inverse[order] = np.arange(len(order))
         table = grouped.take(pa.array(inverse))  # back to the shuffled order
-        _, exposure_keep = split_masks(table, self.schema, self.split, self.eval_after, self.valid_after)
+        _, exposure_keep = split_masks(
+            table, self.schema, self.split, self.eval_after, self.valid_after, self.scenarios
+        )
         batch = collate(table, self.schema, exposure_keep)
         if pad.any():
             pad_rows = torch.from_numpy(pad)
@@ -337,7 +348,7 @@ class _RowReader:
                 table = pq.ParquetFile(fh).read_row_group(u.row_group, columns=self._columns)
         except (pa.ArrowException, OSError) as exc:
             raise unreadable_shard(u.path, u.row_group, exc) from exc
-        row_keep, _ = split_masks(table, ds.schema, ds.split, ds.eval_after, ds.valid_after)
+        row_keep, _ = split_masks(table, ds.schema, ds.split, ds.eval_after, ds.valid_after, ds.scenarios)
         kept = np.flatnonzero(row_keep)
         if len(kept) != u.count:
             raise LoaderError(

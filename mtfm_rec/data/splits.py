@@ -8,7 +8,7 @@ these rules; docs/LOADER.md ("Splits") describes them.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -55,31 +55,54 @@ def split_masks(
     split: str,
     eval_after: Optional[int],
     valid_after: Optional[int],
+    scenarios: Sequence[str] = (),
 ) -> Tuple[np.ndarray, Optional[Dict[str, np.ndarray]]]:
     """Which rows and exposures of ``table`` belong to ``split``.
 
+    Args:
+        scenarios: when not empty, only these scenarios' exposures are kept (``data.scenarios``:
+            a per-scenario model trains and is evaluated on its scenario's exposures alone).
+
     Returns:
         (row_keep [num_rows] bool, exposure_keep per scenario over the flattened exposures, or
-        None for ``split="all"``). A row is kept when at least one of its exposures is.
+        None for ``split="all"`` over every scenario). A row is kept when at least one of its
+        exposures is.
     """
-    if split == "all":
+    if split == "all" and not scenarios:
         return np.ones(table.num_rows, bool), None
-    code = _SPLIT_CODE[split]
     row_keep = np.zeros(table.num_rows, bool)
     exposure_keep: Dict[str, np.ndarray] = {}
     for s in schema.scenarios:
         ts_col = table.column(fmt.exp_ts(s.name))
         lengths = pc.fill_null(pc.list_value_length(ts_col), 0).to_numpy().astype(np.int64)
-        ts = pc.list_flatten(ts_col).to_numpy(zero_copy_only=False).astype(np.int64)
-        raw_split = pc.list_flatten(table.column(fmt.exp_split(s.name)))
-        raw_split = raw_split.to_numpy(zero_copy_only=False).astype(np.int8)
-        if len(raw_split) != len(ts):
-            raise LoaderError(
-                f"{fmt.exp_split(s.name)} and {fmt.exp_ts(s.name)} differ in length; "
-                "all list columns of a scenario must share lengths"
-            )
-        keep = exposure_split(ts, raw_split, eval_after, valid_after) == code
+        if scenarios and s.name not in scenarios:
+            exposure_keep[s.name] = np.zeros(int(lengths.sum()), bool)
+            continue
+        if split == "all":
+            keep = np.ones(int(lengths.sum()), bool)
+        else:
+            keep = _split_keep(table, s.name, ts_col, split, eval_after, valid_after)
         exposure_keep[s.name] = keep
         rows = np.repeat(np.arange(table.num_rows), lengths)
         row_keep[rows[keep]] = True
     return row_keep, exposure_keep
+
+
+def _split_keep(
+    table: pa.Table,
+    scenario: str,
+    ts_col: pa.ChunkedArray,
+    split: str,
+    eval_after: Optional[int],
+    valid_after: Optional[int],
+) -> np.ndarray:
+    """Which of ``scenario``'s flattened exposures belong to ``split``."""
+    ts = pc.list_flatten(ts_col).to_numpy(zero_copy_only=False).astype(np.int64)
+    raw_split = pc.list_flatten(table.column(fmt.exp_split(scenario)))
+    raw_split = raw_split.to_numpy(zero_copy_only=False).astype(np.int8)
+    if len(raw_split) != len(ts):
+        raise LoaderError(
+            f"{fmt.exp_split(scenario)} and {fmt.exp_ts(scenario)} differ in length; "
+            "all list columns of a scenario must share lengths"
+        )
+    return exposure_split(ts, raw_split, eval_after, valid_after) == _SPLIT_CODE[split]

@@ -18,9 +18,50 @@ _ATTENTION_BACKENDS = values(AttentionBackend)
 
 LOSS_AVERAGES = ("exposure", "task")  # model.loss_average; see mtfm_rec.model.heads
 
+# model.name: MTFM or one of the paper's baselines (section 4.1.2, Table 2), all built by
+# mtfm_rec.model.zoo.build_model from the same schema and trained by the same Trainer.
+MODEL_NAMES = ("mtfm", "dcnv2", "mmoe", "rankmixer", "mtgr", "onetrans", "star", "pepnet")
+# As in the paper, these train one model per scenario (data.scenarios=[<s>]); the others train
+# on all scenarios at once. mtfm_rec.experiments reads this to plan its jobs.
+PER_SCENARIO_MODELS = ("dcnv2", "mmoe", "rankmixer", "mtgr", "onetrans")
+CROSS_STRUCTURES = ("stacked", "parallel")
+
+
+@dataclass
+class BaselineConfig:
+    """Hyperparameters of the baselines (``model.baseline.*``); the shared sizes (embedding_dim,
+    d_model, num_experts, expert_dim, tower_dim, num_heads, dropout) come from ``model.*``."""
+
+    hidden: List[int] = field(default_factory=lambda: [256, 128])  # MLP widths (deep parts, FCNs)
+    cross_layers: int = 3  # DCNv2: cross layers
+    cross_structure: str = "stacked"  # DCNv2: stacked (cross -> deep) | parallel (cross || deep)
+    cross_rank: int = 0  # DCNv2: 0 = full-rank W; r > 0 = low-rank W = U V^T (mixture-free)
+    mixer_tokens: int = 4  # RankMixer: tokens T (= heads of the token mixing)
+    mixer_layers: int = 2  # RankMixer: layers
+    onetrans_layers: int = 4  # OneTrans: transformer layers
+    # OneTrans pyramid: the sequence tokens that still issue queries shrink geometrically from
+    # all of them at the first layer to this fraction at the last (T tokens always do)
+    pyramid_final_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.cross_structure not in CROSS_STRUCTURES:
+            raise ValueError(
+                f"baseline.cross_structure={self.cross_structure!r} unknown; choose one of {CROSS_STRUCTURES}"
+            )
+        for key in ("cross_layers", "mixer_tokens", "mixer_layers", "onetrans_layers"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"baseline.{key} must be >= 1, got {getattr(self, key)}")
+        if self.cross_rank < 0:
+            raise ValueError(f"baseline.cross_rank must be >= 0, got {self.cross_rank}")
+        if not 0.0 < self.pyramid_final_fraction <= 1.0:
+            raise ValueError(
+                f"baseline.pyramid_final_fraction must be in (0, 1], got {self.pyramid_final_fraction}"
+            )
+
 
 @dataclass
 class ModelConfig:
+    name: str = "mtfm"  # one of MODEL_NAMES
     embedding_dim: int = 16  # every EmbeddingCollection table (TorchRec needs one dim per EC)
     d_model: int = 64
     tokenizer_hidden: List[int] = field(default_factory=list)  # hidden sizes of the eq. 3/4 MLPs
@@ -48,8 +89,11 @@ class ModelConfig:
     use_sequences: bool = True  # False: feature-only baseline (T tokens alone, no H/R)
     conditional_towers: bool = True  # funnel: tower k predicts p(task k | task k-1), see heads.py
     norm_eps: float = 1e-5
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
 
     def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"model.name={self.name!r} unknown; choose one of {MODEL_NAMES}")
         if self.attention_backend not in _ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend={self.attention_backend!r} unknown; choose one of {_ATTENTION_BACKENDS}"

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model.config import LOSS_AVERAGES, ModelConfig
 
@@ -111,13 +112,15 @@ class MMoEHeads(nn.Module):
         Returns:
             scenario -> ``[n_s, num_tasks_s]`` raw tower logits (see :func:`funnel_log_probs`).
         """
-        out: Dict[str, torch.Tensor] = {}
-        for name, n_tasks, gate, towers in zip(self.scenario_names, self.num_tasks, self.gates, self.towers):
-            h = self.norm(x[rows[name]])
-            experts = F.silu(self.experts(h)).view(-1, self.num_experts, self.expert_dim)
-            weights = torch.softmax(gate(h).view(-1, n_tasks, self.num_experts), dim=-1)
-            out[name] = towers(torch.bmm(weights, experts))  # [n_s, T_s, expert_dim] -> [n_s, T_s]
-        return out
+        return {name: self.scenario_logits(i, x[rows[name]]) for i, name in enumerate(self.scenario_names)}
+
+    def scenario_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Raw tower logits ``[n, num_tasks]`` of scenario ``index`` for its inputs ``x [n, d_model]``."""
+        n_tasks = self.num_tasks[index]
+        h = self.norm(x)
+        experts = F.silu(self.experts(h)).view(-1, self.num_experts, self.expert_dim)
+        weights = torch.softmax(self.gates[index](h).view(-1, n_tasks, self.num_experts), dim=-1)
+        return self.towers[index](torch.bmm(weights, experts))  # [n, T_s, expert_dim] -> [n, T_s]
 
 
 def multi_task_loss(
@@ -175,3 +178,55 @@ def task_weight_vectors(schema: DatasetSchema, weights: Dict[str, float]) -> Dic
         s.name: torch.tensor([float(weights.get(f"{s.name}/{t}", 1.0)) for t in s.tasks])
         for s in schema.scenarios
     }
+
+
+class MultiTaskOutput(nn.Module):
+    """Raw tower logits of every scenario x task -> ``(loss, out)``, the output every model of
+    the framework returns (MTFM and the baselines alike, so the trainer, metrics and serving
+    treat them the same).
+
+    Args:
+        schema: scenarios and their tasks (in funnel order).
+        config: ``task_weights``, ``conditional_towers``, ``loss_average``.
+    """
+
+    def __init__(self, schema: DatasetSchema, config: ModelConfig) -> None:
+        super().__init__()
+        self.task_names = {s.name: list(s.tasks) for s in schema.scenarios}
+        self.conditional = config.conditional_towers
+        self.loss_average = config.loss_average
+        for i, vec in enumerate(task_weight_vectors(schema, config.task_weights).values()):
+            self.register_buffer(f"task_weight_{i}", vec, persistent=False)
+
+    def task_weights(self) -> Dict[str, torch.Tensor]:
+        return {name: getattr(self, f"task_weight_{i}") for i, name in enumerate(self.task_names)}
+
+    def forward(
+        self, raw: Dict[str, torch.Tensor], batch: Batch
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """``raw``: scenario -> ``[n_s, num_tasks_s]`` tower logits (exposures in KJT order).
+
+        Returns:
+            ``(loss, out)``: ``out["<scenario>"]`` the probabilities, ``out["<scenario>/logits"]``
+            their logits, ``out["loss/<scenario>/<task>"]`` the detached per-task mean BCE.
+        """
+        log_p: Dict[str, torch.Tensor] = {}
+        log_q: Dict[str, torch.Tensor] = {}
+        for name, z in raw.items():
+            log_p[name], log_q[name] = funnel_log_probs(z.float(), self.conditional)
+        loss, parts = multi_task_loss(
+            log_p,
+            log_q,
+            batch.labels,
+            batch.label_mask,
+            self.task_names,
+            self.task_weights(),
+            self.loss_average,
+        )
+        out: Dict[str, torch.Tensor] = {}
+        for name in raw:
+            out[name] = log_p[name].exp()
+            out[f"{name}/logits"] = log_p[name] - log_q[name]
+        for key, value in parts.items():
+            out[f"loss/{key}"] = value.detach()
+        return loss, out

@@ -28,6 +28,7 @@ so each query is encoded by two ints: ``prefix_len`` (keys ``[0, prefix_len)`` a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Dict, Tuple
 
 import torch
 
@@ -112,6 +113,22 @@ def build_target_only_layout(batch: Batch) -> AttentionLayout:
         num_tokens=t,
         num_targets=t,
     )
+
+
+def model_layout(batch: Batch, use_sequences: bool) -> Tuple[AttentionLayout, Dict[str, torch.Tensor]]:
+    """The layout a model attends over, and per scenario the layout row of each exposure.
+
+    With sequences, the batch's full (H; R; T) layout and ``batch.target_positions``; without
+    (the feature-only ablation), :func:`build_target_only_layout`, whose row i is the batch's T
+    token ``target_rows[i]``.
+    """
+    if use_sequences:
+        return build_layout(batch), batch.target_positions
+    layout = build_target_only_layout(batch)
+    t = layout.num_tokens
+    inverse = torch.zeros(batch.num_tokens, dtype=torch.int64, device=batch.target_rows.device)
+    inverse = inverse.index_copy(0, batch.target_rows, torch.arange(t, device=inverse.device))
+    return layout, {name: inverse[pos] for name, pos in batch.target_positions.items()}
 
 
 def dense_mask(layout: AttentionLayout, target_queries: bool) -> torch.Tensor:

@@ -1,13 +1,19 @@
 """Heterogeneous tokenization (paper 3.2.1, eq. 3-5): embeddings -> one flat token tensor.
 
 The categorical lookups happen outside, in the top-level model's TorchRec
-``EmbeddingCollection`` (see :func:`make_embedding_collection`), so that TorchRec can shard them;
-this module gets its output (``Dict[key, JaggedTensor]``) and does the dense part::
+``EmbeddingCollection`` (see :func:`make_embedding_collection`) and, for multi-hot features, its
+``EmbeddingBagCollection`` (:func:`make_embedding_bag_collection`), so that TorchRec can shard
+them; this module gets their outputs (``Dict[key, JaggedTensor]`` and a ``KeyedTensor`` of pooled
+bags) and does the dense part::
 
     seq/<q>/<f> embeddings  --concat over f-->  MLP_q   --> [n_q, d] --scatter to sequence_positions[q]--+
-    exp/<s>/<g>/<f> embeddings + dense(s) -->   MLP_s   --> [n_s, d] --scatter to target_positions[s]----+
+    exp/<s>/<g>/<f> embeddings                                                                            |
+      + pooled bag/<s>/<g>/<f> + dense(s) -->   MLP_s   --> [n_s, d] --scatter to target_positions[s]----+
                                                                                                           v
                                        X(0) = (H; R; T) per sample, flat [N, d_model] (eq. 5)
+
+A multi-hot feature (a list of ids per exposure) enters eq. 4 as one more ``e``-wide field: the
+sum or the mean (dataset.yaml's ``pooling``) of its ids' rows.
 
 The Batch already laid the rows out (H merged by ts, then R merged by ts, then T by scenario),
 so all groups are written by a single ``index_copy`` of the concatenated MLP outputs. One MLP per
@@ -17,13 +23,13 @@ sequence and one per scenario, built from the schema: a new scenario is a datase
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingConfig
-from torchrec.modules.embedding_modules import EmbeddingCollection
-from torchrec.sparse.jagged_tensor import JaggedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema, mangled_table_name
@@ -45,6 +51,30 @@ def make_embedding_collection(
         for name, (rows, keys) in schema.embedding_tables().items()
     ]
     return EmbeddingCollection(tables=tables, device=device)
+
+
+_POOLING_TYPES = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def make_embedding_bag_collection(
+    schema: DatasetSchema, config: ModelConfig, device: torch.device | None = None
+) -> Optional[EmbeddingBagCollection]:
+    """The tables of ``schema.embedding_bag_tables()``: one per multi-hot feature, sized by the
+    declared vocabulary + 1, pooled as dataset.yaml says (sum or mean); None when the schema
+    declares no multi-hot feature (the model then has no EmbeddingBagCollection at all)."""
+    if not schema.has_bag_features:
+        return None
+    tables = [
+        EmbeddingBagConfig(
+            name=mangled_table_name(name),
+            embedding_dim=config.embedding_dim,
+            num_embeddings=rows,
+            feature_names=keys,
+            pooling=_POOLING_TYPES[pooling],
+        )
+        for name, (rows, pooling, keys) in schema.embedding_bag_tables().items()
+    ]
+    return EmbeddingBagCollection(tables=tables, device=device)
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int) -> nn.Sequential:
@@ -134,9 +164,12 @@ class HeterogeneousTokenizer(nn.Module):
         self.scenario_keys = [
             [f"exp/{s.name}/{g}/{c}" for g, c, _ in s.categorical()] for s in schema.scenarios
         ]
+        self.scenario_bag_keys = [
+            [f"bag/{s.name}/{g}/{c}" for g, c, _, _ in s.multi_hot()] for s in schema.scenarios
+        ]
         self.scenario_mlps = nn.ModuleList(
-            mlp(len(keys) * e + len(s.dense_features), hidden, d)
-            for keys, s in zip(self.scenario_keys, schema.scenarios)
+            mlp((len(keys) + len(bags)) * e + len(s.dense_features), hidden, d)
+            for keys, bags, s in zip(self.scenario_keys, self.scenario_bag_keys, schema.scenarios)
         )
         self.d_model = d
         self.time = (
@@ -151,6 +184,7 @@ class HeterogeneousTokenizer(nn.Module):
         batch: Batch,
         num_tokens: int,
         target_positions: Dict[str, torch.Tensor],
+        bag_embeddings: Optional[KeyedTensor] = None,
     ) -> torch.Tensor:
         """Builds ``X(0)``.
 
@@ -160,6 +194,8 @@ class HeterogeneousTokenizer(nn.Module):
             num_tokens: rows of the output (``batch.num_tokens``, or the T count for the
                 feature-only baseline).
             target_positions: per scenario, the output row of each exposure (KJT order).
+            bag_embeddings: the EmbeddingBagCollection output on ``batch.bag_features``; needed
+                when the schema has multi-hot features, ignored otherwise.
         Returns:
             ``[num_tokens, d_model]`` tokens; H and R rows are left zero when sequences are off.
         """
@@ -169,9 +205,11 @@ class HeterogeneousTokenizer(nn.Module):
             feats = torch.cat([embeddings[k].values() for k in keys], dim=-1)
             rows.append(net(feats))
             positions.append(batch.sequence_positions[name])
+        pooled = self._pooled_bags(bag_embeddings, batch)
         for name, keys, net in zip(self.scenario_names, self.scenario_keys, self.scenario_mlps):
             # Dense columns last (possibly zero of them: keeps the shape for feature-less scenarios).
-            parts = [embeddings[k].values() for k in keys] + [compress_dense(batch.dense_features[name])]
+            parts = [embeddings[k].values() for k in keys] + pooled.get(name, [])
+            parts.append(compress_dense(batch.dense_features[name]))
             rows.append(net(torch.cat(parts, dim=-1)))
             positions.append(target_positions[name])
         values = torch.cat(rows, dim=0)
@@ -179,4 +217,29 @@ class HeterogeneousTokenizer(nn.Module):
         out = out.index_copy(0, torch.cat(positions), values)
         if self.time is not None:
             out = out + self.time(batch.token_ts)
+        return out
+
+    def _pooled_bags(
+        self, bag_embeddings: Optional[KeyedTensor], batch: Batch
+    ) -> Dict[str, List[torch.Tensor]]:
+        """Per scenario, the ``[n_s, e]`` pooled rows of each of its multi-hot features.
+
+        A bag key's pooled ``[n, e]`` covers every scenario's exposures, scenario after
+        scenario (``Batch.bag_features``): scenario s's rows are its slice.
+        """
+        if not any(self.scenario_bag_keys):
+            return {}
+        if bag_embeddings is None:
+            raise ValueError(
+                "the schema declares multi-hot features "
+                f"{[k for keys in self.scenario_bag_keys for k in keys]}: pass the "
+                "EmbeddingBagCollection output on batch.bag_features as bag_embeddings"
+            )
+        pooled = bag_embeddings.to_dict()
+        out: Dict[str, List[torch.Tensor]] = {}
+        start = 0
+        for name, keys in zip(self.scenario_names, self.scenario_bag_keys):
+            n = batch.exposure_sample[name].shape[0]  # a host-side size: no sync
+            out[name] = [pooled[k][start : start + n] for k in keys]
+            start += n
         return out

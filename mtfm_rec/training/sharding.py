@@ -1,6 +1,7 @@
 """Sharding plan, DMP and the dense wrapper (DDP or FSDP2).
 
-The embedding tables are sharded by TorchRec's planner and ``DistributedModelParallel``; their
+The embedding tables (of the ``EmbeddingCollection``, and of the ``EmbeddingBagCollection`` that
+pools multi-hot features) are sharded by TorchRec's planner and ``DistributedModelParallel``; their
 optimizer is fused into the backward pass (``apply_optimizer_in_backward``), so no dense
 optimizer ever sees them. Everything else (the dense model) is data parallel: DDP, or FSDP2's
 ``fully_shard`` with the sharded tables ignored. The same code runs gloo on CPUs and NCCL on GPUs.
@@ -11,7 +12,7 @@ The process group is ``mtfm_rec.training.distributed``'s; the optimizers are
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -27,28 +28,72 @@ from mtfm_rec.training.optimizers import embedding_parameters, fused_optimizer_s
 
 
 # ----------------------------------------------------------------------- planning
-def _table_names(model: nn.Module) -> List[str]:
-    """Names of every EmbeddingCollection / EmbeddingBagCollection table of ``model``."""
-    out: List[str] = []
+def _tables(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, the module that holds it) of every EmbeddingCollection / EmbeddingBagCollection
+    table of ``model``."""
+    out: List[Tuple[str, nn.Module]] = []
     for module in model.modules():
         configs = getattr(module, "embedding_configs", None) or getattr(module, "embedding_bag_configs", None)
         if callable(configs):
-            out.extend(table.name for table in configs())
+            out.extend((table.name, module) for table in configs())
     return out
 
 
-def make_constraints(model: nn.Module, cfg: ShardingConfig) -> Dict[str, ParameterConstraints]:
-    """Planner constraints from the config: global and per-table (prefix ``*``) sharding types."""
+def _table_names(model: nn.Module) -> List[str]:
+    """Names of every EmbeddingCollection / EmbeddingBagCollection table of ``model``."""
+    return [name for name, _ in _tables(model)]
+
+
+def _supported_types(module: nn.Module, compute_device: str) -> Optional[List[str]]:
+    """The sharding types TorchRec's default sharder of ``module`` offers on ``compute_device``
+    (an EmbeddingBagCollection has no row-wise sharding on the CPU, an EmbeddingCollection
+    has); None for another module."""
+    from torchrec.distributed.embedding import EmbeddingCollectionSharder
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+
+    if isinstance(module, EmbeddingBagCollection):
+        return list(EmbeddingBagCollectionSharder().sharding_types(compute_device))
+    if isinstance(module, EmbeddingCollection):
+        return list(EmbeddingCollectionSharder().sharding_types(compute_device))
+    return None
+
+
+def make_constraints(
+    model: nn.Module, cfg: ShardingConfig, compute_device: Optional[str] = None
+) -> Dict[str, ParameterConstraints]:
+    """Planner constraints from the config: global and per-table (prefix ``*``) sharding types.
+
+    Args:
+        model: the unsharded model.
+        cfg: ``train.sharding``.
+        compute_device: ``cpu`` or ``cuda``: when given, a table left with no sharding type its
+            module supports there is refused here, by name (the planner's own error names no
+            config key).
+
+    Raises:
+        ValueError: a ``table_sharding_types`` pattern matches no table, or (with
+            ``compute_device``) a table has no supported sharding type left.
+    """
     constraints: Dict[str, ParameterConstraints] = {}
-    tables = _table_names(model)
+    tables = _tables(model)
+    names = [name for name, _ in tables]
     for pattern in cfg.table_sharding_types:
-        if not any(_matches(pattern, t) for t in tables):
-            raise ValueError(f"train.sharding.table_sharding_types: {pattern!r} matches no table of {tables}")
-    for name in tables:
+        if not any(_matches(pattern, t) for t in names):
+            raise ValueError(f"train.sharding.table_sharding_types: {pattern!r} matches no table of {names}")
+    for name, module in tables:
         types = list(cfg.sharding_types)
         for pattern, allowed in cfg.table_sharding_types.items():
             if _matches(pattern, name):
                 types = list(allowed)
+        supported = _supported_types(module, compute_device) if compute_device and types else None
+        if supported is not None and not set(types) & set(supported):
+            hint = "table_wise" if "table_wise" in supported else supported[0]
+            raise ValueError(
+                f"train.sharding: table {name!r} ({type(module).__name__}) may only be {types}, but on "
+                f"{compute_device} it supports {supported}; allow one of them for it, e.g. "
+                f'train.sharding.table_sharding_types={{"{name}": [{hint}]}}'
+            )
         if types or cfg.compute_kernels:
             constraints[name] = ParameterConstraints(
                 sharding_types=types or None,
@@ -71,7 +116,7 @@ def plan_sharding(model: nn.Module, info: DistInfo, cfg: ShardingConfig, batch_s
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=batch_size,
-        constraints=make_constraints(model, cfg),
+        constraints=make_constraints(model, cfg, info.device.type),
         debug=False,
     )
     return planner.collective_plan(model, None, dist.GroupMember.WORLD)

@@ -63,7 +63,7 @@ from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.config import check_split_boundaries
 from mtfm_rec.data.loader import ResumableLoader
 from mtfm_rec.data.schema import DatasetSchema
-from mtfm_rec.model.mtfm import MTFM
+from mtfm_rec.model.zoo import build_model
 from mtfm_rec.training.checkpoint import CheckpointManager, load_checkpoint, read_checkpoint_info
 from mtfm_rec.training.distributed import DistInfo, init_distributed
 from mtfm_rec.training.logger import RunLogger, plot_curves
@@ -167,7 +167,8 @@ class Trainer:
     Args:
         config: the job.
         model_fn: schema -> an unsharded model on the CPU with ``forward(batch) -> (loss,
-            {scenario: probs [n_s, n_tasks]})``; default ``MTFM(schema, config.model)``.
+            {scenario: probs [n_s, n_tasks]})``; default ``build_model(schema, config.model)``
+            (MTFM or the baseline ``model.name`` names).
         loader_fn: split -> this rank's loader; default ``mtfm_rec.data.loader``.
         schema: the dataset schema when ``loader_fn`` is given (no ``data.raw`` needed).
 
@@ -340,7 +341,7 @@ class Trainer:
 
     def _default_model(self, schema: DatasetSchema) -> nn.Module:
 
-        return MTFM(schema, self.config.model)
+        return build_model(schema, self.config.model)
 
     def _split_report(self, split: str, problem: str = "yields no batches", loader: Any = None) -> str:
         """Why ``split`` is empty: the boundaries, the split's size and the data's time range."""

@@ -461,7 +461,10 @@ def _set(table: pa.Table, column: str, rows: Any, value: Any, **_: Any) -> Optio
 
 
 def _funnel(table: pa.Table, column: str, rows: Any, **_: Any) -> pa.Table:
-    """click = 0 and order = 1 at ``rows``: the funnel broken."""
+    """click = 0 and order = 1 at ``rows``: the funnel broken (where an earlier mutation left
+    both columns: a dropped label column is a mutation of its own)."""
+    if not {"click", "order"} <= set(table.column_names):
+        return table
     for name, value in (("click", 0), ("order", 1)):
         values = table.column(name).to_pylist()
         for r in _rows_of(rows, len(values)):

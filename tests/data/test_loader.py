@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -332,17 +332,25 @@ def test_state_mismatch_is_refused(data_dir: str) -> None:
 
 # -------------------------------------------------------------------- splits
 def expected_exposures(
-    tables: List[pa.Table], keep_split: int, eval_after: int, valid_after: int
+    tables: List[pa.Table],
+    keep_split: Optional[int],
+    eval_after: int,
+    valid_after: int,
+    scenarios: Sequence[str] = (),
 ) -> Dict[int, int]:
-    """user_id -> number of exposures of the split, for samples that have any."""
+    """user_id -> number of exposures of the split (None: all) of ``scenarios`` (empty: all),
+    for samples that have any."""
     out: Dict[int, int] = {}
     for t in tables:
         for row in t.to_pylist():
             n = 0
             for s in SCHEMA.scenarios:
+                if scenarios and s.name not in scenarios:
+                    continue
                 ts = np.array(row[fmt.exp_ts(s.name)], np.int64)
                 raw = np.array(row[fmt.exp_split(s.name)], np.int8)
-                n += int((exposure_split(ts, raw, eval_after, valid_after) == keep_split).sum())
+                split = exposure_split(ts, raw, eval_after, valid_after)
+                n += len(ts) if keep_split is None else int((split == keep_split).sum())
             if n:
                 out[row[fmt.USER_ID]] = n
     return out
@@ -381,6 +389,31 @@ def test_split_filtering(tmp_path: Any, split: str, explicit: bool) -> None:
     assert os.listdir(tmp_path / "cache")  # the pre-scan was cached
     again = loader(root, **kwargs)  # a second loader: served from the cache
     assert again.dataset.num_samples == len(expected)
+
+
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_scenario_filter_serves_only_those_exposures(tmp_path: Any, split: str) -> None:
+    root = str(tmp_path / "agg")
+    write_dataset(root, [20, 13], row_group_size=4)
+    tables = [pq.read_table(os.path.join(root, fmt.shard_name(i))) for i in range(2)]
+    code = None if split == "all" else 0
+    expected = expected_exposures(tables, code, 1500, 1300, scenarios=["b"])
+    assert 0 < len(expected) < 33  # samples with no "b" exposure are dropped
+    kwargs: Dict[str, Any] = dict(
+        split=split, batch_size=2, eval_after=1500, valid_after=1300, pad_to_equal_batches=True
+    )
+    ld = loader(root, scenarios=["b"], index_cache_dir=str(tmp_path / "cache"), **kwargs)
+    got: Dict[int, int] = {}
+    for b in ld:
+        assert b.labels["a"].shape[0] == 0  # the other scenario's exposures are gone
+        for i, u in enumerate(b.user_id.tolist()):
+            if u in real_ids(b):
+                got[u] = int(b.num_targets[i])
+    assert got == expected and ld.dataset.num_samples == len(expected)
+    with pytest.raises(LoaderError, match="scenarios"):  # one scenario's position is not another's
+        loader(root, **kwargs).load_state_dict(ld.state_dict())
+    with pytest.raises(LoaderError, match=r"unknown scenario\(s\) \['c'\]; the dataset has \['a', 'b'\]"):
+        loader(root, scenarios=["c"], **kwargs)
 
 
 def test_missing_success_marker_is_refused(tmp_path: Any) -> None:

@@ -7,7 +7,7 @@ describes both recipes). Fetching, reading and writing are in :mod:`mtfm_rec.dat
 like it, this module imports numpy, pyarrow and torch where used, so that the CLI's up-to-date
 check stays fast.
 
-It stays one module, a little over 400 lines: the two recipes share the encodings and the table
+It stays one module, under 500 lines: the two recipes share the encodings and the table
 builders at its top, which a module per recipe would have to move into a third.
 """
 
@@ -20,10 +20,15 @@ if TYPE_CHECKING:
     import numpy as np
 
     from mtfm_rec.data.public.movielens import MovieLens
-    from mtfm_rec.data.schema import ScenarioSpec, SequenceSpec
+    from mtfm_rec.data.schema import MultiHotFeature, ScenarioSpec, SequenceSpec
 
 # Bump a recipe's version whenever its output changes, so old builds are rebuilt.
-RECIPES: Dict[str, int] = {"ml1m_swr": 3, "ml1m_genre": 2}
+# (ml1m_swr 4, ml1m_genre 3: the multi-hot item feature ``genres``.)
+RECIPES: Dict[str, int] = {"ml1m_swr": 4, "ml1m_genre": 3}
+# Both recipes: the movie's full genre list, a multi-hot item feature of every scenario (global
+# genre ids, in the file's order), beside the single first-genre feature the benchmark has.
+GENRES_FEATURE = "genres"
+GENRES_POOLING = "mean"
 
 # ml1m_swr: age -> domain, as published (ages {1, 18}, {25}, {35, 45, 50, 56}).
 SWR_DOMAINS: Dict[int, int] = {1: 0, 18: 0, 25: 1, 35: 2, 45: 2, 50: 2, 56: 2}
@@ -76,6 +81,7 @@ class _Encoded:
 
     genres: Dict[str, int]  # all genres, sorted
     first_genre: np.ndarray  # per movie, id in ``genres``
+    genre_lists: Any  # pa.ListArray: per movie, the ids in ``genres`` of all its genres
     zip_id: np.ndarray
     num_zips: int
     age_bucket: np.ndarray
@@ -84,6 +90,7 @@ class _Encoded:
 
 def _encode(ml: MovieLens) -> _Encoded:
     import numpy as np
+    import pyarrow as pa
 
     genres = _vocab([g for gs in ml.movie_genres for g in gs])
     ages = sorted(set(ml.user_age.tolist()))
@@ -91,6 +98,7 @@ def _encode(ml: MovieLens) -> _Encoded:
     return _Encoded(
         genres=genres,
         first_genre=np.array([genres[gs[0]] for gs in ml.movie_genres], np.int64),
+        genre_lists=pa.array([[genres[g] for g in gs] for gs in ml.movie_genres], pa.list_(pa.int64())),
         zip_id=np.array([zips[z] for z in ml.user_zip], np.int64),
         num_zips=len(zips),
         age_bucket=np.searchsorted(np.array(ages), ml.user_age).astype(np.int64),
@@ -115,11 +123,12 @@ def _behavior(ml: MovieLens, rows: np.ndarray, features: Dict[str, np.ndarray]):
 def _exposures(
     ml: MovieLens,
     rows: np.ndarray,
-    cols: Dict[str, np.ndarray],
+    cols: Dict[str, Any],
     dense: Sequence[str],
     tasks: Sequence[str],
 ):
-    """An exposure table over the ratings ``rows`` in their given order."""
+    """An exposure table over the ratings ``rows`` in their given order (``cols``: numpy arrays
+    per rating, or an Arrow list array per rating for a multi-hot feature)."""
     import pyarrow as pa
 
     out = {
@@ -127,6 +136,9 @@ def _exposures(
         "ts": pa.array(ml.rating_ts[rows], pa.int64()),
     }
     for name, values in cols.items():
+        if isinstance(values, pa.Array):
+            out[name] = values.take(pa.array(rows))
+            continue
         if name in tasks or name == "split":
             kind = pa.int8()
         elif name in dense:
@@ -197,7 +209,21 @@ def _rating_sequences(
     return sequences, {name: table, realtime: table}
 
 
-def _swr_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+def _genres_per_rating(ml: MovieLens, enc: _Encoded):
+    """Per rating, its movie's genre ids: the ``list<int64>`` column of ``genres``."""
+    import pyarrow as pa
+
+    return enc.genre_lists.take(pa.array(ml.rating_movie))
+
+
+def _genres_spec(enc: _Encoded) -> MultiHotFeature:
+    """The multi-hot item feature ``genres``: every genre id, mean-pooled."""
+    from mtfm_rec.data.schema import MultiHotFeature
+
+    return MultiHotFeature("item", len(enc.genres), GENRES_POOLING)
+
+
+def _swr_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, Any], Dict[str, int]]:
     """Per rating, the benchmark's published features, labels and split; and the vocabulary
     size of each categorical feature."""
     import numpy as np
@@ -210,6 +236,7 @@ def _swr_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, np.ndarray], D
         "zip": enc.zip_id[u],
         "movie_id": ml.rating_movie,
         "cate_id": enc.first_genre[ml.rating_movie],
+        GENRES_FEATURE: _genres_per_rating(ml, enc),
         "age": _minmax(ml.user_age.astype(np.float64))[u],
         "split": swr_split(len(ml.rating)),
         "click": (ml.rating > 3).astype(np.int8),
@@ -232,7 +259,9 @@ def recipe_swr(ml: MovieLens):
 
     from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
 
-    cols, sizes = _swr_columns(ml, _encode(ml))
+    enc = _encode(ml)
+    cols, sizes = _swr_columns(ml, enc)
+    genres = {GENRES_FEATURE: _genres_spec(enc)}
     domain = swr_domain(ml)
     scenarios, exposures = [], {}
     for d in range(3):
@@ -245,6 +274,7 @@ def recipe_swr(ml: MovieLens):
                 cross_features={},
                 dense_features=["age"],
                 tasks=["click", "like"],
+                multi_hot_features=dict(genres),
             )
         )
         exposures[name] = _exposures(ml, np.flatnonzero(domain == d), cols, ["age"], ["click", "like"])
@@ -308,7 +338,7 @@ def _earlier_count(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _genre_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, np.ndarray], Dict[str, int]]:
+def _genre_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, Any], Dict[str, int]]:
     """Per rating, the features (global ids) and labels any genre scenario may use; and the
     vocabulary size of each categorical one."""
     import numpy as np
@@ -326,6 +356,7 @@ def _genre_columns(ml: MovieLens, enc: _Encoded) -> Tuple[Dict[str, np.ndarray],
         "num_genres": num_genres[m],
         "hour": ts // 3600 % 24,
         "weekday": (ts // 86400 + 3) % 7,  # 1970-01-01 was a Thursday: Monday = 0
+        GENRES_FEATURE: _genres_per_rating(ml, enc),
         "release_year": _minmax(ml.movie_year.astype(np.float64))[m],
         "age": _minmax(ml.user_age.astype(np.float64))[u],
         "click": (ml.rating > 3).astype(np.int8),
@@ -378,10 +409,16 @@ def _group_columns(
 
 
 def _genre_scenario(
-    ml: MovieLens, name: str, rows: np.ndarray, cols: Dict[str, np.ndarray], sizes: Dict[str, int]
+    ml: MovieLens,
+    name: str,
+    rows: np.ndarray,
+    cols: Dict[str, Any],
+    sizes: Dict[str, int],
+    genres: MultiHotFeature,
 ) -> Tuple[ScenarioSpec, Any]:
     """Scenario ``name``'s spec and exposure table over ``rows``: the features its
-    :data:`GENRE_LAYOUT` entry names, the click and like tasks."""
+    :data:`GENRE_LAYOUT` entry names, the multi-hot ``genres`` (every scenario), the click and
+    like tasks."""
     from mtfm_rec.data.schema import ScenarioSpec
 
     user_f, item_f, cross_f, dense_f = GENRE_LAYOUT[name]
@@ -392,8 +429,9 @@ def _genre_scenario(
         cross_features={k: sizes[k] for k in cross_f},
         dense_features=list(dense_f),
         tasks=["click", "like"],
+        multi_hot_features={GENRES_FEATURE: genres},
     )
-    keep = {k: cols[k] for k in user_f + item_f + cross_f + dense_f + ("click", "like")}
+    keep = {k: cols[k] for k in user_f + item_f + (GENRES_FEATURE,) + cross_f + dense_f + ("click", "like")}
     return spec, _exposures(ml, rows, keep, dense_f, ["click", "like"])
 
 
@@ -408,12 +446,13 @@ def recipe_genre(ml: MovieLens):
     movie_group = genre_group(ml)
     group = movie_group[m]
     common, sizes = _genre_columns(ml, enc)
+    genres_spec = _genres_spec(enc)
     scenarios, exposures = [], {}
     for gi, (name, genres) in enumerate(GENRE_GROUPS.items()):
         rows = np.flatnonzero(group == gi)
         local, num_movies = _group_columns(ml, enc, movie_group, gi, rows)
         size = dict(sizes, movie_id=num_movies, genre=len(genres))
-        spec, exposures[name] = _genre_scenario(ml, name, rows, {**common, **local}, size)
+        spec, exposures[name] = _genre_scenario(ml, name, rows, {**common, **local}, size, genres_spec)
         scenarios.append(spec)
     seq_features = {"movie_id": m, "genre": enc.first_genre[m], "rating": ml.rating}
     seq_sizes = {"movie_id": len(ml.movie_title), "genre": len(enc.genres), "rating": 6}

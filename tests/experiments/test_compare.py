@@ -1,0 +1,111 @@
+"""``python -m mtfm_rec.experiments compare``: the job plan, the statistics and the table, and an
+end-to-end smoke comparison that is killed (a job's result removed) and resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from mtfm_rec.config import ConfigError
+from mtfm_rec.data.synthetic import generate
+from mtfm_rec.experiments import compare
+from mtfm_rec.experiments.__main__ import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "mtfm_small.yaml")
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = str(tmp_path_factory.mktemp("compare_raw"))
+    generate(path, num_users=300, num_days=4, seed=5, shared_embeddings=False)
+    return path
+
+
+def test_plan_runs_per_scenario_models_once_per_scenario(raw) -> None:
+    jobs = compare.plan(CONFIG, ["mtfm", "mmoe"], [0, 1], [f"data.raw={raw}", "train.eval_every=10"])
+    names = [j.name for j in jobs]
+    assert names == [
+        "mtfm/seed0",
+        "mtfm/seed1",
+        *[f"mmoe/seed{k}/{s}" for k in (0, 1) for s in ("feed", "search", "coupon")],
+    ]
+    one = jobs[2].overrides
+    assert "model.name=mmoe" in one and "train.seed=0" in one and "data.loader.seed=0" in one
+    assert "data.scenarios=[feed]" in one and not any("scenarios" in o for o in jobs[0].overrides)
+
+
+def test_plan_refuses_what_it_cannot_compare_fairly(raw) -> None:
+    with pytest.raises(ConfigError, match=r"unknown \['dcn'\]"):
+        compare.plan(CONFIG, ["mtfm", "dcn"], [0], [f"data.raw={raw}", "train.eval_every=10"])
+    with pytest.raises(ConfigError, match="train.eval_every=0; compare chooses each model's checkpoint"):
+        compare.plan(CONFIG, ["mtfm"], [0], [f"data.raw={raw}"])
+    with pytest.raises(ConfigError, match="at least one seed"):
+        compare.plan(CONFIG, ["mtfm"], [], [f"data.raw={raw}", "train.eval_every=10"])
+
+
+def _m(auc: float, gauc: float) -> dict:
+    return {"auc": auc, "gauc": gauc}
+
+
+def test_summary_is_mean_and_sample_std_over_seeds() -> None:
+    rows = {("a", "0"): {"s/t": _m(0.70, 0.60)}, ("a", "1"): {"s/t": _m(0.74, 0.64)}}
+    cell = compare.summarize(rows, ["s/t"])["a"]["s/t"]
+    assert cell["auc_mean"] == pytest.approx(0.72) and cell["gauc_mean"] == pytest.approx(0.62)
+    assert cell["auc_std"] == pytest.approx(math.sqrt(2 * 0.02**2)) and cell["seeds"] == 2
+    with pytest.raises(ValueError, match="a seed has no auc"):
+        compare.summarize({("a", "0"): {"s/t": _m(math.nan, 0.5)}}, ["s/t"])
+    with pytest.raises(ValueError, match="no test metrics in 1 of 2"):
+        compare.summarize({("a", "0"): {"s/t": _m(0.7, 0.5)}, ("a", "1"): {}}, ["s/t"])
+
+
+def test_table_marks_best_bold_and_second_underlined() -> None:
+    rows = {(m, "0"): {"s/t": _m(auc, 0.5)} for m, auc in (("x", 0.71), ("y", 0.73), ("z", 0.72))}
+    table = compare.markdown_table(compare.summarize(rows, ["s/t"]))
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "**0.7300 ± 0.0000**" in lines["y"] and "<u>0.7200 ± 0.0000</u>" in lines["z"]
+    assert "**" not in lines["x"].split("|")[2] and "<u>" not in lines["x"].split("|")[2]
+
+
+def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) -> None:
+    """Two models (one per scenario), one seed, tiny data; a removed result is the only re-run."""
+    argv = [
+        "compare",
+        "--config",
+        CONFIG,
+        "--models",
+        "mtfm,mmoe",
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        f"data.raw={raw}",
+        f"data.cache_dir={tmp_path}/cache",
+        "train.max_steps=20",
+        "train.eval_every=10",
+        "train.lr_warmup_steps=5",
+        "train.progress_bar=false",
+        "train.plots=false",
+        "train.tensorboard=false",
+        "data.aggregation.progress=false",
+    ]
+    assert main(argv) == 0
+    root = tmp_path / "smoke"
+    report = json.loads((root / "compare.json").read_text())
+    assert set(report["summary"]) == {"mtfm", "mmoe"}
+    assert list(report["summary"]["mmoe"]) == [
+        "feed/click",
+        "feed/order",
+        "search/click",
+        "coupon/click",
+        "coupon/order",
+    ]
+    assert (root / "compare.png").stat().st_size > 0 and "| mmoe |" in (root / "compare.md").read_text()
+    os.remove(root / "mmoe" / "seed0" / "search" / "metrics.json")  # as if killed before the end
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 of 4 jobs already finished" in out and "[1/1] mmoe/seed0/search" in out, out
