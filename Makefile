@@ -9,7 +9,7 @@ ML1M_GENRE := $(DATA_DIR)/ml1m_genre
 ML1M_SWR := $(DATA_DIR)/ml1m_swr
 PYTEST_ARGS ?=
 
-.PHONY: install data train test lint bench gpu-check clean help
+.PHONY: install data train test lint bench compare gpu-check clean help
 
 help:
 	@echo "make train   install if needed, build ml1m_genre, train configs/ml1m_genre.yaml, print AUC/GAUC"
@@ -17,6 +17,8 @@ help:
 	@echo "make lint    install if needed, ruff check + ruff format --check + mypy (settings: pyproject.toml)"
 	@echo "make data    install if needed, build the MovieLens-1M recipes ml1m_swr and ml1m_genre"
 	@echo "make bench   install if needed, run the benchmarks, write/*.json and docs/BENCHMARKS.md"
+	@echo "make compare install if needed, MTFM against the baselines on ML-1M (docs/EXPERIMENTS.md);"
+	@echo "             COMPARE_MODELS=... COMPARE_SEEDS=0,1,2 (a re-run finishes only what is missing)"
 	@echo "make gpu-check GPU_PY=python   on a CUDA machine (docs/INSTALL.md): GPU parity tests,"
 	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
@@ -50,6 +52,17 @@ lint: install
 
 bench: install
 	$(PY) -m mtfm_rec.bench $(BENCH_ARGS)
+
+# MTFM against the paper's baselines on the ML-1M Scenario-Wise Rec split, trained to early
+# stopping on validation (docs/EXPERIMENTS.md, results in docs/BENCHMARKS.md "Baselines").
+COMPARE_MODELS ?= mtfm,mmoe,star,pepnet,dcnv2,mtgr,onetrans,rankmixer
+COMPARE_SEEDS ?= 0,1,2
+compare: data
+	$(PY) -m mtfm_rec.experiments compare --config configs/ml1m_swr.yaml --models $(COMPARE_MODELS) \
+		--seeds $(COMPARE_SEEDS) --name ml1m_swr data.raw=$(ML1M_SWR) data.loader.batch_size=256 \
+		train.max_minutes=0 train.max_steps=5000 train.eval_every=250 train.early_stopping_patience=4 \
+		train.checkpoint_every=250 train.progress_bar=false train.tensorboard=false
+	MTFM_COMPARE_DIR=runs/ml1m_swr $(PY) -m mtfm_rec.bench --only baselines
 
 # On a CUDA machine set up as docs/INSTALL.md says ("CUDA GPUs"); GPU_PY is that environment's
 # python. Nothing here installs: the pinned lock is the CPU stack.

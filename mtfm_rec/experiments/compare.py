@@ -26,7 +26,9 @@ from mtfm_rec.config import ConfigError, load_config
 from mtfm_rec.experiments.jobs import Job
 from mtfm_rec.model.config import MODEL_NAMES, PER_SCENARIO_MODELS
 
-METRICS = ("auc", "gauc")
+METRICS = ("auc", "gauc")  # the table's columns per scenario x task
+STATISTICS = ("auc", "gauc", "logloss")  # summarised over seeds
+POOLED = "all"  # "<POOLED>/<task>": every scenario's test exposures of the task pooled
 Summary = Dict[str, Dict[str, Dict[str, float]]]  # model -> "<s>/<t>" -> {auc_mean, auc_std, ...}
 
 
@@ -90,6 +92,38 @@ def job_rows(jobs: Sequence[Job], root: str) -> Dict[Tuple[str, str], Dict[str, 
     return rows
 
 
+def pooled_rows(jobs: Sequence[Job], root: str) -> Dict[Tuple[str, str], Dict[str, Dict[str, float]]]:
+    """(model, seed) -> metrics of ``"all/<task>"``: each task over every scenario's test
+    exposures pooled (the "Total" of the Scenario-Wise Rec benchmark's Table 7), from the jobs'
+    ``predictions.parquet`` (``train.save_predictions=true``); empty when a job has none."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mtfm_rec.training.metrics import compute_key_metrics
+
+    paths = [os.path.join(j.run_dir(root), "predictions.parquet") for j in jobs]
+    if not all(os.path.exists(p) for p in paths):
+        return {}
+    tables: Dict[Tuple[str, str], List[pa.Table]] = {}
+    for job, path in zip(jobs, paths):
+        table = pq.read_table(path, columns=["scenario", "task", "user_id", "label", "score"])
+        scenario = job.labels.get("scenario")
+        if scenario is not None:  # a one-scenario job predicts only its own scenario's rows
+            table = table.filter(pc.equal(table["scenario"], scenario))
+        tables.setdefault((job.labels["model"], job.labels["seed"]), []).append(table)
+    out: Dict[Tuple[str, str], Dict[str, Dict[str, float]]] = {}
+    for key, parts in tables.items():
+        table = pa.concat_tables(parts)
+        out[key] = {}
+        for task in dict.fromkeys(table["task"].to_pylist()):
+            rows = table.filter(pc.equal(table["task"], task))
+            out[key][f"{POOLED}/{task}"] = compute_key_metrics(
+                rows["score"].to_numpy(), rows["label"].to_numpy(), rows["user_id"].to_numpy(), task
+            )
+    return out
+
+
 def summarize(
     rows: Mapping[Tuple[str, str], Mapping[str, Mapping[str, float]]], keys: Sequence[str]
 ) -> Summary:
@@ -109,7 +143,7 @@ def summarize(
             if missing:
                 raise ValueError(f"{model} {key}: no test metrics in {len(missing)} of {len(runs)} seed(s)")
             cell: Dict[str, float] = {"seeds": float(len(runs))}
-            for metric in METRICS:
+            for metric in STATISTICS:
                 values = np.array([r[key][metric] for r in runs], dtype=np.float64)
                 if np.isnan(values).any():
                     raise ValueError(f"{model} {key}: a seed has no {metric} (NaN): {values.tolist()}")
@@ -119,19 +153,22 @@ def summarize(
     return out
 
 
-def markdown_table(summary: Summary) -> str:
-    """Rows = models, columns = AUC and GAUC per scenario x task; best bold, second underlined."""
+def markdown_table(summary: Summary, keys: Sequence[str], metrics: Sequence[str] = METRICS) -> str:
+    """Rows = models, columns = ``metrics`` per key ("<scenario>/<task>"); the best of each
+    column in bold, the second underlined (lower is better for logloss)."""
     models = list(summary)
-    keys = list(next(iter(summary.values())))
-    head = "| model | " + " | ".join(f"{k} {m.upper()}" for k in keys for m in METRICS) + " |"
-    lines = [head, "|---" * (1 + len(keys) * len(METRICS)) + "|"]
+    head = "| model | " + " | ".join(f"{k} {m.upper()}" for k in keys for m in metrics) + " |"
+    lines = [head, "|---" * (1 + len(keys) * len(metrics)) + "|"]
+    sign = {m: 1.0 if m == "logloss" else -1.0 for m in metrics}
     ranks = {
-        (k, m): sorted(models, key=lambda name: -summary[name][k][f"{m}_mean"]) for k in keys for m in METRICS
+        (k, m): sorted(models, key=lambda name: sign[m] * summary[name][k][f"{m}_mean"])
+        for k in keys
+        for m in metrics
     }
     for model in models:
         cells = []
         for k in keys:
-            for m in METRICS:
+            for m in metrics:
                 c = summary[model][k]
                 text = f"{c[f'{m}_mean']:.4f} ± {c[f'{m}_std']:.4f}"
                 place = ranks[(k, m)].index(model)
@@ -140,15 +177,14 @@ def markdown_table(summary: Summary) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: Summary, path: str, title: str) -> None:
-    """Grouped bars: test AUC per scenario x task, one bar per model, std over seeds as error bars."""
+def plot(summary: Summary, keys: Sequence[str], path: str, title: str) -> None:
+    """Grouped bars: test AUC per key, one bar per model, std over seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(summary)
-    keys = list(next(iter(summary.values())))
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys)), 4.0))
     for i, model in enumerate(models):
@@ -167,18 +203,34 @@ def plot(summary: Summary, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _fit_seconds(job: Job, root: str) -> float:
+    """The job's ``fit()`` wall time (its ``fit_summary.json``; a resumed job's last part only)."""
+    with open(os.path.join(job.run_dir(root), "fit_summary.json")) as fh:
+        return float(json.load(fh).get("seconds", 0.0))
+
+
 def report(jobs: Sequence[Job], root: str, keys: Sequence[str], meta: Mapping[str, object]) -> Summary:
     """Writes compare.json, compare.md and compare.png under ``root`` for the metric ``keys``
     ("<scenario>/<task>", in table order); returns the summary."""
-    summary = summarize(job_rows(jobs, root), keys)
-    table = markdown_table(summary)
+    rows = job_rows(jobs, root)
+    pooled = pooled_rows(jobs, root)
+    for key, metrics in pooled.items():
+        rows[key].update(metrics)
+    pooled_keys = list(next(iter(pooled.values()))) if pooled else []
+    summary = summarize(rows, [*keys, *pooled_keys])
+    table = markdown_table(summary, keys)
+    if pooled_keys:
+        table += "\n\nPooled over scenarios (test AUC / GAUC / logloss):\n\n"
+        table += markdown_table(summary, pooled_keys, ("auc", "gauc", "logloss"))
     with open(os.path.join(root, "compare.json"), "w") as fh:
-        json.dump(
-            {**meta, "jobs": [{"name": j.name, **j.labels} for j in jobs], "summary": summary}, fh, indent=2
-        )
+        seconds = [_fit_seconds(j, root) for j in jobs]
+        entries = [{"name": j.name, **j.labels, "fit_seconds": t} for j, t in zip(jobs, seconds)]
+        fit = sum(seconds)
+        json.dump({**meta, "jobs": entries, "fit_seconds": fit, "summary": summary}, fh, indent=2)
     with open(os.path.join(root, "compare.md"), "w") as fh:
         fh.write(f"Test AUC / GAUC, mean ± std over seeds {meta.get('seeds')}; {meta.get('config')}\n\n")
         fh.write(table + "\n")
-    plot(summary, os.path.join(root, "compare.png"), f"{os.path.basename(root)}: {meta.get('config')}")
+    title = f"{os.path.basename(root)}: {meta.get('config')}"
+    plot(summary, [*keys, *pooled_keys], os.path.join(root, "compare.png"), title)
     print(table, flush=True)
     return summary

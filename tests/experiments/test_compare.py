@@ -7,6 +7,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from mtfm_rec.config import ConfigError
@@ -47,8 +48,8 @@ def test_plan_refuses_what_it_cannot_compare_fairly(raw) -> None:
         compare.plan(CONFIG, ["mtfm"], [], [f"data.raw={raw}", "train.eval_every=10"])
 
 
-def _m(auc: float, gauc: float) -> dict:
-    return {"auc": auc, "gauc": gauc}
+def _m(auc: float, gauc: float, logloss: float = 0.5) -> dict:
+    return {"auc": auc, "gauc": gauc, "logloss": logloss}
 
 
 def test_summary_is_mean_and_sample_std_over_seeds() -> None:
@@ -64,10 +65,36 @@ def test_summary_is_mean_and_sample_std_over_seeds() -> None:
 
 def test_table_marks_best_bold_and_second_underlined() -> None:
     rows = {(m, "0"): {"s/t": _m(auc, 0.5)} for m, auc in (("x", 0.71), ("y", 0.73), ("z", 0.72))}
-    table = compare.markdown_table(compare.summarize(rows, ["s/t"]))
+    table = compare.markdown_table(compare.summarize(rows, ["s/t"]), ["s/t"])
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "**0.7300 ± 0.0000**" in lines["y"] and "<u>0.7200 ± 0.0000</u>" in lines["z"]
     assert "**" not in lines["x"].split("|")[2] and "<u>" not in lines["x"].split("|")[2]
+
+
+def test_pooled_metrics_are_computed_over_every_scenarios_rows(tmp_path) -> None:
+    from mtfm_rec.experiments.jobs import Job
+    from mtfm_rec.training.metrics import compute_key_metrics, write_predictions
+
+    rng = np.random.default_rng(0)
+    jobs, all_rows = [], {"score": [], "label": [], "user_id": []}
+    for s in ("a", "b"):
+        job = Job(f"m/seed0/{s}", "c.yaml", [], {"model": "m", "seed": "0", "scenario": s})
+        rows = {
+            k: {
+                "score": rng.random(50).astype(np.float32),
+                "label": rng.integers(0, 2, 50),
+                "user_id": rng.integers(0, 5, 50),
+                "ts": np.zeros(50, np.int64),
+            }
+            for k in (f"{s}/click", f"{'b' if s == 'a' else 'a'}/click")
+        }
+        write_predictions(str(tmp_path / job.name / "predictions.parquet"), rows)
+        jobs.append(job)
+        for k in all_rows:
+            all_rows[k].append(rows[f"{s}/click"][k])  # only the job's own scenario counts
+    got = compare.pooled_rows(jobs, str(tmp_path))[("m", "0")]["all/click"]
+    want = compute_key_metrics(*(np.concatenate(all_rows[k]) for k in ("score", "label", "user_id")))
+    assert got["auc"] == pytest.approx(want["auc"]) and got["count"] == 100
 
 
 def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) -> None:
@@ -91,18 +118,15 @@ def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) ->
         "train.plots=false",
         "train.tensorboard=false",
         "data.aggregation.progress=false",
+        "train.save_predictions=true",
     ]
     assert main(argv) == 0
     root = tmp_path / "smoke"
     report = json.loads((root / "compare.json").read_text())
     assert set(report["summary"]) == {"mtfm", "mmoe"}
-    assert list(report["summary"]["mmoe"]) == [
-        "feed/click",
-        "feed/order",
-        "search/click",
-        "coupon/click",
-        "coupon/order",
-    ]
+    scenario_keys = ["feed/click", "feed/order", "search/click", "coupon/click", "coupon/order"]
+    assert list(report["summary"]["mmoe"]) == [*scenario_keys, "all/click", "all/order"]
+    assert "Pooled over scenarios" in (root / "compare.md").read_text()
     assert (root / "compare.png").stat().st_size > 0 and "| mmoe |" in (root / "compare.md").read_text()
     os.remove(root / "mmoe" / "seed0" / "search" / "metrics.json")  # as if killed before the end
     capsys.readouterr()
