@@ -28,6 +28,26 @@ HEADER = ["step", "tag", "value", "time"]
 logger = logging.getLogger(__name__)
 
 
+def _wait_for_a_later_event_file_name(tb_dir: str) -> None:
+    """Waits (at most a second) until a new event file would sort after every existing one.
+
+    TensorBoard reads a directory's event files in name order, and a name is
+    ``events.out.tfevents.<second>.<host>.<pid>.<writer counter>``: two writers opened in the
+    same second and process sort by the counter as text (``.10`` before ``.9``), which would put
+    the purging writer's events before those it purges. A later second sorts first, whatever the
+    rest of the name.
+    """
+    seconds = [
+        int(name.split(".")[3])
+        for name in (os.listdir(tb_dir) if os.path.isdir(tb_dir) else [])
+        if name.startswith("events.out.tfevents.") and name.split(".")[3].isdigit()
+    ]
+    if seconds:
+        delay = max(seconds) + 1 - time.time()
+        if delay > 0:
+            time.sleep(delay)
+
+
 class RunLogger:
     """Writes scalars; a no-op on ranks other than 0 (``enabled=False``)."""
 
@@ -61,7 +81,10 @@ class RunLogger:
             except ImportError:  # tensorboard is optional at run time
                 self._tb_wanted = False
                 return None
-            self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self._purge_step)
+            tb_dir = os.path.join(self.run_dir, "tb")
+            if self._purge_step is not None:
+                _wait_for_a_later_event_file_name(tb_dir)
+            self._tb = SummaryWriter(tb_dir, purge_step=self._purge_step)
         return self._tb
 
     def resume_from(self, step: int) -> int:

@@ -16,7 +16,10 @@ from baseline_helpers import assert_beats_constant, train_model  # noqa: E402
 
 
 def test_trains_on_all_scenarios_and_beats_a_constant(baseline_raw, tmp_path) -> None:
-    metrics, rates = train_model(baseline_raw, str(tmp_path), "pepnet")
+    # 40 steps: an epoch of this set is about 47; from the second PEPNet overfits (measured,
+    # feed/click logloss against the constant's .6065: .602 / .599 at 40 steps for seeds 0 / 1,
+    # .613 / .606 at 60)
+    metrics, rates = train_model(baseline_raw, str(tmp_path), "pepnet", steps=40)
     assert_beats_constant(metrics, rates)
     for key in ("feed/click", "search/click", "coupon/click", "coupon/order"):
         assert metrics[key]["count"] > 0, metrics  # one model predicts every scenario
