@@ -101,7 +101,7 @@ class RankMixerNetwork(nn.Module):
 
     def tokenize(self, e: torch.Tensor) -> torch.Tensor:
         """``[n, W]`` -> ``[n, T, D]``."""
-        chunks = e.reshape(e.shape[0], self.tokens, -1)
+        chunks = e.reshape(e.shape[0], self.tokens, e.shape[1] // self.tokens)  # also for 0 rows
         return torch.einsum("ntc,tcd->ntd", chunks, self.proj_w) + self.proj_b
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ import os
 import sys
 
 import pytest
+import torch
 
 from mtfm_rec.config import ConfigError, load_config
-from mtfm_rec.model.config import ModelConfig
+from mtfm_rec.model.config import MODEL_NAMES, ModelConfig
+from mtfm_rec.model.examples import random_batch
 from mtfm_rec.model.mtfm import MTFM
 from mtfm_rec.model.zoo import build_model, mtgr_config
 
@@ -48,3 +50,15 @@ def test_one_scenario_job_sees_only_its_scenario(baseline_raw, tmp_path) -> None
 def test_unknown_scenario_is_refused(baseline_raw, tmp_path) -> None:
     with pytest.raises(Exception, match=r"data.scenarios: unknown scenario\(s\) \['serach'\]"):
         train_model(baseline_raw, str(tmp_path), "mmoe", ["data.scenarios=[serach]"], steps=1)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_batch_without_some_scenario_trains(schema, name) -> None:
+    """A one-scenario job (data.scenarios) or a sparse scenario leaves a scenario with no
+    exposure in a batch: every model must still give a finite loss and gradients."""
+    batch = random_batch(schema, batch_size=4, only_scenario={b: schema.scenarios[0].name for b in range(4)})
+    assert all(batch.labels[s.name].shape[0] == 0 for s in schema.scenarios[1:])
+    model = build_model(schema, ModelConfig(name=name, d_model=16, num_heads=2, expert_dim=8, tower_dim=8))
+    loss, out = model(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and all(out[s.name].shape[0] == 0 for s in schema.scenarios[1:])
