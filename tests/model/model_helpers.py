@@ -4,10 +4,10 @@ sys.path): small models, batches, and perturbing tokens."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
@@ -86,3 +86,16 @@ def hidden_from(batch: Batch, i: int) -> List[int]:
         for r in sample_rows(batch, b)
         if r != i and (kind[r] == TokenKind.TARGET or (kind[r] == TokenKind.REALTIME and ts[r] >= ts[i]))
     ]
+
+
+def dense_forward_on_meta(
+    model: torch.nn.Module, batch: Batch
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The model's dense part run on the meta device (embeddings looked up on the CPU first):
+    it completes only if nothing in it reads a tensor value on the host."""
+    emb = model.embedding_collection(batch.sparse_features)
+    meta = torch.device("meta")
+    emb_meta = {
+        k: JaggedTensor(values=v.values().to(meta), lengths=v.lengths().to(meta)) for k, v in emb.items()
+    }
+    return model.dense.to(meta)(emb_meta, batch.to(meta))

@@ -8,7 +8,14 @@ from typing import Dict, List
 import pyarrow as pa
 import pytest
 import torch
-from model_helpers import exposure_scores, hidden_from, make_model, perturb_tokens, sample_rows
+from model_helpers import (
+    dense_forward_on_meta,
+    exposure_scores,
+    hidden_from,
+    make_model,
+    perturb_tokens,
+    sample_rows,
+)
 
 from mtfm_rec.data.batch import collate
 from mtfm_rec.kernels.jagged import TokenKind
@@ -244,17 +251,11 @@ def test_torchrec_pipeline_tracing_sees_embedding_collection_and_one_dense_leaf(
 def test_dense_forward_reads_no_tensor_value_on_the_host(schema, backend: str, use_sequences: bool) -> None:
     """The dense part runs on the meta device, where any .item()/.tolist()/data-dependent shape
     would raise: so it never synchronises with the device to learn a value."""
-    from torchrec.sparse.jagged_tensor import JaggedTensor
 
     model = make_model(schema, attention_backend=backend, use_sequences=use_sequences)
     batch = random_batch(schema, 3, seed=4)
-    emb = model.embedding_collection(batch.sparse_features)
-    meta = torch.device("meta")
-    emb_meta = {
-        k: JaggedTensor(values=v.values().to(meta), lengths=v.lengths().to(meta)) for k, v in emb.items()
-    }
-    loss, out = model.dense.to(meta)(emb_meta, batch.to(meta))
-    assert loss.device == meta and loss.shape == ()
+    loss, out = dense_forward_on_meta(model, batch)
+    assert loss.device == torch.device("meta") and loss.shape == ()
     assert out["sc2"].shape == batch.labels["sc2"].shape
 
 

@@ -32,7 +32,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from baseline_helpers import assert_beats_constant, train_model  # noqa: E402
-from model_helpers import exposure_scores, hidden_from, perturb_tokens, sample_rows, small_config  # noqa: E402
+from model_helpers import (  # noqa: E402
+    dense_forward_on_meta,
+    exposure_scores,
+    hidden_from,
+    perturb_tokens,
+    sample_rows,
+    small_config,
+)
 
 
 def make_onetrans(schema, layers: int = 3, fraction: float = 0.25, seed: int = 0, **overrides: object):
@@ -311,15 +318,9 @@ def test_samples_without_sequences_or_targets_score_as_alone(schema) -> None:
 @pytest.mark.parametrize("use_sequences", [True, False])
 def test_dense_forward_reads_no_tensor_value_on_the_host(schema, use_sequences: bool) -> None:
     """On the meta device any .item()/.tolist()/data-dependent shape would raise."""
-    from torchrec.sparse.jagged_tensor import JaggedTensor
 
     model = make_onetrans(schema, use_sequences=use_sequences)
     batch = random_batch(schema, 3, seed=4)
-    emb = model.embedding_collection(batch.sparse_features)
-    meta = torch.device("meta")
-    emb_meta = {
-        k: JaggedTensor(values=v.values().to(meta), lengths=v.lengths().to(meta)) for k, v in emb.items()
-    }
-    loss, out = model.dense.to(meta)(emb_meta, batch.to(meta))
-    assert loss.device == meta and loss.shape == ()
+    loss, out = dense_forward_on_meta(model, batch)
+    assert loss.device == torch.device("meta") and loss.shape == ()
     assert out["sc2"].shape == batch.labels["sc2"].shape
