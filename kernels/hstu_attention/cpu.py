@@ -133,6 +133,41 @@ class _HSTUCpu(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
+@torch.library.custom_op("mtfm_rec::hstu_attention_cpu_forward", mutates_args=())
+def hstu_attention_cpu_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    q_prefix: torch.Tensor,
+    q_self_local: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """The kernel's forward as a torch operator (no autograd: inference), so that
+    ``torch.export`` and AOTInductor can hold it in a graph (``mtfm_rec.serve``); a compiled
+    program calls it through the dispatcher, so this module must be imported where it runs."""
+    # contiguous here, on the real tensors: in a traced graph the caller's .contiguous() calls can
+    # be dropped (a fake tensor's layout is not the runtime one), and the kernel reads raw memory
+    args = [t.contiguous() for t in (q, k, v, q_offsets, kv_offsets, q_prefix, q_self_local)]
+    out, _ = extension().forward(*args, alpha, False, 0)
+    return out
+
+
+@hstu_attention_cpu_forward.register_fake
+def _forward_shape(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    q_prefix: torch.Tensor,
+    q_self_local: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
+
+
 def hstu_attention_cpu(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -158,7 +193,10 @@ def hstu_attention_cpu(
     dtype = q.dtype
     f32 = [t.float().contiguous() for t in (q, k, v)]
     ints = [t.to(torch.int64).contiguous() for t in (queries.offsets, keys.offsets, q_prefix, q_self_local)]
-    out = _HSTUCpu.apply(*f32, *ints, float(alpha), int(max_saved_bytes))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out = _HSTUCpu.apply(*f32, *ints, float(alpha), int(max_saved_bytes))
+    else:  # the same forward, as an operator that torch.export can trace
+        out = hstu_attention_cpu_forward(*f32, *ints, float(alpha))
     return out.to(dtype)
 
 

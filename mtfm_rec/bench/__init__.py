@@ -12,7 +12,17 @@ sit side by side) and regenerates ``docs/BENCHMARKS.md`` from every JSON there.
 
 # Order of sections in docs/BENCHMARKS.md; a module that does not exist yet is skipped. "peak"
 # (the matmul peak, MFU's denominator) runs first; "model" reuses its fp32 measurement (cached).
-SUITES = ("peak", "aggregation", "model", "kernels", "cpu_path", "training", "quality", "baselines")
+SUITES = (
+    "peak",
+    "aggregation",
+    "model",
+    "kernels",
+    "cpu_path",
+    "training",
+    "quality",
+    "baselines",
+    "serving",
+)
 # Run only when named (``--only baselines``): they report a long experiment run by its own
 # target (``make compare``); their section is rendered whenever their JSON exists.
 ON_DEMAND = ("baselines",)

@@ -107,6 +107,21 @@ def check_split_boundaries(eval_after: Optional[int], valid_after: Optional[int]
         )
 
 
+def fill_recommended_splits(data: "DataConfig", extra: typing.Mapping[str, typing.Any]) -> List[str]:
+    """Sets ``data.eval_after`` / ``data.valid_after`` left unset to the dataset's
+    ``recommended_<key>`` (``extra``: the aggregated dataset.yaml's extra keys), in place.
+
+    Returns:
+        The keys filled, for messages (see ``mtfm_rec.training.run_checks.filled_note``).
+    """
+    filled: List[str] = []
+    for key in ("eval_after", "valid_after"):
+        if getattr(data, key) is None and extra.get(f"recommended_{key}") is not None:
+            setattr(data, key, int(extra[f"recommended_{key}"]))
+            filled.append(key)
+    return filled
+
+
 @dataclass
 class DataConfig:
     raw: str = ""  # root of a raw-contract dataset (path or fsspec URL)

@@ -31,7 +31,6 @@ import importlib
 from typing import Optional
 
 import torch
-from torch import nn
 
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model.config import ModelConfig
@@ -67,7 +66,7 @@ def mtgr_config(config: ModelConfig) -> ModelConfig:
 
 def build_model(
     schema: DatasetSchema, config: ModelConfig, embedding_device: Optional[torch.device] = None
-) -> nn.Module:
+) -> SparseDenseModel:
     """The unsharded model ``config.name`` names, on the CPU (embeddings on ``embedding_device``)."""
     if config.name == "mtfm":
         return MTFM(schema, config, embedding_device)

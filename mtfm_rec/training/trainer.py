@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from mtfm_rec.config import Config, ConfigError
 from mtfm_rec.data.aggregate import ensure_aggregated
 from mtfm_rec.data.batch import Batch
-from mtfm_rec.data.config import check_split_boundaries
+from mtfm_rec.data.config import check_split_boundaries, fill_recommended_splits
 from mtfm_rec.data.loader import ResumableLoader
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model.zoo import build_model
@@ -309,14 +309,9 @@ class Trainer:
         if not self.info.is_main:
             dataset_dir = ensure_aggregated(dcfg.raw, dcfg.cache_dir, dcfg.aggregation)
         schema = DatasetSchema.load(dataset_dir)
-        filled: List[str] = []
-        for key in ("eval_after", "valid_after"):
-            if getattr(dcfg, key) is None and schema.extra.get(f"recommended_{key}") is not None:
-                setattr(dcfg, key, int(schema.extra[f"recommended_{key}"]))
-                log0(
-                    self.info, f"data.{key} unset: using the dataset's recommended_{key}={getattr(dcfg, key)}"
-                )
-                filled.append(key)
+        filled = fill_recommended_splits(dcfg, schema.extra)
+        for key in filled:
+            log0(self.info, f"data.{key} unset: using the dataset's recommended_{key}={getattr(dcfg, key)}")
         try:
             check_split_boundaries(dcfg.eval_after, dcfg.valid_after, filled_note(filled))
         except ValueError as exc:

@@ -133,3 +133,31 @@ def test_cpp_kernel_refuses_index_tensors_that_would_read_out_of_bounds() -> Non
             ops.forward(
                 q, k, k, a["q_offsets"], a["kv_offsets"], a["q_prefix"], a["q_self_local"], 0.5, True, 1 << 20
             )
+
+
+def test_inference_goes_through_the_operator_that_torch_export_can_trace() -> None:
+    """Without gradients the kernel runs as ``torch.ops.mtfm_rec.hstu_attention_cpu_forward``:
+    the same forward (equal to the reference), and a graph op in an exported program (the
+    serving packages hold it), which also runs on a non-contiguous int input."""
+    layout = build_layout(random_batch(SCHEMA, 4, seq_len=(3, 20), exposures=(1, 6), seed=7))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(layout.num_tokens, h, 8, generator=gen) for h in (4, 2, 2))
+    with torch.no_grad():
+        got = hstu_attention_cpu(q, k, v, layout.full, layout.keys, 0.37)
+    want = hstu_attention_reference(q, k, v, layout.full, layout.keys, 0.37)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    prefix, self_local = layout.full.prefix_encoding("cpp")
+    op = torch.ops.mtfm_rec.hstu_attention_cpu_forward
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, q_off, kv_off, prefix, self_local):  # type: ignore[no-untyped-def]
+            return op(q, k, v, q_off, kv_off, prefix, self_local, 0.37)
+
+    ints = (layout.full.offsets, layout.keys.offsets, prefix, self_local)
+    program = torch.export.export(Attend(), (q, k, v, *ints))
+    assert any(node.target is op.default for node in program.graph.nodes)
+    strided = torch.stack([prefix, prefix], dim=1)[:, 0]  # the same values, not contiguous
+    assert not strided.is_contiguous()
+    out = program.module()(q, k, v, layout.full.offsets, layout.keys.offsets, strided, self_local)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
