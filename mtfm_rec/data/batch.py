@@ -31,8 +31,8 @@ never synchronises with the host to learn a shape:
 * ``target_rows``/``target_offsets``: the T tokens of every sample, sample-major, as a jagged
   layout of their own (the queries of target-attention layers).
 
-Exposure-level tensors (``dense_features``, ``labels``, ``label_mask``, ``exposure_sample``) are
-per scenario, in KJT order.
+Exposure-level tensors (``dense_features``, ``labels``, ``label_mask``, ``exposure_sample``,
+``request_id``) are per scenario, in KJT order.
 
 It stays one module, a little over 400 lines: the Batch and the one function that builds it
 (:func:`collate`, with its phases) share every layout decision written above.
@@ -95,6 +95,9 @@ class Batch(Pipelineable):
     # multi-hot features (module docstring); last, with a default, so that a Batch built by
     # hand without them stays valid
     bag_features: KeyedJaggedTensor = field(default_factory=_empty_kjt)
+    # scenario -> [n_s] int64 raw request id of each exposure (KJT order), -1 where the raw row
+    # had none: which exposures were served together (serving replay groups by it)
+    request_id: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- Pipelineable
     def _map(self, fn: Callable[[_Movable], _Movable]) -> "Batch":
@@ -212,6 +215,7 @@ class _Exposures:
     ts: Dict[str, np.ndarray]  # scenario -> exposure ts (int64), KJT order
     keep: Dict[str, Optional[np.ndarray]]  # scenario -> bool mask over its flat exposures, or None
     n_targets: np.ndarray  # [B] L_T, all scenarios
+    request_id: Dict[str, np.ndarray] = field(default_factory=dict)  # scenario -> int64, -1 if none
 
 
 @dataclass
@@ -263,12 +267,14 @@ def _read_exposures(
     exposures = _Exposures(lengths={}, ts={}, keep={}, n_targets=np.zeros(b, np.int64))
     for s in schema.scenarios:
         lengths, ts = _list_column(table, fmt.exp_ts(s.name))
+        request_id = _list_column(table, fmt.exp_request_id(s.name))[1]
         keep = None if exposure_keep is None else exposure_keep.get(s.name)
         if keep is not None:
             keep = np.asarray(keep, dtype=bool)
             lengths = np.bincount(_sample_of(lengths)[keep], minlength=b).astype(np.int64)
-            ts = ts[keep]
+            ts, request_id = ts[keep], request_id[keep]
         exposures.lengths[s.name], exposures.ts[s.name] = lengths, ts.astype(np.int64)
+        exposures.request_id[s.name] = request_id.astype(np.int64)
         exposures.keep[s.name] = keep
     for s in schema.scenarios:
         exposures.n_targets += exposures.lengths[s.name]
@@ -418,6 +424,7 @@ def collate(
         labels=labels,
         label_mask=label_mask,
         user_id=torch.from_numpy(table.column(fmt.USER_ID).to_numpy().astype(np.int64)),
+        request_id={name: torch.from_numpy(ids) for name, ids in exposures.request_id.items()},
         window_start=torch.from_numpy(table.column(fmt.WINDOW_START).to_numpy().astype(np.int64)),
         batch_size=b,
         num_tokens=int(tokens.offsets[-1]),

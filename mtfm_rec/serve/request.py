@@ -27,8 +27,9 @@ the scenario subgraph (``mtfm_rec.serve.subgraph``) and its exported program tak
     cand_count    [B]           int64    valid candidates of each request
 
 :func:`requests_from_batch` cuts a training :class:`~mtfm_rec.data.batch.Batch` into requests
-(one per sample, scenario and exposure ts), which is how replay scores an evaluation split
-through the serving path with exactly the context the trainer saw.
+(one per sample, scenario and raw ``request_id``, or exposure ts where the log had no request
+id), which is how replay scores an evaluation split through the serving path with exactly the
+context the trainer saw.
 """
 
 from __future__ import annotations
@@ -249,9 +250,11 @@ def requests_from_batch(
 ) -> Tuple[List[Request], List[np.ndarray]]:
     """Cuts a (CPU) training batch into scenario ``scenario``'s requests.
 
-    One request per sample and distinct exposure ts (the exposures shown together), whose
-    context is the sample's H and R tokens: exactly what the training layout shows those
-    exposures (the R tokens at or after ``ts`` are masked there and dropped here).
+    One request per sample and raw ``request_id`` (the exposures served together), or per
+    sample and exposure ts where the raw rows had no request id. Its context is the sample's H
+    and R tokens; each candidate keeps its own ts, so it sees exactly what the training layout
+    shows it (the R tokens at or after the request's last exposure are dropped, the others are
+    masked per candidate).
 
     Returns:
         ``(requests, rows)``: ``rows[i]`` are request i's candidates' row indices in the batch's
@@ -262,25 +265,28 @@ def requests_from_batch(
     kjt = batch.sparse_features.to_dict()
     sample = batch.exposure_sample[scenario].numpy()
     ts = batch.token_ts[batch.target_positions[scenario]].numpy()
+    request_id = batch.request_id[scenario].numpy() if scenario in batch.request_id else np.full_like(ts, -1)
     features = {c: kjt[f"exp/{scenario}/{g}/{c}"].values().numpy() for g, c, _ in spec.categorical()}
     bags = _scenario_bags(batch, schema, spec)
     dense = batch.dense_features[scenario].numpy()
     user = batch.user_id.numpy()
+    # the group of an exposure: its request id, or (no id) its ts, kept apart by the flag
+    has_id = request_id >= 0
+    group_key = np.where(has_id, request_id, ts)
+    order = np.lexsort((ts, group_key, has_id, sample))
+    cuts = (np.diff(sample[order]) != 0) | (np.diff(has_id[order]) != 0) | (np.diff(group_key[order]) != 0)
     requests, rows = [], []
-    order = np.lexsort((ts, sample))
-    # one request per run of equal (sample, ts) in that order
-    starts = np.flatnonzero((np.diff(sample[order]) != 0) | (np.diff(ts[order]) != 0)) + 1
-    for group in np.split(order, starts) if len(order) else []:
-        b, t = int(sample[group[0]]), int(ts[group[0]])
-        ctx = {name: _before(seq, t) for name, seq in contexts[b].items()}
-        full = Request(scenario, t, ctx, features, dense, ts, bags, int(user[b]))
+    for group in np.split(order, np.flatnonzero(cuts) + 1) if len(order) else []:
+        b, last = int(sample[group[0]]), int(ts[group].max())
+        ctx = {name: _before(seq, last) for name, seq in contexts[b].items()}
+        full = Request(scenario, int(ts[group[0]]), ctx, features, dense, ts, bags, int(user[b]))
         requests.append(full.take(group))
         rows.append(group)
     return requests, rows
 
 
 def _before(seq: SequenceContext, t: int) -> SequenceContext:
-    """The actions of ``seq`` strictly before ``t`` (H is all before by construction)."""
+    """The actions of ``seq`` strictly before ``t``: no exposure of the request sees a later one."""
     keep = seq.ts < t
     if keep.all():
         return seq

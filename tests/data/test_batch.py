@@ -58,7 +58,9 @@ def make_table() -> pa.Table:
     for s in SCHEMA.scenarios:
         ts_rows = EXP_TS[s.name]
         cols[fmt.exp_ts(s.name)] = ts_rows
-        cols[fmt.exp_request_id(s.name)] = [rows_of(r, lambda i: -1) for r in ts_rows]
+        # scenario b's rows carry request ids (ts + 5000), a's none (-1)
+        ids = [None if r is None else [t + 5000 if s.name == "b" else -1 for t in r] for r in ts_rows]
+        cols[fmt.exp_request_id(s.name)] = ids
         cols[fmt.exp_split(s.name)] = [rows_of(r, lambda i: -1) for r in ts_rows]
         for k, (g, c, _) in enumerate(s.categorical()):
             cols[fmt.exp_feature(s.name, g, c)] = [
@@ -154,6 +156,7 @@ def test_exposure_keep_drops_exposures() -> None:
     assert out.label_mask["a"].tolist() == [[True, False]]
     torch.testing.assert_close(out.dense_features["a"], torch.tensor([[11.0, 12.0]]))
     assert out.exposure_sample["b"].tolist() == [0, 1, 1]
+    assert out.request_id["b"].tolist() == [5105, 5200, 5202] and out.request_id["a"].tolist() == [-1]
     # sequences are untouched
     assert out.sequence_positions["h2"].tolist() == [1, 8, 9]
 
@@ -162,7 +165,7 @@ def _assert_same(x: Batch, y: Batch) -> None:
     tensors = ("token_offsets", "token_ts", "token_kind", "token_group", "target_rows", "user_id")
     for name in tensors:
         assert torch.equal(getattr(x, name), getattr(y, name)), name
-    dicts = ("sequence_positions", "target_positions", "labels", "label_mask", "dense_features")
+    dicts = ("sequence_positions", "target_positions", "labels", "label_mask", "dense_features", "request_id")
     for name in dicts:
         a, b = getattr(x, name), getattr(y, name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
