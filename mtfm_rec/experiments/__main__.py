@@ -6,24 +6,47 @@ import argparse
 import os
 import shlex
 import sys
-from typing import List, Optional, Sequence
+import time
+from typing import Any, Dict, List, Optional, Sequence
 
 
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mtfm_rec.experiments", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    compare = sub.add_parser("compare", help="models x seeds, the paper's Table 2 (docs/EXPERIMENTS.md)")
-    compare.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
-    compare.add_argument("--models", required=True, help="comma-separated model.name values")
-    compare.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    compare.add_argument("--name", default="", help="experiment directory name (default: the config's)")
-    compare.add_argument("--runs-dir", default="runs", help="parent of the experiment directory")
-    compare.add_argument(
+def _common(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every experiment that plans training jobs."""
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    parser.add_argument("--name", default="", help="experiment directory name (default: the config's)")
+    parser.add_argument("--runs-dir", default="runs", help="parent of the experiment directory")
+    parser.add_argument(
         "--launcher",
         default="",
         help="runs each job's module with this instead of python, e.g. 'torchrun --nproc_per_node 8'",
     )
-    compare.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every job")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every job")
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from mtfm_rec.experiments import heatmap, hta_sweep, scaling
+
+    parser = argparse.ArgumentParser(prog="python -m mtfm_rec.experiments", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    compare = sub.add_parser("compare", help="models x seeds, the paper's Table 2 (docs/EXPERIMENTS.md)")
+    compare.add_argument("--models", required=True, help="comma-separated model.name values")
+    _common(compare)
+    sweep = sub.add_parser("hta-sweep", help="(K:P) x B stacks: quality against cost, the paper's Table 3")
+    sweep.add_argument(
+        "--stacks", default=",".join(hta_sweep.PAPER_STACKS), help="K:PxB[/nogqa][/batch<N>], ..."
+    )
+    _common(sweep)
+    scale = sub.add_parser("scaling", help="quality against model size and data, the paper's Figure 4")
+    scale.add_argument(
+        "--sizes", default=",".join(scaling.DEFAULT_SIZES), help="d_model x blocks x heads, ..."
+    )
+    scale.add_argument(
+        "--baseline", default="mmoe", help="a baseline model.name beside the ladder ('' for none)"
+    )
+    _common(scale)
+    heat = sub.add_parser("heatmap", help="attention of T tokens over H tokens, the paper's Figure 5")
+    heatmap.add_arguments(heat)
     return parser.parse_args(argv)
 
 
@@ -31,30 +54,57 @@ def _ints(text: str) -> List[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _names(text: str) -> List[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _plan(args: argparse.Namespace) -> List[Any]:
+    from mtfm_rec.experiments import compare, hta_sweep, scaling
+
+    seeds = _ints(args.seeds)
+    if args.command == "compare":
+        return compare.plan(args.config, _names(args.models), seeds, args.overrides)
+    if args.command == "hta-sweep":
+        return hta_sweep.plan(args.config, _names(args.stacks), seeds, args.overrides)
+    return scaling.plan(args.config, _names(args.sizes), seeds, args.overrides, args.baseline)
+
+
+def _report(args: argparse.Namespace, jobs: List[Any], root: str, meta: Dict[str, Any]) -> str:
+    from mtfm_rec.experiments import compare, hta_sweep, scaling
+
+    keys = compare.metric_keys(args.config, args.overrides)
+    if args.command == "compare":
+        compare.report(jobs, root, keys, {**meta, "models": _names(args.models)})
+        return "compare.json, compare.md, compare.png"
+    if args.command == "hta-sweep":
+        hta_sweep.report(jobs, root, keys, {**meta, "stacks": _names(args.stacks)})
+        return "hta_sweep.json, hta_sweep.md, hta_sweep.png"
+    scaling.report(jobs, root, keys, _names(args.sizes), {**meta, "sizes": _names(args.sizes)})
+    return "scaling.json, scaling.md, scaling_size.png, scaling_data.png"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mtfm_rec.config import ConfigError
-    from mtfm_rec.experiments import compare
     from mtfm_rec.experiments.jobs import JobFailedError, run_jobs
 
     args = _parse(argv)
+    if args.command == "heatmap":
+        from mtfm_rec.experiments import heatmap
+
+        return heatmap.run_from_args(args)
     name = args.name or os.path.splitext(os.path.basename(args.config))[0]
     root = os.path.join(args.runs_dir, name)
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    start = time.perf_counter()
     try:
-        jobs = compare.plan(args.config, models, _ints(args.seeds), args.overrides)
+        jobs = _plan(args)
         os.makedirs(root, exist_ok=True)
         run_jobs(jobs, root, shlex.split(args.launcher))
     except (ConfigError, JobFailedError) as exc:
         print(f"[experiments] error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 2
-    meta = {
-        "config": args.config,
-        "models": models,
-        "seeds": _ints(args.seeds),
-        "overrides": args.overrides,
-    }
-    compare.report(jobs, root, compare.metric_keys(args.config, args.overrides), meta)
-    print(f"[experiments] wrote {root}/compare.json, compare.md, compare.png", flush=True)
+    meta = {"config": args.config, "seeds": _ints(args.seeds), "overrides": args.overrides}
+    written = _report(args, jobs, root, {**meta, "wall_seconds": time.perf_counter() - start})
+    print(f"[experiments] wrote {root}/{{{written}}}", flush=True)
     return 0
 
 

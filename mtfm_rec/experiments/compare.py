@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from mtfm_rec.config import ConfigError, load_config
+from mtfm_rec.config import Config, ConfigError, load_config
 from mtfm_rec.experiments.jobs import Job
 from mtfm_rec.model.config import MODEL_NAMES, PER_SCENARIO_MODELS
 
@@ -41,18 +41,7 @@ def plan(config: str, models: Sequence[str], seeds: Sequence[int], overrides: Se
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown or not models:
         raise ConfigError(f"--models: unknown {unknown or 'empty list'}; choose from {MODEL_NAMES}")
-    if not seeds:
-        raise ConfigError("--seeds: give at least one seed")
-    base = load_config(config, overrides)
-    if base.train.eval_every < 1:
-        raise ConfigError(
-            f"{config}: train.eval_every={base.train.eval_every}; compare chooses each model's "
-            "checkpoint on validation, so set train.eval_every > 0"
-        )
-    if "valid" not in base.train.eval_splits or "test" not in base.train.eval_splits:
-        raise ConfigError(
-            f"{config}: train.eval_splits must hold valid and test, got {base.train.eval_splits}"
-        )
+    experiment_config(config, overrides, seeds)
     scenarios = list(dict.fromkeys(k.split("/")[0] for k in metric_keys(config, overrides)))
     jobs: List[Job] = []
     for model in models:
@@ -66,6 +55,29 @@ def plan(config: str, models: Sequence[str], seeds: Sequence[int], overrides: Se
             else:
                 jobs.append(Job(f"{model}/seed{seed}", config, common, {"model": model, "seed": str(seed)}))
     return jobs
+
+
+def experiment_config(config: str, overrides: Sequence[str], seeds: Sequence[int]) -> Config:
+    """The config every job of an experiment starts from, checked for what a fair comparison
+    needs: at least one seed, validation passes (each job's checkpoint is chosen on validation
+    only) and both the valid and test splits evaluated.
+
+    Raises:
+        ConfigError: naming the setting.
+    """
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    base = load_config(config, overrides)
+    if base.train.eval_every < 1:
+        raise ConfigError(
+            f"{config}: train.eval_every={base.train.eval_every}; an experiment chooses each job's "
+            "checkpoint on validation, so set train.eval_every > 0"
+        )
+    if "valid" not in base.train.eval_splits or "test" not in base.train.eval_splits:
+        raise ConfigError(
+            f"{config}: train.eval_splits must hold valid and test, got {base.train.eval_splits}"
+        )
+    return base
 
 
 def metric_keys(config: str, overrides: Sequence[str]) -> List[str]:

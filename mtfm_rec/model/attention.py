@@ -27,11 +27,15 @@ Eq. 14 of the paper writes ``f_kv(X~_T)``; we read it as keys/values from all N 
 ``hstu_attention`` is the kernel dispatcher (``mtfm_rec.kernels.hstu_attention``, where every
 implementation lives); a layer resolves ``model.attention_backend`` for its device once, at its
 first forward on that device, and picks the Group LayerNorm that goes with it (:func:`norm_backend`).
+
+Attention weights for analysis: a layer's ``_recorder`` (None by default, so training pays one
+``is None`` test) is called after each attention with what the weights are computed from;
+:func:`mtfm_rec.model.attention_probe.record_attention` installs and removes it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +84,13 @@ _NORM_FOR = {
 }
 
 
+# ``recorder(layer, q, k, v, out, layout, target)``: the arguments and output of one attention
+# call of ``layer`` (``out``: ``[total_q, H, Dv]``; ``target``: queries are the T tokens).
+AttentionRecorder = Callable[
+    ["_HSTULayer", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionLayout, bool], None
+]
+
+
 def norm_backend(attention_backend: Union[AttentionBackend, str]) -> NormBackend:
     """The Group LayerNorm implementation that goes with a resolved attention backend."""
     return _NORM_FOR.get(AttentionBackend(attention_backend), NormBackend.AUTO)
@@ -108,6 +119,7 @@ class _HSTULayer(nn.Module):
         self._resolved: Optional[Tuple[str, AttentionBackend]] = None
         self.alpha = config.attention_alpha or hd**-0.5
         self.eps = config.norm_eps
+        self._recorder: Optional[AttentionRecorder] = None  # see the module docstring
 
     def resolved_backend(self, device: torch.device) -> AttentionBackend:
         """``model.attention_backend`` resolved for ``device`` (once per device type)."""
@@ -136,6 +148,8 @@ class _HSTULayer(nn.Module):
         backend: AttentionBackend,
     ) -> torch.Tensor:
         out = hstu_attention(q, k, v, layout.queries(target), layout.keys, self.alpha, backend)
+        if self._recorder is not None:
+            self._recorder(self, q, k, v, out, layout, target)
         return out.reshape(out.shape[0], -1)
 
     def _output(

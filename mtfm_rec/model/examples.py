@@ -1,4 +1,4 @@
-"""Small random schemas and batches for the model's tests and benchmark.
+"""Small random schemas, batches and model configs for the model's tests and benchmarks.
 
 Not a data generator with planted structure (that is ``mtfm_rec.data``'s job): these batches
 only exercise shapes, layouts and the mask, through the real ``collate``.
@@ -14,6 +14,27 @@ import pyarrow as pa
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
+from mtfm_rec.model.config import ModelConfig
+
+
+def small_config(**overrides: Any) -> ModelConfig:
+    """A small model that still has every part: (1:1) x 1 with GQA (4 heads, 2 kv heads),
+    3 experts; ``overrides`` are ModelConfig fields."""
+    base: Dict[str, Any] = dict(
+        embedding_dim=8,
+        d_model=32,
+        tokenizer_hidden=[32],
+        num_blocks=1,
+        target_layers_per_block=1,
+        full_layers_per_block=1,
+        num_heads=4,
+        num_kv_heads=2,
+        num_experts=3,
+        expert_dim=16,
+        tower_dim=8,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
 
 
 def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:
@@ -226,4 +247,5 @@ __all__: Sequence[str] = [
     "random_batch",
     "long_history_schema",
     "fixed_size_batch",
+    "small_config",
 ]

@@ -100,7 +100,8 @@ def _mlp(rows: int, dims: Sequence[int]) -> int:
 
 def tokenizer_flops(config: ModelConfig, schema: DatasetSchema, batch: Batch) -> int:
     """The MLPs of ``HeterogeneousTokenizer``: one row per action / exposure of the batch, and
-    the time encoding's projection (one row per token) when it is on."""
+    the time encoding's projection (one row per token) when it is on. (The bag pooling's adds,
+    like the embedding lookups, are not matmul FLOPs and are not counted.)"""
     e, d, hidden = config.embedding_dim, config.d_model, list(config.tokenizer_hidden)
     total = 0
     if config.use_sequences:
@@ -111,7 +112,9 @@ def tokenizer_flops(config: ModelConfig, schema: DatasetSchema, batch: Batch) ->
             total += _mlp(rows, [len(q.features) * e, *hidden, d])
     for s in schema.scenarios:
         rows = int(batch.target_positions[s.name].shape[0])
-        total += _mlp(rows, [len(s.categorical()) * e + len(s.dense_features), *hidden, d])
+        # each multi-hot feature is one more pooled e-wide field of the MLP's input (eq. 4)
+        fields = len(s.categorical()) + len(s.multi_hot())
+        total += _mlp(rows, [fields * e + len(s.dense_features), *hidden, d])
     return total
 
 

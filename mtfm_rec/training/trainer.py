@@ -606,6 +606,11 @@ class Trainer:
             )
         summary = summarize(metrics)
         self.logger.log(self.step, {f"valid/{k}": v for k, v in summary.items()})
+        # and per scenario x task: the learning curves of the scaling analysis read them
+        self.logger.log(
+            self.step,
+            {f"valid/{key}/{m}": float(v[m]) for key, v in metrics.items() for m in ("auc", "gauc")},
+        )
         key = tcfg.early_stopping_metric
         value = summary[key]
         score = -value if key == "logloss" else value

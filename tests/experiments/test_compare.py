@@ -42,7 +42,7 @@ def test_plan_runs_per_scenario_models_once_per_scenario(raw) -> None:
 def test_plan_refuses_what_it_cannot_compare_fairly(raw) -> None:
     with pytest.raises(ConfigError, match=r"unknown \['dcn'\]"):
         compare.plan(CONFIG, ["mtfm", "dcn"], [0], [f"data.raw={raw}", "train.eval_every=10"])
-    with pytest.raises(ConfigError, match="train.eval_every=0; compare chooses each model's checkpoint"):
+    with pytest.raises(ConfigError, match="train.eval_every=0; an experiment chooses each job's checkpoint"):
         compare.plan(CONFIG, ["mtfm"], [0], [f"data.raw={raw}"])
     with pytest.raises(ConfigError, match="at least one seed"):
         compare.plan(CONFIG, ["mtfm"], [], [f"data.raw={raw}", "train.eval_every=10"])

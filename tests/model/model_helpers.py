@@ -12,25 +12,8 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.kernels.jagged import TokenKind
-from mtfm_rec.model import MTFM, ModelConfig
-
-
-def small_config(**overrides: object) -> ModelConfig:
-    base = dict(
-        embedding_dim=8,
-        d_model=32,
-        tokenizer_hidden=[32],
-        num_blocks=1,
-        target_layers_per_block=1,
-        full_layers_per_block=1,
-        num_heads=4,
-        num_kv_heads=2,
-        num_experts=3,
-        expert_dim=16,
-        tower_dim=8,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)  # type: ignore[arg-type]
+from mtfm_rec.model import MTFM
+from mtfm_rec.model.examples import small_config
 
 
 def make_model(schema: DatasetSchema, seed: int = 0, **overrides: object) -> MTFM:

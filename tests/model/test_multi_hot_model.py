@@ -130,6 +130,20 @@ def test_scenario_tokens_read_the_pooled_field_beside_the_single_ids_and_dense()
     assert tok.scenario_mlps[0][0].in_features == 2 * 8 + 1
 
 
+def test_the_flop_count_includes_the_pooled_fields_of_the_scenario_tokenizers() -> None:
+    """``model_flops``' tokenizer count equals what FlopCounterMode sees in the tokenizer, whose
+    scenario MLPs take one more e-wide input per multi-hot feature."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mtfm_rec.model.flops import model_flops
+
+    model, batch = _model(), _batch()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch)
+    measured = sum(counter.get_flop_counts()["MTFM.dense.tokenizer"].values())
+    assert measured == model_flops(model.config, SCHEMA, batch).tokenizer > 0
+
+
 def test_a_changed_bag_changes_its_exposure_alone() -> None:
     """A T token sees H, the earlier R and itself only: new genres of one exposure move its
     scores and no other exposure's."""

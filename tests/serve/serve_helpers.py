@@ -3,36 +3,44 @@ sys.path): a small MTFM on the demo schema and the training-layout scores of a b
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
-import numpy as np
 import torch
 
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
-from mtfm_rec.model import MTFM, ModelConfig
-from mtfm_rec.model.examples import demo_schema, random_batch
-from mtfm_rec.serve.request import Request, requests_from_batch
+from mtfm_rec.model import MTFM
+from mtfm_rec.model.examples import demo_schema, random_batch, small_config
 
 
 def small_model(schema: DatasetSchema, seed: int = 0, **overrides: Any) -> MTFM:
-    """A small MTFM: (2:1) x 1 with GQA (4 heads, 2 kv heads), the demo schema's tables."""
-    config: Dict[str, Any] = dict(
-        embedding_dim=8,
-        d_model=32,
-        tokenizer_hidden=[32],
-        num_blocks=1,
-        target_layers_per_block=2,
-        full_layers_per_block=1,
-        num_heads=4,
-        num_kv_heads=2,
-        num_experts=3,
-        expert_dim=16,
-        tower_dim=8,
-    )
-    config.update(overrides)
+    """``small_config`` with two target layers after the full one ((2:1) x 1), for the schema."""
     torch.manual_seed(seed)
-    return MTFM(schema, ModelConfig(**config)).eval()
+    return MTFM(schema, small_config(**{"target_layers_per_block": 2, **overrides})).eval()
+
+
+# multi-hot features in the user and the item group (as tests/model/test_multi_hot_model.py); b
+# has no single-id feature at all
+MULTI_HOT = DatasetSchema.from_dict(
+    {
+        "name": "mhm",
+        "time_unit": "s",
+        "sequences": [{"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 6}}],
+        "scenarios": [
+            {
+                "name": "a",
+                "item_features": {"item": 6, "genres": {"size": 5, "pooling": "mean"}},
+                "dense_features": ["price"],
+                "tasks": ["click"],
+            },
+            {
+                "name": "b",
+                "user_features": {"tags": {"size": 4, "pooling": "sum"}},
+                "tasks": ["click", "buy"],
+            },
+        ],
+    }
+)
 
 
 def demo() -> Tuple[DatasetSchema, Batch]:
@@ -46,9 +54,3 @@ def training_scores(model: torch.nn.Module, batch: Batch) -> Dict[str, torch.Ten
     with torch.no_grad():
         _, out = model(batch)
     return {name: out[name] for name in batch.labels}
-
-
-def replay_requests(
-    batch: Batch, schema: DatasetSchema, scenario: str
-) -> Tuple[List[Request], List[np.ndarray]]:
-    return requests_from_batch(batch, schema, scenario)

@@ -18,9 +18,10 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
+from serve_helpers import small_model
 
 from mtfm_rec.data.schema import DatasetSchema
-from mtfm_rec.model import MTFM, ModelConfig
+from mtfm_rec.model import MTFM
 from mtfm_rec.serve.export import (
     ExportedScorer,
     PackageError,
@@ -62,23 +63,19 @@ SHAPES = [(1, (1, 1), 1, (1, 1)), (4, (9, 3), 7, (2, 5)), (2, (0, 6), 3, (4, 1))
 ATOL = 1e-5
 
 
-def small_model() -> MTFM:
-    """``tests/model/model_helpers.make_model``'s small MTFM, a little narrower still."""
-    config = ModelConfig(
-        embedding_dim=8,
+def narrow_model() -> MTFM:
+    """The serving tests' small MTFM, narrower still: the module compiles it once."""
+    return small_model(
+        SCHEMA,
         d_model=16,
         tokenizer_hidden=[16],
-        num_blocks=1,
         target_layers_per_block=1,
-        full_layers_per_block=1,
         num_heads=2,
         num_kv_heads=1,
         num_experts=2,
         expert_dim=8,
         tower_dim=4,
     )
-    torch.manual_seed(0)
-    return MTFM(SCHEMA, config).eval()
 
 
 def _bags(rng: np.random.Generator, m: int, width: int, size: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -129,7 +126,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def sub() -> ScenarioModel:
-    return extract_subgraph(small_model(), SCENARIO)
+    return extract_subgraph(narrow_model(), SCENARIO)
 
 
 @pytest.fixture(scope="module")

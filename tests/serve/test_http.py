@@ -18,11 +18,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
-import torch
 import uvicorn
+from serve_helpers import MULTI_HOT, small_model
 
 from mtfm_rec.data.schema import DatasetSchema
-from mtfm_rec.model import MTFM, ModelConfig
 from mtfm_rec.model.examples import demo_schema
 from mtfm_rec.serve import http
 from mtfm_rec.serve import json_request as jr
@@ -33,50 +32,11 @@ from mtfm_rec.serve.subgraph import extract_subgraph
 
 SCHEMA = demo_schema(num_scenarios=3)
 SERVED = ("sc0", "sc1")  # sc2 is declared but not served
-# multi-hot features in the user and the item group (as tests/model/test_multi_hot_model.py)
-MULTI_HOT = DatasetSchema.from_dict(
-    {
-        "name": "mhm",
-        "time_unit": "s",
-        "sequences": [{"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 6}}],
-        "scenarios": [
-            {
-                "name": "a",
-                "item_features": {"item": 6, "genres": {"size": 5, "pooling": "mean"}},
-                "dense_features": ["price"],
-                "tasks": ["click"],
-            },
-            {
-                "name": "b",
-                "user_features": {"tags": {"size": 4, "pooling": "sum"}},
-                "tasks": ["click", "buy"],
-            },
-        ],
-    }
-)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def small_config() -> ModelConfig:
-    """The small-model recipe of tests/model/model_helpers.py."""
-    return ModelConfig(
-        embedding_dim=8,
-        d_model=32,
-        tokenizer_hidden=[32],
-        num_blocks=1,
-        target_layers_per_block=1,
-        full_layers_per_block=1,
-        num_heads=4,
-        num_kv_heads=2,
-        num_experts=3,
-        expert_dim=16,
-        tower_dim=8,
-    )
-
-
 def make_predictor(schema: DatasetSchema, scenarios: Sequence[str]) -> Predictor:
-    torch.manual_seed(0)
-    model = MTFM(schema, small_config()).eval()
+    model = small_model(schema)
     return Predictor(schema, {s: eager_scorer(extract_subgraph(model, s)) for s in scenarios})
 
 

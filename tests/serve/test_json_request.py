@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict
 
 import numpy as np
 import pytest
+from serve_helpers import MULTI_HOT
 
 from mtfm_rec.data.schema import DatasetSchema, fold_ids
 from mtfm_rec.model.examples import demo_schema
@@ -22,27 +23,6 @@ from mtfm_rec.serve.json_request import (
 from mtfm_rec.serve.request import Request, collate_requests
 
 SCHEMA = demo_schema(num_scenarios=3)
-# multi-hot features in the user and the item group (as tests/model/test_multi_hot_model.py)
-MULTI_HOT = DatasetSchema.from_dict(
-    {
-        "name": "mhm",
-        "time_unit": "s",
-        "sequences": [{"name": "orders", "kind": "history", "max_len": 8, "features": {"item": 6}}],
-        "scenarios": [
-            {
-                "name": "a",
-                "item_features": {"item": 6, "genres": {"size": 5, "pooling": "mean"}},
-                "dense_features": ["price"],
-                "tasks": ["click"],
-            },
-            {
-                "name": "b",
-                "user_features": {"tags": {"size": 4, "pooling": "sum"}},
-                "tasks": ["click", "buy"],
-            },
-        ],
-    }
-)
 
 
 def random_json(
