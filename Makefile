@@ -9,7 +9,7 @@ ML1M_GENRE := $(DATA_DIR)/ml1m_genre
 ML1M_SWR := $(DATA_DIR)/ml1m_swr
 PYTEST_ARGS ?=
 
-.PHONY: install data train test lint bench compare gpu-check clean help
+.PHONY: install data train test lint bench compare gpu-check java-check clean help
 
 help:
 	@echo "make train   install if needed, build ml1m_genre, train configs/ml1m_genre.yaml, print AUC/GAUC"
@@ -42,8 +42,15 @@ train: install
 	$(PY) -m mtfm_rec.data.public.movielens --recipe ml1m_genre --out $(ML1M_GENRE)
 	$(PY) -m mtfm_rec.train --config configs/ml1m_genre.yaml data.raw=$(ML1M_GENRE)
 
-test: install
+test: install java-check
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The Spark aggregation engine (aggregation.engine=spark) and its equality test need Java 17+.
+JAVA_HINT := the Spark aggregation engine (aggregation.engine=spark) and its tests need Java 17+: apt-get install -y openjdk-17-jre-headless, or set JAVA_HOME
+JAVA = $$(command -v java || echo "$$JAVA_HOME/bin/java")
+java-check:
+	@command -v java >/dev/null 2>&1 || { test -n "$$JAVA_HOME" && test -x "$$JAVA_HOME/bin/java"; } || { echo "make: no java on PATH and no JAVA_HOME; $(JAVA_HINT)" >&2; exit 1; }
+	@$(JAVA) -version 2>&1 | head -1 | grep -Eq '"(1[7-9]|[2-9][0-9])[."]' || { echo "make: $$($(JAVA) -version 2>&1 | head -1) is older than 17; $(JAVA_HINT)" >&2; exit 1; }
 
 lint: install
 	$(VENV)/bin/ruff check .

