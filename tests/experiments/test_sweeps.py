@@ -97,7 +97,7 @@ def test_hta_sweep_end_to_end(raw, tmp_path) -> None:
 
 
 def test_scaling_end_to_end(raw, tmp_path) -> None:
-    argv = ["scaling", "--config", CONFIG, "--sizes", "8x1x1,16x1x2,32x2x2", "--baseline", ""]
+    argv = ["scaling", "--config", CONFIG, "--sizes", "8x1x1,32x2x2", "--baseline", ""]
     assert (
         main(
             [
@@ -114,11 +114,11 @@ def test_scaling_end_to_end(raw, tmp_path) -> None:
         == 0
     )
     report = json.loads((tmp_path / "scale" / "scaling.json").read_text())
-    flops = [report["points"][s]["gflops_per_sample"] for s in ("8x1x1", "16x1x2", "32x2x2")]
+    flops = [report["points"][s]["gflops_per_sample"] for s in ("8x1x1", "32x2x2")]
     assert flops == sorted(flops) and flops[0] > 0  # a bigger model costs more per sample
     assert set(report["slopes"]) == set(report["keys"]) and all(np.isfinite(list(report["slopes"].values())))
     curves = report["data_curves"]
-    assert set(curves) == {"8x1x1", "16x1x2", "32x2x2"}
+    assert set(curves) == {"8x1x1", "32x2x2"}  # smallest, middle (= the largest of two), largest
     for points in curves.values():
         tokens = [t for t, _ in points]
         assert len(points) == 2 and tokens == sorted(tokens) and tokens[0] > 0  # evaluations at 6, 12
