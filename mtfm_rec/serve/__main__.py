@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import yaml
 
@@ -110,7 +110,8 @@ def _run_predictor(args: argparse.Namespace) -> Predictor:
 
 def _replay_config(args: argparse.Namespace) -> Config:
     if args.run_dir:
-        raw = yaml.safe_load(open(f"{args.run_dir}/config.yaml"))
+        with open(f"{args.run_dir}/config.yaml") as fh:
+            raw = yaml.safe_load(fh)
     else:
         from mtfm_rec.serve.export import read_metadata
 
@@ -202,6 +203,3 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-__all__: List[str] = ["main", "parse_args"]

@@ -176,3 +176,19 @@ def _some_requests(run: Any) -> list:
 
     loader = ResumableLoader.from_config(run.dataset_dir, run.config.data, split="test", rank=0, world_size=1)
     return requests_from_batch(next(iter(loader)), run.schema, "a")[0]
+
+
+def test_the_replay_command_writes_the_predictions_and_prints_the_metrics(
+    run_dir: str, tmp_path: Any, capsys: Any
+) -> None:
+    from mtfm_rec.serve.__main__ import main
+
+    out = str(tmp_path / "cli.parquet")
+    main(["replay", "--run-dir", run_dir, "--scenario", "b", "--micro-batch", "3", "--out", out])
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{") : printed.rindex("}") + 1])
+    with open(os.path.join(run_dir, "metrics.json")) as fh:
+        expected = json.load(fh)
+    assert set(metrics) == {"b/click"}
+    assert metrics["b/click"]["auc"] == pytest.approx(expected["b/click"]["auc"], abs=1e-6)
+    assert set(pq.read_table(out).column("scenario").to_pylist()) == {"b"}
