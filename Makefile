@@ -8,6 +8,8 @@ DATA_DIR ?= data
 ML1M_GENRE := $(DATA_DIR)/ml1m_genre
 ML1M_SWR := $(DATA_DIR)/ml1m_swr
 PYTEST_ARGS ?=
+# make test: pytest-xdist workers, one intra-op thread each (2 workers x 1 thread = the 2 CI cores)
+TEST_WORKERS ?= 2
 
 .PHONY: install data train test lint bench compare gpu-check java-check clean help
 
@@ -43,7 +45,7 @@ train: install
 	$(PY) -m mtfm_rec.train --config configs/ml1m_genre.yaml data.raw=$(ML1M_GENRE)
 
 test: install java-check
-	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 
 # The Spark aggregation engine (aggregation.engine=spark) and its equality test need Java 17+.
 JAVA_HINT := the Spark aggregation engine (aggregation.engine=spark) and its tests need Java 17+: apt-get install -y openjdk-17-jre-headless, or set JAVA_HOME
