@@ -274,3 +274,16 @@ def test_no_regression_beats_bayes_beyond_noise(bench: Tuple[Path, DatasetSchema
             for name in ("lr_features", "lr_history"):
                 auc = metrics[name][key]["auc"]
                 assert auc < bayes + noise, (key, name, auc, bayes, noise)
+
+
+def test_a_subset_of_references_equals_the_full_computation(bench: Tuple[Path, DatasetSchema, dict]) -> None:
+    root, _, metrics = bench
+    subset = references.reference_metrics(str(root), ("bayes", "lr_history"))
+    assert set(subset) == {"bayes", "lr_history"}
+    for name in subset:
+        assert subset[name] == metrics[name], name
+
+
+def test_an_unknown_reference_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown reference\(s\) \['oracle'\]"):
+        references.reference_metrics(str(tmp_path), ("bayes", "oracle"))
