@@ -45,7 +45,7 @@ train: install
 	$(PY) -m mtfm_rec.train --config configs/ml1m_genre.yaml data.raw=$(ML1M_GENRE)
 
 test: install java-check
-	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS) tests
 
 # The Spark aggregation engine (aggregation.engine=spark) and its equality test need Java 17+.
 JAVA_HINT := the Spark aggregation engine (aggregation.engine=spark) and its tests need Java 17+: apt-get install -y openjdk-17-jre-headless, or set JAVA_HOME

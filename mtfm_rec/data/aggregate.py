@@ -5,8 +5,10 @@ window's exposures are aggregated per user, the scenario parts of the same user+
 column-wise, and the result is merged with the shared behaviour sequences at user level:
 
 * H: per history sequence, the last ``max_len`` actions with ``ts < window_start``;
-* R: per real-time sequence, the most recent ``max_len`` actions with
-  ``window_start - lookback <= ts < window_end`` (with their ts: the model masks the later ones);
+* R: per real-time sequence, actions from ``window_start - lookback`` on, before the sample's
+  last exposure, at most ``max_len``: a busy window is split into samples so that each exposure
+  sees (strictly earlier ts; the model masks the later ones) its most recent actions, decided by
+  the past alone (:mod:`mtfm_rec.data.realtime_split`);
 * T: every exposure of the window, every scenario, with features, labels, ts.
 
 Two streaming passes keep memory bounded by one partition:
@@ -73,6 +75,7 @@ _FINGERPRINT_FIELDS = (
     "window_seconds",
     "realtime_lookback_seconds",
     "max_exposures_per_sample",
+    "realtime_split_keep",
     "num_partitions",
     "skip_bad_rows",
     "output_row_group_size",
@@ -329,6 +332,7 @@ def _tasks(schema: DatasetSchema, config: AggregationConfig, tmp: str) -> List[P
             window_ticks=window_ticks,
             lookback_ticks=lookback_ticks,
             max_exposures_per_sample=chunk,
+            realtime_split_keep=config.realtime_split_keep,
             row_group_size=config.output_row_group_size,
             out_path=os.path.join(shard_dir, fmt.shard_name(k)),
             exposure_limit=UNCHUNKED_EXPOSURE_LIMIT if chunk is None else None,

@@ -4,9 +4,10 @@ Pass 1 routes every validated record batch by a splitmix64 hash of ``user_id``
 (:func:`user_partition`) into per-partition Arrow IPC spill files, in file then row order
 (:class:`SpillRouter`). Pass 2 builds one partition's shard (:func:`build_partition`, run in a
 worker process): it loads the partition's spills, assigns every exposure to its sample (one user
-x time window, chunked by ``max_exposures_per_sample``), joins the scenarios' T parts column-wise
-and merges the shared behaviour sequences as H and R at user level, with vectorised numpy
-(merge-sorted searches over per-user sorted actions, no per-row Python).
+x time window, split where a real-time sequence would overflow (:mod:`mtfm_rec.data.realtime_split`)
+and by ``max_exposures_per_sample``), joins the scenarios' T parts column-wise and merges the
+shared behaviour sequences as H and R at user level, with vectorised numpy (merge-sorted
+searches over per-user sorted actions; Python steps only per sample of an overflowing window).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.errors import AggregationError
 from mtfm_rec.data.reader import TS, USER_ID, exposure_columns, multi_hot_columns, sequence_columns
+from mtfm_rec.data.realtime_split import open_samples, sample_slices
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
 
 
@@ -148,6 +150,7 @@ class PartitionTask:
     window_ticks: int
     lookback_ticks: int
     max_exposures_per_sample: Optional[int]
+    realtime_split_keep: float
     row_group_size: int
     out_path: str
     exposure_limit: Optional[int] = None  # refuse bigger user-windows (unchunked runs)
@@ -167,46 +170,80 @@ class _Samples:
         end: [n] its window end (exclusive).
         of_row: [rows] the sample of each exposure row, rows in the order the scenarios'
             spills are concatenated (scenario, then file and row order).
+        realtime: per real-time sequence name, ([n] first, [n] end) of the sample's R slice,
+            indices into that sequence's actions sorted by (user, ts).
     """
 
     user: np.ndarray
     start: np.ndarray
     end: np.ndarray
     of_row: np.ndarray
+    realtime: Dict[str, Tuple[np.ndarray, np.ndarray]]
 
     def __len__(self) -> int:
         return len(self.user)
 
 
-def _assign_samples(exposure_spills: List[Dict[str, np.ndarray]], task: PartitionTask) -> _Samples:
-    """Maps every exposure row to its sample: a distinct (user, window) of any scenario.
+@dataclass
+class _Actions:
+    """One sequence's actions in a partition: its spill columns and their (user, ts) order."""
 
-    Inside a window rows are in ts order (ties: scenario, then file and row order), so a window
-    with more than ``max_exposures_per_sample`` exposures splits into consecutive chunks.
+    columns: Dict[str, _SpillColumn]
+    perm: np.ndarray  # stable: ts ties keep file then row order
+    user: np.ndarray  # sorted by (user, ts)
+    ts: np.ndarray
+
+
+def _load_actions(task: PartitionTask, q: SequenceSpec) -> _Actions:
+    cols = _load_spill(task.spill_dir, f"seq/{q.name}", task.partition, sequence_columns(q))
+    a_user, a_ts = cols[USER_ID].astype(np.int64), cols[TS].astype(np.int64)
+    perm = np.lexsort((a_ts, a_user))
+    return _Actions(cols, perm, a_user[perm], a_ts[perm])
+
+
+def _assign_samples(
+    exposure_spills: List[Dict[str, np.ndarray]],
+    task: PartitionTask,
+    realtime: Dict[str, Tuple[SequenceSpec, _Actions]],
+) -> _Samples:
+    """Maps every exposure row to its sample: a distinct (user, window) of any scenario, split
+    where a real-time sequence would overflow (:mod:`mtfm_rec.data.realtime_split`) and every
+    ``max_exposures_per_sample`` exposures.
+
+    Inside a window rows are in ts order (ties: scenario, then file and row order).
 
     Raises:
-        AggregationError: a user-window above ``task.exposure_limit`` (unchunked runs).
+        AggregationError: a sample above ``task.exposure_limit`` (unchunked runs).
     """
     window_ticks = task.window_ticks
     users = np.concatenate([c[USER_ID] for c in exposure_spills]).astype(np.int64)
     ts_all = np.concatenate([c[TS] for c in exposure_spills]).astype(np.int64)
     windows = np.floor_divide(ts_all, window_ticks)
     order = np.lexsort((ts_all, windows, users))
-    sorted_user, sorted_window = users[order], windows[order]
-    opens_sample = np.ones(len(sorted_user), dtype=bool)
-    opens_sample[1:] = (sorted_user[1:] != sorted_user[:-1]) | (sorted_window[1:] != sorted_window[:-1])
-    if task.exposure_limit is not None:
+    sorted_user, sorted_window, sorted_ts = users[order], windows[order], ts_all[order]
+    opens_window = np.ones(len(sorted_user), dtype=bool)
+    opens_window[1:] = (sorted_user[1:] != sorted_user[:-1]) | (sorted_window[1:] != sorted_window[:-1])
+    counts, lows, max_lens = [], [], []
+    for q, acts in realtime.values():
+        counts.append(_count_before(acts.user, acts.ts, sorted_user, sorted_ts))
+        lookback_start = sorted_window * window_ticks - task.lookback_ticks
+        lows.append(_count_before(acts.user, acts.ts, sorted_user, lookback_start))
+        max_lens.append(q.max_len)
+    opens_sample, slice_starts = open_samples(
+        opens_window, counts, lows, max_lens, task.realtime_split_keep, task.max_exposures_per_sample
+    )
+    if task.exposure_limit is not None:  # set only without max_exposures_per_sample
         _check_window_sizes(
             opens_sample, sorted_user, sorted_window * window_ticks, window_ticks, task.exposure_limit
         )
-    if task.max_exposures_per_sample:
-        rows = np.arange(len(sorted_user))
-        rank = rows - np.maximum.accumulate(np.where(opens_sample, rows, 0))
-        opens_sample |= rank % task.max_exposures_per_sample == 0
     of_row = np.empty(len(sorted_user), np.int64)
     of_row[order] = np.cumsum(opens_sample) - 1
-    start = sorted_window[opens_sample] * window_ticks
-    return _Samples(user=sorted_user[opens_sample], start=start, end=start + window_ticks, of_row=of_row)
+    slices = dict(zip(realtime, sample_slices(opens_sample, slice_starts, counts)))
+    firsts = np.flatnonzero(opens_sample)
+    start = sorted_window[firsts] * window_ticks
+    return _Samples(
+        user=sorted_user[firsts], start=start, end=start + window_ticks, of_row=of_row, realtime=slices
+    )
 
 
 def _exposure_column_names(scenario: ScenarioSpec) -> Dict[str, str]:
@@ -253,29 +290,17 @@ def _target_columns(
     return n_t, exposures
 
 
-def _sequence_slices(
-    seq: SequenceSpec, a_user: np.ndarray, a_ts: np.ndarray, samples: _Samples, lookback_ticks: int
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Per sample, (first action, number of actions) of ``seq`` among its actions sorted by
-    (user, ts): H keeps the last ``max_len`` before the window start, R the last ``max_len`` in
-    ``[start - lookback, end)``."""
-    if seq.is_history:
-        end = _count_before(a_user, a_ts, samples.user, samples.start)
-        lo = np.searchsorted(a_user, samples.user, side="left")
-    else:
-        both = _count_before(
-            a_user,
-            a_ts,
-            np.concatenate([samples.user, samples.user]),
-            np.concatenate([samples.start - lookback_ticks, samples.end]),
-        )
-        lo, end = both[: len(samples)], both[len(samples) :]
-    start = np.maximum(lo, end - seq.max_len)
+def _history_slices(acts: _Actions, samples: _Samples, max_len: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Per sample, (first action, number of actions) of a history sequence among its actions
+    sorted by (user, ts): the last ``max_len`` before the window start."""
+    end = _count_before(acts.user, acts.ts, samples.user, samples.start)
+    lo = np.searchsorted(acts.user, samples.user, side="left")
+    start = np.maximum(lo, end - max_len)
     return start, np.maximum(end - start, 0)
 
 
 def _sequence_columns(
-    task: PartitionTask, schema: DatasetSchema, samples: _Samples, columns: Dict[str, pa.Array]
+    schema: DatasetSchema, samples: _Samples, actions: Dict[str, _Actions], columns: Dict[str, pa.Array]
 ) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
     """H and R: adds each shared sequence to ``columns``, merged with the samples at user level.
 
@@ -284,20 +309,22 @@ def _sequence_columns(
     """
     n_h = np.zeros(len(samples), np.int64)
     n_r = np.zeros(len(samples), np.int64)
-    actions: Dict[str, int] = {}
+    read: Dict[str, int] = {}
     for q in schema.sequences:
-        cols = _load_spill(task.spill_dir, f"seq/{q.name}", task.partition, sequence_columns(q))
-        a_user, a_ts = cols[USER_ID].astype(np.int64), cols[TS].astype(np.int64)
-        actions[q.name] = len(a_user)
-        perm = np.lexsort((a_ts, a_user))  # stable: ts ties keep file then row order
-        start, lengths = _sequence_slices(q, a_user[perm], a_ts[perm], samples, task.lookback_ticks)
+        acts = actions[q.name]
+        read[q.name] = len(acts.user)
+        if q.is_history:
+            start, lengths = _history_slices(acts, samples, q.max_len)
+        else:
+            start, end = samples.realtime[q.name]
+            lengths = np.maximum(end - start, 0)
         (n_h if q.is_history else n_r)[:] += lengths
-        take = perm[_ranges(start, lengths)]
+        take = acts.perm[_ranges(start, lengths)]
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        columns[fmt.seq_ts(q.name)] = _list_array(offsets, cols[TS][take], pa.int64())
+        columns[fmt.seq_ts(q.name)] = _list_array(offsets, acts.columns[TS][take], pa.int64())
         for f in q.features:
-            columns[fmt.seq_feature(q.name, f)] = _list_array(offsets, cols[f][take], pa.int64())
-    return n_h, n_r, actions
+            columns[fmt.seq_feature(q.name, f)] = _list_array(offsets, acts.columns[f][take], pa.int64())
+    return n_h, n_r, read
 
 
 def build_partition(task: PartitionTask) -> Dict[str, Any]:
@@ -310,21 +337,23 @@ def build_partition(task: PartitionTask) -> Dict[str, Any]:
         )
         for s in schema.scenarios
     ]
-    samples = _assign_samples(exposure_spills, task)
+    actions = {q.name: _load_actions(task, q) for q in schema.sequences}
+    realtime = {q.name: (q, actions[q.name]) for q in schema.sequences if not q.is_history}
+    samples = _assign_samples(exposure_spills, task, realtime)
     columns: Dict[str, pa.Array] = {
         fmt.USER_ID: pa.array(samples.user, pa.int64()),
         fmt.WINDOW_START: pa.array(samples.start, pa.int64()),
         fmt.WINDOW_END: pa.array(samples.end, pa.int64()),
     }
     n_t, exposures = _target_columns(schema, arrow, exposure_spills, samples, columns)
-    n_h, n_r, actions = _sequence_columns(task, schema, samples, columns)
+    n_h, n_r, read = _sequence_columns(schema, samples, actions, columns)
     table = pa.Table.from_arrays([columns[name] for name in arrow.names], schema=arrow)
     pq.write_table(table, task.out_path, row_group_size=max(1, task.row_group_size))
     return {
         "partition": task.partition,
         "samples": len(samples),
         "exposures": exposures,
-        "actions": actions,
+        "actions": read,
         "hist_h": np.bincount(n_h),
         "hist_r": np.bincount(n_r),
         "hist_t": np.bincount(n_t),

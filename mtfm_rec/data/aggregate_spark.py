@@ -13,13 +13,16 @@ heavy part, so that a dataset too large for one machine can be aggregated on a c
    stops the run with the local reader's own error (the first bad file is read again by it), or
    is dropped and counted under ``skip_bad_rows``.
 3. **Build** (one Spark job): ids folded with ``pmod`` (null -> size), exposures repartitioned by
-   ``user_id``; a window numbers each user-window's exposures by (ts, scenario, file, row) for
-   ``max_exposures_per_sample``; one ``groupBy`` per sample collects each scenario's exposures as
+   ``user_id``; per real-time sequence a running count gives each exposure its earlier actions;
+   an ``aggregate`` fold over each user-window's exposures in (ts, scenario, file, row) order
+   assigns them to samples (:mod:`mtfm_rec.data.realtime_split`'s rule, with
+   ``max_exposures_per_sample``); one ``groupBy`` per sample collects each scenario's exposures as
    ``sort_array`` of (ts, file, row, ...) structs; each sequence is collected per user as one sorted
-   array and joined to the samples on the same partitioning, H and R sliced from it by counting
-   the actions before the window bounds; each sample goes to shard ``splitmix64(user_id) mod
-   num_partitions`` (the local engine's hash, in decimal arithmetic: no int64 overflow, ANSI mode
-   or not). Spark writes ``shard=<k>/`` folders into a hidden sibling of the output.
+   array and joined to the samples on the same partitioning, H sliced from it by counting the
+   actions before the window start, R by the fold's bounds; each sample goes to shard
+   ``splitmix64(user_id) mod num_partitions`` (the local engine's hash, in decimal arithmetic:
+   no int64 overflow, ANSI mode or not). Spark writes ``shard=<k>/`` folders into a hidden
+   sibling of the output.
 4. **Finish** (driver, one shard at a time): each shard is rewritten with pyarrow to the exact
    :func:`mtfm_rec.data.sample_format.arrow_schema` and row groups, its statistics taken, and the
    output published atomically with the local engine's own functions.
@@ -65,6 +68,7 @@ from mtfm_rec.data.aggregate_output import check_replaceable, output_location, p
 from mtfm_rec.data.aggregate_partitions import _check_window_sizes
 from mtfm_rec.data.config import AggregationConfig
 from mtfm_rec.data.errors import AggregationError
+from mtfm_rec.data.realtime_split import keep_counts
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec, SequenceSpec
 
 DEFAULT_MASTER = "local[*]"
@@ -73,7 +77,7 @@ RULE_NOT_FOR_SPARK = "wrong type: Spark cannot read this column type (aggregate 
 # fsspec protocol -> the Hadoop scheme Spark reads it with.
 _HADOOP_SCHEMES = {"s3": "s3a", "gcs": "gs"}
 _SHARD = "shard"  # the partition column of Spark's temporary output
-_CHUNK = "_chunk"  # the chunk of a user-window (max_exposures_per_sample), for the row order
+_CHUNK = "_chunk"  # the sample's index inside its user-window (realtime_split), for the row order
 _MAX_INT32 = 2**31 - 1
 _DEC = T.DecimalType(38, 0)
 _U32, _U63, _U64 = 2**32, 2**63, 2**64
@@ -476,16 +480,112 @@ def _exposures(frames: List[DataFrame], schema: DatasetSchema, window: int) -> D
     return union.withColumn("ws", ws).repartition("user_id")
 
 
-def _samples(exposures: DataFrame, n_scenarios: int, chunk: Optional[int]) -> DataFrame:
-    """One row per (user, window, chunk): each scenario's exposures as a sorted struct array."""
-    if chunk:
-        order = Window.partitionBy("user_id", "ws").orderBy("ts", "si", "_file", "_row")
-        rank = F.row_number().over(order) - 1
-        exposures = exposures.withColumn(_CHUNK, F.floor(rank / F.lit(chunk)).cast("long"))
-    else:
-        exposures = exposures.withColumn(_CHUNK, F.lit(0).cast("long"))
+def _counts_before(keys: DataFrame, actions: DataFrame, lookback: int, j: int) -> DataFrame:
+    """``keys`` with ``_c<j>`` (the user's actions with ``ts <`` the exposure's) and ``_lo<j>``
+    (with ``ts < ws - lookback``): a running count over the user's exposures, window probes and
+    actions in ts order, the actions last among equal ts (so a count is of strictly earlier ones)."""
+    cols = ["user_id", "ts", "_k", "_key"]
+    exp = keys.select(
+        "user_id", "ts", F.lit(0).alias("_k"), F.lit(0).alias("_key"), "si", "_file", "_row", "ws"
+    )
+    probes = (
+        keys.select("user_id", "ws")
+        .distinct()
+        .select(
+            "user_id",
+            (F.col("ws") - F.lit(lookback)).alias("ts"),
+            F.lit(0).alias("_k"),
+            F.lit(1).alias("_key"),
+            "ws",
+        )
+    )
+    acts = actions.filter(F.col("_bad").isNull()).select(
+        "user_id", "ts", F.lit(1).alias("_k"), F.lit(2).alias("_key")
+    )
+    rows = exp.unionByName(probes, allowMissingColumns=True).unionByName(acts, allowMissingColumns=True)
+    order = Window.partitionBy("user_id").orderBy("ts", "_k").rowsBetween(Window.unboundedPreceding, 0)
+    counted = rows.select(
+        *cols, "si", "_file", "_row", "ws", F.sum("_k").over(order).cast("long").alias("_n")
+    )
+    lows = counted.filter(F.col("_key") == 1).select("user_id", "ws", F.col("_n").alias(f"_lo{j}"))
+    mine = counted.filter(F.col("_key") == 0).select("si", "_file", "_row", F.col("_n").alias(f"_c{j}"))
+    return keys.join(mine, ["si", "_file", "_row"]).join(lows, ["user_id", "ws"])
+
+
+def _chunks(
+    exposures: DataFrame,
+    actions: List[DataFrame],
+    realtime: List[SequenceSpec],
+    lookback: int,
+    config: AggregationConfig,
+) -> DataFrame:
+    """Per exposure (``si, _file, _row``): its sample ``_chunk`` inside the user-window and, per
+    real-time sequence ``j``, the sample's slice start ``_s<j>`` and the count before the
+    exposure ``_c<j>`` (a sample's slice ends at its largest): the rule of
+    :mod:`mtfm_rec.data.realtime_split` as a fold (``aggregate``) over the user-window's
+    exposures in (ts, scenario, file, row) order."""
+    keys = exposures.select("user_id", "ws", "ts", "si", "_file", "_row")
+    for j, frame in enumerate(actions):
+        keys = _counts_before(keys, frame, lookback, j)
+    js = range(len(realtime))
+    fields = ["ts", "si", "_file", "_row"] + [f"_c{j}" for j in js] + [f"_lo{j}" for j in js]
+    grouped = keys.groupBy("user_id", "ws").agg(F.sort_array(F.collect_list(F.struct(*fields))).alias("_x"))
+    out_fields = ["si", "_file", "_row", _CHUNK] + [f"_s{j}" for j in js] + [f"_c{j}" for j in js]
+    max_lens = [min(q.max_len, _MAX_INT32) for q in realtime]
+    keeps = keep_counts(max_lens, config.realtime_split_keep)
+    limit = config.max_exposures_per_sample
+
+    def step(acc: Column, x: Column) -> Column:
+        first = acc.getField("chunk") < 0
+        over = [x.getField(f"_c{j}") - acc.getField(f"s{j}") > F.lit(max_lens[j]) for j in js]
+        opens = functools.reduce(lambda a, b: a | b, over, first)
+        if limit:
+            opens = opens | (acc.getField("n") == F.lit(limit))
+        starts = [
+            F.when(first, F.greatest(x.getField(f"_lo{j}"), x.getField(f"_c{j}") - F.lit(max_lens[j])))
+            .when(over[j], F.greatest(x.getField(f"_lo{j}"), x.getField(f"_c{j}") - F.lit(keeps[j])))
+            .otherwise(acc.getField(f"s{j}"))
+            for j in js
+        ]
+        chunk = F.when(opens, acc.getField("chunk") + 1).otherwise(acc.getField("chunk"))
+        row = F.struct(
+            x.getField("si").alias("si"),
+            x.getField("_file").alias("_file"),
+            x.getField("_row").alias("_row"),
+            chunk.alias(_CHUNK),
+            *[v.alias(f"_s{j}") for j, v in zip(js, starts)],
+            *[x.getField(f"_c{j}").alias(f"_c{j}") for j in js],
+        )
+        return F.struct(
+            chunk.alias("chunk"),
+            F.when(opens, F.lit(1)).otherwise(acc.getField("n") + 1).alias("n"),
+            *[v.alias(f"s{j}") for j, v in zip(js, starts)],
+            F.concat(acc.getField("out"), F.array(row)).alias("out"),
+        )
+
+    row_type = T.StructType(
+        [T.StructField(f, keys.schema[f].dataType) for f in ("si", "_file", "_row")]
+        + [T.StructField(_CHUNK, T.LongType())]
+        + [T.StructField(f"_s{j}", T.LongType()) for j in js]
+        + [T.StructField(f"_c{j}", T.LongType()) for j in js]
+    )
+    initial = F.struct(
+        F.lit(-1).cast("long").alias("chunk"),
+        F.lit(0).cast("long").alias("n"),
+        *[F.lit(0).cast("long").alias(f"s{j}") for j in js],
+        F.array().cast(T.ArrayType(row_type)).alias("out"),
+    )
+    folded = grouped.select(F.explode(F.aggregate("_x", initial, step).getField("out")).alias("_o"))
+    return folded.select(*[F.col("_o").getField(f).alias(f) for f in out_fields])
+
+
+def _samples(exposures: DataFrame, n_scenarios: int, n_realtime: int) -> DataFrame:
+    """One row per (user, window, chunk): each scenario's exposures as a sorted struct array and
+    each real-time sequence's slice bounds ``_s<j>`` (start) and ``_e<j>`` (end)."""
     lists = [F.sort_array(F.collect_list(f"e{i}")).alias(f"e{i}") for i in range(n_scenarios)]
-    return exposures.groupBy("user_id", "ws", _CHUNK).agg(*lists)
+    bounds = [F.max(f"_s{j}").alias(f"_s{j}") for j in range(n_realtime)]
+    bounds += [F.max(f"_c{j}").alias(f"_e{j}") for j in range(n_realtime)]
+    return exposures.groupBy("user_id", "ws", _CHUNK).agg(*lists, *bounds)
 
 
 def _with_sequences(samples: DataFrame, frames: List[DataFrame], sequences: List[SequenceSpec]) -> DataFrame:
@@ -506,29 +606,28 @@ def _with_sequences(samples: DataFrame, frames: List[DataFrame], sequences: List
     return samples
 
 
-def _with_kept_actions(
-    samples: DataFrame, sequences: List[SequenceSpec], window: int, lookback: int
-) -> DataFrame:
-    """Adds ``k<i>``: the H or R slice of each sequence's sorted actions for the sample's window
-    (sample_format), its bounds counted once per sample (own projections: never recomputed)."""
+def _with_kept_actions(samples: DataFrame, sequences: List[SequenceSpec]) -> DataFrame:
+    """Adds ``k<i>``: the H or R slice of each sequence's sorted actions for the sample
+    (sample_format): H counted once per sample before the window start (own projections: never
+    recomputed), R from the sample's bounds (:func:`_chunks`)."""
     start = F.col("ws")
+    realtime = 0
     for i, q in enumerate(sequences):
-        ts = F.col(f"a{i}").getField("ts")
-
-        def count_before(bound: Column, ts: Column = ts) -> Column:  # sorted actions: a prefix
-            return F.aggregate(ts, F.lit(0), lambda n, t: n + F.when(t < bound, 1).otherwise(0))
-
         if q.is_history:
-            lo, end = F.lit(0), count_before(start)
+            ts = F.col(f"a{i}").getField("ts")
+            end = F.aggregate(ts, F.lit(0), lambda n, t: n + F.when(t < start, 1).otherwise(0))
+            samples = samples.withColumn("_end", end)
+            samples = samples.withColumn(
+                "_first", F.greatest(F.lit(0), F.col("_end") - F.lit(min(q.max_len, _MAX_INT32)))
+            )
         else:
-            lo, end = count_before(start - F.lit(lookback)), count_before(start + F.lit(window))
-        samples = samples.withColumn("_end", end).withColumn("_lo", lo)
-        samples = samples.withColumn(
-            "_first", F.greatest("_lo", F.col("_end") - F.lit(min(q.max_len, _MAX_INT32)))
-        )
+            samples = samples.withColumn("_end", F.col(f"_e{realtime}")).withColumn(
+                "_first", F.col(f"_s{realtime}")
+            )
+            realtime += 1
         length = F.greatest(F.col("_end") - F.col("_first"), F.lit(0)).cast("int")
         kept = F.slice(f"a{i}", (F.col("_first") + 1).cast("int"), length)
-        samples = samples.withColumn(f"k{i}", kept).drop(f"a{i}", "_end", "_lo", "_first")
+        samples = samples.withColumn(f"k{i}", kept).drop(f"a{i}", "_end", "_first")
     return samples
 
 
@@ -623,9 +722,12 @@ def _write_samples(
     """Pass 2 (one Spark job): builds every sample and writes them as ``shard=<k>/*.parquet``."""
     window, lookback = ticks
     n = len(schema.scenarios)
-    samples = _samples(_exposures(frames[:n], schema, window), n, config.max_exposures_per_sample)
+    exposures = _exposures(frames[:n], schema, window)
+    realtime = [(q, frame) for q, frame in zip(schema.sequences, frames[n:]) if not q.is_history]
+    chunks = _chunks(exposures, [f for _, f in realtime], [q for q, _ in realtime], lookback, config)
+    samples = _samples(exposures.join(chunks, ["si", "_file", "_row"]), n, len(realtime))
     samples = _with_sequences(samples, frames[n:], schema.sequences)
-    samples = _with_kept_actions(samples, schema.sequences, window, lookback)
+    samples = _with_kept_actions(samples, schema.sequences)
     samples = with_user_partition(samples, "user_id", config.num_partitions, _SHARD)
     out = samples.select(*_output_columns(schema, window), _CHUNK, _SHARD)
     (

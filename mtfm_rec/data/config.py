@@ -29,6 +29,11 @@ class AggregationConfig:
     # A user-window with more exposures is split into consecutive (by ts) samples of at most this
     # many, each with the window's H and R; None keeps whole windows. Bounds T tokens per sample.
     max_exposures_per_sample: Optional[int] = None
+    # When a real-time sequence would hold more than max_len actions before an exposure, that
+    # exposure opens a new sample keeping this fraction of max_len most recent actions
+    # (mtfm_rec.data.realtime_split): in (0, 1]; 1 = every exposure sees exactly its last
+    # max_len (as serving does), smaller = fewer samples for busy windows.
+    realtime_split_keep: float = 0.5
     num_partitions: int = 8  # users are hash-partitioned into this many shards
     num_workers: int = 2  # parallel processes over partitions
     skip_bad_rows: bool = False  # count and report contract-breaking rows instead of failing
@@ -67,6 +72,10 @@ class AggregationConfig:
             raise ValueError(
                 "aggregation.max_exposures_per_sample must be >= 1 (or unset), "
                 f"got {self.max_exposures_per_sample}"
+            )
+        if not 0 < self.realtime_split_keep <= 1:
+            raise ValueError(
+                f"aggregation.realtime_split_keep must be in (0, 1], got {self.realtime_split_keep}"
             )
         if self.realtime_lookback_seconds is not None and self.realtime_lookback_seconds < 0:
             raise ValueError(

@@ -25,9 +25,10 @@ exp/<s>/label/<task>          list<int8>      0/1; -1 where the raw label was nu
 Which actions are kept (``lookback`` and ``window`` in dataset ticks, from the aggregation config):
 
 * history sequence: its last ``max_len`` actions with ``ts < window_start``;
-* real-time sequence: its most recent ``max_len`` actions with
-  ``window_start - lookback <= ts < window_end``; the model's dynamic mask lets a T token see
-  only those with a smaller ts than its own.
+* real-time sequence: at most ``max_len`` actions with ``ts >= window_start - lookback`` and
+  before the sample's last exposure, a slice fixed when the sample opens (a busy window is split
+  so that no exposure's slice depends on later actions: :mod:`mtfm_rec.data.realtime_split`);
+  the model's dynamic mask lets a T token see only those with a smaller ts than its own.
 
 A dataset directory holds ``part-NNNNN.parquet`` shards (users hash-partitioned), the
 ``dataset.yaml`` it was built from, ``_stats.json`` and a ``_SUCCESS`` marker written last: a
@@ -65,7 +66,8 @@ SPLIT_BY_TIME = -1
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 PRODUCER = "mtfm_rec.data.aggregate"  # the ``producer`` of our _SUCCESS markers
 # 2: _SUCCESS lists the shards and inputs are fingerprinted by content (1: sizes and mtimes).
-FORMAT_VERSION = 2
+# 3: R slices are fixed per sample by mtfm_rec.data.realtime_split (2: the window's last max_len).
+FORMAT_VERSION = 3
 # Files an aggregation (or the loader's index cache) writes into a dataset directory.
 OWN_FILE_GLOBS = (SHARD_GLOB, SUCCESS_FILE, STATS_FILE, SCHEMA_FILE, "loader-index-*.json")
 

@@ -23,8 +23,8 @@ the value, e.g. ``candidates[3].item``, and the rule):
   is never re-sorted: a non-ascending one is refused). A real-time sequence's actions must be
   strictly before the request ``ts`` (an action at or after it would be leakage: training never
   shows an exposure such an action); history actions are taken as given. Of each sequence the
-  most recent ``max_len`` actions (dataset.yaml) are kept, as the aggregation keeps them for a
-  training sample: the model never saw a longer sequence.
+  most recent ``max_len`` actions (dataset.yaml) are kept: the model never saw a longer one (a
+  training exposure saw at most that many, docs/SERVING.md "Training and live contexts").
 * Ids (single-id features, multi-hot ids, sequence features) are ints that fit int64, or
   ``null``. They are folded exactly as training folds them (:func:`mtfm_rec.data.schema.fold_ids`):
   an id outside ``[0, size)`` is **not** an error, it becomes ``v mod size``; ``null`` becomes
@@ -224,7 +224,7 @@ def _sequence(obj: Any, q: SequenceSpec, ts: int, limits: RequestLimits) -> Sequ
         if len(values) != len(times):
             raise RequestError(f"{field}.{f}", RULE_LENGTH, f"{len(values)} values, {len(times)} ts")
         ids[f] = _fold([_id(v, f"{field}.{f}[{i}]") for i, v in enumerate(values)], size)
-    # the aggregation keeps each sequence's most recent max_len actions: so does serving
+    # a training exposure saw at most max_len actions of each sequence, its most recent ones
     keep = slice(max(0, len(times) - q.max_len), None)
     return SequenceContext(np.array(times[keep], np.int64), {f: v[keep] for f, v in ids.items()})
 

@@ -7,7 +7,7 @@ import json
 import os
 import uuid
 from collections import Counter
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import fsspec
 import numpy as np
@@ -75,45 +75,88 @@ def demo(
     return root, str(tmp / "out"), cfg
 
 
-def assert_matches_reference(root: str, out: str, window: int, lookback: int) -> int:
-    """Checks every sample of ``out`` against a per-sample Python reference of the rules in
-    sample_format; returns the number of samples."""
+def _keep(max_len: int, fraction: float) -> int:
+    return max(1, min(max_len, int(fraction * max_len)))
+
+
+def expected_samples(
+    root: str, window: int, lookback: int, keep: float = 0.5, chunk: Optional[int] = None
+) -> List[Dict[str, Any]]:
+    """Every sample the aggregation must write, from a per-exposure Python simulation of the
+    rules in sample_format and mtfm_rec.data.realtime_split (no numpy, no shared code)."""
+    schema = DatasetSchema.load(root)
+    exp_rows = {s.name: raw_rows(root, "exp", s.name) for s in schema.scenarios}
+    seq_rows = {q.name: raw_rows(root, "seq", q.name) for q in schema.sequences}
+    events: Dict[Tuple[int, int], List[Tuple[int, int, int]]] = {}
+    for si, sc in enumerate(schema.scenarios):
+        for idx, r in enumerate(exp_rows[sc.name]):
+            events.setdefault((r["user_id"], r["ts"] // window * window), []).append((r["ts"], si, idx))
+    out = []
+    for (user, start), evs in sorted(events.items()):
+        acts = {
+            q.name: sorted((r for r in seq_rows[q.name] if r["user_id"] == user), key=lambda r: r["ts"])
+            for q in schema.sequences
+        }
+        history = {
+            q.name: [r for r in acts[q.name] if r["ts"] < start][-q.max_len :] for q in schema.sequences
+        }
+        realtime = [q for q in schema.sequences if not q.is_history]
+        recent = {q.name: [r for r in acts[q.name] if r["ts"] >= start - lookback] for q in realtime}
+        samples: List[Dict[str, Any]] = []
+        slice_start: Dict[str, int] = {}
+        for ts, si, idx in sorted(evs):
+            before = {q.name: sum(r["ts"] < ts for r in recent[q.name]) for q in realtime}
+            over = [q for q in realtime if samples and before[q.name] - slice_start[q.name] > q.max_len]
+            if not samples:
+                slice_start = {q.name: max(0, before[q.name] - q.max_len) for q in realtime}
+            for q in over:
+                slice_start[q.name] = max(0, before[q.name] - _keep(q.max_len, keep))
+            if not samples or over or (chunk and len(samples[-1]["events"]) == chunk):
+                samples.append({"events": [], "slice_start": dict(slice_start)})
+            samples[-1]["events"].append((ts, si, idx))
+            samples[-1]["before"] = before
+        for sample in samples:
+            row: Dict[str, Any] = {"user_id": user, "window_start": start, "window_end": start + window}
+            for si, sc in enumerate(schema.scenarios):
+                mine = [exp_rows[sc.name][idx] for _, s_i, idx in sample["events"] if s_i == si]
+                row[fmt.exp_ts(sc.name)] = [r["ts"] for r in mine]
+                for g, c, _ in sc.categorical():
+                    row[fmt.exp_feature(sc.name, g, c)] = [r[f"{g}/{c}"] for r in mine]
+                for c in sc.dense_features:
+                    row[fmt.exp_dense(sc.name, c)] = [r[f"dense/{c}"] for r in mine]
+                for t in sc.tasks:
+                    row[fmt.exp_label(sc.name, t)] = [r[f"label/{t}"] for r in mine]
+                row[fmt.exp_request_id(sc.name)] = [r["request_id"] for r in mine]
+                row[fmt.exp_split(sc.name)] = [r["split"] for r in mine]
+            for q in schema.sequences:
+                if q.is_history:
+                    kept = history[q.name]
+                else:
+                    kept = recent[q.name][sample["slice_start"][q.name] : sample["before"][q.name]]
+                row[fmt.seq_ts(q.name)] = [r["ts"] for r in kept]
+                for f in q.features:
+                    row[fmt.seq_feature(q.name, f)] = [r[f] for r in kept]
+            out.append(row)
+    return out
+
+
+def _canonical(rows: List[Dict[str, Any]]) -> List[str]:
+    return sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+
+def assert_matches_reference(
+    root: str, out: str, window: int, lookback: int, keep: float = 0.5, chunk: Optional[int] = None
+) -> int:
+    """Checks ``out`` sample for sample against :func:`expected_samples`; returns the count."""
     schema = DatasetSchema.load(root)
     table = read_out(out)
     assert table.schema == fmt.arrow_schema(schema)
-    samples = table.to_pylist()
-    keys = [(s["user_id"], s["window_start"]) for s in samples]
-    assert len(set(keys)) == len(keys)
-    # Expected samples: distinct (user, window) over all scenarios' exposures.
-    exp_rows = {s.name: raw_rows(root, "exp", s.name) for s in schema.scenarios}
-    expected_keys = {(r["user_id"], r["ts"] // window * window) for rows in exp_rows.values() for r in rows}
-    assert set(keys) == expected_keys
-    seq_rows = {q.name: raw_rows(root, "seq", q.name) for q in schema.sequences}
-    for s in samples:
-        user, start, end = s["user_id"], s["window_start"], s["window_end"]
-        assert end - start == window
-        for sc in schema.scenarios:
-            mine = [r for r in exp_rows[sc.name] if r["user_id"] == user and start <= r["ts"] < end]
-            mine.sort(key=lambda r: r["ts"])  # stable: ties keep file then row order
-            assert s[fmt.exp_ts(sc.name)] == [r["ts"] for r in mine]
-            for g, c, _ in sc.categorical():
-                assert s[fmt.exp_feature(sc.name, g, c)] == [r[f"{g}/{c}"] for r in mine]
-            for c in sc.dense_features:
-                assert s[fmt.exp_dense(sc.name, c)] == [r[f"dense/{c}"] for r in mine]
-            for t in sc.tasks:
-                assert s[fmt.exp_label(sc.name, t)] == [r[f"label/{t}"] for r in mine]
-            assert s[fmt.exp_request_id(sc.name)] == [r["request_id"] for r in mine]
-            assert s[fmt.exp_split(sc.name)] == [r["split"] for r in mine]
-        for q in schema.sequences:
-            acts = sorted((r for r in seq_rows[q.name] if r["user_id"] == user), key=lambda r: r["ts"])
-            if q.is_history:
-                kept = [r for r in acts if r["ts"] < start][-q.max_len :]
-            else:
-                kept = [r for r in acts if start - lookback <= r["ts"] < end][-q.max_len :]
-            assert s[fmt.seq_ts(q.name)] == [r["ts"] for r in kept]
-            for f in q.features:
-                assert s[fmt.seq_feature(q.name, f)] == [r[f] for r in kept]
-    return len(samples)
+    actual = _canonical(table.to_pylist())
+    expected = _canonical(expected_samples(root, window, lookback, keep, chunk))
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert a == e
+    return len(actual)
 
 
 def test_output_matches_naive_reference(demo: Tuple[str, str, AggregationConfig]) -> None:
@@ -442,6 +485,28 @@ def test_realtime_lookback_defaults_to_the_dataset_recommendation() -> None:
     assert realtime_lookback_seconds(AggregationConfig(realtime_lookback_seconds=60), recommended) == 60
 
 
+def visible_contexts(samples: List[Dict[str, Any]], schema: DatasetSchema) -> Counter:
+    """Per exposure (scenario, user, ts, request id), what its T token sees: each H sequence and
+    the real-time actions with a strictly smaller ts (the dynamic mask), as a multiset."""
+    seen: Counter = Counter()
+    for sample in samples:
+        h = tuple(tuple(sample[fmt.seq_ts(q.name)]) for q in schema.sequences if q.is_history)
+        for sc in schema.scenarios:
+            for ts, rid in zip(sample[fmt.exp_ts(sc.name)], sample[fmt.exp_request_id(sc.name)]):
+                r = tuple(
+                    tuple(
+                        (t, i)
+                        for t, i in zip(sample[fmt.seq_ts(q.name)], sample[fmt.seq_feature(q.name, f)])
+                        if t < ts
+                    )
+                    for q in schema.sequences
+                    if not q.is_history
+                    for f in list(q.features)[:1]
+                )
+                seen[(sc.name, sample["user_id"], ts, rid, h, r)] += 1
+    return seen
+
+
 def test_busy_windows_split_into_time_ordered_chunks(
     demo: Tuple[str, str, AggregationConfig], tmp_path: Any
 ) -> None:
@@ -449,30 +514,13 @@ def test_busy_windows_split_into_time_ordered_chunks(
     schema = DatasetSchema.load(root)
     chunked_out = str(tmp_path / "chunked")
     agg.aggregate(root, chunked_out, config(max_exposures_per_sample=2))
+    assert_matches_reference(root, chunked_out, DAY, LOOKBACK, chunk=2)
     whole, chunked = read_out(whole_out).to_pylist(), read_out(chunked_out).to_pylist()
-
-    def exposures(sample: Dict[str, Any]) -> List[Tuple[int, str, int]]:
-        return sorted(
-            (ts, s.name, rid)
-            for s in schema.scenarios
-            for ts, rid in zip(sample[fmt.exp_ts(s.name)], sample[fmt.exp_request_id(s.name)])
-        )
-
-    by_window: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
-    for sample in chunked:
-        assert 1 <= len(exposures(sample)) <= 2
-        by_window.setdefault((sample["user_id"], sample["window_start"]), []).append(sample)
     assert len(chunked) > len(whole)  # the demo data has busier windows than 2 exposures
-    for sample in whole:
-        chunks = by_window.pop((sample["user_id"], sample["window_start"]))
-        # the chunks partition the window's exposures, earliest first, and share its H and R
-        assert sorted(sum((exposures(c) for c in chunks), [])) == exposures(sample)
-        for earlier, later in zip(chunks, chunks[1:]):
-            assert max(e[0] for e in exposures(earlier)) <= min(e[0] for e in exposures(later))
-        for c in chunks:
-            for q in schema.sequences:
-                assert c[fmt.seq_ts(q.name)] == sample[fmt.seq_ts(q.name)]
-    assert not by_window
+    for sample in chunked:
+        assert 1 <= sum(len(sample[fmt.exp_ts(s.name)]) for s in schema.scenarios) <= 2
+    # chunking by exposure count never changes what an exposure sees
+    assert visible_contexts(chunked, schema) == visible_contexts(whole, schema)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -502,3 +550,78 @@ def test_a_window_too_big_for_one_sample_is_refused_with_the_fix(
     assert chunked.samples_out == -(-n // 1024) + 1 and chunked.tokens_t["max"] == 1024
     whole = agg.aggregate(root, out, config(max_exposures_per_sample=n, **cfg))
     assert whole.samples_out == 2 and whole.tokens_t["max"] == n
+
+
+def _recent_actions(root: str, schema: DatasetSchema) -> Dict[str, Dict[int, List[int]]]:
+    return {
+        q.name: {
+            u: sorted(r["ts"] for r in raw_rows(root, "seq", q.name) if r["user_id"] == u)
+            for u in {r["user_id"] for r in raw_rows(root, "seq", q.name)}
+        }
+        for q in schema.sequences
+        if not q.is_history
+    }
+
+
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_each_exposure_sees_its_most_recent_realtime_actions(
+    demo: Tuple[str, str, AggregationConfig], tmp_path: Any, keep: float
+) -> None:
+    """Between keep * max_len and max_len of the exposure's latest actions before it (all of them
+    where it has fewer), never an older one in place of a newer one; keep=1: exactly the last
+    max_len, as serving gives."""
+    root, _, _ = demo
+    schema = DatasetSchema.load(root)
+    out = str(tmp_path / "out")
+    agg.aggregate(root, out, config(realtime_split_keep=keep))
+    actions = _recent_actions(root, schema)
+    checked = truncated = 0
+    for sample in read_out(out).to_pylist():
+        for q in schema.sequences:
+            if q.is_history:
+                continue
+            kept = sample[fmt.seq_ts(q.name)]
+            for sc in schema.scenarios:
+                for ts in sample[fmt.exp_ts(sc.name)]:
+                    lo = sample["window_start"] - LOOKBACK
+                    ideal = [t for t in actions[q.name].get(sample["user_id"], []) if lo <= t < ts][
+                        -q.max_len :
+                    ]
+                    seen = [t for t in kept if t < ts]
+                    assert seen == ideal[len(ideal) - len(seen) :], (sample["user_id"], ts)  # a suffix
+                    floor = min(len(ideal), q.max_len if keep == 1.0 else int(keep * q.max_len))
+                    assert floor <= len(seen) <= q.max_len
+                    checked += 1
+                    truncated += len(seen) < len(ideal)
+    assert checked > 0
+    assert (truncated == 0) if keep == 1.0 else (truncated > 0)  # the demo's busy windows overflow
+
+
+def test_later_actions_and_exposures_never_change_what_an_exposure_sees(
+    raw_writer: Callable[..., str],
+    demo_tables: Callable[..., Any],
+    demo_schema: Dict[str, Any],
+    tmp_path: Any,
+) -> None:
+    """The same data cut at a time C: every exposure before C sees exactly the same H and R."""
+    tables = demo_tables(seed=1)
+    all_ts = np.concatenate([t["ts"].to_numpy() for files in tables["exposures"].values() for t in files])
+    cut = int(np.median(all_ts))
+
+    def before(files: List[pa.Table]) -> List[pa.Table]:
+        return [t.filter(pa.compute.less(t["ts"], cut)) for t in files]
+
+    full = raw_writer(str(tmp_path / "full"), demo_schema, tables["exposures"], tables["behaviors"])
+    past = raw_writer(
+        str(tmp_path / "past"),
+        demo_schema,
+        {k: before(v) for k, v in tables["exposures"].items()},
+        {k: before(v) for k, v in tables["behaviors"].items()},
+    )
+    schema = DatasetSchema.load(full)
+    for root in (full, past):
+        agg.aggregate(root, f"{root}-out", config())
+    seen_full = visible_contexts(read_out(f"{full}-out").to_pylist(), schema)
+    seen_past = visible_contexts(read_out(f"{past}-out").to_pylist(), schema)
+    assert sum(seen_past.values()) > 0
+    assert seen_past == Counter({k: n for k, n in seen_full.items() if k[2] < cut})

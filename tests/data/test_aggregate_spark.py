@@ -215,8 +215,8 @@ def test_edge_cases_give_the_local_engines_output(
     assert spark_stats.samples_out == local.samples_out
     if chunk:  # the busy user-window (user 1, window [0, 10): 8 exposures) was split
         assert local.tokens_t["max"] == chunk
-    else:
-        assert local.tokens_t["max"] == 8
+    else:  # and split by its real-time sequence: r (max_len 2) has 3 actions before ts 3
+        assert local.tokens_t["max"] == 4
 
 
 def test_a_synthetic_dataset_gives_the_local_engines_output(tmp_path: Any) -> None:
