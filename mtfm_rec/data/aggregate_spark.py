@@ -482,34 +482,26 @@ def _exposures(frames: List[DataFrame], schema: DatasetSchema, window: int) -> D
 
 def _counts_before(keys: DataFrame, actions: DataFrame, lookback: int, j: int) -> DataFrame:
     """``keys`` with ``_c<j>`` (the user's actions with ``ts <`` the exposure's) and ``_lo<j>``
-    (with ``ts < ws - lookback``): a running count over the user's exposures, window probes and
-    actions in ts order, the actions last among equal ts (so a count is of strictly earlier ones)."""
-    cols = ["user_id", "ts", "_k", "_key"]
-    exp = keys.select(
-        "user_id", "ts", F.lit(0).alias("_k"), F.lit(0).alias("_key"), "si", "_file", "_row", "ws"
-    )
+    (with ``ts < ws - lookback``): a running count over the user's exposures (carrying their
+    columns, so no join brings the count back), window probes and actions in ts order, the
+    actions last among equal ts (so a count is of strictly earlier ones)."""
+    carried = keys.columns
+    exp = keys.select(*carried, F.lit(0).alias("_k"), F.lit(0).alias("_key"))
     probes = (
         keys.select("user_id", "ws")
         .distinct()
-        .select(
-            "user_id",
-            (F.col("ws") - F.lit(lookback)).alias("ts"),
-            F.lit(0).alias("_k"),
-            F.lit(1).alias("_key"),
-            "ws",
-        )
+        .select("user_id", "ws", (F.col("ws") - F.lit(lookback)).alias("ts"), F.lit(0).alias("_k"))
+        .withColumn("_key", F.lit(1))
     )
     acts = actions.filter(F.col("_bad").isNull()).select(
         "user_id", "ts", F.lit(1).alias("_k"), F.lit(2).alias("_key")
     )
     rows = exp.unionByName(probes, allowMissingColumns=True).unionByName(acts, allowMissingColumns=True)
     order = Window.partitionBy("user_id").orderBy("ts", "_k").rowsBetween(Window.unboundedPreceding, 0)
-    counted = rows.select(
-        *cols, "si", "_file", "_row", "ws", F.sum("_k").over(order).cast("long").alias("_n")
-    )
+    counted = rows.withColumn("_n", F.sum("_k").over(order).cast("long"))
     lows = counted.filter(F.col("_key") == 1).select("user_id", "ws", F.col("_n").alias(f"_lo{j}"))
-    mine = counted.filter(F.col("_key") == 0).select("si", "_file", "_row", F.col("_n").alias(f"_c{j}"))
-    return keys.join(mine, ["si", "_file", "_row"]).join(lows, ["user_id", "ws"])
+    mine = counted.filter(F.col("_key") == 0).select(*carried, F.col("_n").alias(f"_c{j}"))
+    return mine.join(lows, ["user_id", "ws"])
 
 
 def _chunks(
