@@ -224,9 +224,9 @@ def _assign_samples(
     opens_window = np.ones(len(sorted_user), dtype=bool)
     opens_window[1:] = (sorted_user[1:] != sorted_user[:-1]) | (sorted_window[1:] != sorted_window[:-1])
     counts, lows, max_lens = [], [], []
+    lookback_start = sorted_window * window_ticks - task.lookback_ticks
     for q, acts in realtime.values():
         counts.append(_count_before(acts.user, acts.ts, sorted_user, sorted_ts))
-        lookback_start = sorted_window * window_ticks - task.lookback_ticks
         lows.append(_count_before(acts.user, acts.ts, sorted_user, lookback_start))
         max_lens.append(q.max_len)
     opens_sample, slice_starts = open_samples(
