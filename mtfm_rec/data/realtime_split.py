@@ -30,7 +30,9 @@ Rows here are the exposures of many user-windows, sorted by (user, window, ts, s
 row). ``counts[q][i]`` is the number of the user's actions of real-time sequence ``q`` with
 ``ts < ts_i`` in that sequence's (user, ts, file, row) order, and ``lows[q][i]`` those with
 ``ts < window_start - lookback``: indices into the user's sorted actions, so a sample's slice is
-``[start, count at its last row)``.
+``[start, count at its last row)``. Both may carry the same per-user offset (the local engine
+counts into all of a partition's actions sorted by (user, ts)): the rule compares only their
+differences.
 """
 
 from __future__ import annotations
