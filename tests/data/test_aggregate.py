@@ -625,3 +625,24 @@ def test_later_actions_and_exposures_never_change_what_an_exposure_sees(
     seen_past = visible_contexts(read_out(f"{past}-out").to_pylist(), schema)
     assert sum(seen_past.values()) > 0
     assert seen_past == Counter({k: n for k, n in seen_full.items() if k[2] < cut})
+
+
+@pytest.mark.parametrize("keep", [0.0, -0.5, 1.5])
+def test_realtime_split_keep_outside_its_range_is_refused_by_name(keep: float) -> None:
+    with pytest.raises(ValueError, match=r"aggregation\.realtime_split_keep must be in \(0, 1\], got"):
+        AggregationConfig(realtime_split_keep=keep)
+
+
+def test_the_smallest_keep_still_moves_forward() -> None:
+    """A fraction so small that it keeps less than one action keeps one: every restart sees the
+    action just before it, and each new action in a busy window opens at most one sample."""
+    from mtfm_rec.data.realtime_split import keep_counts, split_for_realtime
+
+    assert keep_counts([2, 128], 1e-9) == [1, 1] and keep_counts([128], 1.0) == [128]
+    counts = np.arange(10, dtype=np.int64)  # one window, one new action before each exposure
+    opens = np.zeros(10, dtype=bool)
+    opens[0] = True
+    out, (starts,) = split_for_realtime(opens, [counts], [np.zeros(10, np.int64)], [2], 1e-9)
+    assert out.tolist() == [True, False, False, True, False, True, False, True, False, True]
+    assert starts.tolist() == [0, 0, 0, 2, 2, 4, 4, 6, 6, 8]
+    assert all(0 < c - s <= 2 for c, s in zip(counts[1:], starts[1:]))
