@@ -75,6 +75,18 @@ def demo(
     return root, str(tmp / "out"), cfg
 
 
+def actions_by_user(root: str, schema: DatasetSchema) -> Dict[str, Dict[int, List[Dict[str, Any]]]]:
+    """Per sequence, each user's actions in ts order (ties: file then row order, as raw_rows)."""
+    out: Dict[str, Dict[int, List[Dict[str, Any]]]] = {}
+    for q in schema.sequences:
+        by_user = out.setdefault(q.name, {})
+        for r in raw_rows(root, "seq", q.name):
+            by_user.setdefault(r["user_id"], []).append(r)
+        for rows in by_user.values():
+            rows.sort(key=lambda r: r["ts"])  # stable
+    return out
+
+
 def _keep(max_len: int, fraction: float) -> int:
     return max(1, min(max_len, int(fraction * max_len)))
 
@@ -86,17 +98,14 @@ def expected_samples(
     rules in sample_format and mtfm_rec.data.realtime_split (no numpy, no shared code)."""
     schema = DatasetSchema.load(root)
     exp_rows = {s.name: raw_rows(root, "exp", s.name) for s in schema.scenarios}
-    seq_rows = {q.name: raw_rows(root, "seq", q.name) for q in schema.sequences}
+    by_user = actions_by_user(root, schema)
     events: Dict[Tuple[int, int], List[Tuple[int, int, int]]] = {}
     for si, sc in enumerate(schema.scenarios):
         for idx, r in enumerate(exp_rows[sc.name]):
             events.setdefault((r["user_id"], r["ts"] // window * window), []).append((r["ts"], si, idx))
     out = []
     for (user, start), evs in sorted(events.items()):
-        acts = {
-            q.name: sorted((r for r in seq_rows[q.name] if r["user_id"] == user), key=lambda r: r["ts"])
-            for q in schema.sequences
-        }
+        acts = {q.name: by_user[q.name].get(user, []) for q in schema.sequences}
         history = {
             q.name: [r for r in acts[q.name] if r["ts"] < start][-q.max_len :] for q in schema.sequences
         }
@@ -552,17 +561,6 @@ def test_a_window_too_big_for_one_sample_is_refused_with_the_fix(
     assert whole.samples_out == 2 and whole.tokens_t["max"] == n
 
 
-def _recent_actions(root: str, schema: DatasetSchema) -> Dict[str, Dict[int, List[int]]]:
-    return {
-        q.name: {
-            u: sorted(r["ts"] for r in raw_rows(root, "seq", q.name) if r["user_id"] == u)
-            for u in {r["user_id"] for r in raw_rows(root, "seq", q.name)}
-        }
-        for q in schema.sequences
-        if not q.is_history
-    }
-
-
 @pytest.mark.parametrize("keep", [0.5, 1.0])
 def test_each_exposure_sees_its_most_recent_realtime_actions(
     demo: Tuple[str, str, AggregationConfig], tmp_path: Any, keep: float
@@ -574,7 +572,7 @@ def test_each_exposure_sees_its_most_recent_realtime_actions(
     schema = DatasetSchema.load(root)
     out = str(tmp_path / "out")
     agg.aggregate(root, out, config(realtime_split_keep=keep))
-    actions = _recent_actions(root, schema)
+    actions = actions_by_user(root, schema)
     checked = truncated = 0
     for sample in read_out(out).to_pylist():
         for q in schema.sequences:
@@ -584,9 +582,8 @@ def test_each_exposure_sees_its_most_recent_realtime_actions(
             for sc in schema.scenarios:
                 for ts in sample[fmt.exp_ts(sc.name)]:
                     lo = sample["window_start"] - LOOKBACK
-                    ideal = [t for t in actions[q.name].get(sample["user_id"], []) if lo <= t < ts][
-                        -q.max_len :
-                    ]
+                    user_acts = actions[q.name].get(sample["user_id"], [])
+                    ideal = [r["ts"] for r in user_acts if lo <= r["ts"] < ts][-q.max_len :]
                     seen = [t for t in kept if t < ts]
                     assert seen == ideal[len(ideal) - len(seen) :], (sample["user_id"], ts)  # a suffix
                     floor = min(len(ideal), q.max_len if keep == 1.0 else int(keep * q.max_len))
