@@ -25,13 +25,13 @@ help:
 	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
 # Re-installs only when a lock file or setup.py changes; a second run is a no-op.
-$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py pyproject.toml kernels/hstu_attention/csrc/hstu_cpu.cpp
+$(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py pyproject.toml kernels/hstu_attention/csrc/hstu_cpu.cpp kernels/group_norm/csrc/group_norm_cpu.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m mtfm_rec.install_check
-	$(PY) -m mtfm_rec.kernels.hstu_attention.cpu
+	$(PY) -m mtfm_rec.kernels.cpu_extension
 	@touch $(STAMP)
 
 install: $(STAMP)

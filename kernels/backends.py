@@ -32,6 +32,7 @@ class NormBackend(str, enum.Enum):
     REFERENCE = "reference"
     TRITON = "triton"
     ONEHOT = "onehot"
+    CPP = "cpp"
 
 
 class MaskBackend(str, enum.Enum):

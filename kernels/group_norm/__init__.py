@@ -5,8 +5,9 @@
 * ``"auto"``: Triton for CUDA tensors, the reference otherwise.
 * ``"reference"``: plain PyTorch; any device.
 * ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
-* ``"onehot"``: the per-group affine as one-hot matmuls (``onehot.py``): the CPU fast path, whose
-  backward avoids the reference's serial accumulating gather.
+* ``"onehot"``: the per-group affine as one-hot matmuls (``onehot.py``), whose backward avoids
+  the reference's serial accumulating gather.
+* ``"cpp"``: the fused C++ kernel (``cpu.py``), one pass per direction: the CPU fast path.
 
 A forced backend that cannot run raises; nothing falls back silently.
 """
@@ -46,6 +47,10 @@ def group_layer_norm(
         return impl(x, group, weight, bias, eps)
     if chosen is NormBackend.ONEHOT:
         return group_layer_norm_onehot(x, group, weight, bias, eps)
+    if chosen is NormBackend.CPP:
+        from mtfm_rec.kernels.group_norm.cpu import group_layer_norm_cpu  # builds on first use
+
+        return group_layer_norm_cpu(x, group, weight, bias, eps)
     return group_layer_norm_reference(x, group, weight, bias, eps)
 
 

@@ -13,76 +13,26 @@ padded or masked is computed, so time follows the visible (query, key) pairs, no
 budget (:data:`MAX_SAVED_WEIGHTS_BYTES`), beyond which the backward recomputes them and memory is
 O(inputs).
 
-The extension is compiled on first use with the machine's C++ compiler
-(``torch.utils.cpp_extension.load``, ``-O3 -fopenmp`` and ``-march=native``) into
-``build/torch_extensions/cpu-<digest of the CPU's flags>/`` of the checkout (``MTFM_EXTENSIONS_DIR``
-overrides the root); ``make install``
-builds it once, so training never waits for the compiler. float32 only: other dtypes are computed
+The extension is compiled on first use with the machine's C++ compiler, once per CPU kind, and
+``make install`` builds it (``mtfm_rec.kernels.cpu_extension``), so training never waits for the
+compiler. float32 only: other dtypes are computed
 in float32 and cast back (bf16 matmuls are slower than fp32 on CPUs without AMX).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
-import platform
-import sys
 from typing import Any, Optional, Tuple
 
 import torch
 
+from mtfm_rec.kernels.cpu_extension import load_extension
 from mtfm_rec.kernels.hstu_attention.reference import score_scale
 from mtfm_rec.kernels.jagged import KeySet, QuerySet
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "hstu_cpu.cpp")
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _cpu_tag() -> str:
-    """A digest of this CPU's model and instruction-set flags: the module is built with
-    ``-march=native``, so a checkout shared by machines of several CPU kinds keeps one build per
-    kind instead of loading one that may use instructions another lacks (SIGILL)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = [platform.processor(), platform.machine()]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()[:12]
-
-
-def _build_dir() -> str:
-    root = os.environ.get("MTFM_EXTENSIONS_DIR") or os.path.join(_ROOT, "build", "torch_extensions")
-    path = os.path.join(root, f"cpu-{_cpu_tag()}")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
 def extension() -> Any:
     """The compiled module (built on first call, then loaded from the build directory)."""
-    from torch.utils.cpp_extension import load
-
-    # torch looks for ninja on PATH; the venv's own (pip's ninja) is found even when the venv is not activated
-    bin_dir = os.path.dirname(sys.executable)
-    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    # 512-bit vectors for the score loops (gcc prefers 256 on AVX-512 CPUs): ~10 % of fwd+bwd here
-    flags = ["-O3", "-fopenmp", "-march=native", "-ffast-math", "-mprefer-vector-width=512"]
-    try:
-        return load(
-            name="mtfm_hstu_cpu",
-            sources=[_SOURCE],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            build_directory=_build_dir(),
-            verbose=False,
-        )
-    except Exception as exc:  # a missing compiler or ninja: say what to install, never fall back silently
-        raise RuntimeError(
-            f"attention backend 'cpp': building {_SOURCE} failed ({type(exc).__name__}: {exc}); it needs "
-            "g++ and ninja (pip install ninja; apt-get install g++), see docs/INSTALL.md"
-        ) from exc
+    return load_extension("mtfm_hstu_cpu")
 
 
 # The forward keeps the attention weights and their derivative factors (8 bytes per computed
@@ -198,8 +148,3 @@ def hstu_attention_cpu(
     else:  # the same forward, as an operator that torch.export can trace
         out = hstu_attention_cpu_forward(*f32, *ints, float(alpha))
     return out.to(dtype)
-
-
-if __name__ == "__main__":  # make install: build once so the first training step does not compile
-    extension()
-    print(f"mtfm_rec: built the 'cpp' attention kernel in {_build_dir()}")

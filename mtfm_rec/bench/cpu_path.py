@@ -23,7 +23,7 @@ CONFIG = "configs/mtfm_small.yaml"
 
 PATHS = (
     ("prefix", "previous CPU path: padded PyTorch, reference Group LayerNorm"),
-    ("cpp", "fused C++ kernel, one-hot Group LayerNorm, scatter-free gathers"),
+    ("cpp", "fused C++ attention and Group LayerNorm kernels, scatter-free gathers"),
 )
 
 

@@ -73,12 +73,12 @@ def _index_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x[rows]
 
 
-# The Group LayerNorm that goes with a resolved attention backend: the one-hot CPU norm with
-# ``cpp``; the norm dispatcher's own implementation of the same name for ``reference`` /
+# The Group LayerNorm that goes with a resolved attention backend: the dispatcher's
+# implementation of the same name for ``cpp`` (the fused C++ norm), ``reference`` and
 # ``triton``; else the norm's ``auto`` (so ``prefix``, the previous CPU default, keeps the
 # reference norm on the CPU).
 _NORM_FOR = {
-    AttentionBackend.CPP: NormBackend.ONEHOT,
+    AttentionBackend.CPP: NormBackend.CPP,
     AttentionBackend.REFERENCE: NormBackend.REFERENCE,
     AttentionBackend.TRITON: NormBackend.TRITON,
 }

@@ -1,4 +1,4 @@
-"""Parity of the fused Triton Group LayerNorm with the reference: y, dx, dweight, dbias.
+"""Parity of the Group LayerNorm kernels (Triton, C++, one-hot) with the reference: y, dx, dweight, dbias.
 
 CPU tests call the Triton implementation directly under ``TRITON_INTERPRET=1`` (set by
 ``make test``); GPU tests use larger shapes and bf16 and are skipped without CUDA.
@@ -19,6 +19,7 @@ from mtfm_rec.kernels.group_norm import (
     group_layer_norm_onehot,
     group_layer_norm_reference,
 )
+from mtfm_rec.kernels.group_norm.cpu import group_layer_norm_cpu
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(
@@ -89,6 +90,56 @@ def test_onehot_matches_reference(n, d, groups, sorted_groups, seed):
     _assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=25, deadline=None)
+@given(**CASES)
+def test_cpp_matches_reference(n, d, groups, sorted_groups, seed):
+    """The fused C++ kernel: y and every gradient to float rounding (moments in one pass)."""
+    x, group, weight, bias, dy = _case(n, d, groups, sorted_groups, seed)
+    want = _grads(group_layer_norm_reference, x, group, weight, bias, dy)
+    got = _grads(group_layer_norm_cpu, x, group, weight, bias, dy)
+    _assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpp_on_several_threads():
+    """Rows split over threads, each summing its own dweight / dbias partials."""
+    x, group, weight, bias, dy = _case(3000, 24, 5, False, 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _grads(group_layer_norm_cpu, x, group, weight, bias, dy)
+    finally:
+        torch.set_num_threads(before)
+    want = _grads(group_layer_norm_reference, x, group, weight, bias, dy)
+    _assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_cpp_without_input_grad_and_in_bf16():
+    """Only the affine parameters learn (x is a leaf without grad), and a bf16 input is computed
+    in float32 and cast back, like the reference on upcast inputs."""
+    x, group, weight, bias, dy = _case(40, 16, 3, False, 1)
+    x, weight, bias = x.detach(), weight.requires_grad_(), bias.requires_grad_()
+    group_layer_norm_cpu(x, group, weight, bias).backward(dy)
+    want_w, want_b = torch.autograd.grad(
+        group_layer_norm_reference(x, group, weight, bias), (weight, bias), dy
+    )
+    torch.testing.assert_close(weight.grad, want_w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bias.grad, want_b, atol=1e-5, rtol=1e-5)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        got = group_layer_norm_cpu(xb, group, weight, bias)
+        want = group_layer_norm_reference(xb.float(), group, weight, bias).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+
+
+def test_cpp_refuses_a_group_out_of_range():
+    x, group, weight, bias, _ = _case(9, 8, 3, False, 2)
+    group = group.clone()
+    group[4] = 3
+    with pytest.raises(RuntimeError, match=r"group\[4\] = 3 is outside \[0, 3\)"):
+        group_layer_norm_cpu(x, group, weight, bias)
+
+
 @needs_interpreter
 def test_bf16_interpreted():
     x, group, weight, bias, dy = _case(33, 24, 4, False, 0, dtype=torch.bfloat16)
@@ -100,7 +151,7 @@ def test_bf16_interpreted():
 
 def test_dispatcher_rules(monkeypatch):
     x, group, weight, bias, _ = _case(7, 8, 3, False, 0)
-    assert set(BACKENDS) >= {"auto", "reference", "triton", "onehot"}
+    assert set(BACKENDS) >= {"auto", "reference", "triton", "onehot", "cpp"}
     with pytest.raises(ValueError, match="unknown"):
         group_layer_norm(x, group, weight, bias, backend="nope")
     torch.testing.assert_close(

@@ -87,9 +87,9 @@ def test_auto_is_triton_on_cuda_and_the_cpp_kernel_elsewhere() -> None:
     assert resolve_attention_backend("auto", torch.device("cuda", 0)) == "triton"
     assert resolve_attention_backend("auto", torch.device("cpu")) == "cpp"
     assert resolve_attention_backend("reference", torch.device("cuda")) == "reference"
-    # the norm that goes with each: the one-hot CPU norm with cpp; prefix keeps the reference norm
+    # the norm that goes with each: the C++ CPU norm with cpp; prefix keeps the reference norm
     assert [norm_backend(b) for b in ("cpp", "prefix", "triton", "reference")] == [
-        "onehot",
+        "cpp",
         "auto",
         "triton",
         "reference",
