@@ -15,8 +15,8 @@ O(inputs).
 
 The extension is compiled on first use with the machine's C++ compiler, once per CPU kind, and
 ``make install`` builds it (``mtfm_rec.kernels.cpu_extension``), so training never waits for the
-compiler. float32 only: other dtypes are computed
-in float32 and cast back (bf16 matmuls are slower than fp32 on CPUs without AMX).
+compiler. float32 only: other dtypes are computed in float32 and cast back (bf16 matmuls are
+slower than fp32 on CPUs without AMX).
 """
 
 from __future__ import annotations

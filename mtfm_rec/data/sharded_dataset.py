@@ -269,8 +269,9 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
                 for i, p in enumerate(pos[want].tolist()):
                     held[p] = (cid, i)
             if len(chunks) > 1:
-                # one live table: a batch is then one take from one chunk (~4x cheaper than from
-                # several), and the copy happens once per row group read, not once per batch
+                # one live table: a batch is then one take from one chunk (the loader measured
+                # 5.7-6.8 against 7.1-7.2 ms per batch with up to 16 live chunks), and the copy
+                # happens once per row group read, not once per batch
                 chunks, refs = _compact(held, chunks, next(ids))
             yield self._make_batch(out, held, chunks, refs, is_pad[out])
 
