@@ -133,7 +133,7 @@ def _group_norm(device: str, quick: bool) -> List[Dict[str, Any]]:
     bias = torch.randn(groups, d, generator=gen).to(device, dtype)
     reps, warmup = (20, 3) if cuda else (5, 1)
     rows = []
-    for name in ["reference", "triton"] if cuda else ["reference"]:
+    for name in ["reference", "triton"] if cuda else ["reference", "onehot", "cpp"]:
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, weight, bias))
 
         def forward(xs=xs, ws=ws, bs=bs, name=name) -> torch.Tensor:  # bound now: called in this iteration

@@ -139,8 +139,9 @@ def _group_norm_and_mask_tables(result: Dict[str, Any], gpu: bool) -> List[str]:
     if not gpu:
         lines += [
             "",
-            "Group LayerNorm and dynamic mask: only the references run on the CPU (their Triton kernels "
-            "need a GPU to be timed).",
+            "Group LayerNorm on the CPU: the reference, the one-hot norm and the fused C++ kernel "
+            "(`cpp`, the norm of the `cpp` attention path); their Triton kernels, and the dynamic "
+            "mask's, need a GPU to be timed.",
         ]
     return lines
 
