@@ -283,19 +283,12 @@ class ShardedBatchDataset(torch.utils.data.IterableDataset):
         refs: Dict[int, int],
         pad: np.ndarray,
     ) -> Batch:
-        where = [held.pop(int(p)) for p in out]
-        cids = np.array([c for c, _ in where], dtype=np.int64)
-        rows = np.array([r for _, r in where], dtype=np.int64)
-        # one take, in the shuffled order, from the live chunks laid end to end (zero-copy; the
-        # stream keeps one live chunk, so this is the single-table take)
-        used, counts = np.unique(cids, return_counts=True)
-        parts = [chunks[c] for c in used.tolist()]
-        first_row = np.cumsum([0] + [t.num_rows for t in parts[:-1]])
-        table = pa.concat_tables(parts).take(pa.array(first_row[np.searchsorted(used, cids)] + rows))
-        for cid, n in zip(used.tolist(), counts.tolist()):
-            refs[cid] -= n
-            if refs[cid] == 0:
-                del chunks[cid], refs[cid]
+        (cid,) = chunks  # the stream compacts the held rows into one live table before a batch
+        rows = [held.pop(int(p))[1] for p in out]
+        table = chunks[cid].take(pa.array(rows, pa.int64()))  # in the shuffled order
+        refs[cid] -= len(rows)
+        if refs[cid] == 0:
+            del chunks[cid], refs[cid]
         _, exposure_keep = split_masks(
             table, self.schema, self.split, self.eval_after, self.valid_after, self.scenarios
         )
