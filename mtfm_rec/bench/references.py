@@ -8,6 +8,15 @@ per scenario x task, with the trainer's exact AUC / GAUC (``compute_key_metrics`
 
 * ``bayes``: the true probabilities. No model can beat them in expectation; a model above them
   by more than noise reads something it should not (a leak).
+* ``plug_in`` and ``plug_in_intent``: the generator's own logits (it knows every item bias and
+  feature effect: no estimation error) with the one thing a model cannot see, the user's taste,
+  replaced by its posterior mode given what the model sees of it, the categories of the last
+  ``max_len`` orders before the window (:meth:`_World.map_taste`). ``plug_in`` also replaces the
+  true intent hit by ``realtime_hit`` below (a crude reading of the real-time sequence: a
+  background click of the category counts as intent); ``plug_in_intent`` keeps the true one, which
+  no model sees. What a model can reach lies near the two: above ``plug_in`` where it reads the
+  intent better than one hit, below ``plug_in_intent`` (both ignore the taste the real-time clicks
+  reveal, and use the posterior mode, not the mean of the probability).
 * ``lr_features``: a logistic regression on the exposure's own features (every categorical
   column one-hot, every dense column standardised), trained on the train split
   (``ts < recommended_valid_after``) with its L2 strength chosen on the valid split.
@@ -33,10 +42,17 @@ import torch
 
 from mtfm_rec.data.reader import read_parquet_folder
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
-from mtfm_rec.data.synthetic import read_truth
+from mtfm_rec.data.synthetic import (
+    ITEM_ID_COLUMN,
+    ORDER_TASTE_WEIGHT,
+    SyntheticConfig,
+    generator_config,
+    read_truth,
+    world_of,
+)
 from mtfm_rec.training.metrics import compute_key_metrics
 
-REFERENCES = ("bayes", "lr_features", "lr_history")
+REFERENCES = ("bayes", "plug_in_intent", "plug_in", "lr_features", "lr_history")
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3)  # per-sample mean penalty; chosen on the valid split
 WINDOW_SECONDS = 86400  # the aggregation default: one sample = one user-day
 
@@ -71,8 +87,9 @@ class HistoryFeatures:
         order = np.lexsort((ts, user))
         return {"user": user[order], "ts": ts[order], "category": cat[order]}
 
-    def history_share(self, user: np.ndarray, window_start: np.ndarray, category: np.ndarray) -> np.ndarray:
-        """Share of the last ``max_len`` history actions with ``ts < window_start`` in ``category``."""
+    def category_counts(self, user: np.ndarray, window_start: np.ndarray) -> np.ndarray:
+        """``[n, num_categories]`` counts of the last ``max_len`` history actions with
+        ``ts < window_start``, per category."""
         h = self.history
         onehot = np.zeros((len(h["user"]) + 1, self.num_categories), np.int32)
         onehot[np.arange(1, len(h["user"]) + 1), h["category"]] = 1
@@ -80,8 +97,13 @@ class HistoryFeatures:
         keys, queries = _sort_keys(h["user"], h["ts"], user, window_start)
         end = np.searchsorted(keys, queries, side="left")  # first action at or after window_start
         start = np.maximum(np.searchsorted(h["user"], user, side="left"), end - self.max_len)
-        total = end - start
-        hits = cum[end, category] - cum[start, category]
+        return cum[end] - cum[start]
+
+    def history_share(self, user: np.ndarray, window_start: np.ndarray, category: np.ndarray) -> np.ndarray:
+        """Share of the last ``max_len`` history actions with ``ts < window_start`` in ``category``."""
+        counts = self.category_counts(user, window_start)
+        total = counts.sum(axis=1)
+        hits = counts[np.arange(len(category)), category]
         return np.where(total > 0, hits / np.maximum(total, 1), 0.0)
 
     def realtime_hit(
@@ -101,6 +123,45 @@ class HistoryFeatures:
         )
         below = np.searchsorted(keys, queries, side="left")  # actions strictly before each bound
         return (below[:n] > below[n:]).astype(np.float64)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1.0 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def plug_in_scores(
+    cfg: SyntheticConfig,
+    scenario: ScenarioSpec,
+    exposures: pa.Table,
+    truth: pa.Table,
+    history: HistoryFeatures,
+    realtime_hit: np.ndarray,
+) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{"plug_in" | "plug_in_intent": {task: probabilities}}`` of the rows of ``exposures``
+    (module docstring): the true logits with ``taste . item`` replaced by the posterior mode's,
+    and for ``plug_in`` the click logit's intent term by ``realtime_hit``'s."""
+    world = world_of(cfg)
+    user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
+    window = np.stack([user, ts - np.mod(ts, WINDOW_SECONDS)], axis=1)
+    windows, row_window = np.unique(window, axis=0, return_inverse=True)
+    counts = history.category_counts(windows[:, 0], windows[:, 1]).astype(np.float64)
+    taste = world.map_taste(counts, windows[:, 0])[row_window.ravel()]
+    local = exposures[ITEM_ID_COLUMN[scenario.name]].to_numpy().astype(np.int64)
+    items = world.ranges[scenario.name][0] + local
+    error = np.einsum("nk,nk->n", taste, world.item_vec[items]) - truth["affinity"].to_numpy()
+    intent = truth["intent_hit"].to_numpy().astype(np.float64)
+    p_click = truth["p_click"].to_numpy()
+    out: Dict[str, Dict[str, np.ndarray]] = {}
+    for name, hit in (("plug_in_intent", intent), ("plug_in", realtime_hit)):
+        z = _logit(p_click) + cfg.taste_weight[scenario.name] * error
+        click = 1.0 / (1.0 + np.exp(-(z + cfg.intent_weight[scenario.name] * (hit - intent))))
+        out[name] = {"click": click}
+        if "order" in scenario.tasks:
+            z_order = _logit(truth["p_order"].to_numpy() / p_click)
+            z_order = z_order + ORDER_TASTE_WEIGHT[scenario.name] * error
+            out[name]["order"] = click / (1.0 + np.exp(-z_order))
+    return out
 
 
 def _sort_keys(
@@ -207,8 +268,8 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
     schema = DatasetSchema.load(f"{root.rstrip('/')}/dataset.yaml")
     valid_after = int(schema.extra["recommended_valid_after"])
     eval_after = int(schema.extra["recommended_eval_after"])
-    num_categories = int(schema.extra["generator"]["num_categories"])
-    history = HistoryFeatures(root, schema, num_categories)
+    cfg = generator_config(schema)
+    history = HistoryFeatures(root, schema, cfg.num_categories)
     out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in REFERENCES if name in names}
     for scenario in schema.scenarios:
         exposures, truth = _aligned(root, scenario)
@@ -225,12 +286,20 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
             axis=1,
         )
         test = split == 2
+        plug_in: Dict[str, Dict[str, np.ndarray]] = {}
+        if {"plug_in", "plug_in_intent"} & set(names):
+            keep = pa.array(test)
+            plug_in = plug_in_scores(
+                cfg, scenario, exposures.filter(keep), truth.filter(keep), history, hand_made[test, 1]
+            )
         for task in scenario.tasks:
             key = f"{scenario.name}/{task}"
             labels = exposures[task].to_numpy().astype(np.int8)
             for name in out:
                 if name == "bayes":
                     score = truth[f"p_{task}"].to_numpy()[test]
+                elif name in plug_in:
+                    score = plug_in[name][task]
                 else:
                     inputs = dense if name == "lr_features" else np.concatenate([dense, hand_made], axis=1)
                     score = fit_logistic(onehot, inputs, num_ids, labels, split)

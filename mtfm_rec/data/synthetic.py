@@ -25,7 +25,7 @@ on ``history_days`` days before. ``dataset.yaml`` carries ``recommended_valid_af
 second-to-last day) and ``recommended_eval_after`` (start of the last day) as extra keys.
 Everything is drawn from one ``numpy`` generator seeded by ``seed``: same arguments, same bytes.
 
-It stays one module (about 740 lines): the config, the schema, the draws and the writers are one
+It stays one module (about 800 lines): the config, the schema, the draws and the writers are one
 generative process. The draws run in one fixed order from that one generator (the order is the
 data), and the sizes the schema declares (catalogue shares, slates, vocabularies) are the ones
 the draws use, so a split would put the schema and the draws it describes, or consecutive draws,
@@ -55,6 +55,12 @@ NUM_BRANDS = 50
 FEED_SLATE, SEARCH_SLATE = 4, 3  # exposures per request: position is the index in the slate
 # Share of each scenario's item catalogue (global item ids are split into three ranges).
 CATALOGUE_SHARE = {"feed": 0.5, "search": 0.35, "coupon": 0.15}
+GENERATOR_MODULE = "mtfm_rec.data.synthetic"  # dataset.yaml's generator record (also under -m)
+# Weight of taste . item in each order logit (the click logits' weights are the config's
+# taste_weight); one home for the generator and the plug-in reference that replays it.
+ORDER_TASTE_WEIGHT = {"feed": 0.8, "coupon": 1.0}
+# Each scenario's item id column: the item's index in the scenario's catalogue range.
+ITEM_ID_COLUMN = {"feed": "item_id", "search": "poi_id", "coupon": "coupon_id"}
 
 
 @dataclass
@@ -154,8 +160,8 @@ def build_schema(cfg: SyntheticConfig) -> DatasetSchema:
             # quality": +1.3 / +1.4 AUC points on feed / search against a one-day lookback).
             "recommended_realtime_lookback_seconds": 0,
             "generator": {
-                "module": "mtfm_rec.data.synthetic",
-                **{k: v for k, v in asdict(cfg).items() if not isinstance(v, dict)},
+                "module": GENERATOR_MODULE,
+                **asdict(cfg),
             },
         },
     )
@@ -221,6 +227,10 @@ class _World:
         self.taste = (w * age_dir[self.age_bucket] + rng.normal(0.0, 1.0, (n_users, k))) / np.sqrt(
             1.0 + w * w
         )
+        # The prior of a user's taste given what a model sees of it (the age bucket): Gaussian,
+        # mean w * age_dir / sqrt(1 + w^2), precision 1 + w^2 in every direction.
+        self.taste_prior_mean = w * age_dir[self.age_bucket] / np.sqrt(1.0 + w * w)
+        self.taste_prior_precision = 1.0 + w * w
         # Items: each catalogue covers every category (balanced, shuffled).
         self.ranges = _catalogue_ranges(cfg.num_items)
         self.item_cat = np.empty(cfg.num_items, np.int64)
@@ -254,6 +264,26 @@ class _World:
         cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
         u = self.rng.random((len(users), 1))
         return np.minimum((cdf < u).sum(axis=1), self.cfg.num_categories - 1)
+
+    def map_taste(
+        self, counts: np.ndarray, users: np.ndarray, steps: int = 4000, step_size: float = 0.01
+    ) -> np.ndarray:
+        """The posterior mode of each user's taste given ``counts`` [n, num_categories] of actions
+        drawn by :meth:`taste_categories` (and the user's prior): ``[n, LATENT_DIM]``.
+
+        Plain gradient ascent on the log posterior, which is concave: Newton's method overshot on
+        the peaked counts of users with one dominant category. The step is stable while
+        ``step_size`` < 2 / (temperature^2 * count + precision), i.e. up to ~150 actions per row.
+        """
+        mu, t = self.taste_prior_mean[users], self.taste_prior_mean[users].copy()
+        total, temp = counts.sum(axis=1, keepdims=True), self.cfg.taste_temperature
+        for _ in range(steps):
+            logits = temp * (t @ self.cat_vec.T)
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            grad = temp * (counts - total * p) @ self.cat_vec - self.taste_prior_precision * (t - mu)
+            t += step_size * grad
+        return t
 
     def background(self, rate_per_day: float, first_day: int, last_day: int) -> _Actions:
         """Taste-driven actions at uniform times over [first_day, last_day) (days from start)."""
@@ -434,7 +464,7 @@ def _feed_features(sim: _Sim, rows: _Rows) -> _Features:
     log_price = rng.normal(0.0, 0.5, cfg.num_items)[rows.item]
     click_logit = -1.3 + rows.base_logit - 0.15 * rows.position - 0.5 * log_price
     click_logit = click_logit + age_effect[world.age_bucket[rows.user]]
-    order_logit = -0.8 + 0.8 * rows.affinity - 1.2 * log_price
+    order_logit = -0.8 + ORDER_TASTE_WEIGHT["feed"] * rows.affinity - 1.2 * log_price
     features: Dict[str, object] = dict(
         age_bucket=world.age_bucket[rows.user],
         gender=world.gender[rows.user],
@@ -478,7 +508,7 @@ def _coupon_features(sim: _Sim, rows: _Rows) -> _Features:
     rng, world = sim.rng, sim.world
     discount = rng.uniform(0.0, 0.5, len(rows))
     click_logit = -1.0 + rows.base_logit + 3.0 * (discount - 0.25) + 0.15 * world.vip[rows.user]
-    order_logit = -0.3 + 1.0 * rows.affinity + 2.0 * discount
+    order_logit = -0.3 + ORDER_TASTE_WEIGHT["coupon"] * rows.affinity + 2.0 * discount
     features: Dict[str, object] = dict(
         vip_level=world.vip[rows.user],
         age_bucket=world.age_bucket[rows.user],
@@ -560,7 +590,7 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
     """
     cfg.validate()
     rng = np.random.default_rng(cfg.seed)
-    world = _World(cfg, rng)
+    world = _World(cfg, rng)  # the first draws: world_of() replays them
     sessions = _draw_sessions(cfg, rng, world)
     sim = _Sim(cfg, rng, world, sessions, rng.permutation(cfg.num_categories), build_schema(cfg))
     exposures: Dict[str, pa.Table] = {}
@@ -573,6 +603,33 @@ def simulate(cfg: SyntheticConfig) -> SyntheticData:
         exposures[name], truth[name] = _draw_exposures(sim, name, rows, echoes)
     behaviors = _behaviors(cfg, world, sessions, echoes)
     return SyntheticData(sim.schema, exposures, behaviors, truth)
+
+
+def world_of(cfg: SyntheticConfig) -> _World:
+    """The users and items :func:`simulate` draws for ``cfg``: the world is its first draws from
+    the seed, so it is the same without drawing the rest (``mtfm_rec.bench.references``' plug-in
+    reference replays the truth with it)."""
+    cfg.validate()
+    return _World(cfg, np.random.default_rng(cfg.seed))
+
+
+def generator_config(schema: DatasetSchema) -> SyntheticConfig:
+    """The :class:`SyntheticConfig` a dataset was generated with, from its dataset.yaml.
+
+    Raises:
+        ValueError: the dataset was not written by this generator, or by a version of it that did
+            not record every field (the weights of the planted effects were added later).
+    """
+    record = schema.extra.get("generator", {})
+    if record.get("module") != GENERATOR_MODULE:
+        raise ValueError(
+            f"dataset {schema.name!r} was not written by {GENERATOR_MODULE} (no generator record)"
+        )
+    fields = {f: v for f, v in record.items() if f != "module"}
+    missing = sorted(set(SyntheticConfig.__dataclass_fields__) - set(fields))
+    if missing:
+        raise ValueError(f"dataset {schema.name!r}: the generator record lacks {missing}; regenerate it")
+    return SyntheticConfig(**fields)
 
 
 TRUTH_DIR = "truth"
