@@ -46,6 +46,7 @@ from mtfm_rec.data.synthetic import (
     ITEM_ID_COLUMN,
     ORDER_TASTE_WEIGHT,
     SyntheticConfig,
+    _World,
     generator_config,
     read_truth,
     world_of,
@@ -80,6 +81,11 @@ class HistoryFeatures:
         self.max_len = history[0].max_len
         self.history = self._by_user(read_parquet_folder(root, f"behaviors/{history[0].name}"))
         self.realtime = self._by_user(read_parquet_folder(root, f"behaviors/{realtime[0].name}"))
+        # history_cum[i] = per-category counts over the first i history actions (built once: every
+        # scenario's features and the plug-ins read windows of it)
+        onehot = np.zeros((len(self.history["user"]) + 1, num_categories), np.int32)
+        onehot[np.arange(1, len(self.history["user"]) + 1), self.history["category"]] = 1
+        self.history_cum = np.cumsum(onehot, axis=0)
 
     @staticmethod
     def _by_user(table: pa.Table) -> Dict[str, np.ndarray]:
@@ -91,13 +97,10 @@ class HistoryFeatures:
         """``[n, num_categories]`` counts of the last ``max_len`` history actions with
         ``ts < window_start``, per category."""
         h = self.history
-        onehot = np.zeros((len(h["user"]) + 1, self.num_categories), np.int32)
-        onehot[np.arange(1, len(h["user"]) + 1), h["category"]] = 1
-        cum = np.cumsum(onehot, axis=0)  # cum[i] = counts over the first i actions
         keys, queries = _sort_keys(h["user"], h["ts"], user, window_start)
         end = np.searchsorted(keys, queries, side="left")  # first action at or after window_start
         start = np.maximum(np.searchsorted(h["user"], user, side="left"), end - self.max_len)
-        return cum[end] - cum[start]
+        return self.history_cum[end] - self.history_cum[start]
 
     def history_share(self, user: np.ndarray, window_start: np.ndarray, category: np.ndarray) -> np.ndarray:
         """Share of the last ``max_len`` history actions with ``ts < window_start`` in ``category``."""
@@ -132,6 +135,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def plug_in_scores(
     cfg: SyntheticConfig,
+    world: _World,
     scenario: ScenarioSpec,
     exposures: pa.Table,
     truth: pa.Table,
@@ -141,7 +145,6 @@ def plug_in_scores(
     """``{"plug_in" | "plug_in_intent": {task: probabilities}}`` of the rows of ``exposures``
     (module docstring): the true logits with ``taste . item`` replaced by the posterior mode's,
     and for ``plug_in`` the click logit's intent term by ``realtime_hit``'s."""
-    world = world_of(cfg)
     user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
     window = np.stack([user, ts - np.mod(ts, WINDOW_SECONDS)], axis=1)
     windows, row_window = np.unique(window, axis=0, return_inverse=True)
@@ -269,6 +272,7 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
     valid_after = int(schema.extra["recommended_valid_after"])
     eval_after = int(schema.extra["recommended_eval_after"])
     cfg = generator_config(schema)
+    world = world_of(cfg) if {"plug_in", "plug_in_intent"} & set(names) else None
     history = HistoryFeatures(root, schema, cfg.num_categories)
     out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in REFERENCES if name in names}
     for scenario in schema.scenarios:
@@ -287,10 +291,10 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
         )
         test = split == 2
         plug_in: Dict[str, Dict[str, np.ndarray]] = {}
-        if {"plug_in", "plug_in_intent"} & set(names):
+        if world is not None:
             keep = pa.array(test)
             plug_in = plug_in_scores(
-                cfg, scenario, exposures.filter(keep), truth.filter(keep), history, hand_made[test, 1]
+                cfg, world, scenario, exposures.filter(keep), truth.filter(keep), history, hand_made[test, 1]
             )
         for task in scenario.tasks:
             key = f"{scenario.name}/{task}"
