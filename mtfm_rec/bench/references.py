@@ -17,6 +17,13 @@ per scenario x task, with the trainer's exact AUC / GAUC (``compute_key_metrics`
   no model sees. What a model can reach lies near the two: above ``plug_in`` where it reads the
   intent better than one hit, below ``plug_in_intent`` (both ignore the taste the real-time clicks
   reveal, and use the posterior mode, not the mean of the probability).
+* ``plug_in_fit``: the cost of finite data. A logistic regression as ``lr_features`` plus the
+  plug-in's two inputs, ``taste_affinity`` (the posterior-mode taste . the candidate's category
+  vector) and ``realtime_hit``, with every effect (each item's bias, the feature effects, the
+  weights of the two inputs) learned from the train split instead of known. It knows the
+  generator's form and its taste model, which no model is told; what it loses against
+  ``plug_in`` is what estimating the effects from the scenario's training rows costs (large in a
+  sparse scenario: ~130 training exposures per coupon item).
 * ``lr_features``: a logistic regression on the exposure's own features (every categorical
   column one-hot, every dense column standardised), trained on the train split
   (``ts < recommended_valid_after``) with its L2 strength chosen on the valid split.
@@ -53,7 +60,8 @@ from mtfm_rec.data.synthetic import (
 )
 from mtfm_rec.training.metrics import compute_key_metrics
 
-REFERENCES = ("bayes", "plug_in_intent", "plug_in", "lr_features", "lr_history")
+REFERENCES = ("bayes", "plug_in_intent", "plug_in", "plug_in_fit", "lr_features", "lr_history")
+PLUG_INS = ("plug_in", "plug_in_intent", "plug_in_fit")  # the references that replay the world
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3)  # per-sample mean penalty; chosen on the valid split
 WINDOW_SECONDS = 86400  # the aggregation default: one sample = one user-day
 
@@ -133,23 +141,40 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+class TasteModes:
+    """The posterior-mode taste (:meth:`_World.map_taste`) of every (user, window) of the rows it
+    is built from, each window solved once however many scenarios' rows share it."""
+
+    def __init__(
+        self, world: _World, history: HistoryFeatures, user: np.ndarray, window_start: np.ndarray
+    ) -> None:
+        windows = np.unique(np.stack([user, window_start], axis=1), axis=0)  # sorted by (user, start)
+        counts = history.category_counts(windows[:, 0], windows[:, 1]).astype(np.float64)
+        self._windows = windows
+        self._taste = world.map_taste(counts, windows[:, 0])
+
+    def __call__(self, user: np.ndarray, window_start: np.ndarray) -> np.ndarray:
+        """``[n, LATENT_DIM]`` tastes of the rows' windows (each must be among those built)."""
+        keys, queries = _sort_keys(self._windows[:, 0], self._windows[:, 1], user, window_start)
+        at = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
+        if len(queries) and not np.array_equal(keys[at], queries):
+            raise KeyError("TasteModes: a row's (user, window) was not among those it was built from")
+        return self._taste[at]
+
+
 def plug_in_scores(
     cfg: SyntheticConfig,
     world: _World,
     scenario: ScenarioSpec,
     exposures: pa.Table,
     truth: pa.Table,
-    history: HistoryFeatures,
+    taste: np.ndarray,
     realtime_hit: np.ndarray,
 ) -> Dict[str, Dict[str, np.ndarray]]:
     """``{"plug_in" | "plug_in_intent": {task: probabilities}}`` of the rows of ``exposures``
-    (module docstring): the true logits with ``taste . item`` replaced by the posterior mode's,
-    and for ``plug_in`` the click logit's intent term by ``realtime_hit``'s."""
-    user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
-    window = np.stack([user, ts - np.mod(ts, WINDOW_SECONDS)], axis=1)
-    windows, row_window = np.unique(window, axis=0, return_inverse=True)
-    counts = history.category_counts(windows[:, 0], windows[:, 1]).astype(np.float64)
-    taste = world.map_taste(counts, windows[:, 0])[row_window.ravel()]
+    (module docstring): the true logits with ``taste . item`` replaced by the rows'
+    posterior-mode ``taste``'s, and for ``plug_in`` the click logit's intent term by
+    ``realtime_hit``'s."""
     local = exposures[ITEM_ID_COLUMN[scenario.name]].to_numpy().astype(np.int64)
     items = world.ranges[scenario.name][0] + local
     error = np.einsum("nk,nk->n", taste, world.item_vec[items]) - truth["affinity"].to_numpy()
@@ -272,42 +297,80 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
     valid_after = int(schema.extra["recommended_valid_after"])
     eval_after = int(schema.extra["recommended_eval_after"])
     cfg = generator_config(schema)
-    world = world_of(cfg) if {"plug_in", "plug_in_intent"} & set(names) else None
     history = HistoryFeatures(root, schema, cfg.num_categories)
+    loaded = {scenario.name: _aligned(root, scenario) for scenario in schema.scenarios}
+    world, tastes = None, None
+    if set(PLUG_INS) & set(names):
+        world = world_of(cfg)
+        # plug_in_fit trains on every split; the other plug-ins score the test split alone
+        first = valid_after if "plug_in_fit" not in names else np.iinfo(np.int64).min
+        users, starts = [], []
+        for exposures, _ in loaded.values():
+            ts = exposures["ts"].to_numpy()
+            keep = ts >= first
+            users.append(exposures["user_id"].to_numpy()[keep])
+            starts.append((ts - np.mod(ts, WINDOW_SECONDS))[keep])
+        tastes = TasteModes(world, history, np.concatenate(users), np.concatenate(starts))
     out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in REFERENCES if name in names}
     for scenario in schema.scenarios:
-        exposures, truth = _aligned(root, scenario)
-        user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
-        category = truth["category"].to_numpy().astype(np.int64)
-        window_start = ts - np.mod(ts, WINDOW_SECONDS)
+        exposures, truth = loaded[scenario.name]
+        ts = exposures["ts"].to_numpy()
         split = np.where(ts >= eval_after, 2, np.where(ts >= valid_after, 1, 0))
-        onehot, dense, num_ids = _design(exposures, scenario)
-        hand_made = np.stack(
-            [
-                history.history_share(user, window_start, category),
-                history.realtime_hit(user, ts, window_start, category),
-            ],
-            axis=1,
+        scores = _scenario_scores(scenario, exposures, truth, split, history, list(out), world, tastes, cfg)
+        labels_user = exposures["user_id"].to_numpy()[split == 2]
+        for name, by_task in scores.items():
+            for task, score in by_task.items():
+                key = f"{scenario.name}/{task}"
+                labels = exposures[task].to_numpy().astype(np.int8)[split == 2]
+                out[name][key] = compute_key_metrics(score, labels, labels_user, key=key)
+    return out
+
+
+def _scenario_scores(
+    scenario: ScenarioSpec,
+    exposures: pa.Table,
+    truth: pa.Table,
+    split: np.ndarray,
+    history: HistoryFeatures,
+    names: Sequence[str],
+    world: _World | None,
+    tastes: TasteModes | None,
+    cfg: SyntheticConfig,
+) -> Dict[str, Dict[str, np.ndarray]]:
+    """``{reference: {task: test-split probabilities}}`` of one scenario."""
+    user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
+    category = truth["category"].to_numpy().astype(np.int64)
+    window_start = ts - np.mod(ts, WINDOW_SECONDS)
+    test = split == 2
+    onehot, dense, num_ids = _design(exposures, scenario)
+    hit = history.realtime_hit(user, ts, window_start, category)
+    inputs = {
+        "lr_features": dense,
+        "lr_history": np.column_stack([dense, history.history_share(user, window_start, category), hit]),
+    }
+    out: Dict[str, Dict[str, np.ndarray]] = {}
+    if world is not None and tastes is not None:
+        keep = pa.array(test)
+        out = plug_in_scores(
+            cfg,
+            world,
+            scenario,
+            exposures.filter(keep),
+            truth.filter(keep),
+            tastes(user[test], window_start[test]),
+            hit[test],
         )
-        test = split == 2
-        plug_in: Dict[str, Dict[str, np.ndarray]] = {}
-        if world is not None:
-            keep = pa.array(test)
-            plug_in = plug_in_scores(
-                cfg, world, scenario, exposures.filter(keep), truth.filter(keep), history, hand_made[test, 1]
-            )
-        for task in scenario.tasks:
-            key = f"{scenario.name}/{task}"
-            labels = exposures[task].to_numpy().astype(np.int8)
-            for name in out:
-                if name == "bayes":
-                    score = truth[f"p_{task}"].to_numpy()[test]
-                elif name in plug_in:
-                    score = plug_in[name][task]
-                else:
-                    inputs = dense if name == "lr_features" else np.concatenate([dense, hand_made], axis=1)
-                    score = fit_logistic(onehot, inputs, num_ids, labels, split)
-                out[name][key] = compute_key_metrics(score, labels[test], user[test], key=key)
+        if "plug_in_fit" in names:
+            affinity = np.einsum("nk,nk->n", tastes(user, window_start), world.cat_vec[category])
+            inputs["plug_in_fit"] = np.column_stack([dense, affinity, hit])
+    out = {name: out[name] for name in out if name in names}
+    for task in scenario.tasks:
+        labels = exposures[task].to_numpy().astype(np.int8)
+        if "bayes" in names:
+            out.setdefault("bayes", {})[task] = truth[f"p_{task}"].to_numpy()[test]
+        for name in names:
+            if name in inputs:
+                out.setdefault(name, {})[task] = fit_logistic(onehot, inputs[name], num_ids, labels, split)
     return out
 
 
