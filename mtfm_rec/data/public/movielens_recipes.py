@@ -23,9 +23,8 @@ if TYPE_CHECKING:
     from mtfm_rec.data.schema import MultiHotFeature, ScenarioSpec, SequenceSpec
 
 # Bump a recipe's version whenever its output changes, so old builds are rebuilt.
-# (ml1m_swr 4, ml1m_genre 3: the multi-hot item feature ``genres``; ml1m_swr 5: the history's
-# ratings carry their star rating, as ml1m_genre's do.)
-RECIPES: Dict[str, int] = {"ml1m_swr": 5, "ml1m_genre": 3}
+# (ml1m_swr 4, ml1m_genre 3: the multi-hot item feature ``genres``.)
+RECIPES: Dict[str, int] = {"ml1m_swr": 4, "ml1m_genre": 3}
 # Both recipes: the movie's full genre list, a multi-hot item feature of every scenario (global
 # genre ids, in the file's order), beside the single first-genre feature the benchmark has.
 GENRES_FEATURE = "genres"
@@ -280,12 +279,8 @@ def recipe_swr(ml: MovieLens):
         )
         exposures[name] = _exposures(ml, np.flatnonzero(domain == d), cols, ["age"], ["click", "like"])
     train = np.flatnonzero(cols["split"] == 0)
-    # The benchmark's protocol lets a sequence model read the user's training-split ratings with
-    # an earlier timestamp, labels included (their star rating: what an engine knows of past
-    # feedback). H holds only ratings before the window; R's dynamic mask hides the exposure's own
-    # rating and every later one (strictly earlier ts only), so no label reaches its own score.
-    seq_features = {"movie_id": ml.rating_movie, "cate_id": cols["cate_id"], "rating": ml.rating}
-    seq_sizes = {"movie_id": sizes["movie_id"], "cate_id": sizes["cate_id"], "rating": 6}
+    seq_features = {"movie_id": ml.rating_movie, "cate_id": cols["cate_id"]}
+    seq_sizes = {"movie_id": sizes["movie_id"], "cate_id": sizes["cate_id"]}
     sequences, behaviors = _rating_sequences(ml, "train_ratings", train, seq_features, seq_sizes)
     schema = DatasetSchema(
         name="ml1m_swr",
@@ -293,14 +288,12 @@ def recipe_swr(ml: MovieLens):
         sequences=sequences,
         scenarios=scenarios,
         # One id space everywhere, as the benchmark's models embed each feature once: movies and
-        # genres are shared by the sequences and all domains, user features by all domains, the
-        # history's star rating by the two sequences.
+        # genres are shared by the sequences and all domains, user features by all domains.
         shared_embeddings={
             **{
                 f: [f"seq/{q.name}/{f}" for q in sequences] + [f"exp/{s.name}/item/{f}" for s in scenarios]
-                for f in ("movie_id", "cate_id")
+                for f in seq_sizes
             },
-            "rating": [f"seq/{q.name}/rating" for q in sequences],
             **{
                 f: [f"exp/{s.name}/user/{f}" for s in scenarios]
                 for f in ("uid", "gender", "occupation", "zip")
