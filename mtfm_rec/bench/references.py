@@ -237,8 +237,10 @@ def fit_logistic(
     ids = torch.from_numpy(onehot)
     y = torch.from_numpy(labels.astype(np.float64))
     best: Tuple[float, np.ndarray] = (float("inf"), np.zeros(0))
-    for l2 in L2_GRID:
-        weights = _lbfgs(ids[train], x_dense[train], y[train], num_ids, l2)
+    weights: Tuple[torch.Tensor, ...] | None = None
+    # strongest penalty first, each fit starting from the previous optimum (a few steps away)
+    for l2 in sorted(L2_GRID, reverse=True):
+        weights = _lbfgs(ids[train], x_dense[train], y[train], num_ids, l2, weights)
         logits = _logits(ids, x_dense, weights).numpy()
         valid = split == 1
         p = np.clip(1.0 / (1.0 + np.exp(-logits[valid])), 1e-7, 1 - 1e-7)
@@ -254,13 +256,21 @@ def _logits(ids: torch.Tensor, dense: torch.Tensor, w: Tuple[torch.Tensor, ...])
 
 
 def _lbfgs(
-    ids: torch.Tensor, dense: torch.Tensor, y: torch.Tensor, num_ids: int, l2: float
+    ids: torch.Tensor,
+    dense: torch.Tensor,
+    y: torch.Tensor,
+    num_ids: int,
+    l2: float,
+    init: Tuple[torch.Tensor, ...] | None = None,
 ) -> Tuple[torch.Tensor, ...]:
-    w = (
-        torch.zeros(num_ids, dtype=torch.float64, requires_grad=True),
-        torch.zeros(dense.shape[1], dtype=torch.float64, requires_grad=True),
-        torch.zeros((), dtype=torch.float64, requires_grad=True),
-    )
+    """(id table, dense weights, bias) minimising the penalised log loss, from ``init`` or 0."""
+    if init is None:
+        init = (
+            torch.zeros(num_ids, dtype=torch.float64),
+            torch.zeros(dense.shape[1], dtype=torch.float64),
+            torch.zeros((), dtype=torch.float64),
+        )
+    w = tuple(t.clone().requires_grad_(True) for t in init)
     opt = torch.optim.LBFGS(w, lr=1.0, max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
