@@ -313,7 +313,7 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
     if set(PLUG_INS) & set(names):
         world = world_of(cfg)
         # plug_in_fit trains on every split; the other plug-ins score the test split alone
-        first = valid_after if "plug_in_fit" not in names else np.iinfo(np.int64).min
+        first = eval_after if "plug_in_fit" not in names else np.iinfo(np.int64).min
         users, starts = [], []
         for exposures, _ in loaded.values():
             ts = exposures["ts"].to_numpy()

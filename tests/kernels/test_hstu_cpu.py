@@ -85,6 +85,7 @@ def test_cpp_kernel_saves_weights_only_for_training_and_within_the_budget() -> N
 
     layout = build_layout(random_batch(SCHEMA, 4, seq_len=(8, 20), exposures=(2, 6), seed=3))
     q_off, (q_prefix, q_self_local) = layout.full.offsets, layout.full.prefix_encoding("cpp")
+    torch.manual_seed(0)
     q, k = torch.randn(layout.num_tokens, 2, 8), torch.randn(layout.num_tokens, 1, 8)
     ops, mask = extension(), (q_off, layout.keys.offsets, q_prefix, q_self_local)
     out, saved = ops.forward(q, k, k, *mask, 0.5, True, 1 << 30)
@@ -98,8 +99,10 @@ def test_cpp_kernel_saves_weights_only_for_training_and_within_the_budget() -> N
         ops.backward(go, q, k, k, *mask, 0.5, saved[:, 1:].contiguous())
     from_saved = ops.backward(go, q, k, k, *mask, 0.5, saved)
     recomputed = ops.backward(go, q, k, k, *mask, 0.5, torch.empty(0, 0))
+    # the same sums in another order (the saved path reads the forward's p and d): fp32 rounding
+    # only, 1.2e-7 seen on an AMD EPYC where the Xeon matched to 1e-7
     for a, b in zip(from_saved, recomputed):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_cpp_kernel_keeps_the_input_dtype_and_refuses_other_devices() -> None:
