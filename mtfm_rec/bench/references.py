@@ -359,7 +359,7 @@ def _scenario_scores(
         "lr_history": np.column_stack([dense, history.history_share(user, window_start, category), hit]),
     }
     out: Dict[str, Dict[str, np.ndarray]] = {}
-    if world is not None and tastes is not None:
+    if world is not None and tastes is not None and {"plug_in", "plug_in_intent"} & set(names):
         keep = pa.array(test)
         out = plug_in_scores(
             cfg,
@@ -370,9 +370,9 @@ def _scenario_scores(
             tastes(user[test], window_start[test]),
             hit[test],
         )
-        if "plug_in_fit" in names:
-            affinity = np.einsum("nk,nk->n", tastes(user, window_start), world.cat_vec[category])
-            inputs["plug_in_fit"] = np.column_stack([dense, affinity, hit])
+    if world is not None and tastes is not None and "plug_in_fit" in names:
+        affinity = np.einsum("nk,nk->n", tastes(user, window_start), world.cat_vec[category])
+        inputs["plug_in_fit"] = np.column_stack([dense, affinity, hit])
     out = {name: out[name] for name in out if name in names}
     for task in scenario.tasks:
         labels = exposures[task].to_numpy().astype(np.int8)
