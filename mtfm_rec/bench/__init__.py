@@ -10,6 +10,13 @@
 sit side by side) and regenerates ``docs/BENCHMARKS.md`` from every JSON there.
 """
 
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from typing import Any, Dict
+
 # Order of sections in docs/BENCHMARKS.md; a module that does not exist yet is skipped. "peak"
 # (the matmul peak, MFU's denominator) runs first; "model" reuses its fp32 measurement (cached).
 SUITES = (
@@ -26,3 +33,29 @@ SUITES = (
 # Run only when named (``--only baselines``): they report a long experiment run by its own
 # target (``make compare``); their section is rendered whenever their JSON exists.
 ON_DEMAND = ("baselines",)
+
+
+def machine() -> Dict[str, Any]:
+    """The machine a measurement ran on (CPU model, cores, torch, Python, date; the GPU if any),
+    which every report names."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": dt.date.today().isoformat(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

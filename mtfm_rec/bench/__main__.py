@@ -3,45 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
 import json
-import os
-import platform
 import sys
 from pathlib import Path
-from typing import Any, Dict
 
-from mtfm_rec.bench import ON_DEMAND, SUITES
+from mtfm_rec.bench import ON_DEMAND, SUITES, machine
 
 BENCH_DIR = Path("docs/bench")
 # Results measured on a GPU machine go to <suite>-cuda.json, so they sit beside the CPU ones.
 GPU_SUFFIX = "-cuda"
 REPORT = Path("docs/BENCHMARKS.md")
-
-
-def machine() -> Dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": dt.date.today().isoformat(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def render_report() -> str:

@@ -5,14 +5,17 @@ The comparison itself is long (every model trained to early stopping, several se
 not run by ``make bench``: ``make compare`` runs it (``python -m mtfm_rec.experiments compare``,
 docs/EXPERIMENTS.md) and then ``python -m mtfm_rec.bench --only baselines``, which reads its
 ``compare.json`` (``MTFM_COMPARE_DIR``, default ``runs/ml1m_swr``) into ``docs/bench/baselines.json``
-and renders the section.
+and renders the section. A comparison run in parts (some models now, the rest later or on
+another machine) is reported as one: ``MTFM_COMPARE_DIR`` lists the parts' directories separated
+by ``os.pathsep``; they must agree on config, seeds and overrides (the same budget and data) and
+share no model, and each part's training time is given on its own machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 # Scenario-Wise Rec (KDD 2024), Table 7: test AUC on ML-1M (label rating > 3), total and per
 # age domain, and total logloss; models chosen on validation.
@@ -31,21 +34,60 @@ PUBLISHED: Dict[str, List[float]] = {
 GOAL_TOTAL_AUC = 0.8215  # issue 13: the best published (M2M .8115) + .01
 TASK = "click"  # the benchmark's label (rating > 3)
 DOMAINS = ("d0", "d1", "d2")
+# What the parts of one comparison must share: the same budget and data for every model.
+MUST_AGREE = ("config", "seeds", "overrides")
 
 
 def run(quick: bool) -> Dict[str, Any]:
-    """Reads the comparison's results.
+    """Reads the comparison's results, merging its parts (module docstring).
 
     Raises:
         FileNotFoundError: no ``compare.json`` (run ``make compare`` first).
+        ValueError: parts that disagree on config, seeds or overrides, or share a model.
     """
-    root = os.environ.get("MTFM_COMPARE_DIR", "runs/ml1m_swr")
-    path = os.path.join(root, "compare.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no comparison to report; run `make compare` first")
-    with open(path) as fh:
-        compare = json.load(fh)
-    return {"compare": compare, "source": path}
+    roots = os.environ.get("MTFM_COMPARE_DIR", "runs/ml1m_swr").split(os.pathsep)
+    parts = []
+    for root in roots:
+        path = os.path.join(root, "compare.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no comparison to report; run `make compare` first")
+        with open(path) as fh:
+            parts.append((path, json.load(fh)))
+    return {"compare": merge_parts(parts), "source": os.pathsep.join(p for p, _ in parts)}
+
+
+def merge_parts(parts: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """One comparison from its parts' ``(path, compare.json)``, models in the parts' order; the
+    ``parts`` entry keeps each part's models, training time and machine.
+
+    Raises:
+        ValueError: naming the part and the setting it disagrees on, or the model it repeats.
+    """
+    first_path, first = parts[0]
+    merged: Dict[str, Any] = {k: first[k] for k in MUST_AGREE}
+    merged.update(models=[], jobs=[], summary={}, parts=[])
+    for path, part in parts:
+        for key in MUST_AGREE:
+            if part[key] != first[key]:
+                raise ValueError(
+                    f"{path}: {key}={part[key]!r} differs from {first_path}'s {first[key]!r}; "
+                    "parts of one comparison need the same config, seeds and overrides"
+                )
+        repeated = [m for m in part["models"] if m in merged["models"]]
+        if repeated:
+            raise ValueError(f"{path}: models {repeated} are already in an earlier part")
+        merged["models"] += part["models"]
+        merged["jobs"] += part.get("jobs", [])
+        merged["summary"].update(part["summary"])
+        merged["parts"].append(
+            {
+                "source": path,
+                "models": part["models"],
+                "fit_seconds": part.get("fit_seconds"),
+                "machine": part.get("machine"),
+            }
+        )
+    return merged
 
 
 def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
@@ -60,12 +102,16 @@ def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
 def render(result: Dict[str, Any]) -> str:
     compare = result["compare"]
     models = compare["models"]
-    lines = [
-        f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
-        f"{','.join(models)} --seeds {','.join(map(str, compare['seeds']))} "
-        + " ".join(compare["overrides"])
-        + "`",
-        "",
+    lines: List[str] = []
+    for part in compare["parts"]:  # one command per part, each as it was run
+        lines += [
+            f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
+            f"{','.join(part['models'])} --seeds {','.join(map(str, compare['seeds']))} "
+            + " ".join(compare["overrides"])
+            + "`",
+            "",
+        ]
+    lines += [
         f"Test AUC on the benchmark's task (`{TASK}`, rating > 3), mean ± std over seeds "
         f"{compare['seeds']}, each job's model chosen on validation; Total pools the three "
         "domains' test rows. Goal of issue 13: MTFM Total >= "
@@ -89,7 +135,15 @@ def render(result: Dict[str, Any]) -> str:
         s = compare["summary"][model]
         row = [f"{_cell(s, k, 'auc')} / {_cell(s, k, 'gauc')}" for k in keys]
         lines.append(f"| {model} | " + " | ".join(row) + " |")
-    if "fit_seconds" in compare:
-        minutes = compare["fit_seconds"] / 60
-        lines += ["", f"Training time of all its jobs on this machine: {minutes:.0f} min."]
+    lines += ["", "Training time of the jobs (each part on the machine it ran on):", ""]
+    lines += [f"- {_part_time(part)}" for part in compare["parts"]]
     return "\n".join(lines)
+
+
+def _part_time(part: Dict[str, Any]) -> str:
+    models = ", ".join(part["models"])
+    if part.get("fit_seconds") is None:
+        return f"{models}: not recorded"
+    m = part.get("machine") or {}
+    where = f"{m['cpu']} ({m['cores']} cores), {m['date']}" if m else "machine not recorded"
+    return f"{models}: {part['fit_seconds'] / 60:.0f} min on {where}"

@@ -102,7 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, JobFailedError) as exc:
         print(f"[experiments] error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 2
+    from mtfm_rec.bench import machine
+
+    # The machine goes with the results: comparisons run in parts on different machines are
+    # reported together (mtfm_rec.bench.baselines), each part's wall times on its own machine.
     meta = {"config": args.config, "seeds": _ints(args.seeds), "overrides": args.overrides}
+    meta["machine"] = machine()
     written = _report(args, jobs, root, {**meta, "wall_seconds": time.perf_counter() - start})
     print(f"[experiments] wrote {root}/{{{written}}}", flush=True)
     return 0

@@ -4,6 +4,7 @@ Table 7, and refuses to report one that was not run."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -46,4 +47,47 @@ def test_report_puts_our_rows_beside_the_published_ones(tmp_path, monkeypatch) -
 def test_no_comparison_no_report(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MTFM_COMPARE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="run `make compare` first"):
+        baselines.run(quick=False)
+
+
+def _part(tmp_path, name: str, models: list, overrides: list, cpu: str) -> str:
+    keys = {f"d{i}/click": _cell(0.80) for i in range(3)} | {"all/click": _cell(0.81)}
+    part = {
+        "config": "c.yaml",
+        "models": models,
+        "seeds": [0],
+        "overrides": overrides,
+        "fit_seconds": 600.0,
+        "machine": {"cpu": cpu, "cores": 2, "date": "2026-12-02"},
+        "summary": {m: keys for m in models},
+    }
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "compare.json").write_text(json.dumps(part))
+    return str(tmp_path / name)
+
+
+def test_parts_of_one_comparison_are_reported_together(tmp_path, monkeypatch) -> None:
+    one = _part(tmp_path, "one", ["mtfm", "star"], ["a=1"], "Xeon")
+    two = _part(tmp_path, "two", ["mtgr"], ["a=1"], "EPYC")
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, two]))
+    text = baselines.render(baselines.run(quick=False))
+    ours = [line.split(" | ")[0] for line in text.splitlines() if "(ours)" in line]
+    assert ours == ["| mtfm (ours)", "| star (ours)", "| mtgr (ours)"]
+    assert "--models mtfm,star --seeds 0 a=1`" in text and "--models mtgr --seeds 0 a=1`" in text
+    assert "- mtfm, star: 10 min on Xeon (2 cores), 2026-12-02" in text
+    assert "- mtgr: 10 min on EPYC (2 cores), 2026-12-02" in text
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        ({"models": ["mtgr"], "overrides": ["a=2"]}, "overrides=.*differs from"),
+        ({"models": ["star"], "overrides": ["a=1"]}, r"models \['star'\] are already in an earlier part"),
+    ],
+)
+def test_parts_that_are_not_one_comparison_are_refused(tmp_path, monkeypatch, second, message) -> None:
+    one = _part(tmp_path, "one", ["mtfm", "star"], ["a=1"], "Xeon")
+    two = _part(tmp_path, "two", second["models"], second["overrides"], "EPYC")
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, two]))
+    with pytest.raises(ValueError, match=message):
         baselines.run(quick=False)

@@ -124,6 +124,7 @@ def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) ->
     root = tmp_path / "smoke"
     report = json.loads((root / "compare.json").read_text())
     assert set(report["summary"]) == {"mtfm", "mmoe"}
+    assert report["machine"]["cores"] == os.cpu_count()  # the times are of this machine
     scenario_keys = ["feed/click", "feed/order", "search/click", "coupon/click", "coupon/order"]
     assert list(report["summary"]["mmoe"]) == [*scenario_keys, "all/click", "all/order"]
     assert "Pooled over scenarios" in (root / "compare.md").read_text()
