@@ -5,10 +5,13 @@ The comparison itself is long (every model trained to early stopping, several se
 not run by ``make bench``: ``make compare`` runs it (``python -m mtfm_rec.experiments compare``,
 docs/EXPERIMENTS.md) and then ``python -m mtfm_rec.bench --only baselines``, which reads its
 ``compare.json`` (``MTFM_COMPARE_DIR``, default ``runs/ml1m_swr``) into ``docs/bench/baselines.json``
-and renders the section. A comparison run in parts (some models now, the rest later or on
-another machine) is reported as one: ``MTFM_COMPARE_DIR`` lists the parts' directories separated
-by ``os.pathsep``; they must agree on config, seeds and overrides (the same budget and data) and
-share no model, and each part's training time is given on its own machine.
+and renders the section, with the floor of the same data beside it
+(:mod:`mtfm_rec.bench.id_regression`: a logistic regression on the exposures' ids).
+
+A comparison run in parts (some models now, the rest later or on another machine) is reported
+as one: ``MTFM_COMPARE_DIR`` lists the parts' directories separated by ``os.pathsep``; they must
+agree on config, seeds and overrides (the same budget and data) and share no model, and each
+part's training time is given on its own machine.
 """
 
 from __future__ import annotations
@@ -53,7 +56,27 @@ def run(quick: bool) -> Dict[str, Any]:
             raise FileNotFoundError(f"{path}: no comparison to report; run `make compare` first")
         with open(path) as fh:
             parts.append((path, json.load(fh)))
-    return {"compare": merge_parts(parts), "source": os.pathsep.join(p for p, _ in parts)}
+    compare = merge_parts(parts)
+    return {
+        "compare": compare,
+        "source": os.pathsep.join(p for p, _ in parts),
+        "id_regression": _floor(compare),
+    }
+
+
+def _floor(compare: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
+    """The id regression's test metrics on the comparison's own data (the table's floor).
+
+    Raises:
+        FileNotFoundError: the comparison's ``data.raw`` is not on this machine.
+    """
+    from mtfm_rec.bench.id_regression import id_regression_metrics
+    from mtfm_rec.config import load_config
+
+    raw = load_config(compare["config"], compare["overrides"]).data.raw
+    if not os.path.exists(os.path.join(raw, "dataset.yaml")):
+        raise FileNotFoundError(f"{raw}: the comparison's data.raw is not here; build it (make data)")
+    return id_regression_metrics(raw)["test"]
 
 
 def merge_parts(parts: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
@@ -125,6 +148,11 @@ def render(result: Dict[str, Any]) -> str:
         cells = [_cell(s, f"all/{TASK}", "auc")] + [_cell(s, f"{d}/{TASK}", "auc") for d in DOMAINS]
         logloss = _cell(s, f"all/{TASK}", "logloss")
         lines.append(f"| {model} (ours) | " + " | ".join(cells) + f" | {logloss} |")
+    floor = result.get("id_regression")
+    if floor:  # one bias per id: what a model must beat (mtfm_rec.bench.id_regression)
+        cells = [floor[f"all/{TASK}"]["auc"]] + [floor[f"{d}/{TASK}"]["auc"] for d in DOMAINS]
+        cells.append(floor[f"all/{TASK}"]["logloss"])
+        lines.append("| logistic regression on ids (ours) | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
     for name, numbers in PUBLISHED.items():
         lines.append(f"| {name} (published) | " + " | ".join(f"{v:.4f}" for v in numbers) + " |")
     lines += ["", "Every scenario x task (AUC / GAUC):", ""]

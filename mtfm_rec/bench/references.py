@@ -205,7 +205,7 @@ def _sort_keys(
     return group * span + (ts - t0), q_group * span + (q_ts - t0)
 
 
-def _design(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np.ndarray, int]:
+def design_matrix(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np.ndarray, int]:
     """(one-hot column index [n, c] int64, dense values [n, d] float64, column count) of the
     exposure's own features: each categorical column gets its own id range, nulls one more id."""
     index, offset = [], 0
@@ -223,7 +223,7 @@ def _design(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np
 def fit_logistic(
     onehot: np.ndarray, dense: np.ndarray, num_ids: int, labels: np.ndarray, split: np.ndarray
 ) -> np.ndarray:
-    """Test-split probabilities of an L2 logistic regression trained on split 0.
+    """Probabilities ``[n]`` of every row under an L2 logistic regression trained on split 0.
 
     Args:
         onehot: [n, c] column ids into one weight vector of ``num_ids`` entries.
@@ -246,7 +246,7 @@ def fit_logistic(
         p = np.clip(1.0 / (1.0 + np.exp(-logits[valid])), 1e-7, 1 - 1e-7)
         loss = float(-np.mean(labels[valid] * np.log(p) + (1 - labels[valid]) * np.log(1 - p)))
         if loss < best[0]:
-            best = (loss, 1.0 / (1.0 + np.exp(-logits[split == 2])))
+            best = (loss, 1.0 / (1.0 + np.exp(-logits)))
     return best[1]
 
 
@@ -352,7 +352,7 @@ def _scenario_scores(
     category = truth["category"].to_numpy().astype(np.int64)
     window_start = ts - np.mod(ts, WINDOW_SECONDS)
     test = split == 2
-    onehot, dense, num_ids = _design(exposures, scenario)
+    onehot, dense, num_ids = design_matrix(exposures, scenario)
     hit = history.realtime_hit(user, ts, window_start, category)
     inputs = {
         "lr_features": dense,
@@ -380,7 +380,8 @@ def _scenario_scores(
             out.setdefault("bayes", {})[task] = truth[f"p_{task}"].to_numpy()[test]
         for name in names:
             if name in inputs:
-                out.setdefault(name, {})[task] = fit_logistic(onehot, inputs[name], num_ids, labels, split)
+                scores = fit_logistic(onehot, inputs[name], num_ids, labels, split)
+                out.setdefault(name, {})[task] = scores[test]
     return out
 
 

@@ -22,6 +22,15 @@ def _cell(auc: float) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def floor(monkeypatch) -> dict:
+    """The id regression's numbers (tests/bench/test_id_regression.py tests them) for a
+    comparison whose data is not on disk."""
+    metrics = {k: {"auc": 0.79, "logloss": 0.54} for k in ("all/click", "d0/click", "d1/click", "d2/click")}
+    monkeypatch.setattr(baselines, "_floor", lambda compare: metrics)
+    return metrics
+
+
 def test_report_puts_our_rows_beside_the_published_ones(tmp_path, monkeypatch) -> None:
     keys = {f"d{i}/click": _cell(0.80 + i / 100) for i in range(3)} | {"all/click": _cell(0.8123)}
     compare = {
@@ -42,6 +51,14 @@ def test_report_puts_our_rows_beside_the_published_ones(tmp_path, monkeypatch) -
         "0.8200 ± 0.0010",
     ]
     assert "| M2M (published) | 0.8115 | 0.8111 | 0.8163 | 0.8057 | 0.5213 |" in text
+    assert "| logistic regression on ids (ours) | 0.7900 | 0.7900 | 0.7900 | 0.7900 | 0.5400 |" in text
+
+
+def test_the_floor_needs_the_comparisons_data(tmp_path, monkeypatch) -> None:
+    monkeypatch.undo()  # the real _floor
+    compare = {"config": "configs/ml1m_swr.yaml", "overrides": [f"data.raw={tmp_path}/absent"]}
+    with pytest.raises(FileNotFoundError, match=r"absent: the comparison's data.raw is not here"):
+        baselines._floor(compare)
 
 
 def test_no_comparison_no_report(tmp_path, monkeypatch) -> None:
@@ -71,8 +88,13 @@ def test_parts_of_one_comparison_are_reported_together(tmp_path, monkeypatch) ->
     two = _part(tmp_path, "two", ["mtgr"], ["a=1"], "EPYC")
     monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, two]))
     text = baselines.render(baselines.run(quick=False))
-    ours = [line.split(" | ")[0] for line in text.splitlines() if "(ours)" in line]
-    assert ours == ["| mtfm (ours)", "| star (ours)", "| mtgr (ours)"]
+    models = [line.split(" | ")[0] for line in text.splitlines() if "(ours)" in line]
+    assert models == [
+        "| mtfm (ours)",
+        "| star (ours)",
+        "| mtgr (ours)",
+        "| logistic regression on ids (ours)",
+    ]
     assert "--models mtfm,star --seeds 0 a=1`" in text and "--models mtgr --seeds 0 a=1`" in text
     assert "- mtfm, star: 10 min on Xeon (2 cores), 2026-12-02" in text
     assert "- mtgr: 10 min on EPYC (2 cores), 2026-12-02" in text
