@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from mtfm_rec.bench import references
 from mtfm_rec.bench.id_regression import id_regression_metrics
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.data.synthetic import generate
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/bench/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from __future__ import annotations
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from mtfm_rec.bench import references
 from mtfm_rec.bench.references import REFERENCES, WINDOW_SECONDS, HistoryFeatures, fit_logistic
@@ -26,13 +25,7 @@ HISTORY = dict(num_users=40, num_days=3, history_days=10, orders_per_day=6.0, nu
 Action = Tuple[int, int, int]  # (ts, item_id, category)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """L-BFGS on small tensors is ~9x faster on one thread than on two busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/bench/conftest.py
 
 
 def _read_folder(folder: Path) -> pa.Table:
