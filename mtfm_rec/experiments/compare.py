@@ -167,7 +167,8 @@ def summarize(
 
 def markdown_table(summary: Summary, keys: Sequence[str], metrics: Sequence[str] = METRICS) -> str:
     """Rows = models, columns = ``metrics`` per key ("<scenario>/<task>"); the best of each
-    column in bold, the second underlined (lower is better for logloss)."""
+    column in bold, the second underlined (lower is better for logloss); ``mean ± std``, the
+    mean alone where one seed ran."""
     models = list(summary)
     head = "| model | " + " | ".join(f"{k} {m.upper()}" for k in keys for m in metrics) + " |"
     lines = [head, "|---" * (1 + len(keys) * len(metrics)) + "|"]
@@ -182,7 +183,9 @@ def markdown_table(summary: Summary, keys: Sequence[str], metrics: Sequence[str]
         for k in keys:
             for m in metrics:
                 c = summary[model][k]
-                text = f"{c[f'{m}_mean']:.4f} ± {c[f'{m}_std']:.4f}"
+                text = f"{c[f'{m}_mean']:.4f}"
+                if c["seeds"] > 1:  # one seed has no spread: a "± 0" would claim one
+                    text += f" ± {c[f'{m}_std']:.4f}"
                 place = ranks[(k, m)].index(model)
                 cells.append(f"**{text}**" if place == 0 else f"<u>{text}</u>" if place == 1 else text)
         lines.append(f"| {model} | " + " | ".join(cells) + " |")

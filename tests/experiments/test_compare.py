@@ -67,8 +67,11 @@ def test_table_marks_best_bold_and_second_underlined() -> None:
     rows = {(m, "0"): {"s/t": _m(auc, 0.5)} for m, auc in (("x", 0.71), ("y", 0.73), ("z", 0.72))}
     table = compare.markdown_table(compare.summarize(rows, ["s/t"]), ["s/t"])
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert "**0.7300 ± 0.0000**" in lines["y"] and "<u>0.7200 ± 0.0000</u>" in lines["z"]
+    assert "**0.7300**" in lines["y"] and "<u>0.7200</u>" in lines["z"]  # one seed: no ±
     assert "**" not in lines["x"].split("|")[2] and "<u>" not in lines["x"].split("|")[2]
+    two = {**rows, ("y", "1"): {"s/t": _m(0.75, 0.5)}}
+    table = compare.markdown_table(compare.summarize(two, ["s/t"]), ["s/t"])
+    assert f"**0.7400 ± {math.sqrt(2 * 0.01**2):.4f}**" in table
 
 
 def test_pooled_metrics_are_computed_over_every_scenarios_rows(tmp_path) -> None:
