@@ -163,7 +163,12 @@ def render(result: Dict[str, Any]) -> str:
         s = compare["summary"][model]
         row = [f"{_cell(s, k, 'auc')} / {_cell(s, k, 'gauc')}" for k in keys]
         lines.append(f"| {model} | " + " | ".join(row) + " |")
-    lines += ["", "Training time of the jobs (each part on the machine it ran on):", ""]
+    lines += [
+        "",
+        "Training time of the jobs, each part on the machine it ran on (the line under the heading",
+        "names the machine that rendered this report and fitted the floor row):",
+        "",
+    ]
     lines += [f"- {_part_time(part)}" for part in compare["parts"]]
     return "\n".join(lines)
 
