@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -45,7 +45,7 @@ def id_regression_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
     eval_after = schema.extra.get("recommended_eval_after")
     valid_after = schema.extra.get("recommended_valid_after")
     out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in EVALUATED}
-    pooled: Dict[str, List[tuple]] = {}
+    pooled: Dict[Tuple[str, str], List[Tuple[np.ndarray, ...]]] = {}  # (split, task) -> rows
     for scenario in schema.scenarios:
         exposures = read_parquet_folder(root, f"exposures/{scenario.name}")
         ts = exposures["ts"].to_numpy()
@@ -70,9 +70,8 @@ def id_regression_metrics(root: str) -> Dict[str, Dict[str, Dict[str, float]]]:
                 rows = split == code
                 key = f"{scenario.name}/{task}"
                 out[name][key] = compute_key_metrics(scores[rows], labels[rows], user[rows], key=key)
-                pooled.setdefault(f"{name}:{task}", []).append((scores[rows], labels[rows], user[rows]))
-    for name_task, parts in pooled.items():
-        name, task = name_task.split(":")
+                pooled.setdefault((name, task), []).append((scores[rows], labels[rows], user[rows]))
+    for (name, task), parts in pooled.items():
         score, label, user = (np.concatenate(p) for p in zip(*parts))
         key = f"{POOLED}/{task}"
         out[name][key] = compute_key_metrics(score, label, user, key=key)
