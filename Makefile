@@ -66,8 +66,10 @@ bench: install
 # stopping on validation (docs/EXPERIMENTS.md, results in docs/BENCHMARKS.md "Baselines").
 COMPARE_MODELS ?= mtfm,mmoe,star,pepnet,dcnv2,mtgr,onetrans,rankmixer
 COMPARE_SEEDS ?= 0,1,2
+COMMA := ,
 compare: data
 	$(PY) -m mtfm_rec.experiments compare --config configs/ml1m_swr.yaml --models $(COMPARE_MODELS) \
+		$(if $(filter mtfm,$(subst $(COMMA), ,$(COMPARE_MODELS))),--model-config mtfm=configs/ml1m_swr_mtfm.yaml) \
 		--seeds $(COMPARE_SEEDS) --name ml1m_swr data.raw=$(ML1M_SWR) data.loader.batch_size=256 \
 		train.max_minutes=0 train.max_steps=5000 train.eval_every=250 train.early_stopping_patience=4 \
 		train.checkpoint_every=250 train.progress_bar=false train.tensorboard=false

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Dict, List, Literal, Mapping, Sequence, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -103,6 +103,23 @@ def from_dict(cls: Type[T], raw: Mapping[str, Any], where: str = "config") -> T:
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def config_diff(then: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """The dotted keys whose values differ between two nested config dicts (a key missing on one
+    side reads None there): ``{"model.d_model": (32, 64)}``."""
+    a, b = _flatten(then), _flatten(now)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:  # lists and scalars are leaves
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:

@@ -11,14 +11,19 @@ and renders the section, with the floor of the same data beside it
 A comparison run in parts (some models now, the rest later or on another machine) is reported
 as one: ``MTFM_COMPARE_DIR`` lists the parts' directories separated by ``os.pathsep``; they must
 agree on config, seeds and overrides (the same budget and data) and share no model, and each
-part's training time is given on its own machine.
+part's training time is given on its own machine. An entry may also be a ``.json`` file holding an
+earlier report (``docs/bench/baselines.json``) or a ``compare.json``: a new part joins the table
+already published without the earlier parts' run directories, which keep their own commands and
+machines. A model that a later part re-runs (its own tuned config, say) replaces the earlier
+part's row only when ``MTFM_COMPARE_RERUN`` names it (comma-separated); otherwise a repeated model is
+refused as a mistake.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 # Scenario-Wise Rec (KDD 2024), Table 7: test AUC on ML-1M (label rating > 3), total and per
 # age domain, and total logloss; models chosen on validation.
@@ -49,19 +54,25 @@ def run(quick: bool) -> Dict[str, Any]:
         ValueError: parts that disagree on config, seeds or overrides, or share a model.
     """
     roots = os.environ.get("MTFM_COMPARE_DIR", "runs/ml1m_swr").split(os.pathsep)
-    parts = []
-    for root in roots:
-        path = os.path.join(root, "compare.json")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no comparison to report; run `make compare` first")
-        with open(path) as fh:
-            parts.append((path, json.load(fh)))
-    compare = merge_parts(parts)
+    rerun = [m for m in os.environ.get("MTFM_COMPARE_RERUN", "").split(",") if m]
+    parts = [_read_part(root) for root in roots]
+    compare = merge_parts(parts, rerun)
     return {
         "compare": compare,
         "source": os.pathsep.join(p for p, _ in parts),
         "id_regression": _floor(compare),
     }
+
+
+def _read_part(root: str) -> Tuple[str, Dict[str, Any]]:
+    """One part: a run directory's ``compare.json``, or a ``.json`` file that is one or holds an
+    earlier report's ``compare``."""
+    path = root if root.endswith(".json") else os.path.join(root, "compare.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no comparison to report; run `make compare` first")
+    with open(path) as fh:
+        part = json.load(fh)
+    return path, part.get("compare", part)
 
 
 def _floor(compare: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
@@ -79,16 +90,18 @@ def _floor(compare: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     return id_regression_metrics(raw)["test"]
 
 
-def merge_parts(parts: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = ()) -> Dict[str, Any]:
     """One comparison from its parts' ``(path, compare.json)``, models in the parts' order; the
-    ``parts`` entry keeps each part's models, training time and machine.
+    ``parts`` entry keeps each part's models, own configs, training time and machine (an earlier
+    merge's own parts are kept as they were). A model of ``rerun`` found again in a later part
+    takes that part's row; its earlier part keeps its other models and their time.
 
     Raises:
         ValueError: naming the part and the setting it disagrees on, or the model it repeats.
     """
     first_path, first = parts[0]
     merged: Dict[str, Any] = {k: first[k] for k in MUST_AGREE}
-    merged.update(models=[], jobs=[], summary={}, parts=[])
+    merged.update(models=[], jobs=[], summary={}, model_configs={}, parts=[])
     for path, part in parts:
         for key in MUST_AGREE:
             if part[key] != first[key]:
@@ -97,20 +110,45 @@ def merge_parts(parts: List[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
                     "parts of one comparison need the same config, seeds and overrides"
                 )
         repeated = [m for m in part["models"] if m in merged["models"]]
-        if repeated:
-            raise ValueError(f"{path}: models {repeated} are already in an earlier part")
+        refused = [m for m in repeated if m not in rerun]
+        if refused:
+            raise ValueError(
+                f"{path}: models {refused} are already in an earlier part "
+                "(MTFM_COMPARE_RERUN=<models> lets this part's rows replace them)"
+            )
+        for model in repeated:
+            _drop(merged, model)
+        own = part.get("model_configs") or {}
         merged["models"] += part["models"]
         merged["jobs"] += part.get("jobs", [])
         merged["summary"].update(part["summary"])
-        merged["parts"].append(
+        merged["model_configs"].update(own)
+        merged["parts"] += part.get("parts") or [
             {
                 "source": path,
                 "models": part["models"],
+                "model_configs": own,
                 "fit_seconds": part.get("fit_seconds"),
                 "machine": part.get("machine"),
             }
-        )
+        ]
     return merged
+
+
+def _drop(merged: Dict[str, Any], model: str) -> None:
+    """Removes ``model``'s row, jobs and training time from a merge (a later part re-ran it)."""
+    seconds = sum(j.get("fit_seconds", 0.0) for j in merged["jobs"] if j.get("model") == model)
+    merged["models"].remove(model)
+    merged["jobs"] = [j for j in merged["jobs"] if j.get("model") != model]
+    merged["summary"].pop(model)
+    merged["model_configs"].pop(model, None)
+    for part in merged["parts"]:
+        if model in part["models"]:
+            part["models"] = [m for m in part["models"] if m != model]
+            (part.get("model_configs") or {}).pop(model, None)
+            if part.get("fit_seconds") is not None:
+                part["fit_seconds"] -= seconds
+    merged["parts"] = [p for p in merged["parts"] if p["models"]]
 
 
 def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
@@ -124,12 +162,13 @@ def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
 
 def render(result: Dict[str, Any]) -> str:
     compare = result["compare"]
-    models = compare["models"]
+    models = sorted(compare["models"], key=lambda m: m != "mtfm")  # ours first, then the parts' order
     lines: List[str] = []
     for part in compare["parts"]:  # one command per part, each as it was run
         lines += [
             f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
             f"{','.join(part['models'])} --seeds {','.join(map(str, compare['seeds']))} "
+            + "".join(f"--model-config {m}={c} " for m, c in (part.get("model_configs") or {}).items())
             + " ".join(compare["overrides"])
             + "`",
             "",
@@ -147,7 +186,9 @@ def render(result: Dict[str, Any]) -> str:
         s = compare["summary"][model]
         cells = [_cell(s, f"all/{TASK}", "auc")] + [_cell(s, f"{d}/{TASK}", "auc") for d in DOMAINS]
         logloss = _cell(s, f"all/{TASK}", "logloss")
-        lines.append(f"| {model} (ours) | " + " | ".join(cells) + f" | {logloss} |")
+        own = compare.get("model_configs", {}).get(model)  # its tuned model section, if any
+        label = f"{model} (ours, {os.path.basename(own)})" if own else f"{model} (ours)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {logloss} |")
     floor = result.get("id_regression")
     if floor:  # one bias per id: what a model must beat (mtfm_rec.bench.id_regression)
         cells = [floor[f"all/{TASK}"]["auc"]] + [floor[f"{d}/{TASK}"]["auc"] for d in DOMAINS]

@@ -136,6 +136,10 @@ def check_split_boundaries(eval_after: Optional[int], valid_after: Optional[int]
         )
 
 
+# The ``data`` keys that a run fills from the dataset when they are left unset (None).
+RECOMMENDED_SPLIT_KEYS = ("eval_after", "valid_after")
+
+
 def fill_recommended_splits(data: "DataConfig", extra: typing.Mapping[str, typing.Any]) -> List[str]:
     """Sets ``data.eval_after`` / ``data.valid_after`` left unset to the dataset's
     ``recommended_<key>`` (``extra``: the aggregated dataset.yaml's extra keys), in place.
@@ -144,7 +148,7 @@ def fill_recommended_splits(data: "DataConfig", extra: typing.Mapping[str, typin
         The keys filled, for messages (see ``mtfm_rec.training.run_checks.filled_note``).
     """
     filled: List[str] = []
-    for key in ("eval_after", "valid_after"):
+    for key in RECOMMENDED_SPLIT_KEYS:
         if getattr(data, key) is None and extra.get(f"recommended_{key}") is not None:
             setattr(data, key, int(extra[f"recommended_{key}"]))
             filled.append(key)

@@ -31,6 +31,13 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     sub = parser.add_subparsers(dest="command", required=True)
     compare = sub.add_parser("compare", help="models x seeds, the paper's Table 2 (docs/EXPERIMENTS.md)")
     compare.add_argument("--models", required=True, help="comma-separated model.name values")
+    compare.add_argument(
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="MODEL=PATH",
+        help="a model's own config (its model section; same data and train as --config), repeatable",
+    )
     _common(compare)
     sweep = sub.add_parser("hta-sweep", help="(K:P) x B stacks: quality against cost, the paper's Table 3")
     sweep.add_argument(
@@ -58,12 +65,26 @@ def _names(text: str) -> List[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _model_configs(items: Sequence[str]) -> Dict[str, str]:
+    """``["mtfm=configs/x.yaml"]`` -> ``{"mtfm": "configs/x.yaml"}``."""
+    from mtfm_rec.config import ConfigError
+
+    out: Dict[str, str] = {}
+    for item in items:
+        model, _, path = item.partition("=")
+        if not model or not path or model in out:
+            raise ConfigError(f"--model-config {item!r}: expected MODEL=PATH, once per model")
+        out[model] = path
+    return out
+
+
 def _plan(args: argparse.Namespace) -> List[Any]:
     from mtfm_rec.experiments import compare, hta_sweep, scaling
 
     seeds = _ints(args.seeds)
     if args.command == "compare":
-        return compare.plan(args.config, _names(args.models), seeds, args.overrides)
+        models = _names(args.models)
+        return compare.plan(args.config, models, seeds, args.overrides, _model_configs(args.model_config))
     if args.command == "hta-sweep":
         return hta_sweep.plan(args.config, _names(args.stacks), seeds, args.overrides)
     return scaling.plan(args.config, _names(args.sizes), seeds, args.overrides, args.baseline)
@@ -74,7 +95,8 @@ def _report(args: argparse.Namespace, jobs: List[Any], root: str, meta: Dict[str
 
     keys = compare.metric_keys(args.config, args.overrides)
     if args.command == "compare":
-        compare.report(jobs, root, keys, {**meta, "models": _names(args.models)})
+        configs = _model_configs(args.model_config)
+        compare.report(jobs, root, keys, {**meta, "models": _names(args.models), "model_configs": configs})
         return "compare.json, compare.md, compare.png"
     if args.command == "hta-sweep":
         hta_sweep.report(jobs, root, keys, {**meta, "stacks": _names(args.stacks)})

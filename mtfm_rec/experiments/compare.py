@@ -8,6 +8,11 @@ budget (``train.max_steps`` / ``train.max_minutes``) and the data are the same; 
 numbers are of its best validation step (``train.eval_every`` must be set: the checkpoint is
 chosen on validation only).
 
+A model may have a config of its own (``--model-config mtfm=configs/ml1m_swr_mtfm.yaml``, usually
+``base:`` the experiment's config plus a ``model:`` section): the paper's baselines were each
+tuned, and one shared ``model:`` section suits some models more than others. Its ``data`` and
+``train`` sections must resolve to the experiment config's, so the data and budget stay the same.
+
 Writes ``<runs>/<name>/compare.json`` (every job and every number), ``compare.md`` (AUC and
 GAUC per scenario x task, mean +/- std over seeds; best in bold, second underlined) and
 ``compare.png``.
@@ -18,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mtfm_rec.config import Config, ConfigError, load_config
+from mtfm_rec.config import Config, ConfigError, load_config, to_dict
+from mtfm_rec.config_parsing import config_diff
 from mtfm_rec.experiments.jobs import Job
 from mtfm_rec.model.config import MODEL_NAMES, PER_SCENARIO_MODELS
 
@@ -32,29 +38,62 @@ POOLED = "all"  # "<POOLED>/<task>": every scenario's test exposures of the task
 Summary = Dict[str, Dict[str, Dict[str, float]]]  # model -> "<s>/<t>" -> {auc_mean, auc_std, ...}
 
 
-def plan(config: str, models: Sequence[str], seeds: Sequence[int], overrides: Sequence[str]) -> List[Job]:
-    """The jobs of a comparison (module docstring).
+def plan(
+    config: str,
+    models: Sequence[str],
+    seeds: Sequence[int],
+    overrides: Sequence[str],
+    model_configs: Optional[Mapping[str, str]] = None,
+) -> List[Job]:
+    """The jobs of a comparison (module docstring); ``model_configs``: model -> its own config.
 
     Raises:
-        ConfigError: an unknown model, no seed, or a config without validation passes.
+        ConfigError: an unknown model, no seed, a config without validation passes, or a model's
+            config whose data or training differs from the experiment's.
     """
-    unknown = [m for m in models if m not in MODEL_NAMES]
+    model_configs = dict(model_configs or {})
+    unknown = [m for m in [*models, *model_configs] if m not in MODEL_NAMES]
     if unknown or not models:
         raise ConfigError(f"--models: unknown {unknown or 'empty list'}; choose from {MODEL_NAMES}")
-    experiment_config(config, overrides, seeds)
+    stray = [m for m in model_configs if m not in models]
+    if stray:
+        raise ConfigError(f"--model-config for {stray}, which --models does not list")
+    base = experiment_config(config, overrides, seeds)
+    for model, path in model_configs.items():
+        same_data_and_budget(base, load_config(path, overrides), f"--model-config {model}={path}")
     scenarios = list(dict.fromkeys(k.split("/")[0] for k in metric_keys(config, overrides)))
     jobs: List[Job] = []
     for model in models:
+        model_config = model_configs.get(model, config)
         for seed in seeds:
             common = [*overrides, f"model.name={model}", f"train.seed={seed}", f"data.loader.seed={seed}"]
             if model in PER_SCENARIO_MODELS:
                 for s in scenarios:
                     labels = {"model": model, "seed": str(seed), "scenario": s}
                     one = [*common, f"data.scenarios=[{s}]"]
-                    jobs.append(Job(f"{model}/seed{seed}/{s}", config, one, labels))
+                    jobs.append(Job(f"{model}/seed{seed}/{s}", model_config, one, labels))
             else:
-                jobs.append(Job(f"{model}/seed{seed}", config, common, {"model": model, "seed": str(seed)}))
+                labels = {"model": model, "seed": str(seed)}
+                jobs.append(Job(f"{model}/seed{seed}", model_config, common, labels))
     return jobs
+
+
+def same_data_and_budget(base: Config, other: Config, where: str) -> None:
+    """Refuses a model's own config that trains on other data or with another budget.
+
+    Raises:
+        ConfigError: naming ``where`` and each differing ``data.*`` / ``train.*`` key.
+    """
+    changed = config_diff(
+        {"data": to_dict(base.data), "train": to_dict(base.train)},
+        {"data": to_dict(other.data), "train": to_dict(other.train)},
+    )
+    if changed:
+        diff = "; ".join(f"{k}: {b!r}, not {a!r}" for k, (a, b) in changed.items())
+        raise ConfigError(
+            f"{where}: a model's own config may change its model section only, so every model "
+            f"sees the same data and budget ({diff})"
+        )
 
 
 def experiment_config(config: str, overrides: Sequence[str], seeds: Sequence[int]) -> Config:

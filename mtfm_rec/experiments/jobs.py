@@ -4,6 +4,12 @@ A job is finished when its run directory holds ``metrics.json`` (written last by
 ``mtfm_rec.train``, atomically). An unfinished job is (re-)started with the same command; the
 trainer's ``train.resume=auto`` continues it from its newest checkpoint, so a killed
 experiment neither repeats finished work nor loses a job's progress beyond its last checkpoint.
+
+Reusing a job's directory is only right while the job is the same: before a job is reused
+(finished) or resumed, the config its directory was run with (``config.yaml``, written by
+``mtfm_rec.train`` at its start) must equal what the job resolves to now, or the experiment stops
+with :class:`JobChangedError` naming the job and the settings that differ. So an edited YAML or
+override never reports another config's numbers under its name.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
+import yaml
+
+from mtfm_rec.config import ConfigError, load_config, to_dict
+from mtfm_rec.config_parsing import config_diff
+from mtfm_rec.data.config import RECOMMENDED_SPLIT_KEYS
 from mtfm_rec.training.metrics import MetricDict, read_metrics_json
 
 
@@ -53,9 +64,37 @@ class Job:
         name = "metrics.json" if split == "test" else f"{split}_metrics.json"
         return read_metrics_json(os.path.join(self.run_dir(root), name))
 
+    def check_unchanged(self, root: str) -> None:
+        """Refuses a run directory that was run with another config (module docstring).
+
+        Raises:
+            JobChangedError: naming the job, each differing dotted key (then and now) and the fix.
+        """
+        path = os.path.join(self.run_dir(root), "config.yaml")
+        if not os.path.exists(path):
+            return  # never started: nothing to reuse
+        with open(path) as fh:
+            then = yaml.safe_load(fh) or {}
+        run_dir = f"train.run_dir={self.run_dir(root)}"
+        changed = config_diff(then, to_dict(load_config(self.config, [*self.overrides, run_dir])))
+        changed.pop("train.run_dir", None)  # where the runs directory lies is not the job
+        for key in RECOMMENDED_SPLIT_KEYS:  # unset now: the run filled it from the dataset
+            if changed.get(f"data.{key}", (None, 0))[1] is None:
+                del changed[f"data.{key}"]
+        if changed:
+            diff = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+            raise JobChangedError(
+                f"job {self.name}: {path} was run with another config ({diff}); give the "
+                "experiment a new --name, or delete that directory to re-run the job"
+            )
+
 
 class JobFailedError(RuntimeError):
     """A job's training process exited with an error (its log is named in the message)."""
+
+
+class JobChangedError(ConfigError):
+    """A job's directory holds a run of another config than the job's (see the module doc)."""
 
 
 def run_jobs(
@@ -66,8 +105,11 @@ def run_jobs(
     Each job's output goes to ``<run_dir>/job.log``.
 
     Raises:
+        JobChangedError: a job's directory was run with another config; nothing is run.
         JobFailedError: a job failed; the jobs before it stay finished.
     """
+    for job in jobs:
+        job.check_unchanged(root)
     todo = [j for j in jobs if not j.finished(root)]
     print(f"[experiments] {root}: {len(jobs) - len(todo)} of {len(jobs)} jobs already finished", flush=True)
     for i, job in enumerate(todo, 1):

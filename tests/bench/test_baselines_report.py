@@ -75,6 +75,7 @@ def _part(tmp_path, name: str, models: list, overrides: list, cpu: str) -> str:
         "seeds": [0],
         "overrides": overrides,
         "fit_seconds": 600.0,
+        "jobs": [{"model": m, "fit_seconds": 600.0 / len(models)} for m in models],
         "machine": {"cpu": cpu, "cores": 2, "date": "2026-12-02"},
         "summary": {m: keys for m in models},
     }
@@ -113,3 +114,46 @@ def test_parts_that_are_not_one_comparison_are_refused(tmp_path, monkeypatch, se
     monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, two]))
     with pytest.raises(ValueError, match=message):
         baselines.run(quick=False)
+
+
+def test_a_new_part_joins_a_published_report(tmp_path, monkeypatch) -> None:
+    """An earlier report's JSON stands for its parts (their run directories are gone), which keep
+    their own commands and machines; the new part's are added after them."""
+    one = _part(tmp_path, "one", ["mtfm", "star"], ["a=1"], "Xeon")
+    two = _part(tmp_path, "two", ["mtgr"], ["a=1"], "EPYC")
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, two]))
+    published = tmp_path / "baselines.json"
+    published.write_text(json.dumps(baselines.run(quick=False)))
+    three = _part(tmp_path, "three", ["onetrans"], ["a=1"], "EPYC")
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([str(published), three]))
+    compare = baselines.run(quick=False)["compare"]
+    assert compare["models"] == ["mtfm", "star", "mtgr", "onetrans"]
+    assert [p["models"] for p in compare["parts"]] == [["mtfm", "star"], ["mtgr"], ["onetrans"]]
+    assert compare["parts"][0]["source"] == os.path.join(one, "compare.json")
+    again = _part(tmp_path, "again", ["mtgr"], ["a=1"], "EPYC")
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([str(published), again]))
+    with pytest.raises(ValueError, match=r"models \['mtgr'\] are already in an earlier part"):
+        baselines.run(quick=False)
+
+
+def test_a_model_rerun_with_its_own_config_replaces_its_row(tmp_path, monkeypatch) -> None:
+    """Only when asked: the re-run's row and command replace the earlier ones, and the earlier
+    part keeps its other models with their training time alone."""
+    one = _part(tmp_path, "one", ["mtfm", "star"], ["a=1"], "Xeon")
+    tuned = _part(tmp_path, "tuned", ["mtfm"], ["a=1"], "EPYC")
+    path = os.path.join(tuned, "compare.json")
+    part = json.load(open(path))
+    part["summary"]["mtfm"]["all/click"] = _cell(0.8321)
+    part["model_configs"] = {"mtfm": "configs/m_mtfm.yaml"}
+    json.dump(part, open(path, "w"))
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, tuned]))
+    with pytest.raises(ValueError, match="MTFM_COMPARE_RERUN=<models> lets this part's rows replace"):
+        baselines.run(quick=False)
+    monkeypatch.setenv("MTFM_COMPARE_RERUN", "mtfm")
+    result = baselines.run(quick=False)
+    assert result["compare"]["models"] == ["star", "mtfm"]
+    text = baselines.render(result)
+    assert "| mtfm (ours, m_mtfm.yaml) | 0.8321 ± 0.0010 |" in text
+    assert "--models star --seeds 0 a=1`" in text
+    assert "--models mtfm --seeds 0 --model-config mtfm=configs/m_mtfm.yaml a=1`" in text
+    assert "- star: 5 min on Xeon (2 cores)" in text and "- mtfm: 10 min on EPYC (2 cores)" in text

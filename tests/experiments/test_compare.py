@@ -48,6 +48,22 @@ def test_plan_refuses_what_it_cannot_compare_fairly(raw) -> None:
         compare.plan(CONFIG, ["mtfm"], [], [f"data.raw={raw}", "train.eval_every=10"])
 
 
+def test_a_model_config_may_change_the_model_only(raw, tmp_path) -> None:
+    """A model's own config (its tuned model section) runs that model's jobs; one that changes the
+    data or the budget is refused, naming the key, since the comparison would not be fair."""
+    overrides = [f"data.raw={raw}", "train.eval_every=10"]
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(f"base: {CONFIG}\nmodel:\n  d_model: 48\n")
+    jobs = compare.plan(CONFIG, ["mtfm", "star"], [0], overrides, {"mtfm": str(wide)})
+    assert [(j.name, j.config) for j in jobs] == [("mtfm/seed0", str(wide)), ("star/seed0", CONFIG)]
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(f"base: {CONFIG}\ntrain:\n  max_steps: 99999\n")
+    with pytest.raises(ConfigError, match=rf"--model-config mtfm={longer}: .*train.max_steps: 99999, not"):
+        compare.plan(CONFIG, ["mtfm"], [0], overrides, {"mtfm": str(longer)})
+    with pytest.raises(ConfigError, match=r"--model-config for \['star'\], which --models does not list"):
+        compare.plan(CONFIG, ["mtfm"], [0], overrides, {"star": str(wide)})
+
+
 def _m(auc: float, gauc: float, logloss: float = 0.5) -> dict:
     return {"auc": auc, "gauc": gauc, "logloss": logloss}
 
@@ -137,3 +153,8 @@ def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) ->
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "3 of 4 jobs already finished" in out and "[1/1] mmoe/seed0/search" in out, out
+    # The same name with another budget would report the old runs as the new config's: refused
+    # before anything runs, naming the job and the setting.
+    assert main([a if a != "train.max_steps=20" else "train.max_steps=30" for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "job mtfm/seed0:" in err and "train.max_steps: 20 then, 30 now" in err, err
