@@ -44,14 +44,15 @@ def test_report_puts_our_rows_beside_the_published_ones(tmp_path, monkeypatch) -
     monkeypatch.setenv("MTFM_COMPARE_DIR", str(tmp_path))
     text = baselines.render(baselines.run(quick=False))
     ours = next(line for line in text.splitlines() if line.startswith("| mtfm (ours)"))
-    assert ours.split(" | ")[1:5] == [
+    assert ours.split(" | ")[1:6] == [
+        "0",
         "0.8123 ± 0.0010",
         "0.8000 ± 0.0010",
         "0.8100 ± 0.0010",
         "0.8200 ± 0.0010",
     ]
-    assert "| M2M (published) | 0.8115 | 0.8111 | 0.8163 | 0.8057 | 0.5213 |" in text
-    assert "| logistic regression on ids (ours) | 0.7900 | 0.7900 | 0.7900 | 0.7900 | 0.5400 |" in text
+    assert "| M2M (published) | - | 0.8115 | 0.8111 | 0.8163 | 0.8057 | 0.5213 |" in text
+    assert "| logistic regression on ids (ours) | - | 0.7900 | 0.7900 | 0.7900 | 0.7900 | 0.5400 |" in text
 
 
 def test_the_floor_needs_the_comparisons_data(tmp_path, monkeypatch) -> None:
@@ -67,12 +68,12 @@ def test_no_comparison_no_report(tmp_path, monkeypatch) -> None:
         baselines.run(quick=False)
 
 
-def _part(tmp_path, name: str, models: list, overrides: list, cpu: str) -> str:
+def _part(tmp_path, name: str, models: list, overrides: list, cpu: str, seeds: tuple = (0,)) -> str:
     keys = {f"d{i}/click": _cell(0.80) for i in range(3)} | {"all/click": _cell(0.81)}
     part = {
         "config": "c.yaml",
         "models": models,
-        "seeds": [0],
+        "seeds": list(seeds),
         "overrides": overrides,
         "fit_seconds": 600.0,
         "jobs": [{"model": m, "fit_seconds": 600.0 / len(models)} for m in models],
@@ -153,7 +154,31 @@ def test_a_model_rerun_with_its_own_config_replaces_its_row(tmp_path, monkeypatc
     result = baselines.run(quick=False)
     assert result["compare"]["models"] == ["star", "mtfm"]
     text = baselines.render(result)
-    assert "| mtfm (ours, m_mtfm.yaml) | 0.8321 ± 0.0010 |" in text
+    assert "| mtfm (ours, m_mtfm.yaml) | 0 | 0.8321 ± 0.0010 |" in text
     assert "--models star --seeds 0 a=1`" in text
     assert "--models mtfm --seeds 0 --model-config mtfm=configs/m_mtfm.yaml a=1`" in text
     assert "- star: 5 min on Xeon (2 cores)" in text and "- mtfm: 10 min on EPYC (2 cores)" in text
+
+
+def test_a_part_with_more_seeds_says_so_in_its_rows_and_command(tmp_path, monkeypatch) -> None:
+    """The close models re-run over three seeds beside one-seed rows: each row names its seeds,
+    each part's command its own, and a report of the merge merges again the same way."""
+    one = _part(tmp_path, "one", ["mtfm", "star", "mmoe"], ["a=1"], "Xeon")
+    three = _part(tmp_path, "three", ["mtfm", "star"], ["a=1"], "EPYC", seeds=(0, 1, 2))
+    monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, three]))
+    monkeypatch.setenv("MTFM_COMPARE_RERUN", "mtfm,star")
+    result = baselines.run(quick=False)
+    assert result["compare"]["seeds"] == [0, 1, 2]
+    text = baselines.render(result)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in text.splitlines() if "(ours" in line}
+    assert rows == {
+        "mtfm (ours)": "0,1,2",
+        "star (ours)": "0,1,2",
+        "mmoe (ours)": "0",
+        "logistic regression on ids (ours)": "-",
+    }
+    assert "--models mmoe --seeds 0 a=1`" in text and "--models mtfm,star --seeds 0,1,2 a=1`" in text
+    published = tmp_path / "baselines.json"
+    published.write_text(json.dumps(result))
+    monkeypatch.setenv("MTFM_COMPARE_DIR", str(published))
+    assert baselines.render(baselines.run(quick=False)) == text
