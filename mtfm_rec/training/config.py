@@ -56,10 +56,13 @@ class TrainConfig:
     embedding_optimizer: EmbeddingOptimizer = "auto"
     embedding_lr: Optional[float] = None  # None: lr for adam/sgd, 0.01 for the adagrads
     # schedule of every lr (dense and embedding; mtfm_rec/training/schedule.py): linear warm-up
-    # over lr_warmup_steps, then none | cosine | linear decay to lr_min_ratio * lr at max_steps
+    # over lr_warmup_steps, then none | cosine | linear decay to lr_min_ratio * lr at max_steps |
+    # step: x lr_step_gamma every lr_step_every steps, never below lr_min_ratio (StepLR)
     lr_warmup_steps: int = 0
     lr_decay: LRDecay = "none"
     lr_min_ratio: float = 0.1
+    lr_step_every: int = 0  # steps between step decays (lr_decay: step needs >= 1)
+    lr_step_gamma: float = 0.85  # the factor of each step decay
     max_steps: int = 1000  # optimizer steps (global batches)
     max_minutes: float = 0.0  # wall-clock budget for fit() (0 = none); stops at a step boundary
     seed: int = 0
@@ -112,6 +115,11 @@ class TrainConfig:
             raise ValueError(
                 "lr_warmup_steps must be >= 0 and lr_min_ratio in [0, 1], "
                 f"got {self.lr_warmup_steps}, {self.lr_min_ratio}"
+            )
+        if self.lr_decay == "step" and not (self.lr_step_every >= 1 and 0.0 < self.lr_step_gamma <= 1.0):
+            raise ValueError(
+                "lr_decay=step needs lr_step_every >= 1 and lr_step_gamma in (0, 1], "
+                f"got {self.lr_step_every}, {self.lr_step_gamma}"
             )
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")

@@ -228,7 +228,13 @@ class Trainer:
         del init_state
         self.optimizer = make_optimizer(self.model, tcfg)
         self.schedule = LRSchedule(
-            self.optimizer, tcfg.max_steps, tcfg.lr_warmup_steps, tcfg.lr_decay, tcfg.lr_min_ratio
+            self.optimizer,
+            tcfg.max_steps,
+            tcfg.lr_warmup_steps,
+            tcfg.lr_decay,
+            tcfg.lr_min_ratio,
+            tcfg.lr_step_every,
+            tcfg.lr_step_gamma,
         )
         if tcfg.sharding.print_plan:
             log0(self.info, f"sharding plan ({self.info.world_size} rank(s), {self.info.backend}):")

@@ -74,6 +74,25 @@ def test_no_decay_without_warmup_is_always_one() -> None:
     assert lr_factor(10, 4, 4, "cosine", 0.0) == 1.0
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_step_decay_is_torch_step_lr_stepped_every_batch(warmup: int) -> None:
+    """After the warm-up, optimizer step s has StepLR's lr of batch s - warmup - 1."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    step_lr = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.85)
+    expected = []
+    for _ in range(20):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        step_lr.step()
+    steps = range(warmup + 1, warmup + 21)
+    ours = [lr_factor(s, 10, warmup, "step", 0.0, step_every=3, gamma=0.85) for s in steps]
+    assert ours == pytest.approx(expected)
+    # the floor holds it, and max_steps plays no part (a step decay has no end)
+    floor = [lr_factor(s, 10, warmup, "step", 0.5, step_every=3, gamma=0.85) for s in steps]
+    assert floor == pytest.approx([max(0.5, e) for e in expected]) and min(floor) == 0.5
+
+
 # ----------------------------------------------------------------------------- LRSchedule
 def _keyed_adam(lrs: List[float]) -> CombinedOptimizer:
     """A CombinedOptimizer of keyed Adams (the Trainer's optimizer type), one group each."""
@@ -120,13 +139,17 @@ def test_inactive_schedule_and_unknown_decay() -> None:
     opt = _keyed_adam([0.1])
     assert not LRSchedule(opt, 10, 0, "none", 0.1).active
     assert LRSchedule(opt, 10, 1, "none", 0.1).active
-    with pytest.raises(ValueError, match=r"'step' unknown; choose one of \('none', 'cosine', 'linear'\)"):
+    with pytest.raises(
+        ValueError, match=r"'exp' unknown; choose one of \('none', 'cosine', 'linear', 'step'\)"
+    ):
+        LRSchedule(opt, 10, 0, "exp", 0.1)
+    with pytest.raises(ValueError, match="step decay needs step_every >= 1, got 0"):
         LRSchedule(opt, 10, 0, "step", 0.1)
 
 
 def test_train_config_rejects_bad_schedule_settings() -> None:
     with pytest.raises(
-        ConfigError, match=r"lr_decay must be one of \('none', 'cosine', 'linear'\), got 'exp'"
+        ConfigError, match=r"lr_decay must be one of \('none', 'cosine', 'linear', 'step'\), got 'exp'"
     ):
         load_config(None, ["train.lr_decay=exp"])
     with pytest.raises(ConfigError, match=r"lr_warmup_steps must be >= 0 .* got -1, 0\.1"):
@@ -136,6 +159,11 @@ def test_train_config_rejects_bad_schedule_settings() -> None:
             load_config(None, [f"train.lr_min_ratio={ratio}"])
     for ratio in (0.0, 1.0):  # the ends are allowed
         assert TrainConfig(lr_min_ratio=ratio, lr_decay="cosine").lr_min_ratio == ratio
+    for bad in (["train.lr_step_every=0"], ["train.lr_step_every=4", "train.lr_step_gamma=1.5"]):
+        with pytest.raises(
+            ConfigError, match=r"lr_decay=step needs lr_step_every >= 1 and lr_step_gamma in \(0, 1\]"
+        ):
+            load_config(None, ["train.lr_decay=step", *bad])
     cfg = load_config(None, ["train.lr_warmup_steps=5", "train.lr_decay=linear", "train.lr_min_ratio=0.0"])
     assert (cfg.train.lr_warmup_steps, cfg.train.lr_decay, cfg.train.lr_min_ratio) == (5, "linear", 0.0)
 
