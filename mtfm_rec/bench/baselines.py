@@ -220,7 +220,26 @@ def render(result: Dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- {_part_time(part)}" for part in compare["parts"]]
+    lines += [
+        "",
+        "Each job's best validation step, the model its row reports (`*`: the step cap, a run",
+        "that was still improving when the budget stopped it, not a converged one):",
+        "",
+    ]
+    lines += [f"- {model}: {_best_steps(compare['jobs'], model)}" for model in models]
     return "\n".join(lines)
+
+
+def _best_steps(jobs: List[Dict[str, Any]], model: str) -> str:
+    """``seed0 d0 500, ...``: the best step of each of ``model``'s jobs, in the jobs' order."""
+    steps = []
+    for job in (j for j in jobs if j.get("model") == model):
+        if job.get("best_step") is None:  # jobs reported before compare.json kept their steps
+            return "not recorded"
+        where = " ".join(job[k] for k in ("seed", "scenario") if k in job)
+        cap = "*" if job["best_step"] == job.get("max_steps") else ""
+        steps.append(f"seed{where} {job['best_step']}{cap}")
+    return ", ".join(steps) or "not recorded"
 
 
 def _part_time(part: Dict[str, Any]) -> str:

@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import yaml
 
 from mtfm_rec.config import Config, ConfigError, load_config, to_dict
 from mtfm_rec.config_parsing import config_diff
@@ -257,10 +258,21 @@ def plot(summary: Summary, keys: Sequence[str], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _fit_seconds(job: Job, root: str) -> float:
-    """The job's ``fit()`` wall time (its ``fit_summary.json``; a resumed job's last part only)."""
-    with open(os.path.join(job.run_dir(root), "fit_summary.json")) as fh:
-        return float(json.load(fh).get("seconds", 0.0))
+def _fit_entry(job: Job, root: str) -> Dict[str, Any]:
+    """The job's ``fit()`` wall time (a resumed job's last part only), its last and best
+    validation step and its step cap: a best step at the cap means a run that was still
+    improving when the budget stopped it, not a converged one."""
+    run_dir = job.run_dir(root)
+    with open(os.path.join(run_dir, "fit_summary.json")) as fh:
+        fit = json.load(fh)
+    with open(os.path.join(run_dir, "config.yaml")) as fh:
+        max_steps = (yaml.safe_load(fh) or {}).get("train", {}).get("max_steps")
+    return {
+        "fit_seconds": float(fit.get("seconds", 0.0)),
+        "steps": fit.get("step"),
+        "best_step": (fit.get("best") or {}).get("step"),
+        "max_steps": max_steps,
+    }
 
 
 def report(jobs: Sequence[Job], root: str, keys: Sequence[str], meta: Mapping[str, object]) -> Summary:
@@ -277,9 +289,8 @@ def report(jobs: Sequence[Job], root: str, keys: Sequence[str], meta: Mapping[st
         table += "\n\nPooled over scenarios (test AUC / GAUC / logloss):\n\n"
         table += markdown_table(summary, pooled_keys, ("auc", "gauc", "logloss"))
     with open(os.path.join(root, "compare.json"), "w") as fh:
-        seconds = [_fit_seconds(j, root) for j in jobs]
-        entries = [{"name": j.name, **j.labels, "fit_seconds": t} for j, t in zip(jobs, seconds)]
-        fit = sum(seconds)
+        entries = [{"name": j.name, **j.labels, **_fit_entry(j, root)} for j in jobs]
+        fit = sum(e["fit_seconds"] for e in entries)
         json.dump({**meta, "jobs": entries, "fit_seconds": fit, "summary": summary}, fh, indent=2)
     with open(os.path.join(root, "compare.md"), "w") as fh:
         fh.write(f"Test AUC / GAUC, mean ± std over seeds {meta.get('seeds')}; {meta.get('config')}\n\n")

@@ -165,6 +165,14 @@ def test_a_part_with_more_seeds_says_so_in_its_rows_and_command(tmp_path, monkey
     each part's command its own, and a report of the merge merges again the same way."""
     one = _part(tmp_path, "one", ["mtfm", "star", "mmoe"], ["a=1"], "Xeon")
     three = _part(tmp_path, "three", ["mtfm", "star"], ["a=1"], "EPYC", seeds=(0, 1, 2))
+    path = os.path.join(three, "compare.json")
+    part = json.load(open(path))
+    part["jobs"] = [
+        {"model": m, "seed": str(seed), "fit_seconds": 100.0, "best_step": best, "max_steps": 500}
+        for m, bests in (("mtfm", (500, 250, 500)), ("star", (250, 250, 300)))
+        for seed, best in enumerate(bests)
+    ]
+    json.dump(part, open(path, "w"))
     monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, three]))
     monkeypatch.setenv("MTFM_COMPARE_RERUN", "mtfm,star")
     result = baselines.run(quick=False)
@@ -178,6 +186,8 @@ def test_a_part_with_more_seeds_says_so_in_its_rows_and_command(tmp_path, monkey
         "logistic regression on ids (ours)": "-",
     }
     assert "--models mmoe --seeds 0 a=1`" in text and "--models mtfm,star --seeds 0,1,2 a=1`" in text
+    assert "- mtfm: seed0 500*, seed1 250, seed2 500*" in text  # * = at the cap: not converged
+    assert "- star: seed0 250, seed1 250, seed2 300" in text and "- mmoe: not recorded" in text
     published = tmp_path / "baselines.json"
     published.write_text(json.dumps(result))
     monkeypatch.setenv("MTFM_COMPARE_DIR", str(published))

@@ -144,6 +144,10 @@ def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) ->
     report = json.loads((root / "compare.json").read_text())
     assert set(report["summary"]) == {"mtfm", "mmoe"}
     assert report["machine"]["cores"] == os.cpu_count()  # the times are of this machine
+    # each job says where it stopped and which validation pass chose it (a best step at the cap
+    # is a run the budget stopped while it improved)
+    assert {(j["steps"], j["max_steps"]) for j in report["jobs"]} == {(20, 20)}
+    assert {j["best_step"] for j in report["jobs"]} <= {10, 20}
     scenario_keys = ["feed/click", "feed/order", "search/click", "coupon/click", "coupon/order"]
     assert list(report["summary"]["mmoe"]) == [*scenario_keys, "all/click", "all/order"]
     assert "Pooled over scenarios" in (root / "compare.md").read_text()
