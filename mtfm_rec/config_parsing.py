@@ -14,7 +14,7 @@ import dataclasses
 import os
 import types
 import typing
-from typing import Any, Dict, List, Literal, Mapping, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import yaml
 
@@ -105,10 +105,14 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_diff(then: Dict[str, Any], now: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+def config_diff(
+    then: Dict[str, Any], now: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None
+) -> Dict[str, Tuple[Any, Any]]:
     """The dotted keys whose values differ between two nested config dicts (a key missing on one
-    side reads None there): ``{"model.d_model": (32, 64)}``."""
-    a, b = _flatten(then), _flatten(now)
+    side reads None there): ``{"model.d_model": (32, 64)}``. A key missing from ``then`` reads its
+    value in ``defaults`` if given: a config saved before a field was added ran as its default
+    (a new field's default keeps the old behaviour)."""
+    a, b = _flatten(_merge(defaults, then) if defaults else then), _flatten(now)
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 

@@ -9,7 +9,9 @@ Reusing a job's directory is only right while the job is the same: before a job 
 (finished) or resumed, the config its directory was run with (``config.yaml``, written by
 ``mtfm_rec.train`` at its start) must equal what the job resolves to now, or the experiment stops
 with :class:`JobChangedError` naming the job and the settings that differ. So an edited YAML or
-override never reports another config's numbers under its name.
+override never reports another config's numbers under its name. A field the config gained since
+the run (missing from its ``config.yaml``) counts as its default, which keeps the old behaviour:
+upgrading mtfm_rec does not orphan finished runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import yaml
 
-from mtfm_rec.config import ConfigError, load_config, to_dict
+from mtfm_rec.config import Config, ConfigError, load_config, to_dict
 from mtfm_rec.config_parsing import config_diff
 from mtfm_rec.data.config import RECOMMENDED_SPLIT_KEYS
 from mtfm_rec.training.metrics import MetricDict, read_metrics_json
@@ -76,7 +78,8 @@ class Job:
         with open(path) as fh:
             then = yaml.safe_load(fh) or {}
         run_dir = f"train.run_dir={self.run_dir(root)}"
-        changed = config_diff(then, to_dict(load_config(self.config, [*self.overrides, run_dir])))
+        now = to_dict(load_config(self.config, [*self.overrides, run_dir]))
+        changed = config_diff(then, now, defaults=to_dict(Config()))
         changed.pop("train.run_dir", None)  # where the runs directory lies is not the job
         for key in RECOMMENDED_SPLIT_KEYS:  # unset now: the run filled it from the dataset
             if changed.get(f"data.{key}", (None, 0))[1] is None:
