@@ -168,12 +168,12 @@ def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
 def render(result: Dict[str, Any]) -> str:
     compare = result["compare"]
     models = sorted(compare["models"], key=lambda m: m != "mtfm")  # ours first, then the parts' order
-    seeds = {m: part.get("seeds", compare["seeds"]) for part in compare["parts"] for m in part["models"]}
+    seeds = {m: part["seeds"] for part in compare["parts"] for m in part["models"]}
     lines: List[str] = []
     for part in compare["parts"]:  # one command per part, each as it was run
         lines += [
             f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
-            f"{','.join(part['models'])} --seeds {','.join(map(str, part.get('seeds', compare['seeds'])))} "
+            f"{','.join(part['models'])} --seeds {','.join(map(str, part['seeds']))} "
             + "".join(f"--model-config {m}={c} " for m, c in (part.get("model_configs") or {}).items())
             + " ".join(compare["overrides"])
             + "`",
