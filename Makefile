@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # make test: pytest-xdist workers, one intra-op thread each (2 workers x 1 thread = the 2 CI cores)
 TEST_WORKERS ?= 2
 
-.PHONY: install data train test lint bench compare gpu-check java-check clean help
+.PHONY: install data train test lint bench compare compare-genre gpu-check java-check clean help
 
 help:
 	@echo "make train   install if needed, build ml1m_genre, train configs/ml1m_genre.yaml, print AUC/GAUC"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench   install if needed, run the benchmarks, write/*.json and docs/BENCHMARKS.md"
 	@echo "make compare install if needed, MTFM against the baselines on ML-1M (docs/EXPERIMENTS.md);"
 	@echo "             COMPARE_MODELS=... COMPARE_SEEDS=0,1,2 (a re-run finishes only what is missing)"
+	@echo "make compare-genre   the same on the ml1m_genre scenarios: the paper's Table 2 shape"
 	@echo "make gpu-check GPU_PY=python   on a CUDA machine (docs/INSTALL.md): GPU parity tests,"
 	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
@@ -74,6 +75,15 @@ compare: data
 		train.max_minutes=0 train.max_steps=5000 train.eval_every=250 train.early_stopping_patience=4 \
 		train.checkpoint_every=250 train.progress_bar=false train.tensorboard=false
 	MTFM_COMPARE_DIR=runs/ml1m_swr $(PY) -m mtfm_rec.bench --only baselines
+
+# The paper's Table 2 on ML-1M's genre scenarios (heterogeneous schemas, click and like), every
+# model with configs/ml1m_genre.yaml's model section and the same budget (docs/BENCHMARKS.md "table2").
+compare-genre: data
+	$(PY) -m mtfm_rec.experiments compare --config configs/ml1m_genre.yaml --models $(COMPARE_MODELS) \
+		--seeds $(COMPARE_SEEDS) --name ml1m_genre data.raw=$(ML1M_GENRE) data.loader.batch_size=256 \
+		train.max_minutes=0 train.max_steps=5000 train.eval_every=250 train.early_stopping_patience=4 \
+		train.checkpoint_every=250 train.progress_bar=false train.tensorboard=false
+	MTFM_TABLE2_DIR=runs/ml1m_genre $(PY) -m mtfm_rec.bench --only table2
 
 # On a CUDA machine set up as docs/INSTALL.md says ("CUDA GPUs"); GPU_PY is that environment's
 # python. Nothing here installs: the pinned lock is the CPU stack.

@@ -28,11 +28,12 @@ SUITES = (
     "training",
     "quality",
     "baselines",
+    "table2",
     "serving",
 )
-# Run only when named (``--only baselines``): they report a long experiment run by its own
-# target (``make compare``); their section is rendered whenever their JSON exists.
-ON_DEMAND = ("baselines",)
+# Run only when named (``--only baselines``): they report a long experiment run by its own target
+# (``make compare``, ``make compare-genre``); their section is rendered whenever their JSON exists.
+ON_DEMAND = ("baselines", "table2")
 
 
 def machine() -> Dict[str, Any]:

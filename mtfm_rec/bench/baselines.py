@@ -9,22 +9,16 @@ and renders the section, with the floor of the same data beside it
 (:mod:`mtfm_rec.bench.id_regression`: a logistic regression on the exposures' ids).
 
 A comparison run in parts (some models now, the rest later or on another machine) is reported
-as one: ``MTFM_COMPARE_DIR`` lists the parts' directories separated by ``os.pathsep``; they must
-agree on config and overrides (the same budget and data) and share no model, and each part's
-training time is given on its own machine. Parts may differ in seeds (the close models re-run
-with more seeds, say): each row says the seeds its mean and std are over. An entry may also be a
-``.json`` file holding an earlier report (``docs/bench/baselines.json``) or a ``compare.json``: a
-new part joins the table already published without the earlier parts' run directories, which
-keep their own commands and machines. A model that a later part re-runs (its own tuned config,
-say) replaces the earlier part's row only when ``MTFM_COMPARE_RERUN`` names it
-(comma-separated); otherwise a repeated model is refused as a mistake.
+as one: ``MTFM_COMPARE_DIR`` lists the parts (:mod:`mtfm_rec.bench.compare_parts`); each row
+says the seeds its mean and std are over.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List
+
+from mtfm_rec.bench.compare_parts import best_steps, part_commands, part_time, read_parts
 
 # Scenario-Wise Rec (KDD 2024), Table 7: test AUC on ML-1M (label rating > 3), total and per
 # age domain, and total logloss; models chosen on validation.
@@ -43,9 +37,6 @@ PUBLISHED: Dict[str, List[float]] = {
 GOAL_TOTAL_AUC = 0.8215  # issue 13: the best published (M2M .8115) + .01
 TASK = "click"  # the benchmark's label (rating > 3)
 DOMAINS = ("d0", "d1", "d2")
-# What the parts of one comparison must share: the same budget and data for every model. Not the
-# seeds: a row's mean is over its own part's seeds, and the table says which.
-MUST_AGREE = ("config", "overrides")
 
 
 def run(quick: bool) -> Dict[str, Any]:
@@ -55,26 +46,8 @@ def run(quick: bool) -> Dict[str, Any]:
         FileNotFoundError: no ``compare.json`` (run ``make compare`` first).
         ValueError: parts that disagree on config or overrides, or share a model.
     """
-    roots = os.environ.get("MTFM_COMPARE_DIR", "runs/ml1m_swr").split(os.pathsep)
-    rerun = [m for m in os.environ.get("MTFM_COMPARE_RERUN", "").split(",") if m]
-    parts = [_read_part(root) for root in roots]
-    compare = merge_parts(parts, rerun)
-    return {
-        "compare": compare,
-        "source": os.pathsep.join(p for p, _ in parts),
-        "id_regression": _floor(compare),
-    }
-
-
-def _read_part(root: str) -> Tuple[str, Dict[str, Any]]:
-    """One part: a run directory's ``compare.json``, or a ``.json`` file that is one or holds an
-    earlier report's ``compare``."""
-    path = root if root.endswith(".json") else os.path.join(root, "compare.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no comparison to report; run `make compare` first")
-    with open(path) as fh:
-        part = json.load(fh)
-    return path, part.get("compare", part)
+    source, compare = read_parts("MTFM_COMPARE_DIR", "runs/ml1m_swr", "make compare")
+    return {"compare": compare, "source": source, "id_regression": _floor(compare)}
 
 
 def _floor(compare: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
@@ -92,70 +65,6 @@ def _floor(compare: Dict[str, Any]) -> Dict[str, Dict[str, float]]:
     return id_regression_metrics(raw)["test"]
 
 
-def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = ()) -> Dict[str, Any]:
-    """One comparison from its parts' ``(path, compare.json)``, models in the parts' order; the
-    ``parts`` entry keeps each part's models, own configs, training time and machine (an earlier
-    merge's own parts are kept as they were). A model of ``rerun`` found again in a later part
-    takes that part's row; its earlier part keeps its other models and their time.
-
-    Raises:
-        ValueError: naming the part and the setting it disagrees on, or the model it repeats.
-    """
-    first_path, first = parts[0]
-    merged: Dict[str, Any] = {k: first[k] for k in MUST_AGREE}
-    merged.update(seeds=[], models=[], jobs=[], summary={}, model_configs={}, parts=[])
-    for path, part in parts:
-        for key in MUST_AGREE:
-            if part[key] != first[key]:
-                raise ValueError(
-                    f"{path}: {key}={part[key]!r} differs from {first_path}'s {first[key]!r}; "
-                    "parts of one comparison need the same config and overrides"
-                )
-        repeated = [m for m in part["models"] if m in merged["models"]]
-        refused = [m for m in repeated if m not in rerun]
-        if refused:
-            raise ValueError(
-                f"{path}: models {refused} are already in an earlier part "
-                "(MTFM_COMPARE_RERUN=<models> lets this part's rows replace them)"
-            )
-        for model in repeated:
-            _drop(merged, model)
-        own = part.get("model_configs") or {}
-        merged["models"] += part["models"]
-        merged["jobs"] += part.get("jobs", [])
-        merged["summary"].update(part["summary"])
-        merged["model_configs"].update(own)
-        merged["seeds"] = sorted(set(merged["seeds"]) | set(part["seeds"]))
-        # An earlier merge's parts predate per-part seeds when they all had the merge's seeds.
-        merged["parts"] += [{"seeds": part["seeds"], **p} for p in part.get("parts") or []] or [
-            {
-                "source": path,
-                "models": part["models"],
-                "seeds": part["seeds"],
-                "model_configs": own,
-                "fit_seconds": part.get("fit_seconds"),
-                "machine": part.get("machine"),
-            }
-        ]
-    return merged
-
-
-def _drop(merged: Dict[str, Any], model: str) -> None:
-    """Removes ``model``'s row, jobs and training time from a merge (a later part re-ran it)."""
-    seconds = sum(j.get("fit_seconds", 0.0) for j in merged["jobs"] if j.get("model") == model)
-    merged["models"].remove(model)
-    merged["jobs"] = [j for j in merged["jobs"] if j.get("model") != model]
-    merged["summary"].pop(model)
-    merged["model_configs"].pop(model, None)
-    for part in merged["parts"]:
-        if model in part["models"]:
-            part["models"] = [m for m in part["models"] if m != model]
-            (part.get("model_configs") or {}).pop(model, None)
-            if part.get("fit_seconds") is not None:
-                part["fit_seconds"] -= seconds
-    merged["parts"] = [p for p in merged["parts"] if p["models"]]
-
-
 def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
     c = summary.get(key)
     if c is None:
@@ -169,16 +78,7 @@ def render(result: Dict[str, Any]) -> str:
     compare = result["compare"]
     models = sorted(compare["models"], key=lambda m: m != "mtfm")  # ours first, then the parts' order
     seeds = {m: part["seeds"] for part in compare["parts"] for m in part["models"]}
-    lines: List[str] = []
-    for part in compare["parts"]:  # one command per part, each as it was run
-        lines += [
-            f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
-            f"{','.join(part['models'])} --seeds {','.join(map(str, part['seeds']))} "
-            + "".join(f"--model-config {m}={c} " for m, c in (part.get("model_configs") or {}).items())
-            + " ".join(compare["overrides"])
-            + "`",
-            "",
-        ]
+    lines = part_commands(compare)
     lines += [
         f"Test AUC on the benchmark's task (`{TASK}`, rating > 3), mean ± sample std over the "
         "row's seeds (one seed: its value alone), each job's model chosen on validation; Total "
@@ -219,33 +119,12 @@ def render(result: Dict[str, Any]) -> str:
         "names the machine that rendered this report and fitted the floor row):",
         "",
     ]
-    lines += [f"- {_part_time(part)}" for part in compare["parts"]]
+    lines += [f"- {part_time(part)}" for part in compare["parts"]]
     lines += [
         "",
         "Each job's best validation step, the model its row reports (`*`: the step cap, a run",
         "that was still improving when the budget stopped it, not a converged one):",
         "",
     ]
-    lines += [f"- {model}: {_best_steps(compare['jobs'], model)}" for model in models]
+    lines += [f"- {model}: {best_steps(compare['jobs'], model)}" for model in models]
     return "\n".join(lines)
-
-
-def _best_steps(jobs: List[Dict[str, Any]], model: str) -> str:
-    """``seed0 d0 500, ...``: the best step of each of ``model``'s jobs, in the jobs' order."""
-    steps = []
-    for job in (j for j in jobs if j.get("model") == model):
-        if job.get("best_step") is None:  # jobs reported before compare.json kept their steps
-            return "not recorded"
-        where = " ".join(job[k] for k in ("seed", "scenario") if k in job)
-        cap = "*" if job["best_step"] == job.get("max_steps") else ""
-        steps.append(f"seed{where} {job['best_step']}{cap}")
-    return ", ".join(steps) or "not recorded"
-
-
-def _part_time(part: Dict[str, Any]) -> str:
-    models = ", ".join(part["models"])
-    if part.get("fit_seconds") is None:
-        return f"{models}: not recorded"
-    m = part.get("machine") or {}
-    where = f"{m['cpu']} ({m['cores']} cores), {m['date']}" if m else "machine not recorded"
-    return f"{models}: {part['fit_seconds'] / 60:.0f} min on {where}"

@@ -1,0 +1,149 @@
+"""A comparison run in parts, reported as one (the ``baselines`` and ``table2`` bench sections).
+
+``python -m mtfm_rec.experiments compare`` writes one ``compare.json`` per experiment directory. A
+long comparison is often run in parts (the slow models later or on another machine, the close ones
+re-run over more seeds): each part's directory is listed in an environment variable, separated by
+``os.pathsep``. The parts must agree on config and overrides (the same budget and data) and share
+no model, and each part's training time is given on its own machine. An entry may also be a
+``.json`` file holding an earlier report (``docs/bench/<section>.json``) or a ``compare.json``: a
+new part joins the table already published without the earlier parts' run directories. A model
+that a later part re-runs replaces the earlier part's row only when ``MTFM_COMPARE_RERUN`` names it
+(comma-separated); otherwise a repeated model is refused as a mistake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+# What the parts of one comparison must share: the same budget and data for every model. Not the
+# seeds: a row's mean is over its own part's seeds, and the table says which.
+MUST_AGREE = ("config", "overrides")
+
+
+def read_parts(variable: str, default: str, make: str) -> Tuple[str, Dict[str, Any]]:
+    """The ``os.pathsep``-joined paths read and the merged comparison of the parts that the
+    environment variable ``variable`` lists (``default`` when it is unset); ``make`` is the
+    target that runs the comparison, for the error when there is none.
+
+    Raises:
+        FileNotFoundError: a part has no ``compare.json``.
+        ValueError: parts that disagree on config or overrides, or share a model.
+    """
+    roots = os.environ.get(variable, default).split(os.pathsep)
+    rerun = [m for m in os.environ.get("MTFM_COMPARE_RERUN", "").split(",") if m]
+    parts = [read_part(root, make) for root in roots]
+    return os.pathsep.join(p for p, _ in parts), merge_parts(parts, rerun)
+
+
+def read_part(root: str, make: str) -> Tuple[str, Dict[str, Any]]:
+    """One part: a run directory's ``compare.json``, or a ``.json`` file that is one or holds an
+    earlier report's ``compare``."""
+    path = root if root.endswith(".json") else os.path.join(root, "compare.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no comparison to report; run `{make}` first")
+    with open(path) as fh:
+        part = json.load(fh)
+    return path, part.get("compare", part)
+
+
+def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = ()) -> Dict[str, Any]:
+    """One comparison from its parts' ``(path, compare.json)``, models in the parts' order; the
+    ``parts`` entry keeps each part's models, own configs, training time and machine (an earlier
+    merge's own parts are kept as they were). A model of ``rerun`` found again in a later part
+    takes that part's row; its earlier part keeps its other models and their time.
+
+    Raises:
+        ValueError: naming the part and the setting it disagrees on, or the model it repeats.
+    """
+    first_path, first = parts[0]
+    merged: Dict[str, Any] = {k: first[k] for k in MUST_AGREE}
+    merged.update(seeds=[], models=[], jobs=[], summary={}, model_configs={}, parts=[])
+    for path, part in parts:
+        for key in MUST_AGREE:
+            if part[key] != first[key]:
+                raise ValueError(
+                    f"{path}: {key}={part[key]!r} differs from {first_path}'s {first[key]!r}; "
+                    "parts of one comparison need the same config and overrides"
+                )
+        repeated = [m for m in part["models"] if m in merged["models"]]
+        refused = [m for m in repeated if m not in rerun]
+        if refused:
+            raise ValueError(
+                f"{path}: models {refused} are already in an earlier part "
+                "(MTFM_COMPARE_RERUN=<models> lets this part's rows replace them)"
+            )
+        for model in repeated:
+            drop_model(merged, model)
+        own = part.get("model_configs") or {}
+        merged["models"] += part["models"]
+        merged["jobs"] += part.get("jobs", [])
+        merged["summary"].update(part["summary"])
+        merged["model_configs"].update(own)
+        merged["seeds"] = sorted(set(merged["seeds"]) | set(part["seeds"]))
+        # An earlier merge's parts predate per-part seeds when they all had the merge's seeds.
+        merged["parts"] += [{"seeds": part["seeds"], **p} for p in part.get("parts") or []] or [
+            {
+                "source": path,
+                "models": part["models"],
+                "seeds": part["seeds"],
+                "model_configs": own,
+                "fit_seconds": part.get("fit_seconds"),
+                "machine": part.get("machine"),
+            }
+        ]
+    return merged
+
+
+def drop_model(merged: Dict[str, Any], model: str) -> None:
+    """Removes ``model``'s row, jobs and training time from a merge (a later part re-ran it)."""
+    seconds = sum(j.get("fit_seconds", 0.0) for j in merged["jobs"] if j.get("model") == model)
+    merged["models"].remove(model)
+    merged["jobs"] = [j for j in merged["jobs"] if j.get("model") != model]
+    merged["summary"].pop(model)
+    merged["model_configs"].pop(model, None)
+    for part in merged["parts"]:
+        if model in part["models"]:
+            part["models"] = [m for m in part["models"] if m != model]
+            (part.get("model_configs") or {}).pop(model, None)
+            if part.get("fit_seconds") is not None:
+                part["fit_seconds"] -= seconds
+    merged["parts"] = [p for p in merged["parts"] if p["models"]]
+
+
+def part_commands(compare: Dict[str, Any]) -> List[str]:
+    """One ``compare`` command line per part, each as it was run, a blank line after each."""
+    lines: List[str] = []
+    for part in compare["parts"]:  # one command per part, each as it was run
+        lines += [
+            f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
+            f"{','.join(part['models'])} --seeds {','.join(map(str, part['seeds']))} "
+            + "".join(f"--model-config {m}={c} " for m, c in (part.get("model_configs") or {}).items())
+            + " ".join(compare["overrides"])
+            + "`",
+            "",
+        ]
+    return lines
+
+
+def best_steps(jobs: List[Dict[str, Any]], model: str) -> str:
+    """``seed0 d0 500, ...``: the best step of each of ``model``'s jobs, in the jobs' order."""
+    steps = []
+    for job in (j for j in jobs if j.get("model") == model):
+        if job.get("best_step") is None:  # jobs reported before compare.json kept their steps
+            return "not recorded"
+        where = " ".join(job[k] for k in ("seed", "scenario") if k in job)
+        cap = "*" if job["best_step"] == job.get("max_steps") else ""
+        steps.append(f"seed{where} {job['best_step']}{cap}")
+    return ", ".join(steps) or "not recorded"
+
+
+def part_time(part: Dict[str, Any]) -> str:
+    """``models: N min on <cpu> (<cores> cores), <date>``: a part's training time and machine."""
+    models = ", ".join(part["models"])
+    if part.get("fit_seconds") is None:
+        return f"{models}: not recorded"
+    m = part.get("machine") or {}
+    where = f"{m['cpu']} ({m['cores']} cores), {m['date']}" if m else "machine not recorded"
+    return f"{models}: {part['fit_seconds'] / 60:.0f} min on {where}"
