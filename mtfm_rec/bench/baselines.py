@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
-from mtfm_rec.bench.compare_parts import best_steps, part_commands, part_time, read_parts
+from mtfm_rec.bench.compare_parts import best_steps, model_seeds, part_commands, part_time, read_parts
 
 # Scenario-Wise Rec (KDD 2024), Table 7: test AUC on ML-1M (label rating > 3), total and per
 # age domain, and total logloss; models chosen on validation.
@@ -77,7 +77,7 @@ def _cell(summary: Dict[str, Any], key: str, metric: str) -> str:
 def render(result: Dict[str, Any]) -> str:
     compare = result["compare"]
     models = sorted(compare["models"], key=lambda m: m != "mtfm")  # ours first, then the parts' order
-    seeds = {m: part["seeds"] for part in compare["parts"] for m in part["models"]}
+    seeds = model_seeds(compare)
     lines = part_commands(compare)
     lines += [
         f"Test AUC on the benchmark's task (`{TASK}`, rating > 3), mean ± sample std over the "

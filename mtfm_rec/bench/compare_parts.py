@@ -4,16 +4,20 @@
 long comparison is often run in parts (the slow models later or on another machine, the close ones
 re-run over more seeds): each part's directory is listed in an environment variable, separated by
 ``os.pathsep``. The parts must agree on config and overrides (the same budget and data) and share
-no model, and each part's training time is given on its own machine. An entry may also be a
-``.json`` file holding an earlier report (``docs/bench/<section>.json``) or a ``compare.json``: a
-new part joins the table already published without the earlier parts' run directories. A model
-that a later part re-runs replaces the earlier part's row only when ``MTFM_COMPARE_RERUN`` names it
-(comma-separated); otherwise a repeated model is refused as a mistake.
+no seed of a model, and each part's training time is given on its own machine. An entry may also
+be a ``.json`` file holding an earlier report (``docs/bench/<section>.json``) or a
+``compare.json``: a new part joins the table already published without the earlier parts' run
+directories. A model that a later part runs over new seeds (the same model config) joins its row:
+the row's mean and sample std become those over all its seeds, exactly as if one run had trained
+them all. A model that a later part re-runs replaces the earlier part's row only when
+``MTFM_COMPARE_RERUN`` names it (comma-separated); otherwise a repeated seed is refused as a
+mistake.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -52,10 +56,12 @@ def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = 
     """One comparison from its parts' ``(path, compare.json)``, models in the parts' order; the
     ``parts`` entry keeps each part's models, own configs, training time and machine (an earlier
     merge's own parts are kept as they were). A model of ``rerun`` found again in a later part
-    takes that part's row; its earlier part keeps its other models and their time.
+    takes that part's row; its earlier part keeps its other models and their time. Any other
+    model found again joins its row over the later part's seeds (``join_rows``).
 
     Raises:
-        ValueError: naming the part and the setting it disagrees on, or the model it repeats.
+        ValueError: naming the part and the setting it disagrees on, or the model and seeds it
+            repeats, or a model joined under another config.
     """
     first_path, first = parts[0]
     merged: Dict[str, Any] = {k: first[k] for k in MUST_AGREE}
@@ -68,18 +74,18 @@ def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = 
                     "parts of one comparison need the same config and overrides"
                 )
         repeated = [m for m in part["models"] if m in merged["models"]]
-        refused = [m for m in repeated if m not in rerun]
-        if refused:
-            raise ValueError(
-                f"{path}: models {refused} are already in an earlier part "
-                "(MTFM_COMPARE_RERUN=<models> lets this part's rows replace them)"
-            )
-        for model in repeated:
+        for model in (m for m in repeated if m in rerun):
             drop_model(merged, model)
+        joined = [m for m in repeated if m not in rerun]
+        seen, new = model_seeds(merged), model_seeds(part)
+        _check_join(merged, path, part, joined)
         own = part.get("model_configs") or {}
-        merged["models"] += part["models"]
+        merged["models"] += [m for m in part["models"] if m not in joined]
         merged["jobs"] += part.get("jobs", [])
-        merged["summary"].update(part["summary"])
+        for model, rows in part["summary"].items():
+            if model in joined:
+                rows = join_rows(merged["summary"][model], len(seen[model]), rows, len(new[model]))
+            merged["summary"][model] = rows
         merged["model_configs"].update(own)
         merged["seeds"] = sorted(set(merged["seeds"]) | set(part["seeds"]))
         # An earlier merge's parts predate per-part seeds when they all had the merge's seeds.
@@ -94,6 +100,59 @@ def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = 
             }
         ]
     return merged
+
+
+def _check_join(merged: Dict[str, Any], path: str, part: Dict[str, Any], joined: List[str]) -> None:
+    """A model already in the merge may join its row only over new seeds and the same config."""
+    seen, new = model_seeds(merged), model_seeds(part)
+    for model in joined:
+        again = sorted(set(seen[model]) & set(new[model]))
+        if again:
+            raise ValueError(
+                f"{path}: model {model} seeds {again} are already in an earlier part (a later part "
+                "may add other seeds to a row; MTFM_COMPARE_RERUN=<models> lets it replace the row)"
+            )
+        ours, theirs = ((p.get("model_configs") or {}).get(model) for p in (part, merged))
+        if ours != theirs:
+            raise ValueError(
+                f"{path}: model {model} was trained with --model-config {ours!r}, an earlier part "
+                f"with {theirs!r}; seeds of one row need the same config"
+            )
+
+
+def model_seeds(compare: Dict[str, Any]) -> Dict[str, List[int]]:
+    """Each model's seeds, over every part that trained it (a single run's ``compare.json`` has
+    no parts: every model has its seeds)."""
+    if not compare.get("parts"):
+        return {m: sorted(compare["seeds"]) for m in compare["models"]}
+    seeds: Dict[str, List[int]] = {}
+    for part in compare["parts"]:
+        for model in part["models"]:
+            seeds[model] = sorted(set(seeds.get(model, [])) | set(part["seeds"]))
+    return seeds
+
+
+def join_rows(rows: Dict[str, Any], n: int, more: Dict[str, Any], m: int) -> Dict[str, Any]:
+    """One model's summary over ``n + m`` seeds from its summaries over ``n`` and over ``m``:
+    each metric's mean and sample std (ddof 1, as ``experiments.compare.summarize``) by the
+    pooled-variance identity, so the result equals a summary of all the seeds' values at once.
+
+    Raises:
+        ValueError: the two summaries have different columns.
+    """
+    if set(rows) != set(more):
+        raise ValueError(f"columns {sorted(set(rows) ^ set(more))} are in one part of a row only")
+    out: Dict[str, Any] = {}
+    for key, a in rows.items():
+        b, cell = more[key], {"seeds": float(n + m)}
+        for metric in (k[: -len("_mean")] for k in a if k.endswith("_mean")):
+            mean_a, mean_b = a[f"{metric}_mean"], b[f"{metric}_mean"]
+            mean = (n * mean_a + m * mean_b) / (n + m)
+            squares = (n - 1) * a[f"{metric}_std"] ** 2 + (m - 1) * b[f"{metric}_std"] ** 2
+            squares += n * m / (n + m) * (mean_a - mean_b) ** 2
+            cell[f"{metric}_mean"], cell[f"{metric}_std"] = mean, math.sqrt(squares / (n + m - 1))
+        out[key] = cell
+    return out
 
 
 def drop_model(merged: Dict[str, Any], model: str) -> None:

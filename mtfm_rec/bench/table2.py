@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from mtfm_rec.bench.compare_parts import best_steps, part_commands, part_time, read_parts
+from mtfm_rec.bench.compare_parts import best_steps, model_seeds, part_commands, part_time, read_parts
 from mtfm_rec.experiments.compare import METRICS, POOLED, Summary, markdown_table
 from mtfm_rec.experiments.compare import plot as bar_plot
 
@@ -88,7 +88,7 @@ def render(result: Dict[str, Any]) -> str:
     compare = result["compare"]
     summary = _ordered(compare["summary"])
     keys, pooled = _keys(summary)
-    seeds = {m: part["seeds"] for part in compare["parts"] for m in part["models"]}
+    seeds = model_seeds(compare)
     lines = part_commands(compare)
     lines += [
         "Test AUC / GAUC per scenario x task, mean ± sample std over the row's seeds (one seed: its",

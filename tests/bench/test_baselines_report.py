@@ -106,7 +106,10 @@ def test_parts_of_one_comparison_are_reported_together(tmp_path, monkeypatch) ->
     "second, message",
     [
         ({"models": ["mtgr"], "overrides": ["a=2"]}, "overrides=.*differs from"),
-        ({"models": ["star"], "overrides": ["a=1"]}, r"models \['star'\] are already in an earlier part"),
+        (
+            {"models": ["star"], "overrides": ["a=1"]},
+            r"model star seeds \[0\] are already in an earlier part",
+        ),
     ],
 )
 def test_parts_that_are_not_one_comparison_are_refused(tmp_path, monkeypatch, second, message) -> None:
@@ -133,7 +136,7 @@ def test_a_new_part_joins_a_published_report(tmp_path, monkeypatch) -> None:
     assert compare["parts"][0]["source"] == os.path.join(one, "compare.json")
     again = _part(tmp_path, "again", ["mtgr"], ["a=1"], "EPYC")
     monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([str(published), again]))
-    with pytest.raises(ValueError, match=r"models \['mtgr'\] are already in an earlier part"):
+    with pytest.raises(ValueError, match=r"model mtgr seeds \[0\] are already in an earlier part"):
         baselines.run(quick=False)
 
 
@@ -148,7 +151,7 @@ def test_a_model_rerun_with_its_own_config_replaces_its_row(tmp_path, monkeypatc
     part["model_configs"] = {"mtfm": "configs/m_mtfm.yaml"}
     json.dump(part, open(path, "w"))
     monkeypatch.setenv("MTFM_COMPARE_DIR", os.pathsep.join([one, tuned]))
-    with pytest.raises(ValueError, match="MTFM_COMPARE_RERUN=<models> lets this part's rows replace"):
+    with pytest.raises(ValueError, match="MTFM_COMPARE_RERUN=<models> lets it replace the row"):
         baselines.run(quick=False)
     monkeypatch.setenv("MTFM_COMPARE_RERUN", "mtfm")
     result = baselines.run(quick=False)
