@@ -20,6 +20,7 @@ from mtfm_rec.model.baselines.onetrans import (
     OneTransBlock,
     TokenSlots,
     layer_masks,
+    length_chunks,
     pyramid_lengths,
     token_slots,
 )
@@ -216,6 +217,38 @@ def test_final_fraction_one_is_no_truncation_and_below_one_truncates(schema) -> 
         assert not torch.allclose(
             _run(pyramid, x, slots, masks_p, range(4))[n_s:], untruncated[n_s:], atol=1e-4
         )
+
+
+# ----------------------------------------------------------------------------- chunked attention
+def test_length_chunks_is_the_cheapest_split_of_a_hand_sized_case() -> None:
+    # lengths 9, 8, 2, 1 (samples 1, 3, 0, 2): two chunks {9, 8} and {2, 1} cost 2*81 + 2*4 = 170,
+    # every other split of two more (one chunk: 4*81 = 324; {9}, {8, 2, 1}: 81 + 3*64 = 273)
+    assert length_chunks([2, 9, 1, 8], 2) == [[1, 3], [0, 2]]
+    assert length_chunks([2, 9, 1, 8], 1) == [[1, 3, 0, 2]]
+    assert length_chunks([2, 9, 1, 8], 8) == [[1], [3], [0], [2]]  # never more chunks than samples
+    assert length_chunks([], 4) == []
+
+
+def test_chunked_attention_is_the_single_padded_call(schema) -> None:
+    """The CPU's attention over chunks of similar length gives the outputs and gradients of one
+    call padded to the longest sample (padding keys are masked out either way)."""
+    model = make_onetrans(schema, layers=3, fraction=0.25)
+    batch = random_batch(schema, 7, seq_len=(0, 12), exposures=(1, 4), seed=21)
+    x, chunked, masks = _prepared(model, batch)
+    assert chunked.chunks is not None and len(chunked.chunks) > 1
+    layout, rows = model_layout(batch, True)
+    seq_rows = [batch.sequence_positions[q.name] for q in schema.ordered_sequences]
+    _, single = token_slots(layout, rows, seq_rows, model.dense.scenario_names, max_chunks=1)
+    assert single.chunks is None
+    outputs, grads = [], []
+    for slots in (single, chunked):
+        leaf = x.clone().requires_grad_(True)
+        out = _run(model, leaf, slots, masks, range(3))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append(leaf.grad)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums over ~100 keys
 
 
 # ----------------------------------------------------------------------------- mixed parameters
