@@ -24,6 +24,7 @@ SUITES = (
     "aggregation",
     "model",
     "kernels",
+    "onetrans_attention",
     "cpu_path",
     "training",
     "quality",

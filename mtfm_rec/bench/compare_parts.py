@@ -190,12 +190,15 @@ def best_steps(jobs: List[Dict[str, Any]], model: str) -> str:
     """``seed0 d0 500, ...``: the best step of each of ``model``'s jobs, in the jobs' order."""
     steps = []
     for job in (j for j in jobs if j.get("model") == model):
-        if job.get("best_step") is None:  # jobs reported before compare.json kept their steps
-            return "not recorded"
         where = " ".join(job[k] for k in ("seed", "scenario") if k in job)
+        if job.get("best_step") is None:  # jobs reported before compare.json kept their steps
+            steps.append(f"seed{where} not recorded")
+            continue
         cap = "*" if job["best_step"] == job.get("max_steps") else ""
         steps.append(f"seed{where} {job['best_step']}{cap}")
-    return ", ".join(steps) or "not recorded"
+    if all(step.endswith("not recorded") for step in steps):
+        return "not recorded"
+    return ", ".join(steps)
 
 
 def part_time(part: Dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from mtfm_rec.bench import baselines
+from mtfm_rec.bench.compare_parts import best_steps
 
 
 def _cell(auc: float) -> dict:
@@ -195,3 +196,16 @@ def test_a_part_with_more_seeds_says_so_in_its_rows_and_command(tmp_path, monkey
     published.write_text(json.dumps(result))
     monkeypatch.setenv("MTFM_COMPARE_DIR", str(published))
     assert baselines.render(baselines.run(quick=False)) == text
+
+
+def test_best_steps_names_the_jobs_an_older_part_did_not_record() -> None:
+    """A later part's steps are listed beside an older part's jobs that kept none."""
+    jobs = [
+        {"model": "mtgr", "seed": "0", "scenario": "d0"},
+        {"model": "mtgr", "seed": "1", "scenario": "d0", "best_step": 750, "max_steps": 5000},
+        {"model": "mtgr", "seed": "2", "scenario": "d0", "best_step": 5000, "max_steps": 5000},
+        {"model": "star", "seed": "0"},
+    ]
+    assert best_steps(jobs, "mtgr") == "seed0 d0 not recorded, seed1 d0 750, seed2 d0 5000*"
+    assert best_steps(jobs, "star") == "not recorded"
+    assert best_steps(jobs, "mmoe") == "not recorded"

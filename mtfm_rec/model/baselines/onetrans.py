@@ -56,9 +56,10 @@ by weight set, one matmul per set; the attention runs padded per sample with
 Batch's host ints, so there is no host synchronisation. On the CPU, where reading the per-sample
 lengths costs nothing, the samples are split into up to ``CPU_ATTENTION_CHUNKS`` groups of
 similar length (:func:`length_chunks`), each padded to its own longest sample: the same function,
-several times less padding. A dropped S-token is masked out as a key but its row is still
-computed, so the pyramid's compute saving is not realised here (it only changes what the model
-computes).
+several times less padding (3.3x faster forward + backward of a block on ML-1M-like lengths:
+``python -m mtfm_rec.bench --only onetrans_attention``). A dropped S-token is masked out as a
+key but its row is still computed, so the pyramid's compute saving is not realised here (it only
+changes what the model computes).
 
 Padded layout of one chunk (samples sorted longest first, ``.`` = padding)::
 
@@ -184,23 +185,21 @@ def length_chunks(lengths: Sequence[int], max_chunks: int) -> List[List[int]]:
     return [order[s:e] for s, e in reversed(bounds)]
 
 
-def _chunk_slots(
-    layout: AttentionLayout, pad_index: torch.Tensor, max_chunks: int
+def chunk_slots(
+    lengths: Sequence[int], pad_index: torch.Tensor, max_len: int, max_chunks: int
 ) -> Tuple[List[AttentionChunk], torch.Tensor]:
-    """The chunks of :func:`length_chunks` and each token's row in their buffer. Reads the
-    per-sample lengths on the host: only called for CPU tensors, where that costs no sync."""
-    offsets = layout.keys.offsets
-    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    """The chunks of :func:`length_chunks` over samples of ``lengths`` tokens, and the row in
+    their buffer of each token whose row in the ``[B * max_len]`` padded layout is ``pad_index``."""
+    device = pad_index.device
     chunks, base, start = [], [0] * len(lengths), 0
     for samples in length_chunks(lengths, max_chunks):
         width = max(lengths[samples[0]], 1)
         for rank, sample in enumerate(samples):
             base[sample] = start + rank * width
-        chunks.append(AttentionChunk(torch.tensor(samples, device=offsets.device), width, start))
+        chunks.append(AttentionChunk(torch.tensor(samples, device=device), width, start))
         start += len(samples) * width
-    m = layout.keys.max_len
-    sample_base = torch.tensor(base, dtype=torch.int64, device=offsets.device)
-    return chunks, sample_base[pad_index // m] + pad_index % m
+    sample_base = torch.tensor(base, dtype=torch.int64, device=device)
+    return chunks, sample_base[pad_index // max_len] + pad_index % max_len
 
 
 def token_slots(
@@ -228,9 +227,12 @@ def token_slots(
     sizes = [int(s_rows.shape[0])] + [int(r.shape[0]) for r in t_rows]
     if sum(sizes) != layout.num_tokens:
         raise ValueError(f"OneTrans: {sum(sizes)} S and T tokens for a layout of {layout.num_tokens}")
-    pad_index = layout.keys.pad_index[perm]
-    chunks, chunk_index = _chunk_slots(layout, pad_index, max_chunks) if max_chunks > 1 else (None, None)
-    slots = TokenSlots(sizes, pad_index, layout.batch_size, layout.keys.max_len, chunks, chunk_index)
+    pad_index, m = layout.keys.pad_index[perm], layout.keys.max_len
+    chunks, chunk_index = None, None
+    if max_chunks > 1:  # the lengths are read on the host: only asked for on the CPU (no sync)
+        offsets = layout.keys.offsets
+        chunks, chunk_index = chunk_slots((offsets[1:] - offsets[:-1]).tolist(), pad_index, m, max_chunks)
+    slots = TokenSlots(sizes, pad_index, layout.batch_size, m, chunks, chunk_index)
     return perm, slots
 
 
@@ -358,6 +360,7 @@ __all__ = [
     "OneTransBlock",
     "OneTransDense",
     "TokenSlots",
+    "chunk_slots",
     "layer_masks",
     "length_chunks",
     "pyramid_lengths",
