@@ -24,7 +24,7 @@ SUITES = (
     "aggregation",
     "model",
     "kernels",
-    "onetrans_attention",
+    "onetrans_cpu_path",
     "cpu_path",
     "training",
     "quality",

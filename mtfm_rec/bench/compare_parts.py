@@ -3,8 +3,8 @@
 ``python -m mtfm_rec.experiments compare`` writes one ``compare.json`` per experiment directory. A
 long comparison is often run in parts (the slow models later or on another machine, the close ones
 re-run over more seeds): each part's directory is listed in an environment variable, separated by
-``os.pathsep``. The parts must agree on config and overrides (the same budget and data) and share
-no seed of a model, and each part's training time is given on its own machine. An entry may also
+``os.pathsep``. The parts must agree on config and overrides (the same budget and data; overrides
+of where files go, ``NEUTRAL_OVERRIDES``, may differ) and share no seed of a model, and each part's training time is given on its own machine. An entry may also
 be a ``.json`` file holding an earlier report (``docs/bench/<section>.json``) or a
 ``compare.json``: a new part joins the table already published without the earlier parts' run
 directories. A model that a later part runs over new seeds (the same model config) joins its row:
@@ -24,6 +24,16 @@ from typing import Any, Dict, List, Sequence, Tuple
 # What the parts of one comparison must share: the same budget and data for every model. Not the
 # seeds: a row's mean is over its own part's seeds, and the table says which.
 MUST_AGREE = ("config", "overrides")
+# Overrides that change where files go or what is shown, never what is trained: parts may differ
+# in them (a part run on another machine keeps its aggregation cache elsewhere).
+NEUTRAL_OVERRIDES = ("data.cache_dir", "data.loader.index_cache_dir", "train.progress_bar")
+
+
+def _agreed(part: Dict[str, Any], key: str) -> Any:
+    """``part[key]``, its neutral overrides left out (what two parts are compared on)."""
+    if key != "overrides":
+        return part[key]
+    return [o for o in part[key] if o.split("=", 1)[0] not in NEUTRAL_OVERRIDES]
 
 
 def read_parts(variable: str, default: str, make: str) -> Tuple[str, Dict[str, Any]]:
@@ -68,10 +78,11 @@ def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = 
     merged.update(seeds=[], models=[], jobs=[], summary={}, model_configs={}, parts=[])
     for path, part in parts:
         for key in MUST_AGREE:
-            if part[key] != first[key]:
+            if _agreed(part, key) != _agreed(first, key):
                 raise ValueError(
                     f"{path}: {key}={part[key]!r} differs from {first_path}'s {first[key]!r}; "
-                    "parts of one comparison need the same config and overrides"
+                    "parts of one comparison need the same config and overrides (other than "
+                    f"{', '.join(NEUTRAL_OVERRIDES)})"
                 )
         repeated = [m for m in part["models"] if m in merged["models"]]
         for model in (m for m in repeated if m in rerun):
@@ -94,6 +105,7 @@ def merge_parts(parts: List[Tuple[str, Dict[str, Any]]], rerun: Sequence[str] = 
                 "source": path,
                 "models": part["models"],
                 "seeds": part["seeds"],
+                "overrides": part["overrides"],
                 "model_configs": own,
                 "fit_seconds": part.get("fit_seconds"),
                 "machine": part.get("machine"),
@@ -179,7 +191,7 @@ def part_commands(compare: Dict[str, Any]) -> List[str]:
             f"`python -m mtfm_rec.experiments compare --config {compare['config']} --models "
             f"{','.join(part['models'])} --seeds {','.join(map(str, part['seeds']))} "
             + "".join(f"--model-config {m}={c} " for m, c in (part.get("model_configs") or {}).items())
-            + " ".join(compare["overrides"])
+            + " ".join(part.get("overrides") or compare["overrides"])
             + "`",
             "",
         ]

@@ -6,7 +6,7 @@ only exercise shapes, layouts and the mask, through the real ``collate``.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +73,8 @@ def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:
 # Every random sample's window is [_WINDOW, 2 * _WINDOW); history timestamps fall in [0, _WINDOW),
 # real-time ones in [_WINDOW // 2, 2 * _WINDOW) (overlapping both), exposures in the window.
 _WINDOW = 1000
+# actions per sample, inclusive: one range for every sequence, or one per sequence name
+SequenceLengths = Union[Tuple[int, int], Mapping[str, Tuple[int, int]]]
 
 
 def _draw_times(rng: np.random.Generator, n: int, low: int, high: int, ts_pool: int) -> List[int]:
@@ -85,15 +87,16 @@ def _draw_times(rng: np.random.Generator, n: int, low: int, high: int, ts_pool: 
 
 
 def _sequence_columns(
-    schema: DatasetSchema, batch_size: int, seq_len: Tuple[int, int], rng: np.random.Generator, ts_pool: int
+    schema: DatasetSchema, batch_size: int, seq_len: SequenceLengths, rng: np.random.Generator, ts_pool: int
 ) -> Dict[str, List[Any]]:
     """The action sequences' timestamp and feature columns (a sequence at a time, sample-major)."""
     cols: Dict[str, List[Any]] = {}
     for q in schema.sequences:
         ts_col: List[Any] = []
         feat_cols: Dict[str, List[Any]] = {f: [] for f in q.features}
+        lo_len, hi_len = seq_len[q.name] if isinstance(seq_len, Mapping) else seq_len
         for _ in range(batch_size):
-            n = int(rng.integers(seq_len[0], seq_len[1] + 1))
+            n = int(rng.integers(lo_len, hi_len + 1))
             lo, hi = (0, _WINDOW) if q.is_history else (_WINDOW // 2, 2 * _WINDOW)
             ts_col.append(_draw_times(rng, n, lo, hi, ts_pool))
             for f, size in q.features.items():
@@ -147,7 +150,7 @@ def _scenario_columns(
 def random_table(
     schema: DatasetSchema,
     batch_size: int,
-    seq_len: Tuple[int, int] = (0, 12),
+    seq_len: SequenceLengths = (0, 12),
     exposures: Tuple[int, int] = (0, 5),
     seed: int = 0,
     only_scenario: Optional[Dict[int, str]] = None,
@@ -156,7 +159,8 @@ def random_table(
     """``batch_size`` aggregated samples in ``sample_format`` with random lengths and values.
 
     Args:
-        seq_len / exposures: inclusive ranges of actions per sequence / exposures per scenario.
+        seq_len / exposures: inclusive ranges of actions per sequence (one range for every
+            sequence, or one per sequence name) / of exposures per scenario.
         only_scenario: sample index -> the only scenario that sample has exposures in.
         ts_pool: if > 0, real-time and exposure timestamps are drawn from that many values
             (forces ties between R and T timestamps).

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtfm_rec.bench.compare_parts import merge_parts, model_seeds
+from mtfm_rec.bench.compare_parts import merge_parts, model_seeds, part_commands
 from mtfm_rec.experiments.compare import summarize
 
 KEYS = ("d0/click", "all/click")
@@ -80,3 +80,14 @@ def test_a_rerun_still_replaces_the_row() -> None:
     merged = merge_parts([("one", _part(["mtfm"], [0, 1])), ("two", _part(["mtfm"], [1, 2]))], rerun=["mtfm"])
     assert merged["summary"]["mtfm"] == _part(["mtfm"], [1, 2])["summary"]["mtfm"]
     assert model_seeds(merged) == {"mtfm": [1, 2]}
+
+
+def test_parts_may_differ_in_where_files_go_but_not_in_what_is_trained() -> None:
+    first = _part(["mtfm"], [0], overrides=["a=1", "data.cache_dir=/x"])
+    moved = _part(["star"], [0], overrides=["a=1", "data.cache_dir=/y", "train.progress_bar=false"])
+    merged = merge_parts([("one", first), ("two", moved)])
+    assert merged["models"] == ["mtfm", "star"]
+    assert [p["overrides"] for p in merged["parts"]] == [first["overrides"], moved["overrides"]]
+    assert "data.cache_dir=/y" in part_commands(merged)[2]  # each part's command as it was run
+    with pytest.raises(ValueError, match="two: overrides=.*differs from one's"):
+        merge_parts([("one", first), ("two", _part(["star"], [0], overrides=["a=2", "data.cache_dir=/x"]))])

@@ -219,7 +219,7 @@ def test_final_fraction_one_is_no_truncation_and_below_one_truncates(schema) -> 
         )
 
 
-# ----------------------------------------------------------------------------- chunked attention
+# ----------------------------------------------------------------------------- the pruned CPU path
 def test_length_chunks_is_the_cheapest_split_of_a_hand_sized_case() -> None:
     # lengths 9, 8, 2, 1 (samples 1, 3, 0, 2): two chunks {9, 8} and {2, 1} cost 2*81 + 2*4 = 170,
     # every other split of two more (one chunk: 4*81 = 324; {9}, {8, 2, 1}: 81 + 3*64 = 273)
@@ -229,26 +229,67 @@ def test_length_chunks_is_the_cheapest_split_of_a_hand_sized_case() -> None:
     assert length_chunks([], 4) == []
 
 
-def test_chunked_attention_is_the_single_padded_call(schema) -> None:
-    """The CPU's attention over chunks of similar length gives the outputs and gradients of one
-    call padded to the longest sample (padding keys are masked out either way)."""
-    model = make_onetrans(schema, layers=3, fraction=0.25)
-    batch = random_batch(schema, 7, seq_len=(0, 12), exposures=(1, 4), seed=21)
-    x, chunked, masks = _prepared(model, batch)
-    assert chunked.chunks is not None and len(chunked.chunks) > 1
-    layout, rows = model_layout(batch, True)
-    seq_rows = [batch.sequence_positions[q.name] for q in schema.ordered_sequences]
-    _, single = token_slots(layout, rows, seq_rows, model.dense.scenario_names, max_chunks=1)
-    assert single.chunks is None
+def _masked_and_pruned(model, batch: Batch, x: torch.Tensor):
+    """The T outputs of the last layer by both paths, from the same ``X(0)`` leaf ``x``."""
+    _, slots, masks = _prepared(model, batch)
+    n_s = slots.group_sizes[0]
+    masked = _run(model, x, slots, masks, range(model.dense.layers))[n_s:]
+    with torch.no_grad():
+        emb = model.embedding_collection(batch.sparse_features)
+        _, plan = model.dense.prepare_pruned(emb, batch)
+    return masked, model.dense.run_pruned(x, plan), plan
+
+
+@pytest.mark.parametrize("layers, fraction, seed", [(3, 0.25, 21), (4, 0.5, 22), (1, 0.25, 23), (2, 1.0, 24)])
+def test_pruned_cpu_path_is_the_masked_path(schema, layers: int, fraction: float, seed: int) -> None:
+    """The CPU's pruned path (rows dropped layer by layer, chunked suffix attention) gives the T
+    outputs, and the gradients of X(0), of the masked path over every row."""
+    model = make_onetrans(schema, layers=layers, fraction=fraction)
+    batch = random_batch(schema, 9, seq_len=(0, 12), exposures=(0, 4), seed=seed)
+    x, _, _ = _prepared(model, batch)
     outputs, grads = [], []
-    for slots in (single, chunked):
+    for path in range(2):
         leaf = x.clone().requires_grad_(True)
-        out = _run(model, leaf, slots, masks, range(3))
+        out = _masked_and_pruned(model, batch, leaf)[path]
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         outputs.append(out.detach())
         grads.append(leaf.grad)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)  # fp32 sums over ~100 keys
+
+
+def test_pruned_path_computes_fewer_rows_layer_by_layer(schema) -> None:
+    """Each layer's inputs are the rows the layer before kept (all of them after layer 1, whose
+    n_1 is every H token; fewer from there); the last layer's queries are the T tokens alone, and
+    the chunks cover every query and key once."""
+    model = make_onetrans(schema, layers=4, fraction=0.25)
+    batch = random_batch(schema, 6, seq_len=(6, 12), exposures=(1, 3), seed=5)
+    x, slots, _ = _prepared(model, batch)
+    _, _, plan = _masked_and_pruned(model, batch, x)
+    assert plan[0].input_sizes == plan[1].input_sizes == slots.group_sizes
+    for before, after in zip(plan, plan[1:]):
+        assert after.input_sizes == before.query_sizes
+    assert sum(plan[3].input_sizes) < sum(plan[2].input_sizes) < sum(plan[1].input_sizes)
+    assert plan[-1].query_sizes == [0] + slots.group_sizes[1:]
+    for layer in plan:
+        assert len(set(layer.query_index.tolist())) == layer.query_index.numel() <= layer.query_rows
+        assert len(set(layer.key_index.tolist())) == layer.key_index.numel() <= layer.key_rows
+        assert sum(int(c.samples.numel()) for c in layer.chunks) == batch.batch_size
+
+
+def test_cpu_forward_takes_the_pruned_path(schema, monkeypatch) -> None:
+    model = make_onetrans(schema, layers=3)
+    batch = random_batch(schema, 3, seed=6)
+    calls = []
+
+    def spy(block: OneTransBlock, x: torch.Tensor, layer) -> torch.Tensor:
+        calls.append(layer)
+        return x[layer.query_select]
+
+    monkeypatch.setattr(OneTransBlock, "forward_pruned", spy)
+    with torch.no_grad():
+        model(batch)
+    assert len(calls) == 3
 
 
 # ----------------------------------------------------------------------------- mixed parameters
