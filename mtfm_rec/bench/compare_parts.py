@@ -4,14 +4,14 @@
 long comparison is often run in parts (the slow models later or on another machine, the close ones
 re-run over more seeds): each part's directory is listed in an environment variable, separated by
 ``os.pathsep``. The parts must agree on config and overrides (the same budget and data; overrides
-of where files go, ``NEUTRAL_OVERRIDES``, may differ) and share no seed of a model, and each part's training time is given on its own machine. An entry may also
-be a ``.json`` file holding an earlier report (``docs/bench/<section>.json``) or a
-``compare.json``: a new part joins the table already published without the earlier parts' run
-directories. A model that a later part runs over new seeds (the same model config) joins its row:
-the row's mean and sample std become those over all its seeds, exactly as if one run had trained
-them all. A model that a later part re-runs replaces the earlier part's row only when
-``MTFM_COMPARE_RERUN`` names it (comma-separated); otherwise a repeated seed is refused as a
-mistake.
+of where files go, ``NEUTRAL_OVERRIDES``, may differ) and share no seed of a model, and each
+part's training time is given on its own machine. An entry may also be a ``.json`` file holding an
+earlier report (``docs/bench/<section>.json``) or a ``compare.json``: a new part joins the table
+already published without the earlier parts' run directories. A model that a later part runs over
+new seeds (the same model config) joins its row: the row's mean and sample std become those over
+all its seeds, exactly as if one run had trained them all. A model that a later part re-runs
+replaces the earlier part's row only when ``MTFM_COMPARE_RERUN`` names it (comma-separated);
+otherwise a repeated seed is refused as a mistake.
 """
 
 from __future__ import annotations
