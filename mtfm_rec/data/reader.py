@@ -320,10 +320,19 @@ class RawDataset:
         return read
 
     def _batches(self, pf: pq.ParquetFile, path: str, columns: List[str]) -> Iterator[pa.RecordBatch]:
+        """The file's batches; a file whose pages give fewer or more rows than its footer declares
+        (a damaged row-group header can make Arrow read none, without an error) is corrupt."""
+        read = 0
         try:
-            yield from pf.iter_batches(batch_size=self.batch_rows, columns=columns)
+            for batch in pf.iter_batches(batch_size=self.batch_rows, columns=columns):
+                read += batch.num_rows
+                yield batch
         except (pa.ArrowException, OSError) as exc:
             raise DataContractError(self._display(path), None, RULE_CORRUPT, str(exc)) from exc
+        declared = pf.metadata.num_rows
+        if read != declared:
+            detail = f"read {read} rows of the {declared} its footer declares"
+            raise DataContractError(self._display(path), None, RULE_CORRUPT, detail)
 
     def _row_problem(
         self, path: str, column: str, rule: str, bad: np.ndarray, row0: int, keep: np.ndarray, note: str = ""

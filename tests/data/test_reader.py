@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mtfm_rec.data import reader as rd
@@ -210,6 +211,24 @@ def test_corrupt_parquet_file(raw_writer: Callable[..., str], tmp_path: Any) -> 
     with pytest.raises(DataContractError) as err:
         read_all(ds)
     assert_contract_error(err.value, "exposures/hp/part-1.parquet", None, rd.RULE_CORRUPT)
+
+
+def test_a_file_that_reads_fewer_rows_than_its_footer_declares_is_corrupt(
+    raw_writer: Callable[..., str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flipped byte in a row-group header can make Arrow read no rows, without an error (the
+    fuzz test found one): the rows read are checked against the footer, so none is lost silently."""
+    root = write(raw_writer, str(tmp_path / "raw"), exposures={"hp": [exposures(), exposures()]})
+    whole = pq.ParquetFile.iter_batches
+
+    def damaged(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> Any:
+        batches = list(whole(self, *args, **kwargs))
+        return iter(batches[:-1] if self.metadata.num_rows else batches)  # the last batch lost
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", damaged)
+    with pytest.raises(DataContractError, match="read 0 rows of the 3 its footer declares") as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-0.parquet", None, rd.RULE_CORRUPT)
 
 
 def test_memory_url_reads_and_names_files_with_protocol(
