@@ -108,12 +108,14 @@ class _Source:
         spec: its scenario or sequence.
         files: its files (filesystem paths), in the local reader's order.
         types: per file, the arrow type of every column read (the reader's choice of columns).
+        rows: per file, the row count its footer declares, which Spark's count must equal.
     """
 
     kind: str
     spec: Spec
     files: List[str]
     types: List[Dict[str, pa.DataType]] = field(default_factory=list)
+    rows: List[int] = field(default_factory=list)
 
     @property
     def is_exposures(self) -> bool:
@@ -151,6 +153,7 @@ def _scan(ds: rd.RawDataset) -> Tuple[List[_Source], Optional[Tuple[int, int, rd
                 try:
                     columns = ds._check_columns(path, pf.schema_arrow, required, optional)
                     types = {c: pf.schema_arrow.field(c).type for c in columns}
+                    rows = pf.metadata.num_rows
                 finally:
                     pf.close()
                 for column, t in types.items():
@@ -158,6 +161,7 @@ def _scan(ds: rd.RawDataset) -> Tuple[List[_Source], Optional[Tuple[int, int, rd
             except rd.DataContractError as exc:
                 return sources, (i, j, exc)
             source.types.append(types)
+            source.rows.append(rows)
     return sources, None
 
 
@@ -397,28 +401,49 @@ def _validate(
     rows = _collect(functools.reduce(DataFrame.unionByName, parts), ds, sources) if parts else []
     kept = [0] * len(sources)
     bad = rd.BadRows()
-    first_bad: Optional[Tuple[int, int, int, int]] = None  # (source, file, rule, first row)
+    read: Dict[Tuple[int, int], int] = {}  # (source, file) -> rows Spark read
+    problems: List[Tuple[int, int, rd.DataContractError]] = []  # (source, file, error)
     for r in sorted(rows, key=lambda r: (r["_source"], -1 if r["_file"] is None else r["_file"])):
-        source = sources[r["_source"]]
-        if r["_file"] is None:
+        i, j, source = r["_source"], r["_file"], sources[r["_source"]]
+        if j is None:
             raise AggregationError(
                 f"{ds.root}/{source.kind}/{source.spec.name}: Spark read {r['n']} row(s) from a file "
                 "under a name the aggregation did not list; rename files to plain names"
             )
+        read[i, j] = read.get((i, j), 0) + int(r["n"])
         if r["_bad"] is None:
-            kept[r["_source"]] += int(r["n"])
+            kept[i] += int(r["n"])
             continue
         column, rule = _checks(source)[r["_bad"]]
-        bad.add(ds._display(source.files[r["_file"]]), column, rule, int(r["n"]))
-        if first_bad is None:  # rows are in the local engine's order of files
-            first_bad = (r["_source"], r["_file"], r["_bad"], r["first"])
-    if first_bad is not None and not skip_bad_rows:
-        i, j, rule_index, row = first_bad
-        path = sources[i].files[j]
-        column, rule = _checks(sources[i])[rule_index]
-        detail = f"row {row}; found by the Spark engine, not by the local reader"
-        _reread_locally(ds, sources[i], path, rd.DataContractError(ds._display(path), column, rule, detail))
+        bad.add(ds._display(source.files[j]), column, rule, int(r["n"]))
+        if not skip_bad_rows:
+            detail = f"row {r['first']}; found by the Spark engine, not by the local reader"
+            problems.append((i, j, rd.DataContractError(ds._display(source.files[j]), column, rule, detail)))
+    problems += _miscounted_files(ds, sources, frames, read)
+    if problems:  # the local engine reads the files in this order and stops at the first
+        i, j, error = min(problems, key=lambda p: p[:2])
+        _reread_locally(ds, sources[i], sources[i].files[j], error)
     return _Validation(kept, bad)
+
+
+def _miscounted_files(
+    ds: rd.RawDataset,
+    sources: List[_Source],
+    frames: List[Optional[DataFrame]],
+    read: Dict[Tuple[int, int], int],
+) -> List[Tuple[int, int, rd.DataContractError]]:
+    """The files of which Spark read another number of rows than the footer declares: a damaged
+    file can read short without an error, as the local reader checks too (``_batches``)."""
+    found = []
+    for i, (source, frame) in enumerate(zip(sources, frames)):
+        for j, declared in enumerate(source.rows if frame is not None else []):
+            got = read.get((i, j), 0)
+            if got != declared:
+                detail = f"Spark read {got} rows of the {declared} its footer declares"
+                found.append(
+                    (i, j, rd.DataContractError(ds._display(source.files[j]), None, rd.RULE_CORRUPT, detail))
+                )
+    return found
 
 
 class _OneFile(rd.RawDataset):

@@ -519,6 +519,29 @@ def _apply_flip(files: Files, m: Mutation, base: Base) -> None:
     files[m.target] = bytes(data)
 
 
+def overstate_row_count(content: bytes) -> bytes:
+    """The Parquet file with a footer that declares one row more than its pages and row groups
+    hold (FileMetaData.num_rows, field 3, a zigzag varint, edited in place), a damage both
+    engines must report instead of reading short."""
+    declared = pq.ParquetFile(io.BytesIO(content)).metadata.num_rows
+    assert 0 < declared < 63, "one-byte zigzag varints only"
+    footer_end = len(content) - 8
+    footer_start = footer_end - int.from_bytes(content[footer_end : footer_end + 4], "little")
+    field = bytes([0x16, 2 * declared])  # field-id delta 1, type i64; zigzag(n) = 2n
+    at = content.find(field, footer_start, footer_end)
+    while at >= 0:  # the first match that parses as the file's count and not a row group's
+        edited = content[: at + 1] + bytes([2 * declared + 2]) + content[at + 2 :]
+        try:
+            meta = pq.ParquetFile(io.BytesIO(edited)).metadata
+        except (OSError, pa.ArrowException):  # the bytes were part of another field
+            meta = None
+        if meta is not None and meta.num_rows == declared + 1:
+            if sum(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) == declared:
+                return edited
+        at = content.find(field, at + 1, footer_end)
+    raise AssertionError("no FileMetaData.num_rows found in the footer")
+
+
 def _apply_delete(files: Files, m: Mutation, base: Base) -> None:
     files.pop(m.target, None)
 

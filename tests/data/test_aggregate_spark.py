@@ -22,6 +22,7 @@ if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
     pytest.skip("the Spark engine needs Java 17+ (no `java` on PATH, no JAVA_HOME)", allow_module_level=True)
 
 from pyspark.sql import SparkSession  # noqa: E402
+from raw_mutations import overstate_row_count  # noqa: E402
 
 from mtfm_rec.data import aggregate as agg  # noqa: E402
 from mtfm_rec.data import aggregate_partitions as parts  # noqa: E402
@@ -264,6 +265,7 @@ def _errors(root: str, tmp: Any) -> Tuple[Exception, Exception]:
         ("label", r"x/a!.parquet: column 'order': label outside \{0, 1\} \(row 2; 1 such row"),
         ("row before structural", r"x/a b.parquet: column 'click': label outside \{0, 1\} \(row 1;"),
         ("corrupt", r"x/a!.parquet: not a readable Parquet file \("),
+        ("footer overstates rows", r"x/a!.parquet: not a readable Parquet file \(read 4 rows of the 5 its"),
     ],
 )
 def test_bad_input_raises_the_local_engines_error(tmp_path: Any, case: str, want: str) -> None:
@@ -282,6 +284,10 @@ def test_bad_input_raises_the_local_engines_error(tmp_path: Any, case: str, want
         data = bytearray(open(path, "rb").read())
         data[8:40] = b"\xff" * 32
         open(path, "wb").write(bytes(data))
+    if case == "footer overstates rows":  # Spark reads the row groups' 4 rows, without an error
+        path = os.path.join(root, "exposures/x/a!.parquet")
+        data = open(path, "rb").read()
+        open(path, "wb").write(overstate_row_count(data))
     local, spark_error = _errors(root, tmp_path)
     assert str(spark_error) == str(local)
     assert isinstance(spark_error, DataContractError) and spark_error.path.startswith(root)

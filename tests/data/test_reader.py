@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raw_mutations import overstate_row_count
 
 from mtfm_rec.data import reader as rd
 from mtfm_rec.data.reader import DataContractError, RawDataset
@@ -229,6 +230,17 @@ def test_a_file_that_reads_fewer_rows_than_its_footer_declares_is_corrupt(
     with pytest.raises(DataContractError, match="read 0 rows of the 3 its footer declares") as err:
         read_all(RawDataset(root))
     assert_contract_error(err.value, "exposures/hp/part-0.parquet", None, rd.RULE_CORRUPT)
+
+
+def test_a_footer_that_declares_more_rows_than_the_file_holds_is_corrupt(
+    raw_writer: Callable[..., str], tmp_path: Any
+) -> None:
+    root = write(raw_writer, str(tmp_path / "raw"), exposures={"hp": [exposures(), exposures()]})
+    path = tmp_path / "raw/exposures/hp/part-1.parquet"
+    path.write_bytes(overstate_row_count(path.read_bytes()))
+    with pytest.raises(DataContractError, match="read 3 rows of the 4 its footer declares") as err:
+        read_all(RawDataset(root))
+    assert_contract_error(err.value, "exposures/hp/part-1.parquet", None, rd.RULE_CORRUPT)
 
 
 def test_memory_url_reads_and_names_files_with_protocol(
