@@ -21,6 +21,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default="",
         help="runs each job's module with this instead of python, e.g. 'torchrun --nproc_per_node 8'",
     )
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="jobs at once (default 1), each with cores/N threads and, on a GPU machine, its own GPUs",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every job")
 
 
@@ -120,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         jobs = _plan(args)
         os.makedirs(root, exist_ok=True)
-        run_jobs(jobs, root, shlex.split(args.launcher))
+        run_jobs(jobs, root, shlex.split(args.launcher), parallel=args.parallel)
     except (ConfigError, JobFailedError) as exc:
         print(f"[experiments] error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -101,32 +101,138 @@ class JobChangedError(ConfigError):
 
 
 def run_jobs(
-    jobs: Sequence[Job], root: str, launcher: Sequence[str] = (), env: Optional[Dict[str, str]] = None
+    jobs: Sequence[Job],
+    root: str,
+    launcher: Sequence[str] = (),
+    env: Optional[Dict[str, str]] = None,
+    parallel: int = 1,
 ) -> None:
-    """Runs every unfinished job of ``jobs`` in order, one at a time, printing a line per job.
+    """Runs every unfinished job of ``jobs`` in order, up to ``parallel`` at a time, printing a
+    line per job as it ends. Each job's output goes to ``<run_dir>/job.log``.
 
-    Each job's output goes to ``<run_dir>/job.log``.
+    With ``parallel`` > 1 the jobs' data is aggregated here first, once per data config (jobs
+    starting together would each build the same cache), and each job gets its share of the
+    machine: ``OMP_NUM_THREADS`` = cores // ``parallel`` unless ``env`` sets it, and on a GPU
+    machine its own GPUs in ``CUDA_VISIBLE_DEVICES``. On a CPU two 1-thread jobs train more
+    samples per second together than one 2-thread job (docs/EXPERIMENTS.md).
 
     Raises:
+        ConfigError: ``parallel`` < 1, or fewer GPUs than ``parallel`` on a GPU machine.
         JobChangedError: a job's directory was run with another config; nothing is run.
-        JobFailedError: a job failed; the jobs before it stay finished.
+        JobFailedError: a job failed; no job starts after it, the running ones finish, and the
+            finished ones stay finished.
     """
+    slots = slot_environments(parallel, env)
     for job in jobs:
         job.check_unchanged(root)
     todo = [j for j in jobs if not j.finished(root)]
     print(f"[experiments] {root}: {len(jobs) - len(todo)} of {len(jobs)} jobs already finished", flush=True)
-    for i, job in enumerate(todo, 1):
+    if parallel > 1 and len(todo) > 1:
+        aggregate_once(todo, root)
+    queue, ended = list(todo), 0
+    running: Dict[int, _RunningJob] = {}  # slot -> its job
+    failure: Optional[JobFailedError] = None
+    while running or (queue and failure is None):
+        for slot in [k for k in range(len(slots)) if k not in running]:
+            if queue and failure is None:
+                running[slot] = _RunningJob.start(queue.pop(0), root, launcher, slots[slot])
+        time.sleep(0.2 if len(running) > 1 else 0)
+        for slot, run in list(running.items()):
+            if run.wait(block=len(running) == 1) is None:
+                continue
+            del running[slot]
+            ended += 1
+            try:
+                print(f"[experiments] [{ended}/{len(todo)}] {run.result(root)}", flush=True)
+            except JobFailedError as exc:
+                failure = failure or exc
+    if failure is not None:
+        raise failure
+
+
+@dataclass
+class _RunningJob:
+    """A job's training process, started with its output going to its ``job.log``."""
+
+    job: Job
+    process: subprocess.Popen
+    log: str
+    started: float
+
+    @classmethod
+    def start(
+        cls, job: Job, root: str, launcher: Sequence[str], env: Optional[Dict[str, str]]
+    ) -> "_RunningJob":
         os.makedirs(job.run_dir(root), exist_ok=True)
         log = os.path.join(job.run_dir(root), "job.log")
         cmd = job.command(root, launcher)
-        start = time.perf_counter()
         with open(log, "a") as fh:
             fh.write(f"$ {shlex.join(cmd)}\n")
             fh.flush()
-            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        seconds = time.perf_counter() - start
-        if rc != 0 or not job.finished(root):
-            raise JobFailedError(f"job {job.name} failed (exit code {rc}) after {seconds:.0f} s; see {log}")
-        aucs = [m["auc"] for m in job.metrics(root).values() if not math.isnan(m.get("auc", math.nan))]
+            process = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        return cls(job, process, log, time.perf_counter())
+
+    def wait(self, block: bool) -> Optional[int]:
+        """The exit code, or None while it runs (``block``: waits for it)."""
+        return self.process.wait() if block else self.process.poll()
+
+    def result(self, root: str) -> str:
+        """``<name>: test AUC ..., <seconds> s``; raises :class:`JobFailedError` for a failed job."""
+        rc, seconds = self.process.returncode, time.perf_counter() - self.started
+        if rc != 0 or not self.job.finished(root):
+            raise JobFailedError(
+                f"job {self.job.name} failed (exit code {rc}) after {seconds:.0f} s; see {self.log}"
+            )
+        aucs = [m["auc"] for m in self.job.metrics(root).values() if not math.isnan(m.get("auc", math.nan))]
         result = f"test AUC {sum(aucs) / len(aucs):.4f} (mean of {len(aucs)})" if aucs else "no test AUC"
-        print(f"[experiments] [{i}/{len(todo)}] {job.name}: {result}, {seconds:.0f} s", flush=True)
+        return f"{self.job.name}: {result}, {seconds:.0f} s"
+
+
+def slot_environments(parallel: int, env: Optional[Dict[str, str]] = None) -> List[Optional[Dict[str, str]]]:
+    """The environment of each of ``parallel`` job slots (``[env]`` for one slot: as given).
+
+    Raises:
+        ConfigError: ``parallel`` < 1, or a GPU machine with fewer GPUs than slots (a slot
+            without a GPU would train on the CPU without a word).
+    """
+    if parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {parallel}")
+    if parallel == 1:
+        return [env]
+    base = dict(os.environ if env is None else env)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = base.get("OMP_NUM_THREADS") or str(max(1, cores // parallel))
+    gpus = _visible_gpus(base)
+    if gpus and len(gpus) < parallel:
+        raise ConfigError(f"--parallel {parallel} needs a GPU per job, and {len(gpus)} are visible ({gpus})")
+    slots: List[Optional[Dict[str, str]]] = []
+    for k in range(parallel):
+        slot = {**base, "OMP_NUM_THREADS": threads}
+        if gpus:
+            slot["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[k::parallel])
+        slots.append(slot)
+    return slots
+
+
+def _visible_gpus(env: Dict[str, str]) -> List[str]:
+    """The GPUs the jobs may use: ``CUDA_VISIBLE_DEVICES`` when set, else every CUDA device."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [g for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def aggregate_once(jobs: Sequence[Job], root: str) -> None:
+    """Builds (or checks) the aggregated data of every distinct data config of ``jobs``, one
+    after another, so that jobs started together find it ready."""
+    from mtfm_rec.data.aggregate import ensure_aggregated
+
+    seen = set()
+    for job in jobs:
+        data = load_config(job.config, [*job.overrides, f"train.run_dir={job.run_dir(root)}"]).data
+        key = (data.raw, data.cache_dir, repr(data.aggregation))
+        if data.raw and key not in seen:
+            seen.add(key)
+            out = ensure_aggregated(data.raw, data.cache_dir, data.aggregation)
+            print(f"[experiments] data: {data.raw} -> {out}", flush=True)

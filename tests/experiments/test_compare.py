@@ -117,9 +117,12 @@ def test_pooled_metrics_are_computed_over_every_scenarios_rows(tmp_path) -> None
 
 
 def test_smoke_comparison_resumes_only_what_is_missing(raw, tmp_path, capsys) -> None:
-    """Two models (one per scenario), one seed, tiny data; a removed result is the only re-run."""
+    """Two models (one per scenario), one seed, tiny data, two jobs at a time (the data is
+    aggregated once before them); a removed result is the only re-run."""
     argv = [
         "compare",
+        "--parallel",
+        "2",
         "--config",
         CONFIG,
         "--models",
