@@ -384,11 +384,12 @@ def _validate(
     ds: rd.RawDataset, sources: List[_Source], frames: List[Optional[DataFrame]], skip_bad_rows: bool
 ) -> _Validation:
     """Counts every source's rows per (file, first rule broken) in one job; raises the local
-    reader's error on the first bad file unless ``skip_bad_rows``.
+    reader's error on the first bad file (a bad row, unless ``skip_bad_rows``, or a row count
+    other than the footer's).
 
     Raises:
-        DataContractError: a bad row (strict) or a file Spark cannot read, word for word the
-            local engine's error.
+        DataContractError: a bad row (strict), a file Spark cannot read or reads another number
+            of rows from than its footer declares, word for word the local engine's error.
         AggregationError: Spark read a file under a name the engine did not list.
     """
     parts = [
