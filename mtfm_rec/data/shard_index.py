@@ -101,6 +101,24 @@ def unreadable_shard(path: str, row_group: int, exc: Exception) -> LoaderError:
     )
 
 
+def read_unit(
+    pf: pq.ParquetFile, path: str, row_group: int, declared: int, columns: Sequence[str]
+) -> pa.Table:
+    """One row group's ``columns``. A damaged row group can read short without an error from
+    Arrow (as raw files can, ``RawDataset._batches``), which would drop its samples from the
+    index and the batches alike: the rows read must be the ``declared`` count of its footer."""
+    try:
+        table = pf.read_row_group(row_group, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable_shard(path, row_group, exc) from exc
+    if table.num_rows != declared:
+        raise LoaderError(
+            f"{path} row group {row_group}: read {table.num_rows} rows of the {declared} its footer "
+            "declares; the shard is damaged, re-run the aggregation"
+        )
+    return table
+
+
 def _prescan(
     fs: fsspec.AbstractFileSystem,
     units: Sequence[Tuple[str, int, int]],
@@ -115,17 +133,17 @@ def _prescan(
     columns = _split_columns(schema)
     open_path, pf, fh = None, None, None
     try:
-        for path, rg, _ in units:
+        for path, rg, num_rows in units:
             try:
                 if path != open_path:
                     if fh is not None:
                         fh.close()
                     fh = fs.open(path, "rb")
                     pf, open_path = pq.ParquetFile(fh), path
-                assert pf is not None  # opened above, for this path or an earlier unit's
-                table = pf.read_row_group(rg, columns=columns)
             except (pa.ArrowException, OSError) as exc:
                 raise unreadable_shard(path, rg, exc) from exc
+            assert pf is not None  # opened above, for this path or an earlier unit's
+            table = read_unit(pf, path, rg, num_rows, columns)
             row_keep, _ = split_masks(table, schema, split, eval_after, valid_after, scenarios)
             counts.append(int(row_keep.sum()))
     finally:

@@ -26,7 +26,7 @@ from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
 from mtfm_rec.data.errors import LoaderError
 from mtfm_rec.data.schema import DatasetSchema
-from mtfm_rec.data.shard_index import Unit, build_index, unreadable_shard
+from mtfm_rec.data.shard_index import Unit, build_index, read_unit, unreadable_shard
 from mtfm_rec.data.splits import SPLITS, split_masks
 from mtfm_rec.training.distributed import get_rank, get_world_size
 
@@ -337,7 +337,7 @@ class _RowReader:
         u = ds.units[unit]
         try:
             with ds._fs.open(u.path, "rb") as fh:
-                table = pq.ParquetFile(fh).read_row_group(u.row_group, columns=self._columns)
+                table = read_unit(pq.ParquetFile(fh), u.path, u.row_group, u.num_rows, self._columns)
         except (pa.ArrowException, OSError) as exc:
             raise unreadable_shard(u.path, u.row_group, exc) from exc
         row_keep, _ = split_masks(table, ds.schema, ds.split, ds.eval_after, ds.valid_after, ds.scenarios)

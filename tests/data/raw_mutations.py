@@ -519,27 +519,44 @@ def _apply_flip(files: Files, m: Mutation, base: Base) -> None:
     files[m.target] = bytes(data)
 
 
-def overstate_row_count(content: bytes) -> bytes:
-    """The Parquet file with a footer that declares one row more than its pages and row groups
-    hold (FileMetaData.num_rows, field 3, a zigzag varint, edited in place), a damage both
-    engines must report instead of reading short."""
-    declared = pq.ParquetFile(io.BytesIO(content)).metadata.num_rows
-    assert 0 < declared < 63, "one-byte zigzag varints only"
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def overstate_row_count(content: bytes, row_group: Optional[int] = None) -> bytes:
+    """The Parquet file with a footer that declares one row more than the pages hold: in
+    FileMetaData.num_rows (``row_group`` None) or in that row group's num_rows. Both are field 3
+    of their struct, an i64 zigzag varint; the edit keeps the file's size (a count whose varint
+    would grow is refused), so it is the damage a size check cannot see."""
+
+    def counts(data: bytes) -> Optional[Tuple[int, ...]]:
+        try:
+            meta = pq.ParquetFile(io.BytesIO(data)).metadata
+        except (OSError, pa.ArrowException):  # the bytes were part of another field
+            return None
+        return (meta.num_rows, *(meta.row_group(g).num_rows for g in range(meta.num_row_groups)))
+
+    before = counts(content)
+    assert before is not None
+    index = 0 if row_group is None else 1 + row_group
+    want = tuple(n + (i == index) for i, n in enumerate(before))
+    old, new = _varint(2 * before[index]), _varint(2 * want[index])  # zigzag(n) = 2n for n >= 0
+    assert len(old) == len(new), f"{before[index]} + 1 needs a longer varint"
     footer_end = len(content) - 8
     footer_start = footer_end - int.from_bytes(content[footer_end : footer_end + 4], "little")
-    field = bytes([0x16, 2 * declared])  # field-id delta 1, type i64; zigzag(n) = 2n
+    field = b"\x16" + old  # field-id delta 1 (from field 2), compact type i64
     at = content.find(field, footer_start, footer_end)
-    while at >= 0:  # the first match that parses as the file's count and not a row group's
-        edited = content[: at + 1] + bytes([2 * declared + 2]) + content[at + 2 :]
-        try:
-            meta = pq.ParquetFile(io.BytesIO(edited)).metadata
-        except (OSError, pa.ArrowException):  # the bytes were part of another field
-            meta = None
-        if meta is not None and meta.num_rows == declared + 1:
-            if sum(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) == declared:
-                return edited
+    while at >= 0:
+        edited = content[: at + 1] + new + content[at + 1 + len(old) :]
+        if counts(edited) == want:
+            return edited
         at = content.find(field, at + 1, footer_end)
-    raise AssertionError("no FileMetaData.num_rows found in the footer")
+    raise AssertionError(f"no num_rows field {index} found in the footer")
 
 
 def _apply_delete(files: Files, m: Mutation, base: Base) -> None:

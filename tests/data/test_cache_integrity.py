@@ -17,6 +17,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raw_mutations import overstate_row_count
 
 from mtfm_rec.data import aggregate as agg
 from mtfm_rec.data import sample_format as fmt
@@ -324,3 +325,20 @@ def test_unreadable_row_group_names_the_shard(built: Tuple[str, str]) -> None:
     ds = ShardedBatchDataset(out, batch_size=1, split="all", shuffle=False)  # footers are fine
     with pytest.raises(LoaderError, match=want):
         list(ds)
+
+
+@pytest.mark.parametrize("split", ["train", "all"])
+def test_a_row_group_that_reads_short_is_refused(built: Tuple[str, str], split: str) -> None:
+    """A row group whose pages give fewer rows than its footer declares (Arrow reads it without an
+    error, and a size or marker check cannot see it): refused by the pre-scan of a split and by
+    the reader, never read as fewer samples."""
+    _, out = built
+    path = os.path.join(out, fmt.shard_name(0))
+    with open(path, "rb") as fh:
+        damaged = overstate_row_count(fh.read(), row_group=0)
+    with open(path, "wb") as fh:
+        fh.write(damaged)
+    declared = pq.read_metadata(path).row_group(0).num_rows
+    want = f"{fmt.shard_name(0)} row group 0: read {declared - 1} rows of the {declared} its footer declares"
+    with pytest.raises(LoaderError, match=want):
+        list(ShardedBatchDataset(out, batch_size=1, split=split, shuffle=False))
