@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any, Dict
 
 from mtfm_rec.bench import ON_DEMAND, SUITES, machine
 
@@ -14,6 +15,17 @@ BENCH_DIR = Path("docs/bench")
 # Results measured on a GPU machine go to <suite>-cuda.json, so they sit beside the CPU ones.
 GPU_SUFFIX = "-cuda"
 REPORT = Path("docs/BENCHMARKS.md")
+
+
+def measured_line(module: Any, result: Dict[str, Any]) -> str:
+    """The line under a section's heading: where its numbers were measured. A suite that reports
+    work done elsewhere (a comparison trained in parts, on several machines) says so itself
+    (``module.measured``); the rest were measured where the bench ran."""
+    if hasattr(module, "measured"):
+        return str(module.measured(result))
+    m = result.get("machine", {})
+    where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
+    return f"Measured {m.get('date')} on {where}, torch {m.get('torch')}."
 
 
 def render_report() -> str:
@@ -36,8 +48,7 @@ def render_report() -> str:
         m = result.get("machine", {})
         lines.append(f"## {name}" + (f" (GPU: {m['gpu']})" if m.get("gpu") else ""))
         lines.append("")
-        where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
-        lines.append(f"Measured {m.get('date')} on {where}, torch {m.get('torch')}.")
+        lines.append(measured_line(module, result))
         lines.append("")
         lines.append(module.render(result).rstrip())
         lines.append("")

@@ -221,3 +221,22 @@ def part_time(part: Dict[str, Any]) -> str:
     m = part.get("machine") or {}
     where = f"{m['cpu']} ({m['cores']} cores), {m['date']}" if m else "machine not recorded"
     return f"{models}: {part['fit_seconds'] / 60:.0f} min on {where}"
+
+
+def measured(result: Dict[str, Any]) -> str:
+    """The heading line of a report merged from parts: the machines its jobs trained on, each
+    with its dates, and where the report itself was assembled (``result["machine"]``), so that a
+    table whose parts ran on different CPUs does not name only the newest one."""
+    trained: Dict[str, List[str]] = {}
+    for part in result["compare"]["parts"]:
+        m = part.get("machine") or {}
+        where = f"{m['cpu']} ({m['cores']} cores)" if m else "a machine not recorded"
+        dates = trained.setdefault(where, [])
+        if m.get("date") and m["date"] not in dates:
+            dates.append(m["date"])
+    jobs = "; ".join(f"{where}" + (f" ({', '.join(sorted(d))})" if d else "") for where, d in trained.items())
+    here = result.get("machine", {})
+    return (
+        f"Jobs trained on {jobs}; report assembled {here.get('date')} on {here.get('cpu')} "
+        f"({here.get('cores')} cores), torch {here.get('torch')}."
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtfm_rec.bench.compare_parts import merge_parts, model_seeds, part_commands
+from mtfm_rec.bench.compare_parts import measured, merge_parts, model_seeds, part_commands
 from mtfm_rec.experiments.compare import summarize
 
 KEYS = ("d0/click", "all/click")
@@ -91,3 +91,21 @@ def test_parts_may_differ_in_where_files_go_but_not_in_what_is_trained() -> None
     assert "data.cache_dir=/y" in part_commands(merged)[2]  # each part's command as it was run
     with pytest.raises(ValueError, match="two: overrides=.*differs from one's"):
         merge_parts([("one", first), ("two", _part(["star"], [0], overrides=["a=2", "data.cache_dir=/x"]))])
+
+
+def test_the_heading_names_every_parts_machine_not_only_the_newest() -> None:
+    amd = {"cpu": "AMD EPYC", "cores": 2, "date": "2026-11-22"}
+    intel = {"cpu": "Intel Xeon", "cores": 2, "date": "2026-12-05"}
+    merged = merge_parts(
+        [
+            ("one", _part(["mtfm", "star"], [0], machine=amd)),
+            ("two", _part(["mtgr"], [0], machine={**amd, "date": "2026-12-04"})),
+            ("three", _part(["mtgr"], [1], machine=intel)),
+        ]
+    )
+    here = {**intel, "torch": "2.13.0+cpu"}
+    line = measured({"compare": merged, "machine": here})
+    assert line == (
+        "Jobs trained on AMD EPYC (2 cores) (2026-11-22, 2026-12-04); Intel Xeon (2 cores) "
+        "(2026-12-05); report assembled 2026-12-05 on Intel Xeon (2 cores), torch 2.13.0+cpu."
+    )

@@ -87,3 +87,15 @@ def test_a_gap_inside_the_seeds_spread_is_marked_within(tmp_path, monkeypatch) -
         "  - drama/click: star 0.8030 against MTFM 0.8000 (-0.0030, within the rows' std summed, 0.0040)"
         in text
     )
+
+
+def test_the_heading_names_where_the_jobs_trained_and_the_report_was_assembled(tmp_path, monkeypatch) -> None:
+    from mtfm_rec.bench.__main__ import measured_line
+
+    _write(tmp_path, {"mtfm": {"drama/click": _cell(0.8)}}, ["mtfm"])
+    monkeypatch.setenv("MTFM_TABLE2_DIR", str(tmp_path))
+    here = {"cpu": "Intel Xeon", "cores": 2, "date": "d", "torch": "t"}
+    result = {**table2.run(quick=False), "machine": here}
+    assert measured_line(table2, result) == (
+        "Jobs trained on a machine not recorded; report assembled d on Intel Xeon (2 cores), torch t."
+    )
