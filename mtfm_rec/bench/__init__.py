@@ -37,6 +37,11 @@ SUITES = (
 ON_DEMAND = ("baselines", "table2")
 
 
+def machine_name(m: Dict[str, Any]) -> str:
+    """How a report names a :func:`machine`: its GPU if it had one, else ``<cpu> (<n> cores)``."""
+    return m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
+
+
 def machine() -> Dict[str, Any]:
     """The machine a measurement ran on (CPU model, cores, torch, Python, date; the GPU if any),
     which every report names."""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from mtfm_rec.bench import ON_DEMAND, SUITES, machine
+from mtfm_rec.bench import ON_DEMAND, SUITES, machine, machine_name
 
 BENCH_DIR = Path("docs/bench")
 # Results measured on a GPU machine go to <suite>-cuda.json, so they sit beside the CPU ones.
@@ -24,8 +24,7 @@ def measured_line(module: Any, result: Dict[str, Any]) -> str:
     if hasattr(module, "measured"):
         return str(module.measured(result))
     m = result.get("machine", {})
-    where = m.get("gpu") or f"{m.get('cpu')} ({m.get('cores')} cores)"
-    return f"Measured {m.get('date')} on {where}, torch {m.get('torch')}."
+    return f"Measured {m.get('date')} on {machine_name(m)}, torch {m.get('torch')}."
 
 
 def render_report() -> str:

@@ -19,10 +19,7 @@ import os
 from typing import Any, Dict, List
 
 from mtfm_rec.bench.compare_parts import best_steps, model_seeds, part_commands, part_time, read_parts
-from mtfm_rec.bench.compare_parts import measured as _parts_measured
-
-# The heading line names every part's machine, not only the one that assembled the report.
-measured = _parts_measured
+from mtfm_rec.bench.compare_parts import measured as measured  # the heading: every part's machine
 
 # Scenario-Wise Rec (KDD 2024), Table 7: test AUC on ML-1M (label rating > 3), total and per
 # age domain, and total logloss; models chosen on validation.

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
+
+from mtfm_rec.bench import machine_name
 
 # What the parts of one comparison must share: the same budget and data for every model. Not the
 # seeds: a row's mean is over its own part's seeds, and the table says which.
@@ -219,7 +221,7 @@ def part_time(part: Dict[str, Any]) -> str:
     if part.get("fit_seconds") is None:
         return f"{models}: not recorded"
     m = part.get("machine") or {}
-    where = f"{m['cpu']} ({m['cores']} cores), {m['date']}" if m else "machine not recorded"
+    where = f"{machine_name(m)}, {m['date']}" if m else "machine not recorded"
     return f"{models}: {part['fit_seconds'] / 60:.0f} min on {where}"
 
 
@@ -227,16 +229,14 @@ def measured(result: Dict[str, Any]) -> str:
     """The heading line of a report merged from parts: the machines its jobs trained on, each
     with its dates, and where the report itself was assembled (``result["machine"]``), so that a
     table whose parts ran on different CPUs does not name only the newest one."""
-    trained: Dict[str, List[str]] = {}
+    trained: Dict[str, Set[str]] = {}
     for part in result["compare"]["parts"]:
         m = part.get("machine") or {}
-        where = f"{m['cpu']} ({m['cores']} cores)" if m else "a machine not recorded"
-        dates = trained.setdefault(where, [])
-        if m.get("date") and m["date"] not in dates:
-            dates.append(m["date"])
-    jobs = "; ".join(f"{where}" + (f" ({', '.join(sorted(d))})" if d else "") for where, d in trained.items())
+        dates = trained.setdefault(machine_name(m) if m else "a machine not recorded", set())
+        dates.update([m["date"]] if m.get("date") else [])
+    jobs = "; ".join(where + (f" ({', '.join(sorted(d))})" if d else "") for where, d in trained.items())
     here = result.get("machine", {})
     return (
-        f"Jobs trained on {jobs}; report assembled {here.get('date')} on {here.get('cpu')} "
-        f"({here.get('cores')} cores), torch {here.get('torch')}."
+        f"Jobs trained on {jobs}; report assembled {here.get('date')} on {machine_name(here)}, "
+        f"torch {here.get('torch')}."
     )
