@@ -232,8 +232,16 @@ def markdown_table(summary: Summary, keys: Sequence[str], metrics: Sequence[str]
     return "\n".join(lines)
 
 
+def _seed_label(model: str, seeds: float) -> str:
+    """``"mtfm (3 seeds)"``: the legend entry of a model averaged over ``seeds`` runs."""
+    n = int(seeds)
+    return f"{model} ({n} seed{'s' if n != 1 else ''})"
+
+
 def plot(summary: Summary, keys: Sequence[str], path: str, title: str) -> None:
-    """Grouped bars: test AUC per key, one bar per model, std over seeds as error bars."""
+    """Grouped bars: test AUC per key, one bar per model, std over seeds as error bars; the
+    legend gives each model's seed count, so a bar without an error bar reads as one seed,
+    not as no spread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,7 +254,9 @@ def plot(summary: Summary, keys: Sequence[str], path: str, title: str) -> None:
         x = np.arange(len(keys)) + (i - (len(models) - 1) / 2) * width
         mean = [summary[model][k]["auc_mean"] for k in keys]
         std = [summary[model][k]["auc_std"] for k in keys]
-        ax.bar(x, mean, width, yerr=std, capsize=2, label=model)
+        ax.bar(
+            x, mean, width, yerr=std, capsize=2, label=_seed_label(model, summary[model][keys[0]]["seeds"])
+        )
     low = min(summary[m][k]["auc_mean"] for m in models for k in keys)
     ax.set_ylim(max(0.0, math.floor((low - 0.02) * 50) / 50), None)
     ax.set_xticks(np.arange(len(keys)), keys, rotation=20)

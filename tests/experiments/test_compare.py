@@ -90,6 +90,23 @@ def test_table_marks_best_bold_and_second_underlined() -> None:
     assert f"**0.7400 ± {math.sqrt(2 * 0.01**2):.4f}**" in table
 
 
+def test_plot_legend_names_each_models_seed_count(tmp_path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = {
+        ("a", "0"): {"s/t": _m(0.7, 0.6)},
+        ("a", "1"): {"s/t": _m(0.72, 0.6)},
+        ("b", "0"): {"s/t": _m(0.71, 0.6)},
+    }
+    labels = []
+    monkeypatch.setattr(
+        plt, "close", lambda fig: labels.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    )
+    compare.plot(compare.summarize(rows, ["s/t"]), ["s/t"], str(tmp_path / "c.png"), "t")
+    assert labels == ["a (2 seeds)", "b (1 seed)"]  # a bar without an error bar is one seed
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
 def test_pooled_metrics_are_computed_over_every_scenarios_rows(tmp_path) -> None:
     from mtfm_rec.experiments.jobs import Job
     from mtfm_rec.training.metrics import compute_key_metrics, write_predictions
