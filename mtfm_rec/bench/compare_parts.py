@@ -27,8 +27,16 @@ from mtfm_rec.bench import machine_name
 # seeds: a row's mean is over its own part's seeds, and the table says which.
 MUST_AGREE = ("config", "overrides")
 # Overrides that change where files go or what is shown, never what is trained: parts may differ
-# in them (a part run on another machine keeps its aggregation cache elsewhere).
-NEUTRAL_OVERRIDES = ("data.cache_dir", "data.loader.index_cache_dir", "train.progress_bar")
+# in them (a part run on another machine keeps its aggregation cache elsewhere). The log interval
+# decides when the loss is read back and logged; it reaches training only through the time budget
+# (train.max_minutes), which parts must share.
+NEUTRAL_OVERRIDES = (
+    "data.cache_dir",
+    "data.loader.index_cache_dir",
+    "train.progress_bar",
+    "train.tensorboard",
+    "train.log_every",
+)
 
 
 def _agreed(part: Dict[str, Any], key: str) -> Any:

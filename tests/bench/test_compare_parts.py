@@ -85,6 +85,7 @@ def test_a_rerun_still_replaces_the_row() -> None:
 def test_parts_may_differ_in_where_files_go_but_not_in_what_is_trained() -> None:
     first = _part(["mtfm"], [0], overrides=["a=1", "data.cache_dir=/x"])
     moved = _part(["star"], [0], overrides=["a=1", "data.cache_dir=/y", "train.progress_bar=false"])
+    moved["overrides"] += ["train.log_every=50", "train.tensorboard=false"]  # what is logged
     merged = merge_parts([("one", first), ("two", moved)])
     assert merged["models"] == ["mtfm", "star"]
     assert [p["overrides"] for p in merged["parts"]] == [first["overrides"], moved["overrides"]]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
+import sys
 from typing import Any, Dict
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
@@ -30,6 +29,9 @@ from mtfm_rec.training.checkpoint_files import (
     select_checkpoint,
     verify_checkpoint,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from processes import file_store, init_rank, spawn_ranks  # noqa: E402
 
 # ---------------------------------------------------------------- plain model (no dist)
 
@@ -143,12 +145,6 @@ TABLES = {"t0": 12, "t1": 7}
 DIM = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Model(torch.nn.Module):
     def __init__(self, device: torch.device) -> None:
         from torchrec.modules.embedding_configs import EmbeddingConfig
@@ -260,13 +256,8 @@ def _assert_same(actual: Dict[str, Any], expected: Dict[str, Any]) -> None:
             assert actual[k] == expected[k], k
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def _two_rank_main(rank: int, port: int, tmp: str) -> None:
-    _init(rank, 2, port)
+def _two_rank_main(rank: int, store: str, tmp: str) -> None:
+    init_rank(rank, 2, store)
     try:
         expected = torch.load(os.path.join(tmp, "ref1.pt"), weights_only=False)
         # t0 row-wise (split over both ranks), t1 table-wise (on one rank).
@@ -319,7 +310,7 @@ def resharded(tmp_path_factory) -> Dict[str, Any]:
     """Trains on 1 rank and saves; loads on 2 ranks, trains, saves; loads back on 1 rank."""
     tmp = str(tmp_path_factory.mktemp("reshard"))
     out: Dict[str, Any] = {}
-    _init(0, 1, _free_port())
+    init_rank(0, 1, file_store(tmp, "save_one_rank"))
     try:
         dmp, opt = _dmp({"t0": "row_wise", "t1": "row_wise"})
         _train_dmp(dmp, opt, 3, seed=1)
@@ -330,10 +321,10 @@ def resharded(tmp_path_factory) -> Dict[str, Any]:
     finally:
         dist.destroy_process_group()
 
-    mp.spawn(_two_rank_main, args=(_free_port(), tmp), nprocs=2)
+    spawn_ranks(_two_rank_main, (file_store(tmp, "two_ranks"), tmp))
     out["two"] = [torch.load(os.path.join(tmp, f"two_rank_{r}.pt"), weights_only=False) for r in range(2)]
 
-    _init(0, 1, _free_port())
+    init_rank(0, 1, file_store(tmp, "load_one_rank"))
     try:
         dmp, opt = _dmp({"t0": "row_wise", "t1": "table_wise"})
         state = load_checkpoint(latest_checkpoint(os.path.join(tmp, "ckpt2")), dmp, opt)
@@ -401,11 +392,11 @@ def test_two_ranks_hash_their_own_files_and_agree_on_a_damaged_checkpoint(reshar
     assert sorted(os.listdir(root)) == ["step_1", "step_2.damaged"]
 
 
-def _one_rank_group_main(rank: int, port: int, tmp: str) -> None:
+def _one_rank_group_main(rank: int, store: str, tmp: str) -> None:
     """Saves and loads under an initialised one-rank gloo group, recording DCP's ``no_dist``."""
     import torch.distributed.checkpoint as dcp
 
-    _init(rank, 1, port)
+    init_rank(rank, 1, store)
     calls = []
     save, load = dcp.save, dcp.load
     dcp.save = lambda *a, **kw: (calls.append(("save", kw.get("no_dist"))), save(*a, **kw))[1]
@@ -428,7 +419,7 @@ def _one_rank_group_main(rank: int, port: int, tmp: str) -> None:
 def test_a_one_rank_group_saves_and_loads_without_dcp_collectives(tmp_path) -> None:
     # DCP's collective save over a one-rank gloo group left every later training step of the
     # process ~40 % slower (docs/TRAINING.md); one rank has nothing to coordinate.
-    mp.spawn(_one_rank_group_main, args=(_free_port(), str(tmp_path)), nprocs=1)
+    spawn_ranks(_one_rank_group_main, (file_store(tmp_path), str(tmp_path)), nprocs=1)
     report = torch.load(os.path.join(tmp_path, "one.pt"), weights_only=False)
     assert report["calls"] == [("save", True), ("load", True)]
     _assert_same(report["after"], report["before"])  # the round trip still restores everything

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
-import time
+import sys
 from typing import Dict, List
 
 import numpy as np
@@ -14,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +24,9 @@ from mtfm_rec.training.metrics import (
     read_metrics_json,
     write_metrics_json,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from processes import file_store, init_rank, spawn_ranks  # noqa: E402
 
 KEYS = ["feed/click", "feed/like", "search/click"]
 
@@ -192,15 +193,8 @@ def test_accumulator_equals_direct_and_predictions_round_trip(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- 2 ranks
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _rank_main(rank: int, store: str, out_dir: str) -> None:
+    init_rank(rank, 2, store)
     try:
         batches = make_batches(2)
         acc = MetricAccumulator(KEYS, save_predictions=True, flush_every=3)
@@ -212,7 +206,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_two_ranks_equal_single_process(tmp_path) -> None:
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2)
+    spawn_ranks(_rank_main, (file_store(tmp_path), str(tmp_path)))
     single = MetricAccumulator(KEYS)
     feed(single, make_batches(2))
     expected = single.compute()
@@ -275,9 +269,8 @@ def test_predictions_with_a_null_or_nan_score_are_refused(tmp_path) -> None:
         metrics_from_predictions(table)
 
 
-def _nan_rank_main(rank: int, port: int, out_dir: str, mode: str = "nan") -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _nan_rank_main(rank: int, store: str, out_dir: str, mode: str = "nan") -> None:
+    init_rank(rank, 2, store)
     try:
         acc = MetricAccumulator(KEYS)
         batches = make_batches(3)[rank::2]  # rank 0: the feed batches, rank 1: the search ones
@@ -301,14 +294,8 @@ def _nan_rank_main(rank: int, port: int, out_dir: str, mode: str = "nan") -> Non
 
 
 def test_non_finite_scores_on_one_rank_raise_on_every_rank(tmp_path) -> None:
-    args = (_free_port(), str(tmp_path))
-    ctx = mp.start_processes(_nan_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:  # a rank left waiting in a collective
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("a rank did not finish")
+    args = (file_store(tmp_path), str(tmp_path))
+    spawn_ranks(_nan_rank_main, args)
     texts = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert texts[0] == texts[1]
     bad = re.fullmatch(
@@ -320,14 +307,8 @@ def test_non_finite_scores_on_one_rank_raise_on_every_rank(tmp_path) -> None:
 
 
 def test_a_rank_0_failure_keeps_its_type_there_and_reaches_the_other_ranks(tmp_path) -> None:
-    args = (_free_port(), str(tmp_path), "unwritable")
-    ctx = mp.start_processes(_nan_rank_main, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail("a rank did not finish")
+    args = (file_store(tmp_path), str(tmp_path), "unwritable")
+    spawn_ranks(_nan_rank_main, args)
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     name = rank0.split(":", 1)[0]
     assert name not in ("computed", "RuntimeError"), rank0  # rank 0: the original exception

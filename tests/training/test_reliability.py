@@ -30,6 +30,7 @@ from mtfm_rec.training.run_lock import LOCK_NAME, RunDirLockedError, RunLock
 from mtfm_rec.training.trainer import Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from processes import file_store, init_rank, spawn_ranks  # noqa: E402
 from standins import QUIET, SCHEMA, StandinLoader, StandinModel, make_table  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -406,11 +407,10 @@ def test_two_trainers_on_one_run_dir(tmp_path) -> None:
         second.close()
 
 
-def _locked_rank(rank: int, port: int, run_dir: str) -> None:
+def _locked_rank(rank: int, store: str, run_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_rank(rank, 2, store)
     try:
         cfg = load_config(
             None, QUIET + [f"train.run_dir={run_dir}", "train.eval_splits=[]", "data.loader.batch_size=8"]
@@ -428,21 +428,10 @@ def _locked_rank(rank: int, port: int, run_dir: str) -> None:
 
 
 def test_every_rank_stops_when_rank_0_cannot_lock(tmp_path) -> None:
-    import torch.multiprocessing as mp
-
     run = str(tmp_path)
     held = RunLock(run).acquire()  # another job's lock
     try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        ctx = mp.start_processes(_locked_rank, args=(port, run), nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 240
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:  # a rank left waiting for rank 0: end them, fail
-                for proc in ctx.processes:
-                    proc.kill()
-                pytest.fail("the ranks did not finish: one waits for the other")
+        spawn_ranks(_locked_rank, (file_store(tmp_path), run))  # a rank left waiting fails it
     finally:
         held.release()
     for rank in range(2):
