@@ -25,7 +25,7 @@ help:
 	@echo "make gpu-check GPU_PY=python   on a CUDA machine (docs/INSTALL.md): GPU parity tests,"
 	@echo "             kernel bench (docs/bench/kernels-cuda.json), training on the Triton path"
 
-# Re-installs only when a lock file or setup.py changes; a second run is a no-op.
+# Re-installs only when a lock file, setup.py, pyproject.toml or a kernel's C++ source changes; a second run is a no-op.
 $(STAMP): requirements-lock.txt requirements-nodeps.txt setup.py pyproject.toml kernels/hstu_attention/csrc/hstu_cpu.cpp kernels/group_norm/csrc/group_norm_cpu.cpp
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt

@@ -21,5 +21,6 @@ setup(
     # The pinned stack lives in requirements-lock.txt (+ requirements-nodeps.txt for torchrec,
     # whose declared fbgemm-gpu dependency would pull a CUDA build); see docs/INSTALL.md.
     install_requires=[],
-    entry_points={"console_scripts": ["mtfm-train=mtfm_rec.train:main"]},
+    # cli, not main: main returns the metrics (a console script exits with what it returns)
+    entry_points={"console_scripts": ["mtfm-train=mtfm_rec.train:cli"]},
 )

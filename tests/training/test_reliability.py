@@ -224,11 +224,19 @@ def test_cuda_device_without_a_gpu_is_refused(tmp_path, monkeypatch) -> None:
         make_trainer(f"{tmp_path}/run", "train.device=cuda")
 
 
-def test_cli_prints_one_named_error_line(tmp_path) -> None:
+# the module and the console script setup.py installs (docs/LAUNCH.md) are one command line
+TRAIN_COMMANDS = {
+    "module": [sys.executable, "-m", "mtfm_rec.train"],
+    "console_script": [os.path.join(os.path.dirname(sys.executable), "mtfm-train")],
+}
+
+
+@pytest.mark.parametrize("command", sorted(TRAIN_COMMANDS))
+def test_cli_prints_one_named_error_line(tmp_path, command: str) -> None:
     path = tmp_path / "taken"
     path.write_text("x")
     out = subprocess.run(
-        [sys.executable, "-m", "mtfm_rec.train", f"train.run_dir={path}"],
+        [*TRAIN_COMMANDS[command], f"train.run_dir={path}"],
         cwd=REPO,
         capture_output=True,
         text=True,
