@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -284,9 +284,17 @@ def _lbfgs(
     return tuple(t.detach() for t in w)
 
 
-def reference_metrics(root: str, names: Sequence[str] = REFERENCES) -> Dict[str, Dict[str, Dict[str, float]]]:
+def reference_metrics(
+    root: str, names: Sequence[str] = REFERENCES, fit_scenarios: Optional[Sequence[str]] = None
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{reference: {"<scenario>/<task>": metrics}}`` on the test split of a synthetic dataset,
     for the references in ``names`` (each regression is a few L-BFGS fits per scenario x task).
+
+    ``fit_scenarios``: the scenarios ``plug_in_fit`` is computed for (``None``: every one). Its
+    posterior tastes cover every training window of a scenario and its fits every training row,
+    the slowest reference by far (most of the 25 minutes all references took on 30,000 users; it
+    grows with the rows), while it tells most where data is scarce; the other scenarios have no
+    ``plug_in_fit`` entry.
 
     Runs on one torch thread: the regressions are many small gathers, which extra threads only
     slow down (measured 5.5 s on one thread against 117 s on two busy cores, 600 users).
@@ -294,16 +302,27 @@ def reference_metrics(root: str, names: Sequence[str] = REFERENCES) -> Dict[str,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference_metrics(root, names)
+        return _reference_metrics(root, names, fit_scenarios)
     finally:
         torch.set_num_threads(threads)
 
 
-def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, Dict[str, float]]]:
+def _reference_metrics(
+    root: str, names: Sequence[str], fit_scenarios: Optional[Sequence[str]]
+) -> Dict[str, Dict[str, Dict[str, float]]]:
     unknown = sorted(set(names) - set(REFERENCES))
     if unknown:
         raise ValueError(f"unknown reference(s) {unknown}; expected some of {list(REFERENCES)}")
     schema = DatasetSchema.load(f"{root.rstrip('/')}/dataset.yaml")
+    scenario_names = [s.name for s in schema.scenarios]
+    if fit_scenarios is None:
+        fit_scenarios = scenario_names
+    elif set(fit_scenarios) - set(scenario_names):
+        raise ValueError(
+            f"fit_scenarios {sorted(set(fit_scenarios) - set(scenario_names))} are not scenarios "
+            f"of {root}/dataset.yaml ({scenario_names})"
+        )
+    fitted = set(fit_scenarios) if "plug_in_fit" in names else set()
     valid_after = int(schema.extra["recommended_valid_after"])
     eval_after = int(schema.extra["recommended_eval_after"])
     cfg = generator_config(schema)
@@ -312,12 +331,11 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
     world, tastes = None, None
     if set(PLUG_INS) & set(names):
         world = world_of(cfg)
-        # plug_in_fit trains on every split; the other plug-ins score the test split alone
-        first = eval_after if "plug_in_fit" not in names else np.iinfo(np.int64).min
         users, starts = [], []
-        for exposures, _ in loaded.values():
+        for name, (exposures, _) in loaded.items():
             ts = exposures["ts"].to_numpy()
-            keep = ts >= first
+            # plug_in_fit trains on every split; the other plug-ins score the test split alone
+            keep = ts >= (np.iinfo(np.int64).min if name in fitted else eval_after)
             users.append(exposures["user_id"].to_numpy()[keep])
             starts.append((ts - np.mod(ts, WINDOW_SECONDS))[keep])
         tastes = TasteModes(world, history, np.concatenate(users), np.concatenate(starts))
@@ -326,7 +344,8 @@ def _reference_metrics(root: str, names: Sequence[str]) -> Dict[str, Dict[str, D
         exposures, truth = loaded[scenario.name]
         ts = exposures["ts"].to_numpy()
         split = np.where(ts >= eval_after, 2, np.where(ts >= valid_after, 1, 0))
-        scores = _scenario_scores(scenario, exposures, truth, split, history, list(out), world, tastes, cfg)
+        asked = [name for name in out if name != "plug_in_fit" or scenario.name in fitted]
+        scores = _scenario_scores(scenario, exposures, truth, split, history, asked, world, tastes, cfg)
         labels_user = exposures["user_id"].to_numpy()[split == 2]
         for name, by_task in scores.items():
             for task, score in by_task.items():
@@ -386,22 +405,32 @@ def _scenario_scores(
 
 
 def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], columns: List[str]) -> str:
-    keys = list(next(iter(metrics.values())))
+    """A Markdown table, a row per scenario x task; '-' where a reference was not computed
+    (``plug_in_fit`` outside ``fit_scenarios``)."""
+    keys = list(dict.fromkeys(key for c in columns for key in metrics[c]))
     lines = [
         "| scenario/task | " + " | ".join(f"{c} AUC" for c in columns) + " | test n |",
         "|---" * (len(columns) + 2) + "|",
     ]
     for key in keys:
-        aucs = " | ".join(f"{metrics[c][key]['auc']:.4f}" for c in columns)
-        lines.append(f"| {key} | {aucs} | {metrics[columns[0]][key]['count']} |")
+        cells = [metrics[c].get(key) for c in columns]
+        aucs = " | ".join("-" if m is None else f"{m['auc']:.4f}" for m in cells)
+        count = next(m["count"] for m in cells if m is not None)
+        lines.append(f"| {key} | {aucs} | {count} |")
     return "\n".join(lines)
 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", help="a dataset written by mtfm_rec.data.synthetic")
+    parser.add_argument(
+        "--fit-scenarios",
+        default=None,
+        help="comma-separated scenarios to compute plug_in_fit for (default: every scenario)",
+    )
     args = parser.parse_args(argv)
-    metrics = reference_metrics(args.root)
+    fit = None if args.fit_scenarios is None else [s for s in args.fit_scenarios.split(",") if s]
+    metrics = reference_metrics(args.root, fit_scenarios=fit)
     print(format_table(metrics, list(REFERENCES)))
     return 0
 

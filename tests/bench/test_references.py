@@ -279,6 +279,26 @@ def test_a_subset_of_references_equals_the_full_computation(bench: Tuple[Path, D
         assert subset[name] == metrics[name], name
 
 
+def test_plug_in_fit_on_named_scenarios_equals_the_full_computation(
+    bench: Tuple[Path, DatasetSchema, dict],
+) -> None:
+    root, _, metrics = bench
+    # the other scenarios' training windows are then not solved: the fit must not depend on them
+    some = references.reference_metrics(str(root), ("plug_in_fit", "lr_history"), fit_scenarios=["coupon"])
+    assert set(some["plug_in_fit"]) == {"coupon/click", "coupon/order"}
+    for key, value in some["plug_in_fit"].items():
+        assert value == metrics["plug_in_fit"][key], key
+    assert some["lr_history"] == metrics["lr_history"]
+    table = references.format_table(some, ["plug_in_fit", "lr_history"])
+    assert "| feed/click | - | " in table and "| coupon/click | 0." in table
+
+
+def test_an_unknown_fit_scenario_is_refused_by_name(bench: Tuple[Path, DatasetSchema, dict]) -> None:
+    root = bench[0]
+    with pytest.raises(ValueError, match=r"fit_scenarios \['shop'\] are not scenarios of .*dataset.yaml"):
+        references.reference_metrics(str(root), ("plug_in_fit",), fit_scenarios=["coupon", "shop"])
+
+
 def test_an_unknown_reference_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown reference\(s\) \['oracle'\]"):
         references.reference_metrics(str(tmp_path), ("bayes", "oracle"))
