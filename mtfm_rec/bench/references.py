@@ -332,10 +332,10 @@ def _reference_metrics(
     if set(PLUG_INS) & set(names):
         world = world_of(cfg)
         users, starts = [], []
-        for name, (exposures, _) in loaded.items():
+        for scenario_name, (exposures, _) in loaded.items():
             ts = exposures["ts"].to_numpy()
             # plug_in_fit trains on every split; the other plug-ins score the test split alone
-            keep = ts >= (np.iinfo(np.int64).min if name in fitted else eval_after)
+            keep = ts >= (np.iinfo(np.int64).min if scenario_name in fitted else eval_after)
             users.append(exposures["user_id"].to_numpy()[keep])
             starts.append((ts - np.mod(ts, WINDOW_SECONDS))[keep])
         tastes = TasteModes(world, history, np.concatenate(users), np.concatenate(starts))
