@@ -115,6 +115,14 @@ class LoaderConfig:
     seed: int = 0
     pin_memory: bool = True  # only takes effect when CUDA is available
     index_cache_dir: Optional[str] = None  # caches the per-split pre-scan (path or fsspec URL)
+    # scenario -> extra training passes per epoch over its samples, in batches of only its
+    # exposures, interleaved with the main pass (mtfm_rec.data.mixture); for a sparse scenario
+    extra_passes: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.extra_passes.items() if not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"loader.extra_passes values must be integers >= 0, got {bad}")
 
 
 def check_split_boundaries(eval_after: Optional[int], valid_after: Optional[int], note: str = "") -> None:

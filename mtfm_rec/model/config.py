@@ -74,9 +74,10 @@ class ModelConfig:
     attention_backend: str = (
         "auto"  # auto (Triton on CUDA, cpp on CPU) | reference | prefix | blocksparse | cpp | triton
     )
-    # Sinusoids of each token's time (relative to its sample's latest token) at this many periods,
-    # geometric from 1 minute to 30 days, projected to d_model and added to X(0) (tokenizer.py);
-    # 0 = off. Attention then sees how far apart in time a candidate and an action are.
+    # Sinusoids of each token's own time at this many periods, geometric from 1 minute to 30 days,
+    # projected to d_model and added to X(0) (TimeEncoding, tokenizer.py); 0 = off. A dot product
+    # of two tokens' encodings depends on how far apart in time they are. (Not relative to the
+    # sample's latest token: that reference leaked labels, docs/TRAINING.md finding 8.)
     time_frequencies: int = 0
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4

@@ -62,6 +62,7 @@ from mtfm_rec.data.aggregate import ensure_aggregated
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.config import check_split_boundaries, fill_recommended_splits
 from mtfm_rec.data.loader import ResumableLoader
+from mtfm_rec.data.mixture import MixtureLoader, train_loader_from_config
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model.zoo import build_model
 from mtfm_rec.training.checkpoint import CheckpointManager, load_checkpoint, read_checkpoint_info
@@ -249,6 +250,9 @@ class Trainer:
         self.stopped_early = False
         self.train_loader = self._loader_fn("train")
         self._require_batches(self.train_loader, "train")
+        if isinstance(self.train_loader, MixtureLoader):
+            parts = ", ".join(f"{name} {src.num_batches()}" for name, src in self.train_loader.sources)
+            log0(self.info, f"train epoch: {len(self.train_loader)} batches per rank ({parts})")
         self._loader_state = copy.deepcopy(self.train_loader.state_dict())
         self._resume_checked = False
         self._saved_step = -1
@@ -331,6 +335,14 @@ class Trainer:
     def _default_loader(self, split: str) -> Loader:
 
         assert self.dataset_dir is not None
+        if split == "train":  # with the extra passes of data.loader.extra_passes, if any
+            return train_loader_from_config(
+                self.dataset_dir,
+                self.config.data,
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+                schema=self.schema,
+            )
         return ResumableLoader.from_config(
             self.dataset_dir,
             self.config.data,
