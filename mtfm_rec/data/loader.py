@@ -30,7 +30,7 @@ around it and the position as state.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional, Protocol
 
 import torch
 import torch.utils.data
@@ -76,6 +76,26 @@ def build_dataloader(
         collate_fn=_identity,  # type: ignore[arg-type]
         persistent_workers=False,  # workers must see each iteration's epoch / start_batch
     )
+
+
+class EpochLoader(Protocol):
+    """A loader whose iteration yields the rest of its current epoch and then advances it."""
+
+    epoch: int
+
+    def num_batches(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+
+def iter_epochs(loader: EpochLoader, num_epochs: Optional[int] = None) -> Iterator[Batch]:
+    """Yields ``loader``'s batches across epochs (forever when ``num_epochs`` is None); stops
+    at once when an epoch has no batches."""
+    last = None if num_epochs is None else loader.epoch + num_epochs
+    while last is None or loader.epoch < last:
+        if loader.num_batches() == 0:
+            return
+        yield from loader
 
 
 class ResumableLoader:
@@ -180,11 +200,7 @@ class ResumableLoader:
 
     def iter_batches(self, num_epochs: Optional[int] = None) -> Iterator[Batch]:
         """Yields batches across epochs (forever when ``num_epochs`` is None)."""
-        last = None if num_epochs is None else self.epoch + num_epochs
-        while last is None or self.epoch < last:
-            if self.num_batches() == 0:
-                return
-            yield from self
+        return iter_epochs(self, num_epochs)
 
     # ---------------------------------------------------------------- state
     def _identity_fields(self) -> Dict[str, Any]:

@@ -28,7 +28,7 @@ import numpy as np
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.config import DataConfig
 from mtfm_rec.data.errors import LoaderError
-from mtfm_rec.data.loader import ResumableLoader
+from mtfm_rec.data.loader import ResumableLoader, iter_epochs
 from mtfm_rec.data.schema import DatasetSchema
 
 STATE_VERSION = 1
@@ -108,11 +108,7 @@ class MixtureLoader:
 
     def iter_batches(self, num_epochs: Optional[int] = None) -> Iterator[Batch]:
         """Yields batches across epochs (forever when ``num_epochs`` is None)."""
-        last = None if num_epochs is None else self.epoch + num_epochs
-        while last is None or self.epoch < last:
-            if self.num_batches() == 0:
-                return
-            yield from self
+        return iter_epochs(self, num_epochs)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
