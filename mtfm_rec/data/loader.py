@@ -240,6 +240,11 @@ class ResumableLoader:
         """
         if state.get("version") != STATE_VERSION:
             raise LoaderError(f"loader state version {state.get('version')}, expected {STATE_VERSION}")
+        if "source_names" in state:  # a mixture's (mtfm_rec.data.mixture)
+            raise LoaderError(
+                f"loader state of a run with extra passes (sources {state['source_names']}); "
+                "this run has none (data.loader.extra_passes changed since it was saved)"
+            )
         mine = self._identity_fields()
         resharded = state.get("resharded_from")
         if resharded is not None:

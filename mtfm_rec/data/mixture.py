@@ -38,13 +38,11 @@ def interleave_schedule(counts: Sequence[int]) -> np.ndarray:
     """Source index of every position of an epoch that takes ``counts[j]`` batches of source
     ``j``, spread evenly: batch ``k`` of source ``j`` sits at time ``(k + 1/2) / counts[j]``
     (ties go to the lower source). ``[3, 1]`` gives ``[0, 0, 1, 0]``."""
-    times = [(np.arange(n) + 0.5) / n for n in counts]
-    sources = np.concatenate(
-        [np.full(n, j, np.int64) for j, n in enumerate(counts)] or [np.zeros(0, np.int64)]
-    )
-    if len(sources) == 0:
-        return sources
-    return sources[np.lexsort((sources, np.concatenate(times)))]
+    if sum(counts) == 0:
+        return np.zeros(0, np.int64)
+    times = np.concatenate([(np.arange(n) + 0.5) / n for n in counts])
+    sources = np.concatenate([np.full(n, j, np.int64) for j, n in enumerate(counts)])
+    return sources[np.lexsort((sources, times))]
 
 
 class MixtureLoader:

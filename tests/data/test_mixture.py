@@ -97,6 +97,8 @@ def test_a_state_of_other_sources_is_refused(data_dir: str) -> None:
     with pytest.raises(LoaderError, match="not a mixture state.*extra_passes changed"):
         mixture(data_dir).load_state_dict(plain)
     state = mixture(data_dir).state_dict()
+    with pytest.raises(LoaderError, match=r"extra passes \(sources \['main', 'b#1'\]\); this run has none"):
+        loader(data_dir, **KW).load_state_dict(state)
     other = MixtureLoader(
         [("main", loader(data_dir, **KW)), ("a#1", loader(data_dir, **KW, scenarios=["a"]))]
     )
