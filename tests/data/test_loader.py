@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import fsspec
 import numpy as np
@@ -288,18 +288,26 @@ def test_resume_yields_exactly_the_rest(data_dir: str, workers: int) -> None:
     full = loader(data_dir, workers, **kwargs)
     reference = epoch_ids(full) + epoch_ids(full)  # two epochs, 20 batches each
     assert len(reference) == 40
+    # stop points inside and at the end of epochs
+    got = ids_with_restarts(lambda: loader(data_dir, workers, **kwargs), (5, 6, 19, 20, 33, 40), 20)
+    assert got == reference
+
+
+def ids_with_restarts(make: Callable[[], Any], stops: Sequence[int], per_epoch: int) -> List[List[int]]:
+    """User ids of the batches up to ``stops[-1]``, from a fresh loader restored from the last
+    one's state at every stop point; checks each saved position against the batches taken."""
     got: List[List[int]] = []
-    state = loader(data_dir, workers, **kwargs).state_dict()
-    for stop in (5, 6, 19, 20, 33, 40):  # stop points inside and at the end of epochs
-        ld = loader(data_dir, workers, **kwargs)
+    state = make().state_dict()
+    for stop in stops:
+        ld = make()
         ld.load_state_dict(state)
         for batch in ld.iter_batches():
             got.append(batch.user_id.tolist())
             if len(got) == stop:
                 break
         state = ld.state_dict()
-        assert state["epoch"] * 20 + state["batches_in_epoch"] == stop
-    assert got == reference
+        assert state["epoch"] * per_epoch + state["batches_in_epoch"] == stop
+    return got
 
 
 def test_resume_eval_mode_mid_epoch(data_dir: str) -> None:

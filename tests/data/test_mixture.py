@@ -7,7 +7,7 @@ from typing import Any, List
 
 import numpy as np
 import pytest
-from test_loader import loader, write_dataset
+from test_loader import ids_with_restarts, loader, write_dataset
 
 from mtfm_rec.config import ConfigError, from_dict
 from mtfm_rec.data.config import DataConfig, LoaderConfig
@@ -78,18 +78,8 @@ def test_resume_yields_exactly_the_rest(data_dir: str, workers: int) -> None:
     full = mixture(data_dir, workers)
     per_epoch = full.num_batches()
     reference = ids(full.iter_batches(num_epochs=2))
-    got: List[List[int]] = []
-    state = mixture(data_dir, workers).state_dict()
-    for stop in (1, 4, per_epoch - 1, per_epoch, per_epoch + 5, 2 * per_epoch):
-        ld = mixture(data_dir, workers)
-        ld.load_state_dict(state)
-        for batch in ld.iter_batches():
-            got.append(batch.user_id.tolist())
-            if len(got) == stop:
-                break
-        state = ld.state_dict()
-        assert state["epoch"] * per_epoch + state["batches_in_epoch"] == stop
-    assert got == reference
+    stops = (1, 4, per_epoch - 1, per_epoch, per_epoch + 5, 2 * per_epoch)
+    assert ids_with_restarts(lambda: mixture(data_dir, workers), stops, per_epoch) == reference
 
 
 def test_a_state_of_other_sources_is_refused(data_dir: str) -> None:
