@@ -57,6 +57,7 @@ def _weights(
     x_norm = layer._norm_in(x, layout.token_group, layer.resolved_backend(x.device))
     k, _ = layer._kv(x_norm)
     _, q = layer._uq(x_norm[layout.target_rows])
+    q, k = layer.rotary(q, layout.target.ts), layer.rotary(k, layout.keys.ts)  # as _attend does
     r = layer.num_heads // layer.num_kv_heads
     prefix, self_local = layout.target.prefix_encoding("attention probe")
     sample = torch.searchsorted(layout.target.offsets, torch.arange(len(layout.target_rows)), right=True) - 1

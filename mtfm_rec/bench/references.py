@@ -17,6 +17,10 @@ per scenario x task, with the trainer's exact AUC / GAUC (``compute_key_metrics`
   no model sees. What a model can reach lies near the two: above ``plug_in`` where it reads the
   intent better than one hit, below ``plug_in_intent`` (both ignore the taste the real-time clicks
   reveal, and use the posterior mode, not the mean of the probability).
+* ``plug_in_posterior``: the same with the intent hit replaced by its posterior probability
+  given a summary of the visible real-time actions, learned from the train split's true hits
+  (:mod:`mtfm_rec.bench.intent_posterior`): an estimate of what reading the real-time sequence
+  can tell of the intent, between the two above.
 * ``plug_in_fit``: the cost of finite data. A logistic regression as ``lr_features`` plus the
   plug-in's two inputs, ``taste_affinity`` (the posterior-mode taste . the candidate's category
   vector) and ``realtime_hit``, with every effect (each item's bias, the feature effects, the
@@ -47,6 +51,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mtfm_rec.bench.intent_posterior import CELL_SIZES, IntentPosterior, visible_intent_cells
 from mtfm_rec.data.reader import read_parquet_folder
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
 from mtfm_rec.data.synthetic import (
@@ -60,8 +65,18 @@ from mtfm_rec.data.synthetic import (
 )
 from mtfm_rec.training.metrics import compute_key_metrics
 
-REFERENCES = ("bayes", "plug_in_intent", "plug_in", "plug_in_fit", "lr_features", "lr_history")
-PLUG_INS = ("plug_in", "plug_in_intent", "plug_in_fit")  # the references that replay the world
+REFERENCES = (
+    "bayes",
+    "plug_in_intent",
+    "plug_in_posterior",
+    "plug_in",
+    "plug_in_fit",
+    "lr_features",
+    "lr_history",
+)
+# the references that replay the world; the first three score the test split with the true logits
+PLUG_INS = ("plug_in", "plug_in_intent", "plug_in_posterior", "plug_in_fit")
+REPLAYS = ("plug_in", "plug_in_intent", "plug_in_posterior")
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3)  # per-sample mean penalty; chosen on the valid split
 WINDOW_SECONDS = 86400  # the aggregation default: one sample = one user-day
 
@@ -169,21 +184,23 @@ def plug_in_scores(
     exposures: pa.Table,
     truth: pa.Table,
     taste: np.ndarray,
-    realtime_hit: np.ndarray,
+    hits: Mapping[str, np.ndarray],
 ) -> Dict[str, Dict[str, np.ndarray]]:
-    """``{"plug_in" | "plug_in_intent": {task: probabilities}}`` of the rows of ``exposures``
-    (module docstring): the true logits with ``taste . item`` replaced by the rows'
-    posterior-mode ``taste``'s, and for ``plug_in`` the click logit's intent term by
-    ``realtime_hit``'s."""
+    """``{name: {task: probabilities}}`` of the rows of ``exposures`` for each ``name`` of
+    ``hits`` (module docstring): the true logits with ``taste . item`` replaced by the rows'
+    posterior-mode ``taste``'s and the intent hit by ``hits[name]``, the probability of a hit
+    (0/1 for a hit read as certain), over which the click probability is averaged."""
     local = exposures[ITEM_ID_COLUMN[scenario.name]].to_numpy().astype(np.int64)
     items = world.ranges[scenario.name][0] + local
     error = np.einsum("nk,nk->n", taste, world.item_vec[items]) - truth["affinity"].to_numpy()
     intent = truth["intent_hit"].to_numpy().astype(np.float64)
     p_click = truth["p_click"].to_numpy()
+    weight = cfg.intent_weight[scenario.name]
+    # the click logit without its intent term
+    z = _logit(p_click) + cfg.taste_weight[scenario.name] * error - weight * intent
     out: Dict[str, Dict[str, np.ndarray]] = {}
-    for name, hit in (("plug_in_intent", intent), ("plug_in", realtime_hit)):
-        z = _logit(p_click) + cfg.taste_weight[scenario.name] * error
-        click = 1.0 / (1.0 + np.exp(-(z + cfg.intent_weight[scenario.name] * (hit - intent))))
+    for name, hit in hits.items():
+        click = hit / (1.0 + np.exp(-(z + weight))) + (1.0 - hit) / (1.0 + np.exp(-z))
         out[name] = {"click": click}
         if "order" in scenario.tasks:
             z_order = _logit(truth["p_order"].to_numpy() / p_click)
@@ -339,13 +356,27 @@ def _reference_metrics(
             users.append(exposures["user_id"].to_numpy()[keep])
             starts.append((ts - np.mod(ts, WINDOW_SECONDS))[keep])
         tastes = TasteModes(world, history, np.concatenate(users), np.concatenate(starts))
+    posteriors = (
+        _intent_posteriors(loaded, history, valid_after, eval_after) if "plug_in_posterior" in names else {}
+    )
     out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in REFERENCES if name in names}
     for scenario in schema.scenarios:
         exposures, truth = loaded[scenario.name]
         ts = exposures["ts"].to_numpy()
         split = np.where(ts >= eval_after, 2, np.where(ts >= valid_after, 1, 0))
         asked = [name for name in out if name != "plug_in_fit" or scenario.name in fitted]
-        scores = _scenario_scores(scenario, exposures, truth, split, history, asked, world, tastes, cfg)
+        scores = _scenario_scores(
+            scenario,
+            exposures,
+            truth,
+            split,
+            history,
+            asked,
+            world,
+            tastes,
+            cfg,
+            posteriors.get(scenario.name),
+        )
         labels_user = exposures["user_id"].to_numpy()[split == 2]
         for name, by_task in scores.items():
             for task, score in by_task.items():
@@ -365,8 +396,10 @@ def _scenario_scores(
     world: _World | None,
     tastes: TasteModes | None,
     cfg: SyntheticConfig,
+    intent_posterior: np.ndarray | None = None,
 ) -> Dict[str, Dict[str, np.ndarray]]:
-    """``{reference: {task: test-split probabilities}}`` of one scenario."""
+    """``{reference: {task: test-split probabilities}}`` of one scenario (``intent_posterior``:
+    the test rows' probability of an intent hit, for ``plug_in_posterior``)."""
     user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
     category = truth["category"].to_numpy().astype(np.int64)
     window_start = ts - np.mod(ts, WINDOW_SECONDS)
@@ -378,7 +411,13 @@ def _scenario_scores(
         "lr_history": np.column_stack([dense, history.history_share(user, window_start, category), hit]),
     }
     out: Dict[str, Dict[str, np.ndarray]] = {}
-    if world is not None and tastes is not None and {"plug_in", "plug_in_intent"} & set(names):
+    hits = {
+        "plug_in_intent": truth["intent_hit"].to_numpy()[test].astype(np.float64),
+        "plug_in_posterior": intent_posterior,
+        "plug_in": hit[test],
+    }
+    hits = {name: q for name, q in hits.items() if name in names and q is not None}
+    if world is not None and tastes is not None and hits:
         keep = pa.array(test)
         out = plug_in_scores(
             cfg,
@@ -387,7 +426,7 @@ def _scenario_scores(
             exposures.filter(keep),
             truth.filter(keep),
             tastes(user[test], window_start[test]),
-            hit[test],
+            hits,
         )
     if world is not None and tastes is not None and "plug_in_fit" in names:
         affinity = np.einsum("nk,nk->n", tastes(user, window_start), world.cat_vec[category])
@@ -402,6 +441,33 @@ def _scenario_scores(
                 scores = fit_logistic(onehot, inputs[name], num_ids, labels, split)
                 out.setdefault(name, {})[task] = scores[test]
     return out
+
+
+def _intent_posteriors(
+    loaded: Mapping[str, Tuple[pa.Table, pa.Table]],
+    history: HistoryFeatures,
+    valid_after: int,
+    eval_after: int,
+) -> Dict[str, np.ndarray]:
+    """``{scenario: [test rows] P(intent hit | visible real-time actions)}``, learned from the
+    train split of every scenario at once (:class:`IntentPosterior`)."""
+    cells, train, test = {}, [], []
+    for name, (exposures, truth) in loaded.items():
+        user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
+        category = truth["category"].to_numpy().astype(np.int64)
+        cells[name] = visible_intent_cells(
+            history.realtime, user, ts, ts - np.mod(ts, WINDOW_SECONDS), category
+        )
+        is_train = ts < valid_after
+        train.append(
+            ({c: v[is_train] for c, v in cells[name].items()}, truth["intent_hit"].to_numpy()[is_train])
+        )
+        test.append(ts >= eval_after)
+    fit_cells = {c: np.concatenate([part[c] for part, _ in train]) for c in CELL_SIZES}
+    posterior = IntentPosterior(fit_cells, np.concatenate([hits for _, hits in train]))
+    return {
+        name: posterior({c: v[is_test] for c, v in cells[name].items()}) for name, is_test in zip(cells, test)
+    }
 
 
 def format_table(metrics: Mapping[str, Mapping[str, Mapping[str, float]]], columns: List[str]) -> str:

@@ -61,6 +61,10 @@ GENERATOR_MODULE = "mtfm_rec.data.synthetic"  # dataset.yaml's generator record 
 ORDER_TASTE_WEIGHT = {"feed": 0.8, "coupon": 1.0}
 # Each scenario's item id column: the item's index in the scenario's catalogue range.
 ITEM_ID_COLUMN = {"feed": "item_id", "search": "poi_id", "coupon": "coupon_id"}
+# A burst's actions fall in its session's first BURST_SECONDS; a request falls in
+# [-600, 1800) s around its session's start (the intent posterior reference reads both).
+BURST_SECONDS = 240
+REQUEST_OFFSET_SECONDS = (-600, 1800)
 
 
 @dataclass
@@ -414,7 +418,7 @@ def _draw_sessions(cfg: SyntheticConfig, rng: np.random.Generator, world: _World
     sess_intent = np.where(has_intent, rng.integers(0, cfg.num_categories, len(sess_user)), -1)
     burst_n = np.where(has_intent, 2 + rng.poisson(1.5, len(sess_user)), 0)
     burst_sess = np.repeat(np.arange(len(sess_user)), burst_n)
-    burst_ts = sess_ts[burst_sess] + rng.integers(0, 240, len(burst_sess))
+    burst_ts = sess_ts[burst_sess] + rng.integers(0, BURST_SECONDS, len(burst_sess))
     burst_first = np.full(len(sess_user), np.iinfo(np.int64).max)
     np.minimum.at(burst_first, burst_sess, burst_ts)
     return _Sessions(
@@ -447,7 +451,7 @@ def _draw_requests(sim: _Sim, name: str) -> Tuple[np.ndarray, np.ndarray]:
     req_sess = sessions.first[req_userday] + np.floor(
         rng.random(len(req_userday)) * per_day[req_userday]
     ).astype(np.int64)
-    req_ts = sessions.ts[req_sess] + rng.integers(-600, 1800, len(req_sess))
+    req_ts = sessions.ts[req_sess] + rng.integers(*REQUEST_OFFSET_SECONDS, len(req_sess))
     req_ts = np.clip(req_ts, sessions.day_start[req_sess], sessions.day_start[req_sess] + DAY - 1)
     return req_sess, req_ts
 

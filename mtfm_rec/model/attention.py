@@ -46,6 +46,7 @@ from mtfm_rec.kernels.group_norm import group_layer_norm
 from mtfm_rec.kernels.hstu_attention import hstu_attention, resolve
 from mtfm_rec.model.config import ModelConfig
 from mtfm_rec.model.mask import AttentionLayout
+from mtfm_rec.model.time_features import TimeRotary
 
 
 class _TakeRows(torch.autograd.Function):
@@ -99,7 +100,7 @@ def norm_backend(attention_backend: Union[AttentionBackend, str]) -> NormBackend
 class _HSTULayer(nn.Module):
     """Parameters shared by :class:`FullAttentionLayer` and :class:`TargetAttentionLayer`."""
 
-    def __init__(self, config: ModelConfig, num_groups: int) -> None:
+    def __init__(self, config: ModelConfig, num_groups: int, ticks_per_second: int = 1) -> None:
         super().__init__()
         d, h, g, hd = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
         if h % g:
@@ -118,6 +119,7 @@ class _HSTULayer(nn.Module):
         # which is known only once the module has been moved and called.
         self._resolved: Optional[Tuple[str, AttentionBackend]] = None
         self.alpha = config.attention_alpha or hd**-0.5
+        self.rotary = TimeRotary(config.time_rotary_pairs, hd, ticks_per_second)
         self.eps = config.norm_eps
         self._recorder: Optional[AttentionRecorder] = None  # see the module docstring
 
@@ -147,7 +149,9 @@ class _HSTULayer(nn.Module):
         target: bool,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        out = hstu_attention(q, k, v, layout.queries(target), layout.keys, self.alpha, backend)
+        queries = layout.queries(target)
+        q, k = self.rotary(q, queries.ts), self.rotary(k, layout.keys.ts)
+        out = hstu_attention(q, k, v, queries, layout.keys, self.alpha, backend)
         if self._recorder is not None:
             self._recorder(self, q, k, v, out, layout, target)
         return out.reshape(out.shape[0], -1)
@@ -203,10 +207,11 @@ class TargetAttentionLayer(_HSTULayer):
         return x.index_copy(0, rows, x_t)
 
 
-def make_layer(kind: str, config: ModelConfig, num_groups: int) -> _HSTULayer:
-    """``"full"`` -> :class:`FullAttentionLayer`, ``"target"`` -> :class:`TargetAttentionLayer`."""
+def make_layer(kind: str, config: ModelConfig, num_groups: int, ticks_per_second: int = 1) -> _HSTULayer:
+    """``"full"`` -> :class:`FullAttentionLayer`, ``"target"`` -> :class:`TargetAttentionLayer`
+    (``ticks_per_second``: the dataset's time unit, for ``model.time_rotary_pairs``)."""
     if kind == "full":
-        return FullAttentionLayer(config, num_groups)
+        return FullAttentionLayer(config, num_groups, ticks_per_second)
     if kind == "target":
-        return TargetAttentionLayer(config, num_groups)
+        return TargetAttentionLayer(config, num_groups, ticks_per_second)
     raise ValueError(f"unknown attention layer kind {kind!r}; expected 'full' or 'target'")

@@ -79,6 +79,9 @@ class ModelConfig:
     # of two tokens' encodings depends on how far apart in time they are. (Not relative to the
     # sample's latest token: that reference leaked labels, docs/TRAINING.md finding 8.)
     time_frequencies: int = 0
+    # Pairs of q/k dims per head rotated by each token's own time, periods 1 minute to 2 days
+    # (TimeRotary, time_features.py): q . k then depends on the query-key time gap; 0 = off.
+    time_rotary_pairs: int = 0
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64

@@ -30,10 +30,12 @@ from mtfm_rec.model.mask import AttentionLayout
 class HybridTargetAttention(nn.Module):
     """``config.layer_kinds`` HSTU layers with per-token-group norms (``num_groups`` groups)."""
 
-    def __init__(self, config: ModelConfig, num_groups: int) -> None:
+    def __init__(self, config: ModelConfig, num_groups: int, ticks_per_second: int = 1) -> None:
         super().__init__()
         self.kinds = config.layer_kinds
-        self.layers = nn.ModuleList(make_layer(kind, config, num_groups) for kind in self.kinds)
+        self.layers = nn.ModuleList(
+            make_layer(kind, config, num_groups, ticks_per_second) for kind in self.kinds
+        )
 
     def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         """``x``: ``[N, d_model]`` tokens of ``layout`` -> ``[N, d_model]``."""

@@ -35,7 +35,7 @@ class MTFMDense(nn.Module):
         self.config = config
         self.use_sequences = config.use_sequences
         self.tokenizer = HeterogeneousTokenizer(schema, config)
-        self.hta = HybridTargetAttention(config, num_groups=len(schema.token_groups))
+        self.hta = HybridTargetAttention(config, len(schema.token_groups), schema.ticks_per_second)
         self.heads = MMoEHeads(schema, config)
         self.output = MultiTaskOutput(schema, config)
 

@@ -22,7 +22,6 @@ sequence and one per scenario, built from the schema: a new scenario is a datase
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -34,6 +33,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema, mangled_table_name
 from mtfm_rec.model.config import ModelConfig
+from mtfm_rec.model.time_features import period_ticks, time_angles
 
 
 def make_embedding_collection(
@@ -120,22 +120,15 @@ class TimeEncoding(nn.Module):
         max_period_s: float = 30 * 86400.0,
     ) -> None:
         super().__init__()
-        periods_s = torch.logspace(
-            math.log10(min_period_s), math.log10(max_period_s), num_frequencies, dtype=torch.float64
-        )
         self.periods: torch.Tensor  # [F] int64 ticks
-        self.register_buffer(
-            "periods",
-            torch.round(periods_s * ticks_per_second).clamp(min=1).to(torch.int64),
-            persistent=False,
-        )
+        periods = period_ticks(num_frequencies, min_period_s, max_period_s, ticks_per_second)
+        self.register_buffer("periods", periods, persistent=False)
         self.proj = nn.Linear(2 * num_frequencies, d_model, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, token_ts: torch.Tensor) -> torch.Tensor:
         """``[N, d_model]`` for the tokens' int64 timestamps ``token_ts [N]``."""
-        phase = torch.remainder(token_ts[:, None], self.periods[None, :]).to(torch.float64)
-        angle = (2 * math.pi) * phase / self.periods[None, :].to(torch.float64)
+        angle = time_angles(token_ts, self.periods)
         features = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1).to(self.proj.weight.dtype)
         return self.proj(features)
 

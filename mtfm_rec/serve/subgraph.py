@@ -125,6 +125,7 @@ class ServingLayer(nn.Module):
         )
         self.num_heads, self.num_kv_heads, self.head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
         self.alpha, self.eps = layer.alpha, layer.eps
+        self.rotary = copy.deepcopy(layer.rotary)  # model.time_rotary_pairs (identity at 0)
         # a target layer updates only the T tokens: the context passes through it
         self.updates_context = not isinstance(layer, TargetAttentionLayer)
 
@@ -249,15 +250,24 @@ class ScenarioModel(nn.Module):
                     v.flatten(0, 1),
                     queries,
                     keys,
-                    layer.alpha,
+                    layer,
                 )
                 x = layer.output(x, a.view(b, c, -1), u, group)
         return cache
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, queries: QuerySet, keys: KeySet, alpha: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        queries: QuerySet,
+        keys: KeySet,
+        layer: ServingLayer,
     ) -> torch.Tensor:
-        return hstu_attention(q, k, v, queries, keys, alpha, resolve(self.attention_backend, q.device))
+        # keys are rotated here, not in the cache: a cached slot's rotation is its own ts either way
+        q, k = layer.rotary(q, queries.ts), layer.rotary(k, keys.ts)
+        backend = resolve(self.attention_backend, q.device)
+        return hstu_attention(q, k, v, queries, keys, layer.alpha, backend)
 
     # ------------------------------------------------------------------ candidates
     def score_candidates(
@@ -284,7 +294,7 @@ class ScenarioModel(nn.Module):
                 0, 1
             )  # per request: its context, then its candidates
             v_all = torch.cat([v_ctx, v], dim=1).flatten(0, 1)
-            a = self._attend(q.flatten(0, 1), k_all, v_all, queries, keys, layer.alpha)
+            a = self._attend(q.flatten(0, 1), k_all, v_all, queries, keys, layer)
             x = layer.output(x, a.view(b, m, -1), u, group)
         return self._heads(x.reshape(-1, d)).view(b, m, -1)
 

@@ -42,4 +42,4 @@ def test_render_says_met_against_the_target_and_dashes_what_was_not_fitted() -> 
     # target max(0.74 + 0.03, (0.74 + 0.82) / 2) = 0.78: 0.7801 meets it, 0.7799 does not
     feed, coupon = lines["| feed/click"], lines["| coupon/click"]
     assert "| 0.7800 | yes | 50 % |" in feed and "| 0.7800 | no | 50 % |" in coupon
-    assert feed.split(" | ")[4] == "-" and coupon.split(" | ")[4] == "0.7900"
+    assert feed.split(" | ")[5] == "-" and coupon.split(" | ")[5] == "0.7900"

@@ -1,16 +1,20 @@
-"""The tokenizer's time encoding: exact phases at epoch scale, a function of each token's own time
-only (a later action or exposure never changes an earlier score), a no-op at initialisation."""
+"""MTFM's two time inputs, the tokenizer's encoding and the attention's rotary: exact phases at
+epoch scale, a function of each token's own time only (a later action or exposure never changes
+an earlier score), the encoding a no-op at initialisation, the rotary's q . k a function of the
+query-key gap."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import pytest
 import torch
 from model_helpers import exposure_scores, hidden_from, make_model, sample_rows
 
 from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model.examples import random_batch
+from mtfm_rec.model.time_features import TimeRotary
 from mtfm_rec.model.tokenizer import TimeEncoding
 
 
@@ -41,7 +45,8 @@ def test_features_are_sinusoids_of_each_tokens_own_time_exact_at_epoch_scale() -
     torch.testing.assert_close(enc(moved)[0], enc(ts)[0], rtol=0, atol=0)
 
 
-def test_later_timestamps_never_change_an_earlier_score(schema) -> None:
+@pytest.mark.parametrize("time_input", [{"time_frequencies": 4}, {"time_rotary_pairs": 2}])
+def test_later_timestamps_never_change_an_earlier_score(schema, time_input: dict) -> None:
     """Moving every later R token and every other T token further into the future (the order the
     layout needs is kept) leaves a T token's score as it was; the moved T tokens' own scores move,
     so the check can fail (a sample-level time reference, such as the sample's latest token,
@@ -52,9 +57,10 @@ def test_later_timestamps_never_change_an_earlier_score(schema) -> None:
         target_layers_per_block=1,
         full_layers_per_block=1,
         attention_backend="reference",
-        time_frequencies=4,
+        **time_input,
     )
-    _trained(model.dense.tokenizer.time)
+    if "time_frequencies" in time_input:
+        _trained(model.dense.tokenizer.time)
     batch = random_batch(schema, 4, seq_len=(1, 8), exposures=(2, 3), seed=5)
     with torch.no_grad():
         base = exposure_scores(model(batch)[1], batch)
@@ -83,3 +89,30 @@ def test_starts_as_a_no_op_and_learns() -> None:
     assert torch.equal(out, torch.zeros(3, 8))
     out.sum().backward()  # the projection still gets a gradient
     assert enc.proj.weight.grad is not None and enc.proj.weight.grad.abs().sum() > 0
+
+
+def test_rotary_scores_depend_on_the_time_gap_only() -> None:
+    """q . k after the rotary is unchanged when the query and the key move by the same time, at
+    epoch-scale millisecond timestamps; it changes with the gap; the unrotated dims and every
+    norm are kept."""
+    rotary = TimeRotary(num_pairs=3, head_dim=8, ticks_per_second=1000)
+    torch.manual_seed(0)
+    q, k = torch.randn(5, 2, 8, dtype=torch.float64), torch.randn(5, 2, 8, dtype=torch.float64)
+    t_q = torch.tensor([1_700_000_000_000 + 997 * i for i in range(5)], dtype=torch.int64)
+    t_k = t_q - torch.tensor([0, 1_000, 60_000, 3_600_000, 86_400_000])
+
+    def scores(shift: int) -> torch.Tensor:
+        return (rotary(q, t_q + shift) * rotary(k, t_k + shift)).sum(-1)
+
+    torch.testing.assert_close(scores(123_456_789), scores(0), rtol=0, atol=1e-9)
+    rq = rotary(q, t_q)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
+    assert torch.equal(rq[..., 6:], q[..., 6:])
+    nearer = (rotary(q, t_q) * rotary(k, t_q - 30_000)).sum(-1)
+    assert not torch.allclose(nearer, scores(0))
+    assert torch.equal(TimeRotary(0, 8, 1)(q, t_q), q)
+
+
+def test_rotary_refuses_more_pairs_than_the_head_holds() -> None:
+    with pytest.raises(ValueError, match=r"model.time_rotary_pairs=5 must be in \[0, head_dim / 2 = 4\]"):
+        TimeRotary(num_pairs=5, head_dim=8, ticks_per_second=1)

@@ -25,7 +25,10 @@ def _served(sub, requests, schema, micro_batch=0):  # type: ignore[no-untyped-de
     return [probs[i, : r.num_candidates] for i, r in enumerate(requests)]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"time_frequencies": 4}, {"num_blocks": 2, "num_kv_heads": 1}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"time_frequencies": 4}, {"time_rotary_pairs": 2}, {"num_blocks": 2, "num_kv_heads": 1}],
+)
 def test_every_exposure_scores_as_in_the_training_layout(overrides: dict) -> None:
     schema, batch = demo()
     model = small_model(schema, **overrides)

@@ -1,0 +1,71 @@
+"""Each token's own time as angles: the home of MTFM's two leak-free time inputs.
+
+* :class:`mtfm_rec.model.tokenizer.TimeEncoding` adds sinusoids of each token's time to ``X(0)``;
+* :class:`TimeRotary` rotates pairs of query and key dimensions in the attention by them, so that
+  ``q . k`` depends on how far apart in time the query and the key are, not on when they are.
+
+Both read only a token's own timestamp: a later action or exposure never changes an earlier
+token's score (a reference point shared by the sample, such as its latest token, would let a
+future click move every score: docs/TRAINING.md, "Model quality", finding 8). Angles are taken
+from the phase ``t mod P`` in int64, exact however large epoch timestamps are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def period_ticks(count: int, min_period_s: float, max_period_s: float, ticks_per_second: int) -> torch.Tensor:
+    """``[count]`` int64 periods geometric from ``min_period_s`` to ``max_period_s``, in ticks."""
+    periods_s = torch.logspace(math.log10(min_period_s), math.log10(max_period_s), count, dtype=torch.float64)
+    return torch.round(periods_s * ticks_per_second).clamp(min=1).to(torch.int64)
+
+
+def time_angles(ts: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
+    """``[M, P]`` float64 angles ``2 pi (t mod P_i) / P_i`` of int64 timestamps ``ts [M]``."""
+    phase = torch.remainder(ts[:, None], periods[None, :]).to(torch.float64)
+    return (2 * math.pi) * phase / periods[None, :].to(torch.float64)
+
+
+class TimeRotary(nn.Module):
+    """Rotates the first ``2 * num_pairs`` dims of each head by the token's time (a time RoPE).
+
+    Dims ``(j, num_pairs + j)`` of every head form pair ``j``, rotated by ``2 pi t / P_j``. For a
+    query at ``t_q`` and a key at ``t_k`` the pair's share of ``q . k`` becomes
+    ``|q_j| |k_j| cos(phi_j + 2 pi (t_q - t_k) / P_j)``: a function of the gap only, which lets
+    the attention learn a recency profile (an action two minutes before an exposure against one
+    five hours before, what a same-day intent turns on) that a set of unordered keys cannot show.
+    Periods run from 1 minute to 2 days; the remaining ``head_dim - 2 * num_pairs`` dims are left
+    as they are (content alone). No parameters: the projections that make q and k learn to use it.
+
+    Args:
+        num_pairs: rotated dim pairs per head (0: the identity).
+        head_dim: the attention's per-head dim (``>= 2 * num_pairs``).
+        ticks_per_second: the dataset's time unit (``DatasetSchema.ticks_per_second``).
+    """
+
+    MIN_PERIOD_S, MAX_PERIOD_S = 60.0, 2 * 86400.0
+
+    def __init__(self, num_pairs: int, head_dim: int, ticks_per_second: int) -> None:
+        super().__init__()
+        if num_pairs < 0 or 2 * num_pairs > head_dim:
+            raise ValueError(
+                f"model.time_rotary_pairs={num_pairs} must be in [0, head_dim / 2 = {head_dim // 2}]"
+            )
+        self.num_pairs = num_pairs
+        self.periods: torch.Tensor  # [num_pairs] int64 ticks
+        periods = period_ticks(num_pairs, self.MIN_PERIOD_S, self.MAX_PERIOD_S, ticks_per_second)
+        self.register_buffer("periods", periods, persistent=False)
+
+    def forward(self, x: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[M, heads, head_dim]`` queries or keys at int64 times ``ts [M]``."""
+        if self.num_pairs == 0:
+            return x
+        p = self.num_pairs
+        angle = time_angles(ts, self.periods).to(x.dtype)[:, None, :]  # [M, 1, P]: every head alike
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        a, b, rest = x[..., :p], x[..., p : 2 * p], x[..., 2 * p :]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
