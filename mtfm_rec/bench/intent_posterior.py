@@ -41,6 +41,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from mtfm_rec.bench.sort_keys import sort_keys
 from mtfm_rec.data.synthetic import BURST_SECONDS, REQUEST_OFFSET_SECONDS
 
 # An exposure is at most this long after its session's start, and a burst begins at or after it.
@@ -108,12 +109,8 @@ def _actions_in(
 
 def _position(actions: Dict[str, np.ndarray], user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     """Index of the first action of ``user`` at or after ``ts`` in the (user, ts)-sorted table."""
-    t0 = min(int(actions["ts"].min(initial=0)), int(ts.min(initial=0)))
-    span = max(int(actions["ts"].max(initial=0)), int(ts.max(initial=0))) - t0 + 1
-    if (max(int(actions["user"].max(initial=0)), int(user.max(initial=0))) + 1) * span >= 2**62:
-        raise OverflowError("(user, ts) keys do not fit in int64")
-    keys = actions["user"] * span + (actions["ts"] - t0)
-    return np.searchsorted(keys, user * span + (ts - t0), side="left")
+    keys, queries = sort_keys(actions["user"], actions["ts"], user, ts)
+    return np.searchsorted(keys, queries, side="left")
 
 
 def _count_in(
@@ -159,7 +156,6 @@ class IntentPosterior:
         hits = np.bincount(index, weights=intent_hit.astype(np.float64), minlength=size)
         rows = np.bincount(index, minlength=size).astype(np.float64)
         overall = hits.sum() / max(rows.sum(), 1.0)
-        self.rows = rows
         self.rate = (hits + PRIOR_WEIGHT * overall) / (rows + PRIOR_WEIGHT)
 
     def __call__(self, cells: Dict[str, np.ndarray]) -> np.ndarray:

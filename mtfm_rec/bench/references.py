@@ -52,6 +52,7 @@ import pyarrow as pa
 import torch
 
 from mtfm_rec.bench.intent_posterior import CELL_SIZES, IntentPosterior, visible_intent_cells
+from mtfm_rec.bench.sort_keys import sort_keys
 from mtfm_rec.data.reader import read_parquet_folder
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
 from mtfm_rec.data.synthetic import (
@@ -74,9 +75,7 @@ REFERENCES = (
     "lr_features",
     "lr_history",
 )
-# the references that replay the world; the first three score the test split with the true logits
-PLUG_INS = ("plug_in", "plug_in_intent", "plug_in_posterior", "plug_in_fit")
-REPLAYS = ("plug_in", "plug_in_intent", "plug_in_posterior")
+PLUG_INS = ("plug_in", "plug_in_intent", "plug_in_posterior", "plug_in_fit")  # they replay the world
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3)  # per-sample mean penalty; chosen on the valid split
 WINDOW_SECONDS = 86400  # the aggregation default: one sample = one user-day
 
@@ -120,7 +119,7 @@ class HistoryFeatures:
         """``[n, num_categories]`` counts of the last ``max_len`` history actions with
         ``ts < window_start``, per category."""
         h = self.history
-        keys, queries = _sort_keys(h["user"], h["ts"], user, window_start)
+        keys, queries = sort_keys(h["user"], h["ts"], user, window_start)
         end = np.searchsorted(keys, queries, side="left")  # first action at or after window_start
         start = np.maximum(np.searchsorted(h["user"], user, side="left"), end - self.max_len)
         return self.history_cum[end] - self.history_cum[start]
@@ -141,7 +140,7 @@ class HistoryFeatures:
         order = np.lexsort((r["ts"], group))
         q_group = user * self.num_categories + category
         n = len(user)
-        keys, queries = _sort_keys(
+        keys, queries = sort_keys(
             group[order],
             r["ts"][order],
             np.concatenate([q_group, q_group]),
@@ -170,7 +169,7 @@ class TasteModes:
 
     def __call__(self, user: np.ndarray, window_start: np.ndarray) -> np.ndarray:
         """``[n, LATENT_DIM]`` tastes of the rows' windows (each must be among those built)."""
-        keys, queries = _sort_keys(self._windows[:, 0], self._windows[:, 1], user, window_start)
+        keys, queries = sort_keys(self._windows[:, 0], self._windows[:, 1], user, window_start)
         at = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
         if len(queries) and not np.array_equal(keys[at], queries):
             raise KeyError("TasteModes: a row's (user, window) was not among those it was built from")
@@ -207,19 +206,6 @@ def plug_in_scores(
             z_order = z_order + ORDER_TASTE_WEIGHT[scenario.name] * error
             out[name]["order"] = click / (1.0 + np.exp(-z_order))
     return out
-
-
-def _sort_keys(
-    group: np.ndarray, ts: np.ndarray, q_group: np.ndarray, q_ts: np.ndarray
-) -> Tuple[np.ndarray, np.ndarray]:
-    """(group, ts) pairs of actions sorted by them and of queries as one comparable int64 each."""
-    present = [a for a in (ts, q_ts) if a.size]
-    t0 = min((int(a.min()) for a in present), default=0)
-    span = max((int(a.max()) for a in present), default=0) - t0 + 1
-    top = max((int(a.max()) + 1 for a in (group, q_group) if a.size), default=1)
-    if top * span >= 2**62:
-        raise OverflowError(f"(group, ts) keys do not fit in int64: {top} groups x {span} ticks")
-    return group * span + (ts - t0), q_group * span + (q_ts - t0)
 
 
 def design_matrix(exposures: pa.Table, scenario: ScenarioSpec) -> Tuple[np.ndarray, np.ndarray, int]:

@@ -15,6 +15,7 @@ import pytest
 
 from mtfm_rec.bench import references
 from mtfm_rec.bench.references import REFERENCES, WINDOW_SECONDS, HistoryFeatures, fit_logistic
+from mtfm_rec.bench.sort_keys import sort_keys
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.data.synthetic import generate, read_truth
 from mtfm_rec.training.metrics import compute_key_metrics
@@ -141,7 +142,7 @@ def test_sort_keys_order_like_group_ts_pairs() -> None:
     rng = np.random.default_rng(1)
     group, ts = rng.integers(0, 5, 300), rng.integers(-50, 50, 300)
     q_group, q_ts = rng.integers(0, 6, 100), rng.integers(-80, 80, 100)  # outside the actions' range too
-    keys, queries = references._sort_keys(group, ts, q_group, q_ts)
+    keys, queries = sort_keys(group, ts, q_group, q_ts)
     same_group = group[:, None] == q_group[None, :]
     pair_less = (group[:, None] < q_group[None, :]) | (same_group & (ts[:, None] < q_ts[None, :]))
     np.testing.assert_array_equal(keys[:, None] < queries[None, :], pair_less)
@@ -153,9 +154,9 @@ def test_sort_keys_order_like_group_ts_pairs() -> None:
 def test_sort_keys_refuse_keys_beyond_int64() -> None:
     group, ts = np.array([0, 2**40], np.int64), np.array([0, 2**30], np.int64)
     with pytest.raises(OverflowError, match="do not fit in int64"):
-        references._sort_keys(group, ts, np.array([1], np.int64), np.array([5], np.int64))
+        sort_keys(group, ts, np.array([1], np.int64), np.array([5], np.int64))
     with pytest.raises(OverflowError, match="do not fit in int64"):  # the queries count as well
-        references._sort_keys(group[:1], ts[:1], np.array([2**40]), np.array([2**30]))
+        sort_keys(group[:1], ts[:1], np.array([2**40]), np.array([2**30]))
 
 
 # ---------------------------------------------------------------- alignment check
