@@ -119,7 +119,9 @@ class _HSTULayer(nn.Module):
         # which is known only once the module has been moved and called.
         self._resolved: Optional[Tuple[str, AttentionBackend]] = None
         self.alpha = config.attention_alpha or hd**-0.5
-        self.rotary = TimeRotary(config.time_rotary_pairs, hd, ticks_per_second)
+        self.rotary = TimeRotary(
+            config.time_rotary_pairs, hd, ticks_per_second, config.time_rotary_head_share
+        )
         self.eps = config.norm_eps
         self._recorder: Optional[AttentionRecorder] = None  # see the module docstring
 

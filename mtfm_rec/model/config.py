@@ -82,6 +82,8 @@ class ModelConfig:
     # Pairs of q/k dims per head rotated by each token's own time, periods 1 minute to 2 days
     # (TimeRotary, time_features.py): q . k then depends on the query-key time gap; 0 = off.
     time_rotary_pairs: int = 0
+    # The share of the kv heads (and their query heads) the rotary turns; the rest stay content-only.
+    time_rotary_head_share: float = 1.0
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64

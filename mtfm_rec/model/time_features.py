@@ -43,21 +43,28 @@ class TimeRotary(nn.Module):
     Off by default: on the synthetic benchmark it lifts the intent-driven scenario's AUC by .003
     and costs the history-driven sparse one .006 (docs/TRAINING.md, "Model quality", finding 11).
 
+    ``head_share`` keeps the other heads content-only: with ``num_kv_heads`` G, the rotary turns
+    the first ``G * head_share`` key-value heads and their query heads only (a time head beside
+    content heads, so that keys days old keep their content in the others).
+
     Args:
         num_pairs: rotated dim pairs per head (0: the identity).
         head_dim: the attention's per-head dim (``>= 2 * num_pairs``).
         ticks_per_second: the dataset's time unit (``DatasetSchema.ticks_per_second``).
+        head_share: the share of heads rotated, in (0, 1].
     """
 
     MIN_PERIOD_S, MAX_PERIOD_S = 60.0, 2 * 86400.0
 
-    def __init__(self, num_pairs: int, head_dim: int, ticks_per_second: int) -> None:
+    def __init__(self, num_pairs: int, head_dim: int, ticks_per_second: int, head_share: float = 1.0) -> None:
         super().__init__()
         if num_pairs < 0 or 2 * num_pairs > head_dim:
             raise ValueError(
                 f"model.time_rotary_pairs={num_pairs} must be in [0, head_dim / 2 = {head_dim // 2}]"
             )
-        self.num_pairs = num_pairs
+        if not 0.0 < head_share <= 1.0:
+            raise ValueError(f"model.time_rotary_head_share={head_share} must be in (0, 1]")
+        self.num_pairs, self.head_share = num_pairs, head_share
         self.periods: torch.Tensor  # [num_pairs] int64 ticks
         periods = period_ticks(num_pairs, self.MIN_PERIOD_S, self.MAX_PERIOD_S, ticks_per_second)
         self.register_buffer("periods", periods, persistent=False)
@@ -66,8 +73,10 @@ class TimeRotary(nn.Module):
         """``x``: ``[M, heads, head_dim]`` queries or keys at int64 times ``ts [M]``."""
         if self.num_pairs == 0:
             return x
-        p = self.num_pairs
+        p, turned = self.num_pairs, round(x.shape[1] * self.head_share)
         angle = time_angles(ts, self.periods).to(x.dtype)[:, None, :]  # [M, 1, P]: every head alike
         cos, sin = torch.cos(angle), torch.sin(angle)
-        a, b, rest = x[..., :p], x[..., p : 2 * p], x[..., 2 * p :]
-        return torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+        h = x[:, :turned]
+        a, b, rest = h[..., :p], h[..., p : 2 * p], h[..., 2 * p :]
+        rotated = torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+        return torch.cat([rotated, x[:, turned:]], dim=1) if turned < x.shape[1] else rotated

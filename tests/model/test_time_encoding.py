@@ -45,7 +45,14 @@ def test_features_are_sinusoids_of_each_tokens_own_time_exact_at_epoch_scale() -
     torch.testing.assert_close(enc(moved)[0], enc(ts)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("time_input", [{"time_frequencies": 4}, {"time_rotary_pairs": 2}])
+@pytest.mark.parametrize(
+    "time_input",
+    [
+        {"time_frequencies": 4},
+        {"time_rotary_pairs": 2},
+        {"time_rotary_pairs": 2, "time_rotary_head_share": 0.5},
+    ],
+)
 def test_later_timestamps_never_change_an_earlier_score(schema, time_input: dict) -> None:
     """Moving every later R token and every other T token further into the future (the order the
     layout needs is kept) leaves a T token's score as it was; the moved T tokens' own scores move,
@@ -116,3 +123,18 @@ def test_rotary_scores_depend_on_the_time_gap_only() -> None:
 def test_rotary_refuses_more_pairs_than_the_head_holds() -> None:
     with pytest.raises(ValueError, match=r"model.time_rotary_pairs=5 must be in \[0, head_dim / 2 = 4\]"):
         TimeRotary(num_pairs=5, head_dim=8, ticks_per_second=1)
+
+
+def test_a_head_share_turns_the_first_kv_heads_and_their_query_heads_only() -> None:
+    """With 2 kv heads and 4 query heads (query heads 0-1 read kv head 0, as the kernels group
+    them), a share of 0.5 rotates kv head 0 and query heads 0-1; the others are left as they are."""
+    rotary = TimeRotary(num_pairs=4, head_dim=8, ticks_per_second=1, head_share=0.5)
+    torch.manual_seed(1)
+    q, k = torch.randn(3, 4, 8), torch.randn(3, 2, 8)
+    ts = torch.tensor([100, 5_000, 90_000], dtype=torch.int64)
+    rq, rk = rotary(q, ts), rotary(k, ts)
+    assert torch.equal(rq[:, 2:], q[:, 2:]) and torch.equal(rk[:, 1:], k[:, 1:])
+    assert not torch.allclose(rq[:, :2], q[:, :2]) and not torch.allclose(rk[:, :1], k[:, :1])
+    torch.testing.assert_close(rq[:, :2], TimeRotary(4, 8, 1)(q[:, :2], ts))
+    with pytest.raises(ValueError, match=r"model.time_rotary_head_share=0.0 must be in \(0, 1\]"):
+        TimeRotary(num_pairs=1, head_dim=8, ticks_per_second=1, head_share=0.0)

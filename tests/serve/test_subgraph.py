@@ -27,7 +27,13 @@ def _served(sub, requests, schema, micro_batch=0):  # type: ignore[no-untyped-de
 
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"time_frequencies": 4}, {"time_rotary_pairs": 2}, {"num_blocks": 2, "num_kv_heads": 1}],
+    [
+        {},
+        {"time_frequencies": 4},
+        {"time_rotary_pairs": 2},
+        {"time_rotary_pairs": 4, "time_rotary_head_share": 0.5},
+        {"num_blocks": 2, "num_kv_heads": 1},
+    ],
 )
 def test_every_exposure_scores_as_in_the_training_layout(overrides: dict) -> None:
     schema, batch = demo()
