@@ -33,11 +33,17 @@ cell              visible actions with ``max(window start, ts - reach) <= ts' < 
 ``rival``         the most actions of any one other category (2 = 2 or more)           0-2
 ``earlier``       of category ``c``, from the window start to the reach (2 = 2+)       0-2
 ================  =================================================================  ======
+
+Two time-free summaries (:data:`SUMMARIES`) measure what the times are worth: ``ordered`` knows
+the order of the day's actions but not their times (the day's count of ``c``, its count among
+the last three actions, whether the last one has it, the most of any other category), and
+``day_count`` the day's count of ``c`` alone.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
@@ -48,6 +54,7 @@ from mtfm_rec.data.synthetic import BURST_SECONDS, REQUEST_OFFSET_SECONDS
 REACH_SECONDS = REQUEST_OFFSET_SECONDS[1]
 SINCE_FIRST_EDGES = (20, 60, BURST_SECONDS, 600)  # buckets of ts - the first recent c-action
 CELL_SIZES = {"recent": 4, "since_first": len(SINCE_FIRST_EDGES) + 2, "paired": 2, "rival": 3, "earlier": 3}
+ORDERED_SIZES = {"day": 4, "last_three": 4, "last": 2, "rival": 3}
 PRIOR_WEIGHT = 1.0  # pseudo-exposures at the overall rate in every cell (a cell of 0 rows gets it)
 
 
@@ -134,10 +141,62 @@ def _most_of_another_category(rows: np.ndarray, category: np.ndarray, n: int) ->
     return out
 
 
-def cell_index(cells: Dict[str, np.ndarray]) -> np.ndarray:
-    """One flat index per exposure over the product of :data:`CELL_SIZES`."""
-    index = np.zeros(len(cells["recent"]), np.int64)
-    for name, size in CELL_SIZES.items():
+def ordered_cells(
+    actions: Dict[str, np.ndarray],
+    user: np.ndarray,
+    ts: np.ndarray,
+    window_start: np.ndarray,
+    category: np.ndarray,
+) -> Dict[str, np.ndarray]:
+    """The ``ordered`` summary (module docstring) of each exposure's actions of the day before it."""
+    rows, _, cat = _actions_in(actions, user, window_start, ts)
+    n = len(user)
+    count = np.bincount(rows, minlength=n)
+    from_end = np.cumsum(count)[rows] - 1 - np.arange(len(rows))  # 0 = the row's latest action
+    same = cat == category[rows]
+    return {
+        "day": np.minimum(np.bincount(rows[same], minlength=n), ORDERED_SIZES["day"] - 1),
+        "last_three": np.bincount(rows[same & (from_end < 3)], minlength=n),
+        "last": np.bincount(rows[same & (from_end == 0)], minlength=n),
+        "rival": np.minimum(
+            _most_of_another_category(rows[~same], cat[~same], n), ORDERED_SIZES["rival"] - 1
+        ),
+    }
+
+
+def day_count_cells(
+    actions: Dict[str, np.ndarray],
+    user: np.ndarray,
+    ts: np.ndarray,
+    window_start: np.ndarray,
+    category: np.ndarray,
+) -> Dict[str, np.ndarray]:
+    """The ``day_count`` summary: the day's actions of the candidate's category before it."""
+    return {"day": np.minimum(_count_in(actions, user, window_start, ts, category), 3)}
+
+
+Cells = Callable[..., Dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A summary of the visible actions: its cell function and each cell's number of values."""
+
+    cells: Cells
+    sizes: Dict[str, int]
+
+
+SUMMARIES = {
+    "timed": Summary(visible_intent_cells, CELL_SIZES),
+    "ordered": Summary(ordered_cells, ORDERED_SIZES),
+    "day_count": Summary(day_count_cells, {"day": 4}),
+}
+
+
+def cell_index(cells: Dict[str, np.ndarray], sizes: Dict[str, int]) -> np.ndarray:
+    """One flat index per exposure over the product of ``sizes``."""
+    index = np.zeros(len(next(iter(cells.values()))), np.int64)
+    for name, size in sizes.items():
         index = index * size + cells[name]
     return index
 
@@ -146,13 +205,17 @@ class IntentPosterior:
     """``P(intent_hit | cell)``: the smoothed rate of true hits per cell of the rows it is fit on.
 
     Args:
-        cells: :func:`visible_intent_cells` of the fitting rows (the train split).
+        cells: a summary's cells of the fitting rows (the train split).
         intent_hit: [n] the rows' true hits (the truth's ``intent_hit``).
+        sizes: the summary's cell sizes (:data:`CELL_SIZES` for :func:`visible_intent_cells`).
     """
 
-    def __init__(self, cells: Dict[str, np.ndarray], intent_hit: np.ndarray) -> None:
-        size = int(np.prod(list(CELL_SIZES.values())))
-        index = cell_index(cells)
+    def __init__(
+        self, cells: Dict[str, np.ndarray], intent_hit: np.ndarray, sizes: Dict[str, int] = CELL_SIZES
+    ) -> None:
+        self.sizes = sizes
+        size = int(np.prod(list(sizes.values())))
+        index = cell_index(cells, sizes)
         hits = np.bincount(index, weights=intent_hit.astype(np.float64), minlength=size)
         rows = np.bincount(index, minlength=size).astype(np.float64)
         overall = hits.sum() / max(rows.sum(), 1.0)
@@ -160,4 +223,4 @@ class IntentPosterior:
 
     def __call__(self, cells: Dict[str, np.ndarray]) -> np.ndarray:
         """[n] the posterior probability of a hit for each exposure's cells."""
-        return self.rate[cell_index(cells)]
+        return self.rate[cell_index(cells, self.sizes)]

@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mtfm_rec.bench.intent_posterior import CELL_SIZES, IntentPosterior, visible_intent_cells
+from mtfm_rec.bench.intent_posterior import SUMMARIES, IntentPosterior
 from mtfm_rec.bench.sort_keys import sort_keys
 from mtfm_rec.data.reader import read_parquet_folder
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
@@ -288,7 +288,10 @@ def _lbfgs(
 
 
 def reference_metrics(
-    root: str, names: Sequence[str] = REFERENCES, fit_scenarios: Optional[Sequence[str]] = None
+    root: str,
+    names: Sequence[str] = REFERENCES,
+    fit_scenarios: Optional[Sequence[str]] = None,
+    intent_summary: str = "timed",
 ) -> Dict[str, Dict[str, Dict[str, float]]]:
     """``{reference: {"<scenario>/<task>": metrics}}`` on the test split of a synthetic dataset,
     for the references in ``names`` (each regression is a few L-BFGS fits per scenario x task).
@@ -299,23 +302,29 @@ def reference_metrics(
     grows with the rows), while it tells most where data is scarce; the other scenarios have no
     ``plug_in_fit`` entry.
 
+    ``intent_summary``: the summary of the visible actions ``plug_in_posterior`` reads, one of
+    :data:`mtfm_rec.bench.intent_posterior.SUMMARIES` (``timed``, the default; the time-free
+    ``ordered`` and ``day_count`` measure what the times are worth).
+
     Runs on one torch thread: the regressions are many small gathers, which extra threads only
     slow down (measured 5.5 s on one thread against 117 s on two busy cores, 600 users).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _reference_metrics(root, names, fit_scenarios)
+        return _reference_metrics(root, names, fit_scenarios, intent_summary)
     finally:
         torch.set_num_threads(threads)
 
 
 def _reference_metrics(
-    root: str, names: Sequence[str], fit_scenarios: Optional[Sequence[str]]
+    root: str, names: Sequence[str], fit_scenarios: Optional[Sequence[str]], intent_summary: str
 ) -> Dict[str, Dict[str, Dict[str, float]]]:
     unknown = sorted(set(names) - set(REFERENCES))
     if unknown:
         raise ValueError(f"unknown reference(s) {unknown}; expected some of {list(REFERENCES)}")
+    if intent_summary not in SUMMARIES:
+        raise ValueError(f"unknown intent_summary {intent_summary!r}; expected one of {list(SUMMARIES)}")
     schema = DatasetSchema.load(f"{root.rstrip('/')}/dataset.yaml")
     scenario_names = [s.name for s in schema.scenarios]
     if fit_scenarios is None:
@@ -343,7 +352,9 @@ def _reference_metrics(
             starts.append((ts - np.mod(ts, WINDOW_SECONDS))[keep])
         tastes = TasteModes(world, history, np.concatenate(users), np.concatenate(starts))
     posteriors = (
-        _intent_posteriors(loaded, history, valid_after, eval_after) if "plug_in_posterior" in names else {}
+        _intent_posteriors(loaded, history, valid_after, eval_after, intent_summary)
+        if "plug_in_posterior" in names
+        else {}
     )
     out: Dict[str, Dict[str, Dict[str, float]]] = {name: {} for name in REFERENCES if name in names}
     for scenario in schema.scenarios:
@@ -434,23 +445,23 @@ def _intent_posteriors(
     history: HistoryFeatures,
     valid_after: int,
     eval_after: int,
+    summary_name: str,
 ) -> Dict[str, np.ndarray]:
-    """``{scenario: [test rows] P(intent hit | visible real-time actions)}``, learned from the
-    train split of every scenario at once (:class:`IntentPosterior`)."""
+    """``{scenario: [test rows] P(intent hit | visible real-time actions)}`` under the summary
+    named, learned from the train split of every scenario at once (:class:`IntentPosterior`)."""
+    summary = SUMMARIES[summary_name]
     cells, train, test = {}, [], []
     for name, (exposures, truth) in loaded.items():
         user, ts = exposures["user_id"].to_numpy(), exposures["ts"].to_numpy()
         category = truth["category"].to_numpy().astype(np.int64)
-        cells[name] = visible_intent_cells(
-            history.realtime, user, ts, ts - np.mod(ts, WINDOW_SECONDS), category
-        )
+        cells[name] = summary.cells(history.realtime, user, ts, ts - np.mod(ts, WINDOW_SECONDS), category)
         is_train = ts < valid_after
         train.append(
             ({c: v[is_train] for c, v in cells[name].items()}, truth["intent_hit"].to_numpy()[is_train])
         )
         test.append(ts >= eval_after)
-    fit_cells = {c: np.concatenate([part[c] for part, _ in train]) for c in CELL_SIZES}
-    posterior = IntentPosterior(fit_cells, np.concatenate([hits for _, hits in train]))
+    fit_cells = {c: np.concatenate([part[c] for part, _ in train]) for c in summary.sizes}
+    posterior = IntentPosterior(fit_cells, np.concatenate([hits for _, hits in train]), summary.sizes)
     return {
         name: posterior({c: v[is_test] for c, v in cells[name].items()}) for name, is_test in zip(cells, test)
     }
@@ -480,10 +491,22 @@ def main(argv: List[str] | None = None) -> int:
         default=None,
         help="comma-separated scenarios to compute plug_in_fit for (default: every scenario)",
     )
+    parser.add_argument(
+        "--intent-summary",
+        default="timed",
+        choices=list(SUMMARIES),
+        help="what plug_in_posterior reads of the real-time actions (default: timed)",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated references to compute (default: all of {list(REFERENCES)})",
+    )
     args = parser.parse_args(argv)
     fit = None if args.fit_scenarios is None else [s for s in args.fit_scenarios.split(",") if s]
-    metrics = reference_metrics(args.root, fit_scenarios=fit)
-    print(format_table(metrics, list(REFERENCES)))
+    names = REFERENCES if args.only is None else tuple(s for s in args.only.split(",") if s)
+    metrics = reference_metrics(args.root, names, fit_scenarios=fit, intent_summary=args.intent_summary)
+    print(format_table(metrics, list(metrics)))
     return 0
 
 

@@ -13,10 +13,13 @@ import pytest
 
 from mtfm_rec.bench.intent_posterior import (
     CELL_SIZES,
+    ORDERED_SIZES,
     PRIOR_WEIGHT,
     REACH_SECONDS,
     SINCE_FIRST_EDGES,
     IntentPosterior,
+    day_count_cells,
+    ordered_cells,
     visible_intent_cells,
 )
 from mtfm_rec.bench.references import WINDOW_SECONDS, HistoryFeatures
@@ -48,6 +51,20 @@ def _loop_cells(actions: List[Tuple[int, int]], ts: int, window_start: int, cate
     }
 
 
+def _loop_ordered(
+    actions: List[Tuple[int, int]], ts: int, window_start: int, category: int
+) -> Dict[str, int]:
+    """The time-free ``ordered`` summary, one exposure at a time."""
+    day = [c for t, c in actions if window_start <= t < ts]
+    others = Counter(c for c in day if c != category)
+    return {
+        "day": min(day.count(category), 3),
+        "last_three": day[-3:].count(category),
+        "last": int(bool(day) and day[-1] == category),
+        "rival": min(max(others.values(), default=0), 2),
+    }
+
+
 def test_cells_match_a_per_row_loop_and_are_strict_at_ts(small: Tuple[Path, DatasetSchema]) -> None:
     root, schema = small
     realtime = HistoryFeatures(str(root), schema, 16).realtime
@@ -69,12 +86,18 @@ def test_cells_match_a_per_row_loop_and_are_strict_at_ts(small: Tuple[Path, Data
     user, ts, cat = (np.concatenate(x).astype(np.int64) for x in (user, ts, cat))
     window_start = ts - np.mod(ts, WINDOW_SECONDS)
     cells = visible_intent_cells(realtime, user, ts, window_start, cat)
-    assert set(cells) == set(CELL_SIZES)
+    ordered = ordered_cells(realtime, user, ts, window_start, cat)
+    day = day_count_cells(realtime, user, ts, window_start, cat)["day"]
+    assert set(cells) == set(CELL_SIZES) and set(ordered) == set(ORDERED_SIZES)
     for i in range(len(user)):
-        want = _loop_cells(by_user.get(int(user[i]), []), int(ts[i]), int(window_start[i]), int(cat[i]))
-        assert {name: int(v[i]) for name, v in cells.items()} == want, (i, int(user[i]), int(ts[i]))
-    for name, size in CELL_SIZES.items():
-        assert 0 <= cells[name].min() and cells[name].max() < size, name
+        actions, at, start, c = by_user.get(int(user[i]), []), int(ts[i]), int(window_start[i]), int(cat[i])
+        assert {name: int(v[i]) for name, v in cells.items()} == _loop_cells(actions, at, start, c), i
+        want = _loop_ordered(actions, at, start, c)
+        assert {name: int(v[i]) for name, v in ordered.items()} == want, i
+        assert int(day[i]) == want["day"], i
+    for got, sizes in ((cells, CELL_SIZES), (ordered, ORDERED_SIZES)):
+        for name, size in sizes.items():
+            assert 0 <= got[name].min() and got[name].max() < size, name
     assert cells["paired"].sum() > 0 and cells["rival"].sum() > 0 and cells["earlier"].sum() > 0
 
 
