@@ -55,6 +55,7 @@ REACH_SECONDS = REQUEST_OFFSET_SECONDS[1]
 SINCE_FIRST_EDGES = (20, 60, BURST_SECONDS, 600)  # buckets of ts - the first recent c-action
 CELL_SIZES = {"recent": 4, "since_first": len(SINCE_FIRST_EDGES) + 2, "paired": 2, "rival": 3, "earlier": 3}
 ORDERED_SIZES = {"day": 4, "last_three": 4, "last": 2, "rival": 3}
+DAY_COUNT_SIZES = {"day": 4}
 PRIOR_WEIGHT = 1.0  # pseudo-exposures at the overall rate in every cell (a cell of 0 rows gets it)
 
 
@@ -172,10 +173,14 @@ def day_count_cells(
     category: np.ndarray,
 ) -> Dict[str, np.ndarray]:
     """The ``day_count`` summary: the day's actions of the candidate's category before it."""
-    return {"day": np.minimum(_count_in(actions, user, window_start, ts, category), 3)}
+    day = _count_in(actions, user, window_start, ts, category)
+    return {"day": np.minimum(day, DAY_COUNT_SIZES["day"] - 1)}
 
 
-Cells = Callable[..., Dict[str, np.ndarray]]
+# (actions, user, ts, window_start, category) -> {cell: [n] int64}: the three functions above
+Cells = Callable[
+    [Dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, np.ndarray], Dict[str, np.ndarray]
+]
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ class Summary:
 SUMMARIES = {
     "timed": Summary(visible_intent_cells, CELL_SIZES),
     "ordered": Summary(ordered_cells, ORDERED_SIZES),
-    "day_count": Summary(day_count_cells, {"day": 4}),
+    "day_count": Summary(day_count_cells, DAY_COUNT_SIZES),
 }
 
 
