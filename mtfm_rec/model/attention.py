@@ -46,7 +46,7 @@ from mtfm_rec.kernels.group_norm import group_layer_norm
 from mtfm_rec.kernels.hstu_attention import hstu_attention, resolve
 from mtfm_rec.model.config import ModelConfig
 from mtfm_rec.model.mask import AttentionLayout
-from mtfm_rec.model.time_features import TimeRotary
+from mtfm_rec.model.time_features import TimeBias, TimeRotary
 
 
 class _TakeRows(torch.autograd.Function):
@@ -122,6 +122,7 @@ class _HSTULayer(nn.Module):
         self.rotary = TimeRotary(
             config.time_rotary_pairs, hd, ticks_per_second, config.time_rotary_head_share
         )
+        self.time_bias = TimeBias(config.time_bias_pairs, d, h, ticks_per_second)
         self.eps = config.norm_eps
         self._recorder: Optional[AttentionRecorder] = None  # see the module docstring
 
@@ -131,16 +132,18 @@ class _HSTULayer(nn.Module):
             self._resolved = (device.type, resolve(self.backend, device))
         return self._resolved[1]
 
-    def _uq(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _uq(self, x_norm: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u [M, H*D], q [M, H, D (+ time bias channels)])`` of query rows at times ``ts``."""
         uq = F.silu(F.linear(x_norm, self.f1.weight[: self.uq_dim], self.f1.bias[: self.uq_dim]))
         u, q = uq.split(self.uq_dim // 2, dim=-1)
-        return u, q.reshape(-1, self.num_heads, self.head_dim)
+        return u, self.time_bias.query(q.reshape(-1, self.num_heads, self.head_dim), x_norm, ts)
 
-    def _kv(self, x_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kv(self, x_norm: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k [N, G, D (+ time bias channels)], v [N, G, D])`` of key rows at times ``ts``."""
         kv = F.silu(F.linear(x_norm, self.f1.weight[self.uq_dim :], self.f1.bias[self.uq_dim :]))
         k, v = kv.split(self.num_kv_heads * self.head_dim, dim=-1)
         shape = (-1, self.num_kv_heads, self.head_dim)
-        return k.reshape(shape), v.reshape(shape)
+        return self.time_bias.key(k.reshape(shape), ts), v.reshape(shape)
 
     def _attend(
         self,
@@ -186,8 +189,8 @@ class FullAttentionLayer(_HSTULayer):
         """``x``: ``[N, d_model]`` tokens of ``layout``; returns the updated ``[N, d_model]``."""
         backend = self.resolved_backend(x.device)
         x_norm = self._norm_in(x, layout.token_group, backend)
-        u, q = self._uq(x_norm)
-        k, v = self._kv(x_norm)
+        u, q = self._uq(x_norm, layout.full.ts)
+        k, v = self._kv(x_norm, layout.keys.ts)
         a = self._attend(q, k, v, layout, False, backend)
         return self._output(x, a, u, layout.token_group, backend)
 
@@ -199,11 +202,11 @@ class TargetAttentionLayer(_HSTULayer):
         """``x``: ``[N, d_model]``; returns ``x`` with only the rows ``layout.target_rows`` changed."""
         backend = self.resolved_backend(x.device)
         x_norm = self._norm_in(x, layout.token_group, backend)
-        k, v = self._kv(x_norm)
+        k, v = self._kv(x_norm, layout.keys.ts)
         rows = layout.target_rows
         # the fast path gathers with a scatter-free backward; the others keep plain indexing
         gather = take_rows if backend is AttentionBackend.CPP else _index_rows
-        u, q = self._uq(gather(x_norm, rows))
+        u, q = self._uq(gather(x_norm, rows), layout.target.ts)
         a = self._attend(q, k, v, layout, True, backend)
         x_t = self._output(gather(x, rows), a, u, layout.token_group[rows], backend)
         return x.index_copy(0, rows, x_t)
@@ -211,7 +214,8 @@ class TargetAttentionLayer(_HSTULayer):
 
 def make_layer(kind: str, config: ModelConfig, num_groups: int, ticks_per_second: int = 1) -> _HSTULayer:
     """``"full"`` -> :class:`FullAttentionLayer`, ``"target"`` -> :class:`TargetAttentionLayer`
-    (``ticks_per_second``: the dataset's time unit, for ``model.time_rotary_pairs``)."""
+    (``ticks_per_second``: the dataset's time unit, for ``model.time_rotary_pairs`` and
+    ``model.time_bias_pairs``)."""
     if kind == "full":
         return FullAttentionLayer(config, num_groups, ticks_per_second)
     if kind == "target":

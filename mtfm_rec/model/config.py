@@ -84,6 +84,9 @@ class ModelConfig:
     time_rotary_pairs: int = 0
     # The share of the kv heads (and their query heads) the rotary turns; the rest stay content-only.
     time_rotary_head_share: float = 1.0
+    # Pairs of channels appended to every head's q and k whose share of q . k is a learned
+    # function of the query-key time gap, chosen per query (TimeBias, time_features.py); 0 = off.
+    time_bias_pairs: int = 0
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64

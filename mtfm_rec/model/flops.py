@@ -161,14 +161,15 @@ def layer_flops(
 ) -> LayerFlops:
     """Forward FLOPs of one ``"full"`` / ``"target"`` layer (module docstring)."""
     d, h, g, hd = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    uq, kv, f2 = 2 * d * 2 * h * hd, 2 * d * 2 * g * hd, 2 * h * hd * d  # per row
+    channels = 2 * config.time_bias_pairs  # TimeBias: appended to q and k, projected per query
+    uq, kv, f2 = 2 * d * (2 * h * hd + h * channels), 2 * d * 2 * g * hd, 2 * h * hd * d  # per row
     if kind == "full":
         projections = num_tokens * (uq + kv + f2)
     elif kind == "target":
         projections = num_tokens * kv + num_targets * (uq + f2)
     else:
         raise ValueError(f"unknown attention layer kind {kind!r}; expected 'full' or 'target'")
-    per_pair = 2 * 2 * h * hd  # q.k and a v, every query head
+    per_pair = 2 * h * (2 * hd + channels)  # q.k and a v, every query head
     return LayerFlops(kind, projections, per_pair * pairs, per_pair * padded_pairs)
 
 

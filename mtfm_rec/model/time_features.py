@@ -2,7 +2,10 @@
 
 * :class:`mtfm_rec.model.tokenizer.TimeEncoding` adds sinusoids of each token's time to ``X(0)``;
 * :class:`TimeRotary` rotates pairs of query and key dimensions in the attention by them, so that
-  ``q . k`` depends on how far apart in time the query and the key are, not on when they are.
+  ``q . k`` depends on how far apart in time the query and the key are, not on when they are;
+* :class:`TimeBias` appends channels to every head's queries and keys instead, whose share of
+  ``q . k`` is a learned function of the same gap (a relative-time bias), leaving the content
+  dimensions as they are.
 
 Both read only a token's own timestamp: a later action or exposure never changes an earlier
 token's score (a reference point shared by the sample, such as its latest token, would let a
@@ -28,6 +31,14 @@ def time_angles(ts: torch.Tensor, periods: torch.Tensor) -> torch.Tensor:
     """``[M, P]`` float64 angles ``2 pi (t mod P_i) / P_i`` of int64 timestamps ``ts [M]``."""
     phase = torch.remainder(ts[:, None], periods[None, :]).to(torch.float64)
     return (2 * math.pi) * phase / periods[None, :].to(torch.float64)
+
+
+def rotate_pairs(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Turns pairs ``(x[..., j], x[..., P + j])`` of ``x [..., 2P]`` by ``angle [..., P]`` (broadcast)."""
+    p = angle.shape[-1]
+    a, b = x[..., :p], x[..., p:]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
 class TimeRotary(nn.Module):
@@ -75,8 +86,69 @@ class TimeRotary(nn.Module):
             return x
         p, turned = self.num_pairs, round(x.shape[1] * self.head_share)
         angle = time_angles(ts, self.periods).to(x.dtype)[:, None, :]  # [M, 1, P]: every head alike
-        cos, sin = torch.cos(angle), torch.sin(angle)
         h = x[:, :turned]
-        a, b, rest = h[..., :p], h[..., p : 2 * p], h[..., 2 * p :]
-        rotated = torch.cat([a * cos - b * sin, a * sin + b * cos, rest], dim=-1)
+        rotated = torch.cat([rotate_pairs(h[..., : 2 * p], angle), h[..., 2 * p :]], dim=-1)
         return torch.cat([rotated, x[:, turned:]], dim=1) if turned < x.shape[1] else rotated
+
+
+class TimeBias(nn.Module):
+    """A learned relative-time bias of each query, as ``2 * num_pairs`` channels appended to q and k.
+
+    Pair ``j`` has the period ``P_j`` (1 minute to 2 days, as :class:`TimeRotary`) and the angle
+    ``theta_j(t) = 2 pi t / P_j``. A key at ``t_k`` gets the channels
+    ``(cos theta_j(t_k), sin theta_j(t_k))`` in every kv head; a query at ``t_q`` gets
+    ``(a_j, b_j) = W x`` (a projection of its normalised input ``x``, one per query head)
+    turned by ``theta_j(t_q)``. Their share of ``q . k`` is then::
+
+        bias(x, t_q - t_k) = sum_j  a_j(x) cos(2 pi (t_q - t_k) / P_j)  -  b_j(x) sin(2 pi (t_q - t_k) / P_j)
+
+    a Fourier series of the query-key gap whose coefficients each query chooses: a search
+    exposure can weigh the actions of the last minutes, a coupon exposure can ignore time. Unlike
+    the rotary, the ``head_dim`` content dims stay untouched (the history's taste keeps all of
+    them); the kernels see q and k of ``head_dim + 2 * num_pairs`` dims and v of ``head_dim``.
+    ``W`` starts at zero, so a model starts as it would without it. This is HSTU's relative
+    attention bias (Zhai et al. 2024) read as channels, so the kernels need no extra input.
+
+    Args:
+        num_pairs: channel pairs (0: off, q and k returned as they are).
+        d_model: the width of the normalised input.
+        num_heads: query heads (each gets its own coefficients).
+        ticks_per_second: the dataset's time unit (``DatasetSchema.ticks_per_second``).
+    """
+
+    def __init__(self, num_pairs: int, d_model: int, num_heads: int, ticks_per_second: int) -> None:
+        super().__init__()
+        if num_pairs < 0:
+            raise ValueError(f"model.time_bias_pairs={num_pairs} must be >= 0")
+        self.num_pairs, self.num_heads = num_pairs, num_heads
+        self.coefficients = nn.Linear(d_model, num_heads * 2 * num_pairs) if num_pairs else None
+        if self.coefficients is not None:
+            nn.init.zeros_(self.coefficients.weight)
+            nn.init.zeros_(self.coefficients.bias)
+        self.periods: torch.Tensor  # [num_pairs] int64 ticks
+        periods = period_ticks(num_pairs, TimeRotary.MIN_PERIOD_S, TimeRotary.MAX_PERIOD_S, ticks_per_second)
+        self.register_buffer("periods", periods, persistent=False)
+
+    @property
+    def channels(self) -> int:
+        """The dims appended to each head of q and k."""
+        return 2 * self.num_pairs
+
+    def query(self, q: torch.Tensor, x_norm: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """``q [..., H, D]`` of inputs ``x_norm [..., d_model]`` at ``ts [...]`` -> ``[..., H, D + 2P]``."""
+        if self.coefficients is None:
+            return q
+        angle = self._angles(ts, q.dtype)[..., None, :]  # [..., 1, P]: every head alike
+        coef = self.coefficients(x_norm).unflatten(-1, (self.num_heads, self.channels))
+        return torch.cat([q, rotate_pairs(coef, angle)], dim=-1)
+
+    def key(self, k: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """``k [..., G, D]`` at ``ts [...]`` -> ``[..., G, D + 2P]``."""
+        if self.coefficients is None:
+            return k
+        angle = self._angles(ts, k.dtype)
+        unit = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)[..., None, :]
+        return torch.cat([k, unit.expand(*k.shape[:-1], self.channels)], dim=-1)
+
+    def _angles(self, ts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return time_angles(ts.reshape(-1), self.periods).to(dtype).view(*ts.shape, self.num_pairs)

@@ -126,6 +126,7 @@ class ServingLayer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
         self.alpha, self.eps = layer.alpha, layer.eps
         self.rotary = copy.deepcopy(layer.rotary)  # model.time_rotary_pairs (identity at 0)
+        self.time_bias = copy.deepcopy(layer.time_bias)  # model.time_bias_pairs (identity at 0)
         # a target layer updates only the T tokens: the context passes through it
         self.updates_context = not isinstance(layer, TargetAttentionLayer)
 
@@ -133,16 +134,16 @@ class ServingLayer(nn.Module):
         """Group LayerNorm of ``x [B, L, d]``, ``group`` ``[L]`` (or a 0-d tensor for all)."""
         return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * self.in_weight[group] + self.in_bias[group]
 
-    def query(self, x_norm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(u [B, L, H*D], q [B, L, H, D])``."""
+    def query(self, x_norm: torch.Tensor, ts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(u [B, L, H*D], q [B, L, H, D (+ time bias channels)])`` of tokens at ``ts [B, L]``."""
         u, q = F.silu(self.uq(x_norm)).chunk(2, dim=-1)
-        return u, q.unflatten(-1, (self.num_heads, self.head_dim))
+        return u, self.time_bias.query(q.unflatten(-1, (self.num_heads, self.head_dim)), x_norm, ts)
 
-    def key_value(self, x_norm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(k, v)``, each ``[B, L, G, D]``."""
+    def key_value(self, x_norm: torch.Tensor, ts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(k [B, L, G, D (+ time bias channels)], v [B, L, G, D])`` of tokens at ``ts [B, L]``."""
         k, v = F.silu(self.kv(x_norm)).chunk(2, dim=-1)
         shape = (self.num_kv_heads, self.head_dim)
-        return k.unflatten(-1, shape), v.unflatten(-1, shape)
+        return self.time_bias.key(k.unflatten(-1, shape), ts), v.unflatten(-1, shape)
 
     def output(self, x: torch.Tensor, a: torch.Tensor, u: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
         """``x + f2(GLN(a) * u)``."""
@@ -239,11 +240,11 @@ class ScenarioModel(nn.Module):
         b, c, d = x.shape
         for layer in self.serving_layers():
             x_norm = layer.norm_in(x, group)
-            k, v = layer.key_value(x_norm)
+            k, v = layer.key_value(x_norm, ts)
             cache.keys.append(k)
             cache.values.append(v)
             if layer.updates_context:
-                u, q = layer.query(x_norm)
+                u, q = layer.query(x_norm, ts)
                 a = self._attend(
                     q.reshape(b * c, *q.shape[2:]),
                     k.flatten(0, 1),
@@ -288,8 +289,8 @@ class ScenarioModel(nn.Module):
         b, m, d = x.shape
         for layer, k_ctx, v_ctx in zip(self.serving_layers(), cache.keys, cache.values):
             x_norm = layer.norm_in(x, group)
-            u, q = layer.query(x_norm)
-            k, v = layer.key_value(x_norm)
+            u, q = layer.query(x_norm, cand_ts)
+            k, v = layer.key_value(x_norm, cand_ts)
             k_all = torch.cat([k_ctx, k], dim=1).flatten(
                 0, 1
             )  # per request: its context, then its candidates

@@ -104,17 +104,22 @@ def _measured(model: MTFM, batch: Batch) -> Dict[str, int]:
     return {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
 
 
-@pytest.mark.parametrize("use_sequences, time_frequencies", [(True, 0), (False, 0), (True, 5), (False, 5)])
+@pytest.mark.parametrize(
+    "use_sequences, time_frequencies, time_bias_pairs",
+    [(True, 0, 0), (False, 0, 0), (True, 5, 0), (False, 5, 0), (True, 0, 3)],
+)
 def test_count_equals_flop_counter_mode_on_the_padded_reference(
-    schema, use_sequences: bool, time_frequencies: int
+    schema, use_sequences: bool, time_frequencies: int, time_bias_pairs: int
 ) -> None:
     """FlopCounterMode sees the matmuls the reference backend runs: the padded attention (and the
-    time encoding's projection when it is on: the feature-only model has none)."""
+    time encoding's projection when it is on: the feature-only model has none; the time bias's
+    query projection and its channels of q . k)."""
     config = small_config(
         num_blocks=2,
         attention_backend="reference",
         use_sequences=use_sequences,
         time_frequencies=time_frequencies,
+        time_bias_pairs=time_bias_pairs,
     )
     torch.manual_seed(0)
     model = MTFM(schema, config)

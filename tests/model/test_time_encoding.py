@@ -1,7 +1,7 @@
-"""MTFM's two time inputs, the tokenizer's encoding and the attention's rotary: exact phases at
-epoch scale, a function of each token's own time only (a later action or exposure never changes
-an earlier score), the encoding a no-op at initialisation, the rotary's q . k a function of the
-query-key gap."""
+"""MTFM's time inputs, the tokenizer's encoding and the attention's rotary and time bias: exact
+phases at epoch scale, a function of each token's own time only (a later action or exposure never
+changes an earlier score), the encoding and the bias no-ops at initialisation, the rotary's and
+the bias's q . k a function of the query-key gap."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from model_helpers import exposure_scores, hidden_from, make_model, sample_rows
 
 from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model.examples import random_batch
-from mtfm_rec.model.time_features import TimeRotary
+from mtfm_rec.model.time_features import TimeBias, TimeRotary
 from mtfm_rec.model.tokenizer import TimeEncoding
 
 
@@ -22,6 +22,15 @@ def _trained(enc: TimeEncoding) -> TimeEncoding:
     torch.manual_seed(0)
     torch.nn.init.normal_(enc.proj.weight)  # a trained projection (it starts at zero)
     return enc
+
+
+def _trained_bias(model: torch.nn.Module) -> None:
+    """Random time-bias coefficients in every layer (they start at zero, a no-op)."""
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, TimeBias) and module.coefficients is not None:
+            torch.nn.init.normal_(module.coefficients.weight)
+            torch.nn.init.normal_(module.coefficients.bias)
 
 
 def test_features_are_sinusoids_of_each_tokens_own_time_exact_at_epoch_scale() -> None:
@@ -51,6 +60,7 @@ def test_features_are_sinusoids_of_each_tokens_own_time_exact_at_epoch_scale() -
         {"time_frequencies": 4},
         {"time_rotary_pairs": 2},
         {"time_rotary_pairs": 2, "time_rotary_head_share": 0.5},
+        {"time_bias_pairs": 3},
     ],
 )
 def test_later_timestamps_never_change_an_earlier_score(schema, time_input: dict) -> None:
@@ -68,6 +78,7 @@ def test_later_timestamps_never_change_an_earlier_score(schema, time_input: dict
     )
     if "time_frequencies" in time_input:
         _trained(model.dense.tokenizer.time)
+    _trained_bias(model)
     batch = random_batch(schema, 4, seq_len=(1, 8), exposures=(2, 3), seed=5)
     with torch.no_grad():
         base = exposure_scores(model(batch)[1], batch)
@@ -138,3 +149,48 @@ def test_a_head_share_turns_the_first_kv_heads_and_their_query_heads_only() -> N
     torch.testing.assert_close(rq[:, :2], TimeRotary(4, 8, 1)(q[:, :2], ts))
     with pytest.raises(ValueError, match=r"model.time_rotary_head_share=0.0 must be in \(0, 1\]"):
         TimeRotary(num_pairs=1, head_dim=8, ticks_per_second=1, head_share=0.0)
+
+
+def _bias_inputs(num_heads: int = 2, d_model: int = 6) -> tuple:
+    torch.manual_seed(2)
+    bias = TimeBias(num_pairs=3, d_model=d_model, num_heads=num_heads, ticks_per_second=1000).double()
+    _trained_bias(bias)
+    x = torch.randn(5, d_model, dtype=torch.float64)
+    q, k = torch.randn(5, num_heads, 4, dtype=torch.float64), torch.randn(5, 1, 4, dtype=torch.float64)
+    t_q = torch.tensor([1_700_000_000_000 + 997 * i for i in range(5)], dtype=torch.int64)
+    return bias, x, q, k, t_q
+
+
+def test_time_bias_is_a_fourier_series_of_the_gap_chosen_by_the_query() -> None:
+    """The appended channels add ``sum_j a_j(x) cos(w_j gap) - b_j(x) sin(w_j gap)`` to ``q . k``
+    (``(a, b)`` the query's projection), at epoch-scale millisecond times; the content dims are
+    kept; moving the query and the key by the same time changes nothing."""
+    bias, x, q, k, t_q = _bias_inputs()
+    t_k = t_q - torch.tensor([0, 1_000, 60_000, 3_600_000, 86_400_000])
+    bq, bk = bias.query(q, x, t_q), bias.key(k, t_k)
+    assert bq.shape == (5, 2, 10) and bk.shape == (5, 1, 10)
+    assert torch.equal(bq[..., :4], q) and torch.equal(bk[..., :4], k)
+    coef = bias.coefficients(x).view(5, 2, 6)
+    gap = (t_q - t_k).to(torch.float64)[:, None, None]
+    w = 2 * math.pi / bias.periods.to(torch.float64)
+    want = (coef[..., :3] * torch.cos(w * gap) - coef[..., 3:] * torch.sin(w * gap)).sum(-1)
+    torch.testing.assert_close((bq[..., 4:] * bk[..., 4:]).sum(-1), want, rtol=0, atol=1e-6)
+    shift = 123_456_789
+    moved = (bias.query(q, x, t_q + shift) * bias.key(k, t_k + shift)).sum(-1)
+    torch.testing.assert_close(moved, (bq * bk).sum(-1), rtol=0, atol=1e-6)
+
+
+def test_time_bias_starts_as_a_no_op_and_keeps_any_leading_shape() -> None:
+    bias = TimeBias(num_pairs=2, d_model=6, num_heads=2, ticks_per_second=1)
+    x, q, k = torch.randn(3, 4, 6), torch.randn(3, 4, 2, 5), torch.randn(3, 4, 1, 5)
+    ts = torch.randint(0, 10**6, (3, 4))
+    bq, bk = bias.query(q, x, ts), bias.key(k, ts)
+    assert bq.shape == (3, 4, 2, 9) and bk.shape == (3, 4, 1, 9)
+    assert torch.equal(bq[..., :5], q) and torch.equal(bq[..., 5:], torch.zeros(3, 4, 2, 4))
+    torch.testing.assert_close((bq * bk).sum(-1), (q * k).sum(-1))
+    (bq * bk).sum().backward()  # the coefficients still get a gradient
+    assert bias.coefficients is not None and bias.coefficients.weight.grad.abs().sum() > 0
+    off = TimeBias(num_pairs=0, d_model=6, num_heads=2, ticks_per_second=1)
+    assert off.query(q, x, ts) is q and off.key(k, ts) is k
+    with pytest.raises(ValueError, match=r"model.time_bias_pairs=-1 must be >= 0"):
+        TimeBias(num_pairs=-1, d_model=6, num_heads=2, ticks_per_second=1)

@@ -13,7 +13,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -22,6 +22,7 @@ from serve_helpers import small_model
 
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model import MTFM
+from mtfm_rec.model.time_features import TimeBias
 from mtfm_rec.serve.export import (
     ExportedScorer,
     PackageError,
@@ -63,10 +64,11 @@ SHAPES = [(1, (1, 1), 1, (1, 1)), (4, (9, 3), 7, (2, 5)), (2, (0, 6), 3, (4, 1))
 ATOL = 1e-5
 
 
-def narrow_model() -> MTFM:
+def narrow_model(**overrides: Any) -> MTFM:
     """The serving tests' small MTFM, narrower still: the module compiles it once."""
     return small_model(
         SCHEMA,
+        **overrides,
         d_model=16,
         tokenizer_hidden=[16],
         target_layers_per_block=1,
@@ -151,6 +153,20 @@ def test_exported_program_matches_eager_on_new_shapes(sub: ScenarioModel) -> Non
         inputs = make_inputs(n, context, m, bags)
         assert [t.shape[1] for t in inputs.seq_ids] == [max(1, c) for c in context]
         assert_close(module(*inputs.as_args()), sub(*inputs.as_args()))
+
+
+@torch.no_grad()
+def test_the_time_inputs_export_and_match_eager() -> None:
+    """The rotary and the time bias (with trained, non-zero coefficients) trace as well."""
+    model = narrow_model(time_rotary_pairs=2, time_bias_pairs=3)
+    for module in model.modules():
+        if isinstance(module, TimeBias) and module.coefficients is not None:
+            torch.nn.init.normal_(module.coefficients.weight, std=0.5)
+    timed = extract_subgraph(model, SCENARIO)
+    module = export_program(timed, make_inputs(1, (1, 1), 1, (1, 1), seed=0)).module()
+    for n, context, m, bags in SHAPES:
+        inputs = make_inputs(n, context, m, bags)
+        assert_close(module(*inputs.as_args()), timed(*inputs.as_args()))
 
 
 def test_export_refuses_an_example_of_another_layout(sub: ScenarioModel) -> None:
