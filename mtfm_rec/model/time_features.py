@@ -108,6 +108,8 @@ class TimeBias(nn.Module):
     them); the kernels see q and k of ``head_dim + 2 * num_pairs`` dims and v of ``head_dim``.
     ``W`` starts at zero, so a model starts as it would without it. This is HSTU's relative
     attention bias (Zhai et al. 2024) read as channels, so the kernels need no extra input.
+    Off by default: on the synthetic benchmark four pairs lift the intent-driven scenario by
+    .003 and cost the sparse one .002-.004 (docs/TRAINING.md, "Model quality", finding 11).
 
     Args:
         num_pairs: channel pairs (0: off, q and k returned as they are).
