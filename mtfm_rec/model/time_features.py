@@ -1,4 +1,4 @@
-"""Each token's own time as angles: the home of MTFM's two leak-free time inputs.
+"""Each token's own time as angles: the home of MTFM's leak-free time inputs.
 
 * :class:`mtfm_rec.model.tokenizer.TimeEncoding` adds sinusoids of each token's time to ``X(0)``;
 * :class:`TimeRotary` rotates pairs of query and key dimensions in the attention by them, so that
@@ -7,7 +7,7 @@
   ``q . k`` is a learned function of the same gap (a relative-time bias), leaving the content
   dimensions as they are.
 
-Both read only a token's own timestamp: a later action or exposure never changes an earlier
+All three read only a token's own timestamp: a later action or exposure never changes an earlier
 token's score (a reference point shared by the sample, such as its latest token, would let a
 future click move every score: docs/TRAINING.md, "Model quality", finding 8). Angles are taken
 from the phase ``t mod P`` in int64, exact however large epoch timestamps are.
