@@ -18,11 +18,10 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
-from serve_helpers import small_model
+from serve_helpers import small_model, trained_time_bias
 
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model import MTFM
-from mtfm_rec.model.time_features import TimeBias
 from mtfm_rec.serve.export import (
     ExportedScorer,
     PackageError,
@@ -159,9 +158,7 @@ def test_exported_program_matches_eager_on_new_shapes(sub: ScenarioModel) -> Non
 def test_the_time_inputs_export_and_match_eager() -> None:
     """The rotary and the time bias (with trained, non-zero coefficients) trace as well."""
     model = narrow_model(time_rotary_pairs=2, time_bias_pairs=3)
-    for module in model.modules():
-        if isinstance(module, TimeBias) and module.coefficients is not None:
-            torch.nn.init.normal_(module.coefficients.weight, std=0.5)
+    trained_time_bias(model)
     timed = extract_subgraph(model, SCENARIO)
     module = export_program(timed, make_inputs(1, (1, 1), 1, (1, 1), seed=0)).module()
     for n, context, m, bags in SHAPES:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from serve_helpers import demo, small_model, training_scores
+from serve_helpers import demo, small_model, trained_time_bias, training_scores
 
 from mtfm_rec.model.examples import demo_schema, random_batch
-from mtfm_rec.model.time_features import TimeBias
 from mtfm_rec.model.zoo import build_model
 from mtfm_rec.serve.falcon import ContextStore, context_fingerprint
 from mtfm_rec.serve.predictor import Predictor, eager_scorer
@@ -40,9 +39,7 @@ def _served(sub, requests, schema, micro_batch=0):  # type: ignore[no-untyped-de
 def test_every_exposure_scores_as_in_the_training_layout(overrides: dict) -> None:
     schema, batch = demo()
     model = small_model(schema, **overrides)
-    for module in model.modules():  # the time bias starts at zero: give it trained coefficients
-        if isinstance(module, TimeBias) and module.coefficients is not None:
-            torch.nn.init.normal_(module.coefficients.weight, std=0.5)
+    trained_time_bias(model)
     reference = training_scores(model, batch)
     for scenario in reference:
         sub = extract_subgraph(model, scenario)
