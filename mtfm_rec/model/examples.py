@@ -10,11 +10,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from mtfm_rec.data import sample_format as fmt
 from mtfm_rec.data.batch import Batch, collate
 from mtfm_rec.data.schema import DatasetSchema, ScenarioSpec
 from mtfm_rec.model.config import ModelConfig
+from mtfm_rec.model.time_features import TimeBias
 
 
 def small_config(**overrides: Any) -> ModelConfig:
@@ -35,6 +37,17 @@ def small_config(**overrides: Any) -> ModelConfig:
     )
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def trained_time_bias(model: torch.nn.Module, std: float = 0.5, seed: int = 0) -> None:
+    """Random time-bias coefficients (weights and biases, seeded) in every layer of ``model``.
+    They start at zero, a no-op, where a wrong or a leaked time would go unseen."""
+    gen = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, TimeBias) and module.coefficients is not None:
+            with torch.no_grad():
+                for param in (module.coefficients.weight, module.coefficients.bias):
+                    param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
 def demo_schema(num_scenarios: int = 3, vocab: int = 50) -> DatasetSchema:

@@ -13,7 +13,7 @@ import torch
 from model_helpers import exposure_scores, hidden_from, make_model, sample_rows
 
 from mtfm_rec.kernels.jagged import TokenKind
-from mtfm_rec.model.examples import random_batch
+from mtfm_rec.model.examples import random_batch, trained_time_bias
 from mtfm_rec.model.time_features import TimeBias, TimeRotary
 from mtfm_rec.model.tokenizer import TimeEncoding
 
@@ -22,15 +22,6 @@ def _trained(enc: TimeEncoding) -> TimeEncoding:
     torch.manual_seed(0)
     torch.nn.init.normal_(enc.proj.weight)  # a trained projection (it starts at zero)
     return enc
-
-
-def _trained_bias(model: torch.nn.Module) -> None:
-    """Random time-bias coefficients in every layer (they start at zero, a no-op)."""
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, TimeBias) and module.coefficients is not None:
-            torch.nn.init.normal_(module.coefficients.weight)
-            torch.nn.init.normal_(module.coefficients.bias)
 
 
 def test_features_are_sinusoids_of_each_tokens_own_time_exact_at_epoch_scale() -> None:
@@ -78,7 +69,7 @@ def test_later_timestamps_never_change_an_earlier_score(schema, time_input: dict
     )
     if "time_frequencies" in time_input:
         _trained(model.dense.tokenizer.time)
-    _trained_bias(model)
+    trained_time_bias(model, std=1.0)
     batch = random_batch(schema, 4, seq_len=(1, 8), exposures=(2, 3), seed=5)
     with torch.no_grad():
         base = exposure_scores(model(batch)[1], batch)
@@ -154,7 +145,7 @@ def test_a_head_share_turns_the_first_kv_heads_and_their_query_heads_only() -> N
 def _bias_inputs(num_heads: int = 2, d_model: int = 6) -> tuple:
     torch.manual_seed(2)
     bias = TimeBias(num_pairs=3, d_model=d_model, num_heads=num_heads, ticks_per_second=1000).double()
-    _trained_bias(bias)
+    trained_time_bias(bias, std=1.0)
     x = torch.randn(5, d_model, dtype=torch.float64)
     q, k = torch.randn(5, num_heads, 4, dtype=torch.float64), torch.randn(5, 1, 4, dtype=torch.float64)
     t_q = torch.tensor([1_700_000_000_000 + 997 * i for i in range(5)], dtype=torch.int64)

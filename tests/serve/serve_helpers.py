@@ -11,15 +11,6 @@ from mtfm_rec.data.batch import Batch
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model import MTFM
 from mtfm_rec.model.examples import demo_schema, random_batch, small_config
-from mtfm_rec.model.time_features import TimeBias
-
-
-def trained_time_bias(model: torch.nn.Module) -> None:
-    """Non-zero time-bias coefficients in every layer (they start at zero, where serving a wrong
-    time would go unseen)."""
-    for module in model.modules():
-        if isinstance(module, TimeBias) and module.coefficients is not None:
-            torch.nn.init.normal_(module.coefficients.weight, std=0.5)
 
 
 def small_model(schema: DatasetSchema, seed: int = 0, **overrides: Any) -> MTFM:

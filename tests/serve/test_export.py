@@ -18,10 +18,11 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
-from serve_helpers import small_model, trained_time_bias
+from serve_helpers import small_model
 
 from mtfm_rec.data.schema import DatasetSchema
 from mtfm_rec.model import MTFM
+from mtfm_rec.model.examples import trained_time_bias
 from mtfm_rec.serve.export import (
     ExportedScorer,
     PackageError,

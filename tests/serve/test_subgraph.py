@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from serve_helpers import demo, small_model, trained_time_bias, training_scores
+from serve_helpers import demo, small_model, training_scores
 
-from mtfm_rec.model.examples import demo_schema, random_batch
+from mtfm_rec.model.examples import demo_schema, random_batch, trained_time_bias
 from mtfm_rec.model.zoo import build_model
 from mtfm_rec.serve.falcon import ContextStore, context_fingerprint
 from mtfm_rec.serve.predictor import Predictor, eager_scorer
