@@ -122,7 +122,9 @@ class _HSTULayer(nn.Module):
         self.rotary = TimeRotary(
             config.time_rotary_pairs, hd, ticks_per_second, config.time_rotary_head_share
         )
-        self.time_bias = TimeBias(config.time_bias_pairs, d, h, ticks_per_second)
+        self.time_bias = TimeBias(
+            config.time_bias_pairs, d, h, ticks_per_second, config.time_bias_source, num_groups
+        )
         self.eps = config.norm_eps
         self._recorder: Optional[AttentionRecorder] = None  # see the module docstring
 
@@ -132,11 +134,14 @@ class _HSTULayer(nn.Module):
             self._resolved = (device.type, resolve(self.backend, device))
         return self._resolved[1]
 
-    def _uq(self, x_norm: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(u [M, H*D], q [M, H, D (+ time bias channels)])`` of query rows at times ``ts``."""
+    def _uq(
+        self, x_norm: torch.Tensor, ts: torch.Tensor, group: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(u [M, H*D], q [M, H, D (+ time bias channels)])`` of query rows at times ``ts`` in
+        token groups ``group``."""
         uq = F.silu(F.linear(x_norm, self.f1.weight[: self.uq_dim], self.f1.bias[: self.uq_dim]))
         u, q = uq.split(self.uq_dim // 2, dim=-1)
-        return u, self.time_bias.query(q.reshape(-1, self.num_heads, self.head_dim), x_norm, ts)
+        return u, self.time_bias.query(q.reshape(-1, self.num_heads, self.head_dim), x_norm, ts, group)
 
     def _kv(self, x_norm: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k [N, G, D (+ time bias channels)], v [N, G, D])`` of key rows at times ``ts``."""
@@ -189,7 +194,7 @@ class FullAttentionLayer(_HSTULayer):
         """``x``: ``[N, d_model]`` tokens of ``layout``; returns the updated ``[N, d_model]``."""
         backend = self.resolved_backend(x.device)
         x_norm = self._norm_in(x, layout.token_group, backend)
-        u, q = self._uq(x_norm, layout.full.ts)
+        u, q = self._uq(x_norm, layout.full.ts, layout.token_group)
         k, v = self._kv(x_norm, layout.keys.ts)
         a = self._attend(q, k, v, layout, False, backend)
         return self._output(x, a, u, layout.token_group, backend)
@@ -206,9 +211,10 @@ class TargetAttentionLayer(_HSTULayer):
         rows = layout.target_rows
         # the fast path gathers with a scatter-free backward; the others keep plain indexing
         gather = take_rows if backend is AttentionBackend.CPP else _index_rows
-        u, q = self._uq(gather(x_norm, rows), layout.target.ts)
+        group = layout.token_group[rows]
+        u, q = self._uq(gather(x_norm, rows), layout.target.ts, group)
         a = self._attend(q, k, v, layout, True, backend)
-        x_t = self._output(gather(x, rows), a, u, layout.token_group[rows], backend)
+        x_t = self._output(gather(x, rows), a, u, group, backend)
         return x.index_copy(0, rows, x_t)
 
 

@@ -17,6 +17,7 @@ from mtfm_rec.kernels.backends import AttentionBackend, values
 _ATTENTION_BACKENDS = values(AttentionBackend)
 
 LOSS_AVERAGES = ("exposure", "task")  # model.loss_average; see mtfm_rec.model.heads
+TIME_BIAS_SOURCES = ("query", "group")  # model.time_bias_source; see mtfm_rec.model.time_features
 
 # model.name: MTFM or one of the paper's baselines (section 4.1.2, Table 2), all built by
 # mtfm_rec.model.zoo.build_model from the same schema and trained by the same Trainer.
@@ -87,6 +88,10 @@ class ModelConfig:
     # Pairs of channels appended to every head's q and k whose share of q . k is a learned
     # function of the query-key time gap, chosen per query (TimeBias, time_features.py); 0 = off.
     time_bias_pairs: int = 0
+    # Where the time bias's coefficients come from: "query" projects them from each query's input;
+    # "group" learns one set per token group (scenario's T tokens, each sequence), so a scenario's
+    # recency profile is trained by its own loss only.
+    time_bias_source: str = "query"
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64
@@ -109,6 +114,10 @@ class ModelConfig:
             )
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average={self.loss_average!r} unknown; choose one of {LOSS_AVERAGES}")
+        if self.time_bias_source not in TIME_BIAS_SOURCES:
+            raise ValueError(
+                f"model.time_bias_source={self.time_bias_source!r} unknown; choose one of {TIME_BIAS_SOURCES}"
+            )
         if self.num_heads < 1 or self.num_kv_heads < 1:
             raise ValueError(f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1")
         if self.num_heads % self.num_kv_heads:

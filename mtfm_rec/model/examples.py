@@ -44,9 +44,9 @@ def trained_time_bias(model: torch.nn.Module, std: float = 0.5, seed: int = 0) -
     They start at zero, a no-op, where a wrong or a leaked time would go unseen."""
     gen = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, TimeBias) and module.coefficients is not None:
+        if isinstance(module, TimeBias):
             with torch.no_grad():
-                for param in (module.coefficients.weight, module.coefficients.bias):
+                for param in module.parameters():
                     param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 

@@ -16,6 +16,7 @@ from the phase ``t mod P`` in int64, exact however large epoch timestamps are.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -97,36 +98,59 @@ class TimeBias(nn.Module):
     Pair ``j`` has the period ``P_j`` (1 minute to 2 days, as :class:`TimeRotary`) and the angle
     ``theta_j(t) = 2 pi t / P_j``. A key at ``t_k`` gets the channels
     ``(cos theta_j(t_k), sin theta_j(t_k))`` in every kv head; a query at ``t_q`` gets
-    ``(a_j, b_j) = W x`` (a projection of its normalised input ``x``, one per query head)
-    turned by ``theta_j(t_q)``. Their share of ``q . k`` is then::
+    coefficients ``(a_j, b_j)`` (one set per query head) turned by ``theta_j(t_q)``. Their share
+    of ``q . k`` is then::
 
-        bias(x, t_q - t_k) = sum_j  a_j(x) cos(2 pi (t_q - t_k) / P_j)  -  b_j(x) sin(2 pi (t_q - t_k) / P_j)
+        bias(t_q - t_k) = sum_j  a_j cos(2 pi (t_q - t_k) / P_j)  -  b_j sin(2 pi (t_q - t_k) / P_j)
 
-    a Fourier series of the query-key gap whose coefficients each query chooses: a search
-    exposure can weigh the actions of the last minutes, a coupon exposure can ignore time. Unlike
-    the rotary, the ``head_dim`` content dims stay untouched (the history's taste keeps all of
-    them); the kernels see q and k of ``head_dim + 2 * num_pairs`` dims and v of ``head_dim``.
-    ``W`` starts at zero, so a model starts as it would without it. This is HSTU's relative
-    attention bias (Zhai et al. 2024) read as channels, so the kernels need no extra input.
-    Off by default: on the synthetic benchmark four pairs lift the intent-driven scenario by
-    .003 and cost the sparse one .002-.004 (docs/TRAINING.md, "Model quality", finding 11).
+    a Fourier series of the query-key gap. ``source`` says where the coefficients come from:
+
+    * ``"query"``: ``(a, b) = W x``, a projection of the query's normalised input ``x``, so each
+      query chooses its own profile; ``W`` is shared by every token group, so a sparse scenario's
+      queries start from the profile the dense ones trained;
+    * ``"group"``: one learned ``(a, b)`` per token group (each scenario's T tokens, each
+      sequence), HSTU's relative attention bias (Zhai et al. 2024) per group: a scenario's
+      profile gets the gradient of that scenario's loss only.
+
+    Unlike the rotary, the ``head_dim`` content dims stay untouched (the history's taste keeps all
+    of them); the kernels see q and k of ``head_dim + 2 * num_pairs`` dims and v of ``head_dim``.
+    The coefficients start at zero, so a model starts as it would without them. Off by default:
+    on the synthetic benchmark four pairs lift the intent-driven scenario by .003 and cost the
+    sparse one .002-.004 (docs/TRAINING.md, "Model quality", finding 11).
 
     Args:
         num_pairs: channel pairs (0: off, q and k returned as they are).
         d_model: the width of the normalised input.
         num_heads: query heads (each gets its own coefficients).
         ticks_per_second: the dataset's time unit (``DatasetSchema.ticks_per_second``).
+        source: ``"query"`` or ``"group"`` (``model.time_bias_source``).
+        num_groups: token groups (the Group LayerNorm's), for ``source="group"``.
     """
 
-    def __init__(self, num_pairs: int, d_model: int, num_heads: int, ticks_per_second: int) -> None:
+    def __init__(
+        self,
+        num_pairs: int,
+        d_model: int,
+        num_heads: int,
+        ticks_per_second: int,
+        source: str = "query",
+        num_groups: int = 1,
+    ) -> None:
         super().__init__()
         if num_pairs < 0:
             raise ValueError(f"model.time_bias_pairs={num_pairs} must be >= 0")
-        self.num_pairs, self.num_heads = num_pairs, num_heads
-        self.coefficients = nn.Linear(d_model, num_heads * 2 * num_pairs) if num_pairs else None
-        if self.coefficients is not None:
+        if source not in ("query", "group"):
+            raise ValueError(f"model.time_bias_source={source!r} must be 'query' or 'group'")
+        self.num_pairs, self.num_heads, self.source = num_pairs, num_heads, source
+        width = num_heads * 2 * num_pairs
+        self.coefficients: Optional[nn.Linear] = None
+        self.group_coefficients: Optional[nn.Parameter] = None
+        if num_pairs and source == "query":
+            self.coefficients = nn.Linear(d_model, width)
             nn.init.zeros_(self.coefficients.weight)
             nn.init.zeros_(self.coefficients.bias)
+        elif num_pairs:
+            self.group_coefficients = nn.Parameter(torch.zeros(num_groups, width))
         self.periods: torch.Tensor  # [num_pairs] int64 ticks
         periods = period_ticks(num_pairs, TimeRotary.MIN_PERIOD_S, TimeRotary.MAX_PERIOD_S, ticks_per_second)
         self.register_buffer("periods", periods, persistent=False)
@@ -136,17 +160,25 @@ class TimeBias(nn.Module):
         """The dims appended to each head of q and k."""
         return 2 * self.num_pairs
 
-    def query(self, q: torch.Tensor, x_norm: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-        """``q [..., H, D]`` of inputs ``x_norm [..., d_model]`` at ``ts [...]`` -> ``[..., H, D + 2P]``."""
-        if self.coefficients is None:
+    def query(
+        self, q: torch.Tensor, x_norm: torch.Tensor, ts: torch.Tensor, group: torch.Tensor
+    ) -> torch.Tensor:
+        """``q [..., H, D]`` of inputs ``x_norm [..., d_model]`` at ``ts [...]`` in token groups
+        ``group`` (``[...]``, or one that broadcasts to it) -> ``[..., H, D + 2P]``."""
+        if self.num_pairs == 0:
             return q
+        if self.coefficients is not None:
+            coef = self.coefficients(x_norm)
+        else:
+            assert self.group_coefficients is not None
+            coef = self.group_coefficients[group].expand(*x_norm.shape[:-1], -1)
         angle = self._angles(ts, q.dtype)[..., None, :]  # [..., 1, P]: every head alike
-        coef = self.coefficients(x_norm).unflatten(-1, (self.num_heads, self.channels))
+        coef = coef.to(q.dtype).unflatten(-1, (self.num_heads, self.channels))
         return torch.cat([q, rotate_pairs(coef, angle)], dim=-1)
 
     def key(self, k: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
         """``k [..., G, D]`` at ``ts [...]`` -> ``[..., G, D + 2P]``."""
-        if self.coefficients is None:
+        if self.num_pairs == 0:
             return k
         angle = self._angles(ts, k.dtype)
         unit = torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)[..., None, :]

@@ -134,10 +134,14 @@ class ServingLayer(nn.Module):
         """Group LayerNorm of ``x [B, L, d]``, ``group`` ``[L]`` (or a 0-d tensor for all)."""
         return F.layer_norm(x, (x.shape[-1],), eps=self.eps) * self.in_weight[group] + self.in_bias[group]
 
-    def query(self, x_norm: torch.Tensor, ts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(u [B, L, H*D], q [B, L, H, D (+ time bias channels)])`` of tokens at ``ts [B, L]``."""
+    def query(
+        self, x_norm: torch.Tensor, ts: torch.Tensor, group: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(u [B, L, H*D], q [B, L, H, D (+ time bias channels)])`` of tokens at ``ts [B, L]``
+        in token groups ``group`` (as :meth:`norm_in`)."""
         u, q = F.silu(self.uq(x_norm)).chunk(2, dim=-1)
-        return u, self.time_bias.query(q.unflatten(-1, (self.num_heads, self.head_dim)), x_norm, ts)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        return u, self.time_bias.query(q, x_norm, ts, group)
 
     def key_value(self, x_norm: torch.Tensor, ts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(k [B, L, G, D (+ time bias channels)], v [B, L, G, D])`` of tokens at ``ts [B, L]``."""
@@ -244,7 +248,7 @@ class ScenarioModel(nn.Module):
             cache.keys.append(k)
             cache.values.append(v)
             if layer.updates_context:
-                u, q = layer.query(x_norm, ts)
+                u, q = layer.query(x_norm, ts, group)
                 a = self._attend(
                     q.reshape(b * c, *q.shape[2:]),
                     k.flatten(0, 1),
@@ -289,7 +293,7 @@ class ScenarioModel(nn.Module):
         b, m, d = x.shape
         for layer, k_ctx, v_ctx in zip(self.serving_layers(), cache.keys, cache.values):
             x_norm = layer.norm_in(x, group)
-            u, q = layer.query(x_norm, cand_ts)
+            u, q = layer.query(x_norm, cand_ts, group)
             k, v = layer.key_value(x_norm, cand_ts)
             k_all = torch.cat([k_ctx, k], dim=1).flatten(
                 0, 1

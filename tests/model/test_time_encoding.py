@@ -52,6 +52,7 @@ def test_features_are_sinusoids_of_each_tokens_own_time_exact_at_epoch_scale() -
         {"time_rotary_pairs": 2},
         {"time_rotary_pairs": 2, "time_rotary_head_share": 0.5},
         {"time_bias_pairs": 3},
+        {"time_bias_pairs": 3, "time_bias_source": "group"},
     ],
 )
 def test_later_timestamps_never_change_an_earlier_score(schema, time_input: dict) -> None:
@@ -158,7 +159,8 @@ def test_time_bias_is_a_fourier_series_of_the_gap_chosen_by_the_query() -> None:
     kept; moving the query and the key by the same time changes nothing."""
     bias, x, q, k, t_q = _bias_inputs()
     t_k = t_q - torch.tensor([0, 1_000, 60_000, 3_600_000, 86_400_000])
-    bq, bk = bias.query(q, x, t_q), bias.key(k, t_k)
+    group = torch.zeros(5, dtype=torch.int64)
+    bq, bk = bias.query(q, x, t_q, group), bias.key(k, t_k)
     assert bq.shape == (5, 2, 10) and bk.shape == (5, 1, 10)
     assert torch.equal(bq[..., :4], q) and torch.equal(bk[..., :4], k)
     coef = bias.coefficients(x).view(5, 2, 6)
@@ -167,21 +169,49 @@ def test_time_bias_is_a_fourier_series_of_the_gap_chosen_by_the_query() -> None:
     want = (coef[..., :3] * torch.cos(w * gap) - coef[..., 3:] * torch.sin(w * gap)).sum(-1)
     torch.testing.assert_close((bq[..., 4:] * bk[..., 4:]).sum(-1), want, rtol=0, atol=1e-6)
     shift = 123_456_789
-    moved = (bias.query(q, x, t_q + shift) * bias.key(k, t_k + shift)).sum(-1)
+    moved = (bias.query(q, x, t_q + shift, group) * bias.key(k, t_k + shift)).sum(-1)
     torch.testing.assert_close(moved, (bq * bk).sum(-1), rtol=0, atol=1e-6)
 
 
 def test_time_bias_starts_as_a_no_op_and_keeps_any_leading_shape() -> None:
     bias = TimeBias(num_pairs=2, d_model=6, num_heads=2, ticks_per_second=1)
     x, q, k = torch.randn(3, 4, 6), torch.randn(3, 4, 2, 5), torch.randn(3, 4, 1, 5)
-    ts = torch.randint(0, 10**6, (3, 4))
-    bq, bk = bias.query(q, x, ts), bias.key(k, ts)
+    ts, group = torch.randint(0, 10**6, (3, 4)), torch.zeros(3, 4, dtype=torch.int64)
+    bq, bk = bias.query(q, x, ts, group), bias.key(k, ts)
     assert bq.shape == (3, 4, 2, 9) and bk.shape == (3, 4, 1, 9)
     assert torch.equal(bq[..., :5], q) and torch.equal(bq[..., 5:], torch.zeros(3, 4, 2, 4))
     torch.testing.assert_close((bq * bk).sum(-1), (q * k).sum(-1))
     (bq * bk).sum().backward()  # the coefficients still get a gradient
     assert bias.coefficients is not None and bias.coefficients.weight.grad.abs().sum() > 0
     off = TimeBias(num_pairs=0, d_model=6, num_heads=2, ticks_per_second=1)
-    assert off.query(q, x, ts) is q and off.key(k, ts) is k
+    assert off.query(q, x, ts, group) is q and off.key(k, ts) is k
     with pytest.raises(ValueError, match=r"model.time_bias_pairs=-1 must be >= 0"):
         TimeBias(num_pairs=-1, d_model=6, num_heads=2, ticks_per_second=1)
+
+
+def test_a_group_time_bias_gives_each_group_its_own_profile_whatever_the_query() -> None:
+    """``source="group"``: a query's coefficients are its token group's row, whatever its input,
+    so the bias's gradient reaches only the groups that asked for it."""
+    bias = TimeBias(num_pairs=3, d_model=6, num_heads=2, ticks_per_second=1000, source="group", num_groups=4)
+    bias = bias.double()
+    trained_time_bias(bias, std=1.0)
+    _, x, q, k, t_q = _bias_inputs()
+    group = torch.tensor([0, 2, 2, 3, 0])
+    t_k = t_q - torch.tensor([0, 1_000, 60_000, 3_600_000, 86_400_000])
+    bq, bk = bias.query(q, x, t_q, group), bias.query(q, torch.randn_like(x), t_q, group)
+    torch.testing.assert_close(bq, bk, rtol=0, atol=0)  # the input does not matter
+    assert bias.group_coefficients is not None
+    coef = bias.group_coefficients[group].view(5, 2, 6)
+    gap = (t_q - t_k).to(torch.float64)[:, None, None]
+    w = 2 * math.pi / bias.periods.to(torch.float64)
+    want = (coef[..., :3] * torch.cos(w * gap) - coef[..., 3:] * torch.sin(w * gap)).sum(-1)
+    torch.testing.assert_close((bq[..., 4:] * bias.key(k, t_k)[..., 4:]).sum(-1), want, rtol=0, atol=1e-6)
+    bias.query(q, x, t_q, group).sum().backward()
+    grad = bias.group_coefficients.grad
+    assert grad is not None and grad[1].abs().sum() == 0 and grad[2].abs().sum() > 0
+    # a 0-d group (one scenario's candidates at serving) broadcasts over every query
+    torch.testing.assert_close(
+        bias.query(q, x, t_q, torch.tensor(2)), bias.query(q, x, t_q, torch.full((5,), 2))
+    )
+    with pytest.raises(ValueError, match=r"model.time_bias_source='scenario' must be 'query' or 'group'"):
+        TimeBias(num_pairs=1, d_model=6, num_heads=2, ticks_per_second=1, source="scenario")
