@@ -161,8 +161,9 @@ def layer_flops(
 ) -> LayerFlops:
     """Forward FLOPs of one ``"full"`` / ``"target"`` layer (module docstring)."""
     d, h, g, hd = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
-    channels = 2 * config.time_bias_pairs  # TimeBias: appended to q and k, projected per query
-    uq, kv, f2 = 2 * d * (2 * h * hd + h * channels), 2 * d * 2 * g * hd, 2 * h * hd * d  # per row
+    channels = 2 * config.time_bias_pairs  # TimeBias: appended to q and k
+    projected = channels if config.time_bias_source == "query" else 0  # "group": a table row, no matmul
+    uq, kv, f2 = 2 * d * (2 * h * hd + h * projected), 2 * d * 2 * g * hd, 2 * h * hd * d  # per row
     if kind == "full":
         projections = num_tokens * (uq + kv + f2)
     elif kind == "target":

@@ -105,11 +105,18 @@ def _measured(model: MTFM, batch: Batch) -> Dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    "use_sequences, time_frequencies, time_bias_pairs",
-    [(True, 0, 0), (False, 0, 0), (True, 5, 0), (False, 5, 0), (True, 0, 3)],
+    "use_sequences, time_frequencies, time_bias_pairs, time_bias_source",
+    [
+        (True, 0, 0, "query"),
+        (False, 0, 0, "query"),
+        (True, 5, 0, "query"),
+        (False, 5, 0, "query"),
+        (True, 0, 3, "query"),
+        (True, 0, 3, "group"),
+    ],
 )
 def test_count_equals_flop_counter_mode_on_the_padded_reference(
-    schema, use_sequences: bool, time_frequencies: int, time_bias_pairs: int
+    schema, use_sequences: bool, time_frequencies: int, time_bias_pairs: int, time_bias_source: str
 ) -> None:
     """FlopCounterMode sees the matmuls the reference backend runs: the padded attention (and the
     time encoding's projection when it is on: the feature-only model has none; the time bias's
@@ -120,6 +127,7 @@ def test_count_equals_flop_counter_mode_on_the_padded_reference(
         use_sequences=use_sequences,
         time_frequencies=time_frequencies,
         time_bias_pairs=time_bias_pairs,
+        time_bias_source=time_bias_source,
     )
     torch.manual_seed(0)
     model = MTFM(schema, config)
