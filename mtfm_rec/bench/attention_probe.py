@@ -56,7 +56,8 @@ def _weights(
     """(per T query the [max_tokens] mean-over-heads weights, and the key rows they belong to)."""
     x_norm = layer._norm_in(x, layout.token_group, layer.resolved_backend(x.device))
     k, _ = layer._kv(x_norm, layout.keys.ts)
-    _, q = layer._uq(x_norm[layout.target_rows], layout.target.ts)
+    rows = layout.target_rows
+    _, q = layer._uq(x_norm[rows], layout.target.ts, layout.token_group[rows])
     q, k = layer.rotary(q, layout.target.ts), layer.rotary(k, layout.keys.ts)  # as _attend does
     r = layer.num_heads // layer.num_kv_heads
     prefix, self_local = layout.target.prefix_encoding("attention probe")

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mtfm_rec.model.config import TIME_BIAS_SOURCES
+
 
 def period_ticks(count: int, min_period_s: float, max_period_s: float, ticks_per_second: int) -> torch.Tensor:
     """``[count]`` int64 periods geometric from ``min_period_s`` to ``max_period_s``, in ticks."""
@@ -139,8 +141,8 @@ class TimeBias(nn.Module):
         super().__init__()
         if num_pairs < 0:
             raise ValueError(f"model.time_bias_pairs={num_pairs} must be >= 0")
-        if source not in ("query", "group"):
-            raise ValueError(f"model.time_bias_source={source!r} must be 'query' or 'group'")
+        if source not in TIME_BIAS_SOURCES:
+            raise ValueError(f"model.time_bias_source={source!r} must be one of {TIME_BIAS_SOURCES}")
         self.num_pairs, self.num_heads, self.source = num_pairs, num_heads, source
         width = num_heads * 2 * num_pairs
         self.coefficients: Optional[nn.Linear] = None

@@ -60,7 +60,8 @@ def test_weights_match_a_per_query_loop() -> None:
         w, key_rows = _weights(layer, x, layout)
         x_norm = layer._norm_in(x, layout.token_group, "reference")
         k, _ = layer._kv(x_norm, layout.keys.ts)
-        _, q = layer._uq(x_norm[layout.target_rows], layout.target.ts)
+        rows = layout.target_rows
+        _, q = layer._uq(x_norm[rows], layout.target.ts, layout.token_group[rows])
     r = layer.num_heads // layer.num_kv_heads
     for t in range(len(layout.target_rows)):
         b = int(torch.searchsorted(layout.target.offsets, torch.tensor(t), right=True)) - 1

@@ -213,5 +213,5 @@ def test_a_group_time_bias_gives_each_group_its_own_profile_whatever_the_query()
     torch.testing.assert_close(
         bias.query(q, x, t_q, torch.tensor(2)), bias.query(q, x, t_q, torch.full((5,), 2))
     )
-    with pytest.raises(ValueError, match=r"model.time_bias_source='scenario' must be 'query' or 'group'"):
+    with pytest.raises(ValueError, match=r"time_bias_source='scenario' must be one of \('query', 'group'\)"):
         TimeBias(num_pairs=1, d_model=6, num_heads=2, ticks_per_second=1, source="scenario")
