@@ -86,7 +86,7 @@ class ModelConfig:
     # The share of the kv heads (and their query heads) the rotary turns; the rest stay content-only.
     time_rotary_head_share: float = 1.0
     # Pairs of channels appended to every head's q and k whose share of q . k is a learned
-    # function of the query-key time gap, chosen per query (TimeBias, time_features.py); 0 = off.
+    # function of the query-key time gap (TimeBias, time_features.py); 0 = off.
     time_bias_pairs: int = 0
     # Where the time bias's coefficients come from: "query" projects them from each query's input;
     # "group" learns one set per token group (scenario's T tokens, each sequence), so a scenario's

@@ -143,7 +143,7 @@ class TimeBias(nn.Module):
             raise ValueError(f"model.time_bias_pairs={num_pairs} must be >= 0")
         if source not in TIME_BIAS_SOURCES:
             raise ValueError(f"model.time_bias_source={source!r} must be one of {TIME_BIAS_SOURCES}")
-        self.num_pairs, self.num_heads, self.source = num_pairs, num_heads, source
+        self.num_pairs, self.num_heads = num_pairs, num_heads
         width = num_heads * 2 * num_pairs
         self.coefficients: Optional[nn.Linear] = None
         self.group_coefficients: Optional[nn.Parameter] = None
