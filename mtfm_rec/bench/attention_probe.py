@@ -3,8 +3,9 @@
     python -m mtfm_rec.bench.attention_probe RUN_DIR [--batches 20]
 
 For a trained run (its ``config.yaml`` and best/last checkpoint) on a synthetic dataset, every
-target layer's pointwise attention weights ``silu(alpha q.k) / n_visible`` (mean over heads) of
-each T token over its visible keys are split by the key's kind (H or R) and by whether the key's
+target layer's pointwise attention weights ``silu(alpha q.k) / n_visible`` (mean over heads;
+under ``model.attention_normalisation: segment`` the count of the key's own segment) of each T
+token over its visible keys are split by the key's kind (H or R) and by whether the key's
 ``category`` equals the candidate's (scenarios whose item ``category`` column shares the id space
 of the sequences': feed and coupon in ``mtfm_rec.data.synthetic``). A model that reads the
 planted taste and intent puts more weight on the same-category keys than on the others; the
@@ -68,8 +69,13 @@ def _weights(
     visible = (cols[None, :] < prefix[:, None]) | (cols[None, :] == self_local[:, None])
     kk = k[key_rows].repeat_interleave(r, dim=2)  # [T, L, H, D]
     scores = torch.einsum("thd,tlhd->tlh", q, kk)
-    n = visible.sum(dim=1).clamp(min=1).to(scores.dtype)
-    w = F.silu(layer.alpha * scores).mean(dim=2) * visible / n[:, None]
+    if layer.segment_norm:  # each key over its own segment's visible count (model.segment_norm)
+        history = layout.keys.kind[key_rows] == TokenKind.HISTORY
+        n_history = (visible & history).sum(dim=1, keepdim=True)
+        n = torch.where(history, n_history, visible.sum(dim=1, keepdim=True) - n_history)
+    else:
+        n = visible.sum(dim=1, keepdim=True)
+    w = F.silu(layer.alpha * scores).mean(dim=2) * visible / n.clamp(min=1).to(scores.dtype)
     return w, torch.where(visible, key_rows, -1)
 
 

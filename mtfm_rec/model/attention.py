@@ -46,6 +46,7 @@ from mtfm_rec.kernels.group_norm import group_layer_norm
 from mtfm_rec.kernels.hstu_attention import hstu_attention, resolve
 from mtfm_rec.model.config import ModelConfig
 from mtfm_rec.model.mask import AttentionLayout
+from mtfm_rec.model.segment_norm import hstu_attention_by_segment
 from mtfm_rec.model.time_features import TimeBias, TimeRotary
 
 
@@ -126,6 +127,7 @@ class _HSTULayer(nn.Module):
             config.time_bias_pairs, d, h, ticks_per_second, config.time_bias_source, num_groups
         )
         self.eps = config.norm_eps
+        self.segment_norm = config.attention_normalisation == "segment"
         self._recorder: Optional[AttentionRecorder] = None  # see the module docstring
 
     def resolved_backend(self, device: torch.device) -> AttentionBackend:
@@ -161,7 +163,8 @@ class _HSTULayer(nn.Module):
     ) -> torch.Tensor:
         queries = layout.queries(target)
         q, k = self.rotary(q, queries.ts), self.rotary(k, layout.keys.ts)
-        out = hstu_attention(q, k, v, queries, layout.keys, self.alpha, backend)
+        attend = hstu_attention_by_segment if self.segment_norm else hstu_attention
+        out = attend(q, k, v, queries, layout.keys, self.alpha, backend)
         if self._recorder is not None:
             self._recorder(self, q, k, v, out, layout, target)
         return out.reshape(out.shape[0], -1)

@@ -15,6 +15,8 @@ weights are recomputed from ``q`` and ``k`` with the reference formula
 
     w[h, i, j] = silu(alpha <q[i, h], k[j, h // (H / G)]>) * visible(i, j) / max(1, n_visible(i))
 
+(``model.attention_normalisation: segment``: ``n`` counts the visible keys of j's own segment,
+the history or the rest, ``mtfm_rec.model.segment_norm``)
 so ``out[i, h] = sum_j w[h, i, j] v[j, h // (H / G)]`` (there is no softmax: a query's weights
 do not sum to 1 and may be negative, silu's minimum being about -0.28). Only the T-token queries
 are kept, for a full layer too (whose queries are all tokens). The weights are dense per
@@ -90,6 +92,7 @@ def sample_attention(
     target: bool,
     alpha: float,
     sample: int,
+    segment: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference weights of one sample's T-token queries.
 
@@ -99,6 +102,8 @@ def sample_attention(
         layout: the batch's layout; ``target`` says which of its query sets ``q`` is.
         alpha: the layer's score scale.
         sample: index of the sample in the batch.
+        segment: the layer's ``model.attention_normalisation`` is ``segment``: the history keys'
+            weights are over the visible history count, the others' over their own count.
 
     Returns:
         ``(q_index, query_rows, key_rows, weights [H, L_T, L_k], visible [L_T, L_k])``:
@@ -123,8 +128,14 @@ def sample_attention(
     heads_per_group = q.shape[1] // k.shape[1]
     k_heads = k[key_rows].repeat_interleave(heads_per_group, dim=1)  # [L_k, H, D]
     scores = torch.einsum("qhd,khd->hqk", q[q_index], k_heads)
-    n_visible = visible.sum(-1).clamp(min=1).to(scores.dtype)
-    weights = F.silu(alpha * scores) * visible.to(scores.dtype)[None] / n_visible[None, :, None]
+    if segment:  # mtfm_rec.model.segment_norm
+        history = (kind == TokenKind.HISTORY)[None, :]
+        n_history = (visible & history).sum(-1, keepdim=True)
+        n_rest = (visible & ~history).sum(-1, keepdim=True)
+        count = torch.where(history, n_history, n_rest).clamp(min=1).to(scores.dtype)  # [L_T, L_k]
+    else:
+        count = visible.sum(-1, keepdim=True).clamp(min=1).to(scores.dtype)
+    weights = F.silu(alpha * scores) * visible.to(scores.dtype)[None] / count[None]
     return q_index, target_rows, key_rows, weights, visible
 
 
@@ -168,7 +179,7 @@ def _make_recorder(index: int, recording: AttentionRecording) -> AttentionRecord
         target: bool,
     ) -> None:
         with torch.no_grad():
-            _record(index, calls[0], recording, layer.alpha, q, k, v, out, layout, target)
+            _record(index, calls[0], recording, layer, q, k, v, out, layout, target)
         calls[0] += 1
 
     return recorder
@@ -178,7 +189,7 @@ def _record(
     index: int,
     call: int,
     recording: AttentionRecording,
-    alpha: float,
+    layer: _HSTULayer,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -193,7 +204,9 @@ def _record(
     for b in samples:
         if not 0 <= b < layout.batch_size:
             raise ValueError(f"samples: index {b} out of range for a batch of {layout.batch_size}")
-        q_index, query_rows, key_rows, weights, visible = sample_attention(q, k, layout, target, alpha, b)
+        q_index, query_rows, key_rows, weights, visible = sample_attention(
+            q, k, layout, target, layer.alpha, b, layer.segment_norm
+        )
         found.append(
             AttentionRecord(
                 layer=index,

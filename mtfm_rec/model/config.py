@@ -18,6 +18,8 @@ _ATTENTION_BACKENDS = values(AttentionBackend)
 
 LOSS_AVERAGES = ("exposure", "task")  # model.loss_average; see mtfm_rec.model.heads
 TIME_BIAS_SOURCES = ("query", "group")  # model.time_bias_source; see mtfm_rec.model.time_features
+# model.attention_normalisation; see mtfm_rec.model.segment_norm
+ATTENTION_NORMALISATIONS = ("visible", "segment")
 
 # model.name: MTFM or one of the paper's baselines (section 4.1.2, Table 2), all built by
 # mtfm_rec.model.zoo.build_model from the same schema and trained by the same Trainer.
@@ -92,6 +94,7 @@ class ModelConfig:
     # "group" learns one set per token group (scenario's T tokens, each sequence), so a scenario's
     # recency profile is trained by its own loss only.
     time_bias_source: str = "query"
+    attention_normalisation: str = "visible"  # one of ATTENTION_NORMALISATIONS
     attention_alpha: float = 0.0  # scale inside SiLU(alpha * q.k); 0 -> head_dim ** -0.5
     num_experts: int = 4
     expert_dim: int = 64
@@ -117,6 +120,11 @@ class ModelConfig:
         if self.time_bias_source not in TIME_BIAS_SOURCES:
             raise ValueError(
                 f"model.time_bias_source={self.time_bias_source!r} unknown; choose one of {TIME_BIAS_SOURCES}"
+            )
+        if self.attention_normalisation not in ATTENTION_NORMALISATIONS:
+            raise ValueError(
+                f"model.attention_normalisation={self.attention_normalisation!r} unknown; "
+                f"choose one of {ATTENTION_NORMALISATIONS}"
             )
         if self.num_heads < 1 or self.num_kv_heads < 1:
             raise ValueError(f"num_heads={self.num_heads} and num_kv_heads={self.num_kv_heads} must be >= 1")

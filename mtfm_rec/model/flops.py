@@ -170,7 +170,9 @@ def layer_flops(
         projections = num_tokens * kv + num_targets * (uq + f2)
     else:
         raise ValueError(f"unknown attention layer kind {kind!r}; expected 'full' or 'target'")
-    per_pair = 2 * h * (2 * hd + channels)  # q.k and a v, every query head
+    # "segment" (mtfm_rec.model.segment_norm) attends to values of twice the width: one half per segment
+    value_width = 2 * hd if config.attention_normalisation == "segment" else hd
+    per_pair = 2 * h * (hd + channels + value_width)  # q.k and a v, every query head
     return LayerFlops(kind, projections, per_pair * pairs, per_pair * padded_pairs)
 
 

@@ -33,6 +33,7 @@ from mtfm_rec.kernels.jagged import KeySet, QuerySet, TokenKind
 from mtfm_rec.model.attention import TargetAttentionLayer, _HSTULayer
 from mtfm_rec.model.heads import funnel_log_probs
 from mtfm_rec.model.mtfm import MTFMDense
+from mtfm_rec.model.segment_norm import hstu_attention_by_segment
 from mtfm_rec.model.sparse_dense import SparseDenseModel
 from mtfm_rec.model.tokenizer import compress_dense
 from mtfm_rec.serve.falcon import (
@@ -125,6 +126,7 @@ class ServingLayer(nn.Module):
         )
         self.num_heads, self.num_kv_heads, self.head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
         self.alpha, self.eps = layer.alpha, layer.eps
+        self.segment_norm = layer.segment_norm  # model.attention_normalisation == "segment"
         self.rotary = copy.deepcopy(layer.rotary)  # model.time_rotary_pairs (identity at 0)
         self.time_bias = copy.deepcopy(layer.time_bias)  # model.time_bias_pairs (identity at 0)
         # a target layer updates only the T tokens: the context passes through it
@@ -272,7 +274,8 @@ class ScenarioModel(nn.Module):
         # keys are rotated here, not in the cache: a cached slot's rotation is its own ts either way
         q, k = layer.rotary(q, queries.ts), layer.rotary(k, keys.ts)
         backend = resolve(self.attention_backend, q.device)
-        return hstu_attention(q, k, v, queries, keys, layer.alpha, backend)
+        attend = hstu_attention_by_segment if layer.segment_norm else hstu_attention
+        return attend(q, k, v, queries, keys, layer.alpha, backend)
 
     # ------------------------------------------------------------------ candidates
     def score_candidates(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +17,7 @@ from mtfm_rec.model.examples import demo_schema, random_batch
 FEATURE = "cat"  # demo_schema's category: in orders, clicks_rt and the items of scenarios 0 and 2
 
 
-def _model(schema):
+def _model(schema, attention_normalisation: str = "visible"):
     torch.manual_seed(0)
     cfg = ModelConfig(
         embedding_dim=8,
@@ -30,6 +31,7 @@ def _model(schema):
         num_experts=2,
         expert_dim=16,
         tower_dim=8,
+        attention_normalisation=attention_normalisation,
     )
     return MTFM(schema, cfg).eval()
 
@@ -47,9 +49,10 @@ def test_ids_land_on_their_token_rows() -> None:
     assert (cands[batch.token_kind.to(torch.int64) != TokenKind.TARGET] == -1).all()
 
 
-def test_weights_match_a_per_query_loop() -> None:
+@pytest.mark.parametrize("normalisation", ["visible", "segment"])
+def test_weights_match_a_per_query_loop(normalisation: str) -> None:
     schema = demo_schema()
-    model = _model(schema)
+    model = _model(schema, normalisation)
     batch = random_batch(schema, 3, seed=4)
     layer = next(m for m in model.dense.hta.layers if isinstance(m, TargetAttentionLayer))
     captured = {}
@@ -71,10 +74,14 @@ def test_weights_match_a_per_query_loop() -> None:
             int(layout.target.self_local[t]),
         )
         visible = list(range(prefix)) + ([own] if own >= prefix else [])
+        kinds = [int(layout.keys.kind[start + j]) for j in visible]
         expected = torch.zeros(layout.keys.max_len)
-        for j in visible:
+        for j, kind in zip(visible, kinds):
+            # segment: a key over the visible keys of its own segment (history, or the rest)
+            same = [c for c in kinds if (c == TokenKind.HISTORY) == (kind == TokenKind.HISTORY)]
+            count = len(same) if normalisation == "segment" else len(visible)
             per_head = [F.silu(layer.alpha * q[t, h] @ k[start + j, h // r]) for h in range(layer.num_heads)]
-            expected[j] = torch.stack(per_head).mean() / len(visible)
+            expected[j] = torch.stack(per_head).mean() / count
         torch.testing.assert_close(w[t], expected, rtol=1e-4, atol=1e-6)
         assert sorted(int(v) - start for v in key_rows[t] if v >= 0) == sorted(visible)
 

@@ -28,10 +28,10 @@ from mtfm_rec.model.mask import dense_mask
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _model(backend: str = "auto", seed: int = 0) -> Tuple[MTFM, DatasetSchema]:
+def _model(backend: str = "auto", seed: int = 0, **overrides: Any) -> Tuple[MTFM, DatasetSchema]:
     schema = demo_schema(num_scenarios=3)
     torch.manual_seed(seed)
-    model = MTFM(schema, small_config(attention_backend=backend))
+    model = MTFM(schema, small_config(attention_backend=backend, **overrides))
     model.eval()
     return model, schema
 
@@ -74,6 +74,24 @@ def test_recorded_weights_reproduce_the_reference_kernel(backend: str) -> None:
             local = torch.arange(hi - lo) if target else r.query_rows - start
             assert torch.equal(r.visible, mask[r.sample, local, : len(r.key_rows)])
             assert (r.weights[:, ~r.visible] == 0).all() and r.kind == ("target" if target else "full")
+
+
+def test_recorded_weights_follow_the_segment_normalisation() -> None:
+    """With ``model.attention_normalisation: segment`` the recorded weights still rebuild the
+    layer's output (each key over its own segment's count), and they differ from the
+    ``visible`` weights wherever a query sees history and other keys both."""
+    model, schema = _model(attention_normalisation="segment")
+    batch = random_batch(schema, batch_size=5, seq_len=(1, 9), exposures=(1, 4), ts_pool=6, seed=2)
+    with torch.no_grad(), record_attention(model, [0, -1]) as rec:
+        model(batch)
+    for index in (0, 1):
+        for r in rec.records[index]:
+            assert r.reconstruction_error() < 1e-5
+    layer = model.dense.hta.layers[0]
+    layer.segment_norm = False
+    with torch.no_grad(), record_attention(model, [0]) as plain:
+        model(batch)
+    assert any(not torch.allclose(a.weights, b.weights) for a, b in zip(rec.records[0], plain.records[0]))
 
 
 def test_recording_changes_nothing_and_leaves_no_trace() -> None:

@@ -105,22 +105,29 @@ def _measured(model: MTFM, batch: Batch) -> Dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    "use_sequences, time_frequencies, time_bias_pairs, time_bias_source",
+    "use_sequences, time_frequencies, time_bias_pairs, time_bias_source, normalisation",
     [
-        (True, 0, 0, "query"),
-        (False, 0, 0, "query"),
-        (True, 5, 0, "query"),
-        (False, 5, 0, "query"),
-        (True, 0, 3, "query"),
-        (True, 0, 3, "group"),
+        (True, 0, 0, "query", "visible"),
+        (False, 0, 0, "query", "visible"),
+        (True, 5, 0, "query", "visible"),
+        (False, 5, 0, "query", "visible"),
+        (True, 0, 3, "query", "visible"),
+        (True, 0, 3, "group", "visible"),
+        (True, 0, 3, "query", "segment"),
     ],
 )
 def test_count_equals_flop_counter_mode_on_the_padded_reference(
-    schema, use_sequences: bool, time_frequencies: int, time_bias_pairs: int, time_bias_source: str
+    schema,
+    use_sequences: bool,
+    time_frequencies: int,
+    time_bias_pairs: int,
+    time_bias_source: str,
+    normalisation: str,
 ) -> None:
     """FlopCounterMode sees the matmuls the reference backend runs: the padded attention (and the
     time encoding's projection when it is on: the feature-only model has none; the time bias's
-    query projection and its channels of q . k)."""
+    query projection and its channels of q . k; the segment normalisation's values of twice the
+    width)."""
     config = small_config(
         num_blocks=2,
         attention_backend="reference",
@@ -128,6 +135,7 @@ def test_count_equals_flop_counter_mode_on_the_padded_reference(
         time_frequencies=time_frequencies,
         time_bias_pairs=time_bias_pairs,
         time_bias_source=time_bias_source,
+        attention_normalisation=normalisation,
     )
     torch.manual_seed(0)
     model = MTFM(schema, config)

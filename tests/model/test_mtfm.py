@@ -28,6 +28,13 @@ from mtfm_rec.model.heads import funnel_log_probs
     [
         dict(num_blocks=2, target_layers_per_block=1, full_layers_per_block=1, attention_backend="reference"),
         dict(num_blocks=1, target_layers_per_block=1, full_layers_per_block=2, attention_backend="prefix"),
+        dict(
+            num_blocks=1,
+            target_layers_per_block=1,
+            full_layers_per_block=1,
+            attention_backend="reference",
+            attention_normalisation="segment",
+        ),
     ],
 )
 def test_target_score_ignores_later_realtime_and_other_targets(schema, stack: Dict[str, object]) -> None:
@@ -246,13 +253,18 @@ def test_torchrec_pipeline_tracing_sees_embedding_collection_and_one_dense_leaf(
     torch.testing.assert_close(out["sc1"], ref["sc1"])
 
 
+@pytest.mark.parametrize("normalisation", ["visible", "segment"])
 @pytest.mark.parametrize("use_sequences", [True, False])
 @pytest.mark.parametrize("backend", ["reference", "prefix"])
-def test_dense_forward_reads_no_tensor_value_on_the_host(schema, backend: str, use_sequences: bool) -> None:
+def test_dense_forward_reads_no_tensor_value_on_the_host(
+    schema, backend: str, use_sequences: bool, normalisation: str
+) -> None:
     """The dense part runs on the meta device, where any .item()/.tolist()/data-dependent shape
     would raise: so it never synchronises with the device to learn a value."""
 
-    model = make_model(schema, attention_backend=backend, use_sequences=use_sequences)
+    model = make_model(
+        schema, attention_backend=backend, use_sequences=use_sequences, attention_normalisation=normalisation
+    )
     batch = random_batch(schema, 3, seed=4)
     loss, out = dense_forward_on_meta(model, batch)
     assert loss.device == torch.device("meta") and loss.shape == ()

@@ -34,6 +34,8 @@ def _served(sub, requests, schema, micro_batch=0):  # type: ignore[no-untyped-de
         {"time_rotary_pairs": 4, "time_rotary_head_share": 0.5},
         {"time_bias_pairs": 3},
         {"time_bias_pairs": 3, "time_bias_source": "group"},
+        {"attention_normalisation": "segment"},
+        {"attention_normalisation": "segment", "time_bias_pairs": 3},
         {"num_blocks": 2, "num_kv_heads": 1},
     ],
 )
