@@ -27,6 +27,7 @@ from mtfm_rec.data.batch import Batch
 from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model.attention import TargetAttentionLayer
 from mtfm_rec.model.mask import AttentionLayout
+from mtfm_rec.model.segment_norm import visible_counts
 
 CATEGORY = "category"
 
@@ -69,13 +70,9 @@ def _weights(
     visible = (cols[None, :] < prefix[:, None]) | (cols[None, :] == self_local[:, None])
     kk = k[key_rows].repeat_interleave(r, dim=2)  # [T, L, H, D]
     scores = torch.einsum("thd,tlhd->tlh", q, kk)
-    if layer.segment_norm:  # each key over its own segment's visible count (model.segment_norm)
-        history = layout.keys.kind[key_rows] == TokenKind.HISTORY
-        n_history = (visible & history).sum(dim=1, keepdim=True)
-        n = torch.where(history, n_history, visible.sum(dim=1, keepdim=True) - n_history)
-    else:
-        n = visible.sum(dim=1, keepdim=True)
-    w = F.silu(layer.alpha * scores).mean(dim=2) * visible / n.clamp(min=1).to(scores.dtype)
+    history = layout.keys.kind[key_rows] == TokenKind.HISTORY
+    n = visible_counts(visible, history, layer.segment_norm).to(scores.dtype)
+    w = F.silu(layer.alpha * scores).mean(dim=2) * visible / n
     return w, torch.where(visible, key_rows, -1)
 
 

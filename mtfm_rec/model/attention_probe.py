@@ -37,6 +37,7 @@ from torch import nn
 from mtfm_rec.kernels.jagged import TokenKind
 from mtfm_rec.model.attention import AttentionRecorder, _HSTULayer
 from mtfm_rec.model.mask import AttentionLayout
+from mtfm_rec.model.segment_norm import visible_counts
 
 
 @dataclass
@@ -128,13 +129,7 @@ def sample_attention(
     heads_per_group = q.shape[1] // k.shape[1]
     k_heads = k[key_rows].repeat_interleave(heads_per_group, dim=1)  # [L_k, H, D]
     scores = torch.einsum("qhd,khd->hqk", q[q_index], k_heads)
-    if segment:  # mtfm_rec.model.segment_norm
-        history = (kind == TokenKind.HISTORY)[None, :]
-        n_history = (visible & history).sum(-1, keepdim=True)
-        n_rest = (visible & ~history).sum(-1, keepdim=True)
-        count = torch.where(history, n_history, n_rest).clamp(min=1).to(scores.dtype)  # [L_T, L_k]
-    else:
-        count = visible.sum(-1, keepdim=True).clamp(min=1).to(scores.dtype)
+    count = visible_counts(visible, (kind == TokenKind.HISTORY)[None, :], segment).to(scores.dtype)
     weights = F.silu(alpha * scores) * visible.to(scores.dtype)[None] / count[None]
     return q_index, target_rows, key_rows, weights, visible
 

@@ -83,3 +83,15 @@ def merge_segments(out: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     history, rest = out.chunk(2, dim=-1)
     scales = scales.to(out.dtype)[:, None, :, None]
     return history * scales[:, :, 0] + rest * scales[:, :, 1]
+
+
+def visible_counts(visible: torch.Tensor, history: torch.Tensor, segment: bool) -> torch.Tensor:
+    """The count each visible key's weight is divided by, for weights recomputed densely (the
+    attention probes): ``visible [..., L]`` the mask, ``history`` (broadcastable to it) the keys
+    that are H tokens. ``segment``: the count of the key's own segment; else ``n_visible``.
+    Returns ``[..., L]`` int64, at least 1."""
+    n_visible = visible.sum(-1, keepdim=True)
+    if not segment:
+        return n_visible.clamp(min=1).expand_as(visible)
+    n_history = (visible & history).sum(-1, keepdim=True)
+    return torch.where(history, n_history, n_visible - n_history).clamp(min=1)
